@@ -1,1 +1,94 @@
-//! placeholder
+//! The VMBus ring buffer over shared memory, byte-compatible with Linux's
+//! `drivers/hv/ring_buffer.c`, and hardened against a hostile peer.
+//!
+//! - [`shmem`]: the one audited primitive for shared memory ([`Mapping`]).
+//! - [`ring`]: a ring (control page and data area) and its two halves, [`OutgoingRing`] (the
+//!   writer) and [`IncomingRing`] (the reader), with two-phase commit: packets are written or
+//!   read against a private index, and `commit` publishes a whole batch with one index update
+//!   and one signal decision.
+//! - [`signal`]: the signalling rules (interrupt mask, pending send size, the drain loop's
+//!   unmask-and-recheck), written once over an abstract control page so that the loom model
+//!   checks the very code the ring runs.
+//! - [`packet`]: parsing and validation of packets (in-band, completion, transfer pages, GPA
+//!   direct) from the reader's local copy.
+//! - [`event`]: eventfd-based signals, and [`pair`]: two rings in one memfd, as two processes
+//!   share them.
+//!
+//! Every index, offset, length and range count read from shared memory is validated once,
+//! from a local copy. A corrupt peer produces an [`Error`], never a panic and never an access
+//! outside the ring.
+
+pub mod event;
+pub mod packet;
+pub mod pair;
+pub mod ring;
+pub mod shmem;
+pub mod signal;
+pub mod traffic;
+
+pub use event::Event;
+pub use packet::{OutgoingPacket, Packet, PacketKind};
+pub use ring::{IncomingRing, OutgoingRing, Ring};
+pub use shmem::Mapping;
+
+/// Errors of the ring buffer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A mapping of zero bytes was asked for.
+    #[error("cannot map zero bytes")]
+    EmptyMapping,
+    /// mmap, memfd or ftruncate failed.
+    #[error("mapping shared memory failed")]
+    Map(#[source] rustix::io::Errno),
+    /// An access outside a mapping (a bug in the caller's arithmetic, caught).
+    #[error("access of {len} bytes at offset {offset:#x} is outside the mapping")]
+    OutOfBounds {
+        /// Offset of the access.
+        offset: usize,
+        /// Length of the access.
+        len: usize,
+    },
+    /// An atomic access at an unaligned offset.
+    #[error("atomic access at unaligned offset {offset:#x}")]
+    Misaligned {
+        /// Offset of the access.
+        offset: usize,
+    },
+    /// The ring's size is not a control page plus a non-zero multiple of 4 KiB inside the
+    /// mapping.
+    #[error("a ring of {0} bytes is not a control page plus a non-empty multiple of 4096 bytes inside the mapping")]
+    RingSize(usize),
+    /// The peer published an index outside the data area or not a multiple of 8.
+    #[error("the peer's {which:?} {value:#x} is invalid")]
+    BadIndex {
+        /// Which index.
+        which: signal::Word,
+        /// Its value.
+        value: u32,
+    },
+    /// The peer wrote a malformed packet.
+    #[error("malformed packet at ring offset {offset:#x}: {reason}")]
+    BadPacket {
+        /// Offset of the packet's descriptor in the data area.
+        offset: u32,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The packet does not fit in the ring now.
+    #[error("ring full: the packet needs {needed} bytes, {writable} are writable")]
+    Full {
+        /// Bytes the packet needs, trailer included.
+        needed: u32,
+        /// Bytes writable now.
+        writable: u32,
+    },
+    /// The packet can never fit in this ring or be described by a descriptor.
+    #[error("packet too large for the ring")]
+    TooLarge,
+    /// A packet header that is not a multiple of 8 bytes.
+    #[error("packet header length is not a multiple of 8")]
+    Unaligned,
+    /// An eventfd operation failed.
+    #[error("eventfd operation failed")]
+    Event(#[source] rustix::io::Errno),
+}

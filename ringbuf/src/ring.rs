@@ -1,0 +1,671 @@
+//! A VMBus ring over a [`Mapping`], split into its writer half ([`OutgoingRing`]) and its reader
+//! half ([`IncomingRing`]).
+//!
+//! A ring is a 4 KiB control page followed by a data area whose size is a non-zero multiple of
+//! 4 KiB. Indices are byte offsets into the data area, multiples of 8, below its size. Each half
+//! keeps private copies of the indices: the one it owns (published by `commit`) and the last
+//! value it read of the peer's (re-read only when the ring looks full or empty, and validated
+//! every time it is read). A packet may wrap around the end of the data area; it is copied in
+//! two pieces.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use vmbus_proto::ring::{control, PacketDescriptor};
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::packet::{self, OutgoingPacket, Packet, DESCRIPTOR_SIZE};
+use crate::shmem::Mapping;
+use crate::signal::{self, Control, Word};
+use crate::Error;
+
+/// Size of the control page.
+pub const CONTROL_SIZE: usize = control::SIZE;
+
+/// One ring (control page and data area) inside a mapping.
+#[derive(Debug, Clone)]
+pub struct Ring {
+    mem: Arc<Mapping>,
+    /// Offset of the control page in `mem`.
+    base: usize,
+    /// Size of the data area; a non-zero multiple of 4096 that fits in `mem` after `base`.
+    data_len: u32,
+}
+
+impl Ring {
+    /// A ring at `base` in `mem`, of `total_len` bytes (control page plus data area).
+    pub fn new(mem: Arc<Mapping>, base: usize, total_len: usize) -> Result<Self, Error> {
+        let data_len = total_len
+            .checked_sub(CONTROL_SIZE)
+            .ok_or(Error::RingSize(total_len))?;
+        if data_len == 0
+            || data_len % 4096 != 0
+            || data_len > (u32::MAX as usize & !4095)
+            || !base.is_multiple_of(4096)
+            || base
+                .checked_add(total_len)
+                .is_none_or(|end| end > mem.len())
+        {
+            return Err(Error::RingSize(total_len));
+        }
+        Ok(Self {
+            mem,
+            base,
+            data_len: data_len as u32,
+        })
+    }
+
+    /// Resets the control page: both indices 0, not masked, no pending send, and the
+    /// pending-send-size feature advertised. Only the ring's creator does this, before sharing.
+    pub fn init(&self) -> Result<(), Error> {
+        self.mem.fill(self.base, CONTROL_SIZE, 0)?;
+        self.word(Word::FeatureBits)
+            .store(control::FEATURE_PENDING_SEND_SIZE, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Size of the data area in bytes.
+    pub fn data_len(&self) -> u32 {
+        self.data_len
+    }
+
+    fn word(&self, w: Word) -> &std::sync::atomic::AtomicU32 {
+        self.mem
+            .atomic_u32(self.base + w.offset())
+            .expect("control words lie inside the ring, checked in Ring::new")
+    }
+
+    /// Reads a peer-owned index and validates it.
+    fn peer_index(&self, w: Word) -> Result<u32, Error> {
+        // Acquire: pairs with the peer's release store of this index, so the bytes it covers (or
+        // frees) are visible before we touch them.
+        let v = self.word(w).load(Ordering::Acquire);
+        if v >= self.data_len || !v.is_multiple_of(8) {
+            return Err(Error::BadIndex { which: w, value: v });
+        }
+        Ok(v)
+    }
+
+    /// Copies `dst.len()` bytes out of the data area at `at`, wrapping at the end.
+    /// `at < data_len` and `dst.len() <= data_len` hold for every caller.
+    #[inline]
+    fn copy_out(&self, at: u32, dst: &mut [u8]) -> Result<(), Error> {
+        let start = self.base + CONTROL_SIZE;
+        let first = ((self.data_len - at) as usize).min(dst.len());
+        let (a, b) = dst.split_at_mut(first);
+        self.mem.read(start + at as usize, a)?;
+        if !b.is_empty() {
+            self.mem.read(start, b)?;
+        }
+        Ok(())
+    }
+
+    /// Copies `src` into the data area at `at`, wrapping; returns the index after it.
+    #[inline]
+    fn copy_in(&self, at: u32, src: &[u8]) -> Result<u32, Error> {
+        let start = self.base + CONTROL_SIZE;
+        let first = ((self.data_len - at) as usize).min(src.len());
+        let (a, b) = src.split_at(first);
+        self.mem.write(start + at as usize, a)?;
+        if !b.is_empty() {
+            self.mem.write(start, b)?;
+        }
+        Ok(self.advance(at, src.len() as u32))
+    }
+
+    #[inline]
+    fn advance(&self, at: u32, n: u32) -> u32 {
+        let next = at as u64 + n as u64;
+        (next % self.data_len as u64) as u32
+    }
+}
+
+impl Control for Ring {
+    fn load(&self, word: Word, order: Ordering) -> u32 {
+        self.word(word).load(order)
+    }
+    fn store(&self, word: Word, value: u32, order: Ordering) {
+        self.word(word).store(value, order)
+    }
+    fn fence(&self) {
+        std::sync::atomic::fence(Ordering::SeqCst)
+    }
+    fn data_len(&self) -> u32 {
+        self.data_len
+    }
+}
+
+/// The writer's half of a ring.
+#[derive(Debug)]
+pub struct OutgoingRing {
+    ring: Ring,
+    /// The published write index (we own `write_index`). Range `0..data_len`, multiple of 8.
+    committed: u32,
+    /// Where the next packet goes; `committed` plus the uncommitted batch.
+    write: u32,
+    /// The reader's index as last read and validated.
+    cached_read: u32,
+}
+
+impl OutgoingRing {
+    /// The writer's half of `ring`, continuing from the indices in its control page.
+    pub fn new(ring: Ring) -> Result<Self, Error> {
+        let write = ring.word(Word::WriteIndex).load(Ordering::Relaxed);
+        if write >= ring.data_len || !write.is_multiple_of(8) {
+            return Err(Error::BadIndex {
+                which: Word::WriteIndex,
+                value: write,
+            });
+        }
+        let cached_read = ring.peer_index(Word::ReadIndex)?;
+        Ok(Self {
+            ring,
+            committed: write,
+            write,
+            cached_read,
+        })
+    }
+
+    /// The ring.
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    /// Bytes a packet may take, counting the uncommitted batch as used, as of the last time the
+    /// reader's index was read.
+    fn writable(&self) -> u32 {
+        signal::writable_bytes(self.write, self.cached_read, self.ring.data_len)
+    }
+
+    /// The largest payload an in-band packet can ever carry in this ring.
+    pub fn max_payload(&self) -> usize {
+        (self.ring.data_len as usize - 8 - DESCRIPTOR_SIZE - packet::TRAILER).min(0xFFFF * 8 - 16)
+            & !7
+    }
+
+    /// Writes a packet after the uncommitted batch. Nothing is visible to the reader until
+    /// [`commit`](Self::commit). Fails with [`Error::Full`] (nothing written) when it does not
+    /// fit now.
+    #[inline]
+    pub fn write(&mut self, p: &OutgoingPacket<'_>) -> Result<(), Error> {
+        let len = p.ring_len()?;
+        let total = len + packet::TRAILER as u32;
+        if total >= self.ring.data_len {
+            return Err(Error::TooLarge);
+        }
+        if total >= self.writable() {
+            self.cached_read = self.ring.peer_index(Word::ReadIndex)?;
+            let writable = self.writable();
+            if total >= writable {
+                return Err(Error::Full {
+                    needed: total,
+                    writable,
+                });
+            }
+        }
+        let start = self.write;
+        let mut at = self.ring.copy_in(start, p.descriptor(len).as_bytes())?;
+        if !p.header.is_empty() {
+            at = self.ring.copy_in(at, p.header)?;
+        }
+        let mut written = (DESCRIPTOR_SIZE + p.header.len()) as u32;
+        for part in p.payload {
+            if !part.is_empty() {
+                at = self.ring.copy_in(at, part)?;
+                written += part.len() as u32;
+            }
+        }
+        let pad = (len - written) as usize;
+        if pad > 0 {
+            at = self.ring.copy_in(at, &[0u8; 8][..pad])?;
+        }
+        let trailer = u64::from(start) << 32;
+        self.write = self.ring.copy_in(at, &trailer.to_le_bytes())?;
+        Ok(())
+    }
+
+    /// Whether `bytes` (a packet's ring length plus trailer) would fit now, re-reading the
+    /// reader's index if needed.
+    pub fn fits(&mut self, bytes: u32) -> Result<bool, Error> {
+        if bytes < self.writable() {
+            return Ok(true);
+        }
+        self.cached_read = self.ring.peer_index(Word::ReadIndex)?;
+        Ok(bytes < self.writable())
+    }
+
+    /// Publishes every packet written since the last commit with one index update. Returns
+    /// whether the reader must be signalled.
+    #[inline]
+    pub fn commit(&mut self) -> bool {
+        if self.write == self.committed {
+            return false;
+        }
+        let old = self.committed;
+        self.committed = self.write;
+        signal::publish_write(&self.ring, old, self.write)
+    }
+
+    /// Drops every packet written since the last commit.
+    pub fn rollback(&mut self) {
+        self.write = self.committed;
+    }
+
+    /// Before sleeping because a packet of `needed` bytes (ring length plus trailer) did not
+    /// fit: asks the reader to signal when it does. Returns false if it fits already (no sleep).
+    pub fn prepare_sleep(&mut self, needed: u32) -> bool {
+        signal::prepare_write_sleep(&self.ring, self.write, needed)
+    }
+
+    /// After waking from a sleep that [`prepare_sleep`](Self::prepare_sleep) prepared.
+    pub fn clear_pending(&mut self) {
+        signal::clear_pending(&self.ring)
+    }
+}
+
+/// The reader's half of a ring.
+#[derive(Debug)]
+pub struct IncomingRing {
+    ring: Ring,
+    /// The published read index (we own `read_index`). Range `0..data_len`, multiple of 8.
+    committed: u32,
+    /// Where the next packet starts; `committed` plus what was read since.
+    read: u32,
+    /// The writer's index as last read and validated.
+    cached_write: u32,
+    /// The local copy of the current packet (u64s, so the copy is 8-byte aligned).
+    buf: Vec<u64>,
+}
+
+impl IncomingRing {
+    /// The reader's half of `ring`, continuing from the indices in its control page.
+    pub fn new(ring: Ring) -> Result<Self, Error> {
+        let read = ring.word(Word::ReadIndex).load(Ordering::Relaxed);
+        if read >= ring.data_len || !read.is_multiple_of(8) {
+            return Err(Error::BadIndex {
+                which: Word::ReadIndex,
+                value: read,
+            });
+        }
+        let cached_write = ring.peer_index(Word::WriteIndex)?;
+        Ok(Self {
+            ring,
+            committed: read,
+            read,
+            cached_write,
+            buf: Vec::new(),
+        })
+    }
+
+    /// The ring.
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    fn available(&self) -> u32 {
+        signal::used_bytes(self.cached_write, self.read, self.ring.data_len)
+    }
+
+    /// Reads the next packet into the local copy and returns it, or `None` if the ring is
+    /// empty. The packet's space is released to the writer by [`commit`](Self::commit).
+    ///
+    /// A malformed packet or index is an error; the read position does not move past it.
+    #[inline]
+    pub fn read(&mut self) -> Result<Option<Packet<'_>>, Error> {
+        let mut available = self.available();
+        if available == 0 {
+            self.cached_write = self.ring.peer_index(Word::WriteIndex)?;
+            available = self.available();
+            if available == 0 {
+                return Ok(None);
+            }
+        }
+        let at = self.read;
+        let mut d = [0u8; DESCRIPTOR_SIZE];
+        if (available as usize) < DESCRIPTOR_SIZE + packet::TRAILER {
+            return Err(Error::BadPacket {
+                offset: at,
+                reason: "partial packet published",
+            });
+        }
+        self.ring.copy_out(at, &mut d)?;
+        let desc = PacketDescriptor::read_from_bytes(&d).expect("16 bytes");
+        let len = packet::check_descriptor(&desc, available)
+            .map_err(|reason| Error::BadPacket { offset: at, reason })? as usize;
+        // Grow the local copy as needed; bounded by the ring size (check_descriptor).
+        let words = len / 8;
+        if self.buf.len() < words {
+            self.buf.resize(words, 0);
+        }
+        let bytes = &mut self.buf.as_mut_bytes()[..len];
+        bytes[..DESCRIPTOR_SIZE].copy_from_slice(&d);
+        let body_at = self.ring.advance(at, DESCRIPTOR_SIZE as u32);
+        self.ring.copy_out(body_at, &mut bytes[DESCRIPTOR_SIZE..])?;
+        let next = self.ring.advance(at, len as u32 + packet::TRAILER as u32);
+        let bytes = &self.buf.as_bytes()[..len];
+        let p = packet::parse(&desc, bytes)
+            .map_err(|reason| Error::BadPacket { offset: at, reason })?;
+        self.read = next;
+        Ok(Some(p))
+    }
+
+    /// Releases the space of every packet read since the last commit with one index update.
+    /// Returns whether the writer, waiting for space, must be signalled.
+    #[inline]
+    pub fn commit(&mut self) -> bool {
+        if self.read == self.committed {
+            return false;
+        }
+        let old = self.committed;
+        self.committed = self.read;
+        signal::publish_read(&self.ring, old, self.read)
+    }
+
+    /// Re-reads the packets read since the last commit (they stay in the ring).
+    pub fn rollback(&mut self) {
+        self.read = self.committed;
+    }
+
+    /// Asks the writer not to signal: call before draining.
+    pub fn mask(&mut self) {
+        signal::mask(&self.ring)
+    }
+
+    /// Before sleeping on an empty ring: commits, unmasks, and re-checks. Returns true when the
+    /// ring is still empty (sleep: the writer will signal), false when data arrived meanwhile.
+    /// The second value says whether the writer must be signalled (from the commit).
+    pub fn prepare_sleep(&mut self) -> (bool, bool) {
+        let signal_writer = self.commit();
+        (
+            signal::prepare_read_sleep(&self.ring, self.read),
+            signal_writer,
+        )
+    }
+
+    /// Whether no packet is waiting, re-reading the writer's index.
+    pub fn is_empty(&mut self) -> Result<bool, Error> {
+        if self.available() != 0 {
+            return Ok(false);
+        }
+        self.cached_write = self.ring.peer_index(Word::WriteIndex)?;
+        Ok(self.available() == 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::{gpa_direct_header, transfer_page_header, PacketKind};
+    use crate::pair::RingPair;
+    use vmbus_proto::ring::{PacketType, TransferPageRange};
+
+    fn halves(data_len: usize) -> (OutgoingRing, IncomingRing, Ring) {
+        let pair = RingPair::anonymous(data_len).unwrap();
+        let (out, _) = pair.side_a().unwrap();
+        let (_, inc) = pair.side_b().unwrap();
+        (out, inc, pair.ring(0).unwrap())
+    }
+
+    #[test]
+    fn in_band_round_trip_and_layout() {
+        let (mut out, mut inc, ring) = halves(4096);
+        out.write(&OutgoingPacket::in_band(7, true, &[b"hello", b" world"]))
+            .unwrap();
+        assert!(
+            inc.read().unwrap().is_none(),
+            "nothing visible before commit"
+        );
+        assert!(
+            out.commit(),
+            "first packet into an empty, unmasked ring signals"
+        );
+        // Byte layout as Linux writes it: descriptor, payload padded to 8, trailer.
+        let mut raw = [0u8; 48];
+        ring.copy_out(0, &mut raw).unwrap();
+        assert_eq!(&raw[0..8], &[6, 0, 2, 0, 4, 0, 1, 0]);
+        assert_eq!(&raw[8..16], &7u64.to_le_bytes());
+        assert_eq!(&raw[16..27], b"hello world");
+        assert_eq!(&raw[27..32], &[0; 5]);
+        assert_eq!(
+            &raw[32..40],
+            &0u64.to_le_bytes(),
+            "trailer: start offset 0 << 32"
+        );
+        assert_eq!(ring.load(Word::WriteIndex, Ordering::Relaxed), 40);
+        let p = inc.read().unwrap().unwrap();
+        assert_eq!(p.packet_type, PacketType::DATA_INBAND);
+        assert_eq!(p.transaction_id, 7);
+        assert!(p.completion_requested());
+        assert_eq!(&p.payload[..11], b"hello world");
+        assert_eq!(p.payload.len(), 16);
+        assert!(inc.read().unwrap().is_none());
+        assert!(!inc.commit(), "no writer waits");
+        assert_eq!(ring.load(Word::ReadIndex, Ordering::Relaxed), 40);
+    }
+
+    #[test]
+    fn completion_gpa_direct_and_transfer_pages() {
+        let (mut out, mut inc, _) = halves(8192);
+        out.write(&OutgoingPacket::completion(1, &[&[1, 2, 3]]))
+            .unwrap();
+        let mut h = Vec::new();
+        gpa_direct_header(
+            &mut h,
+            &[(100, 5000, &[10, 11]), (0, 0, &[]), (4095, 1, &[99])],
+        );
+        out.write(&OutgoingPacket {
+            packet_type: PacketType::DATA_USING_GPA_DIRECT,
+            flags: 1,
+            transaction_id: 2,
+            header: &h,
+            payload: &[b"srb"],
+        })
+        .unwrap();
+        let mut t = Vec::new();
+        let xr = [TransferPageRange {
+            byte_count: 60,
+            byte_offset: 4096,
+        }];
+        transfer_page_header(&mut t, 0xcafe, &xr);
+        out.write(&OutgoingPacket {
+            packet_type: PacketType::DATA_USING_XFER_PAGES,
+            flags: 0,
+            transaction_id: 3,
+            header: &t,
+            payload: &[],
+        })
+        .unwrap();
+        out.commit();
+        let p = inc.read().unwrap().unwrap();
+        assert!(matches!(p.kind, PacketKind::Completion));
+        assert_eq!(&p.payload[..3], &[1, 2, 3]);
+        let p = inc.read().unwrap().unwrap();
+        let PacketKind::GpaDirect(r) = p.kind else {
+            panic!("{:?}", p.kind)
+        };
+        let got: Vec<_> = r
+            .iter()
+            .map(|g| {
+                (
+                    g.byte_offset,
+                    g.byte_count,
+                    g.pfns.iter().map(|x| x.get()).collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (100, 5000, vec![10, 11]),
+                (0, 0, vec![]),
+                (4095, 1, vec![99])
+            ]
+        );
+        assert_eq!(&p.payload[..3], b"srb");
+        let p = inc.read().unwrap().unwrap();
+        let PacketKind::TransferPages { set_id, ranges } = p.kind else {
+            panic!()
+        };
+        assert_eq!((set_id, ranges), (0xcafe, &xr[..]));
+        assert!(p.payload.is_empty());
+    }
+
+    #[test]
+    fn packets_wrap_around_the_end() {
+        let (mut out, mut inc, ring) = halves(4096);
+        let payload: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        for round in 0..50u64 {
+            out.write(&OutgoingPacket::in_band(round, false, &[&payload]))
+                .unwrap();
+            out.commit();
+            let p = inc.read().unwrap().unwrap();
+            assert_eq!(p.transaction_id, round);
+            assert_eq!(&p.payload[..1000], &payload[..]);
+            inc.commit();
+        }
+        // 50 packets of 1024 bytes went through a 4096-byte ring: it wrapped many times.
+        assert_eq!(
+            ring.load(Word::WriteIndex, Ordering::Relaxed),
+            (50 * 1024) % 4096
+        );
+    }
+
+    #[test]
+    fn full_ring_is_reported_and_never_filled_completely() {
+        let (mut out, mut inc, _) = halves(4096);
+        let p = [0u8; 1000];
+        for _ in 0..3 {
+            out.write(&OutgoingPacket::in_band(0, false, &[&p]))
+                .unwrap();
+        }
+        // 3 * 1024 used, 1024 left: a 1024-byte packet would fill the ring exactly.
+        assert!(matches!(
+            out.write(&OutgoingPacket::in_band(0, false, &[&p])),
+            Err(Error::Full {
+                needed: 1024,
+                writable: 1024
+            })
+        ));
+        out.write(&OutgoingPacket::in_band(0, false, &[&p[..992]]))
+            .unwrap();
+        assert!(matches!(
+            out.write(&OutgoingPacket::in_band(0, false, &[&p[..992]])),
+            Err(Error::Full { .. })
+        ));
+        out.commit();
+        let mut n = 0;
+        while inc.read().unwrap().is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 4);
+        assert!(matches!(
+            out.write(&OutgoingPacket::in_band(0, false, &[&[0u8; 8192]])),
+            Err(Error::TooLarge)
+        ));
+    }
+
+    #[test]
+    fn rollback_discards_the_uncommitted_batch() {
+        let (mut out, mut inc, _) = halves(4096);
+        out.write(&OutgoingPacket::in_band(1, false, &[b"a"]))
+            .unwrap();
+        out.commit();
+        out.write(&OutgoingPacket::in_band(2, false, &[b"b"]))
+            .unwrap();
+        out.rollback();
+        out.write(&OutgoingPacket::in_band(3, false, &[b"c"]))
+            .unwrap();
+        out.commit();
+        assert_eq!(inc.read().unwrap().unwrap().transaction_id, 1);
+        inc.rollback();
+        assert_eq!(inc.read().unwrap().unwrap().transaction_id, 1);
+        assert_eq!(inc.read().unwrap().unwrap().transaction_id, 3);
+        assert!(inc.read().unwrap().is_none());
+    }
+
+    #[test]
+    fn signalling_rules() {
+        let (mut out, mut inc, ring) = halves(4096);
+        // Masked reader: no signal.
+        inc.mask();
+        out.write(&OutgoingPacket::in_band(1, false, &[b"x"]))
+            .unwrap();
+        assert!(!out.commit());
+        // Ring not empty before the batch: no signal even when unmasked.
+        let (empty, _) = inc.prepare_sleep();
+        assert!(!empty, "data is waiting: do not sleep");
+        out.write(&OutgoingPacket::in_band(2, false, &[b"y"]))
+            .unwrap();
+        assert!(!out.commit());
+        while inc.read().unwrap().is_some() {}
+        let (empty, signal_writer) = inc.prepare_sleep();
+        assert!(empty && !signal_writer);
+        out.write(&OutgoingPacket::in_band(3, false, &[b"z"]))
+            .unwrap();
+        assert!(out.commit(), "empty before the batch and unmasked: signal");
+        while inc.read().unwrap().is_some() {}
+        inc.commit();
+        // Writer waiting for space: the reader signals when free space crosses the pending size.
+        let big = [0u8; 1500];
+        out.write(&OutgoingPacket::in_band(4, false, &[&big]))
+            .unwrap();
+        out.write(&OutgoingPacket::in_band(5, false, &[&big]))
+            .unwrap();
+        out.commit();
+        let Err(Error::Full { needed, .. }) =
+            out.write(&OutgoingPacket::in_band(6, false, &[&big]))
+        else {
+            panic!("expected full")
+        };
+        assert!(out.prepare_sleep(needed), "still full: sleep");
+        assert_eq!(ring.load(Word::PendingSendSize, Ordering::Relaxed), needed);
+        inc.read().unwrap().unwrap();
+        assert!(inc.commit(), "crossing the pending size signals the writer");
+        inc.read().unwrap().unwrap();
+        assert!(
+            !inc.commit(),
+            "already above the pending size: no second signal"
+        );
+        out.clear_pending();
+        out.write(&OutgoingPacket::in_band(6, false, &[&big]))
+            .unwrap();
+    }
+
+    #[test]
+    fn corrupt_peer_indices_and_descriptors_are_errors() {
+        let (mut out, mut inc, ring) = halves(4096);
+        ring.store(Word::WriteIndex, 4096, Ordering::Relaxed);
+        assert!(matches!(inc.read(), Err(Error::BadIndex { .. })));
+        ring.store(Word::WriteIndex, 12, Ordering::Relaxed);
+        assert!(matches!(inc.read(), Err(Error::BadIndex { .. })));
+        // A published descriptor claiming more than was published.
+        ring.store(Word::WriteIndex, 0, Ordering::Relaxed);
+        out.write(&OutgoingPacket::in_band(1, false, &[&[0u8; 64]]))
+            .unwrap();
+        out.commit();
+        ring.mem.write(CONTROL_SIZE + 4, &[0xff, 0xff]).unwrap(); // length8 = 0xffff
+        assert!(matches!(inc.read(), Err(Error::BadPacket { .. })));
+        ring.mem.write(CONTROL_SIZE + 4, &[1, 0]).unwrap(); // shorter than a descriptor
+        assert!(matches!(inc.read(), Err(Error::BadPacket { .. })));
+        ring.mem.write(CONTROL_SIZE + 2, &[0xff, 0]).unwrap(); // offset past length
+        ring.mem.write(CONTROL_SIZE + 4, &[10, 0]).unwrap();
+        assert!(matches!(inc.read(), Err(Error::BadPacket { .. })));
+        // The writer finds a corrupt read index when it needs to re-read it.
+        ring.store(Word::ReadIndex, 5, Ordering::Relaxed);
+        let big = [0u8; 4000];
+        assert!(matches!(
+            out.write(&OutgoingPacket::in_band(1, false, &[&big])),
+            Err(Error::BadIndex { .. })
+        ));
+    }
+
+    #[test]
+    fn ring_geometry_is_checked() {
+        let mem = Arc::new(Mapping::anonymous(3 * 4096).unwrap());
+        assert!(Ring::new(mem.clone(), 0, 4096).is_err());
+        assert!(Ring::new(mem.clone(), 0, 4096 + 100).is_err());
+        assert!(Ring::new(mem.clone(), 4096, 3 * 4096).is_err());
+        assert!(Ring::new(mem.clone(), 100, 2 * 4096).is_err());
+        assert!(Ring::new(mem, 4096, 2 * 4096).is_ok());
+    }
+}

@@ -1,0 +1,217 @@
+//! The one audited primitive for memory shared with another party.
+//!
+//! A [`Mapping`] is a region of memory that a peer (another process, a guest) can read and write
+//! at any moment. It is never handed out as `&[u8]` or `&T`: bytes move in and out only by
+//! copying ([`Mapping::read`], [`Mapping::write`]), and the control words are reached only as
+//! atomics ([`Mapping::atomic_u32`]). Every access is bounds-checked against the mapping, so no
+//! caller, whatever offsets it computes from hostile input, can reach outside it.
+//!
+//! This is one of the two modules of the crate that contain `unsafe` code (the other wraps no
+//! more than this one needs); every block names the invariant it relies on.
+
+// The module exists to confine the unsafe code that mapping and accessing shared memory needs.
+#![allow(unsafe_code)]
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::AtomicU32;
+
+use rustix::fs::{ftruncate, memfd_create, MemfdFlags};
+use rustix::mm::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
+
+use crate::Error;
+
+/// A shared, read-write memory mapping that a peer may change at any time.
+///
+/// Invariant: `ptr .. ptr + len` is a live `MAP_SHARED` read-write mapping owned by this value
+/// (unmapped on drop), and `ptr` is page aligned.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory with no thread affinity; all access goes through copies
+// and atomics, which are sound from any thread (racing with the peer is expected and harmless
+// to us, since we never form references to the bytes).
+unsafe impl Send for Mapping {}
+// SAFETY: as above; `&Mapping` only permits copies and atomic accesses.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of fresh anonymous shared memory (zero-filled). Useful for two threads of
+    /// one process, and for tests.
+    pub fn anonymous(len: usize) -> Result<Self, Error> {
+        if len == 0 {
+            return Err(Error::EmptyMapping);
+        }
+        // SAFETY: a null hint lets the kernel choose the address, so no existing memory is
+        // replaced; the result is owned by the returned value.
+        let ptr = unsafe {
+            mmap_anonymous(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+            )
+        }
+        .map_err(Error::Map)?;
+        Ok(Self::from_raw(ptr, len))
+    }
+
+    /// Maps `len` bytes of `fd` from `offset`, shared and read-write.
+    pub fn from_fd(fd: BorrowedFd<'_>, offset: u64, len: usize) -> Result<Self, Error> {
+        if len == 0 {
+            return Err(Error::EmptyMapping);
+        }
+        // SAFETY: a null hint lets the kernel choose the address, so no existing memory is
+        // replaced; the result is owned by the returned value. Accesses beyond the file's end
+        // would fault: callers size the file first (see `create_memfd`).
+        let ptr = unsafe {
+            mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                fd,
+                offset,
+            )
+        }
+        .map_err(Error::Map)?;
+        Ok(Self::from_raw(ptr, len))
+    }
+
+    fn from_raw(ptr: *mut std::ffi::c_void, len: usize) -> Self {
+        let ptr = NonNull::new(ptr.cast::<u8>()).expect("mmap never returns null on success");
+        Self { ptr, len }
+    }
+
+    /// The length of the mapping in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: an empty mapping cannot be created.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    fn check(&self, offset: usize, len: usize) -> Result<(), Error> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(Error::OutOfBounds { offset, len }),
+        }
+    }
+
+    /// Copies `dst.len()` bytes at `offset` out of the mapping.
+    ///
+    /// The peer may be writing the same bytes; the copy then holds some mix of old and new
+    /// bytes, which callers treat as untrusted input and validate after the copy.
+    #[inline]
+    pub fn read(&self, offset: usize, dst: &mut [u8]) -> Result<(), Error> {
+        self.check(offset, dst.len())?;
+        // SAFETY: `check` proved `offset .. offset + dst.len()` lies inside the live mapping (the
+        // struct invariant); `dst` is a distinct local buffer, so the ranges do not overlap. No
+        // reference to the shared bytes is created, so concurrent writes by the peer cannot
+        // invalidate a Rust reference; they only make the copied values arbitrary.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(offset),
+                dst.as_mut_ptr(),
+                dst.len(),
+            )
+        };
+        Ok(())
+    }
+
+    /// Copies `src` into the mapping at `offset`.
+    #[inline]
+    pub fn write(&self, offset: usize, src: &[u8]) -> Result<(), Error> {
+        self.check(offset, src.len())?;
+        // SAFETY: `check` proved the destination lies inside the live, writable mapping (the
+        // struct invariant); `src` is our own memory, distinct from the mapping.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len())
+        };
+        Ok(())
+    }
+
+    /// Fills `len` bytes at `offset` with `byte`.
+    pub fn fill(&self, offset: usize, len: usize, byte: u8) -> Result<(), Error> {
+        self.check(offset, len)?;
+        // SAFETY: `check` proved the range lies inside the live, writable mapping.
+        unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(offset), byte, len) };
+        Ok(())
+    }
+
+    /// The 32-bit word at `offset` as an atomic. `offset` must be 4-byte aligned.
+    #[inline]
+    pub fn atomic_u32(&self, offset: usize) -> Result<&AtomicU32, Error> {
+        self.check(offset, 4)?;
+        if !offset.is_multiple_of(4) {
+            return Err(Error::Misaligned { offset });
+        }
+        // SAFETY: the word lies inside the live mapping (`check`), is 4-byte aligned (the mapping
+        // is page aligned and `offset` is a multiple of 4), and lives as long as `self`, which
+        // the returned reference borrows. An `AtomicU32` has interior mutability, so the peer
+        // writing the word concurrently is the documented use, not a violation of `&`.
+        Ok(unsafe { &*self.ptr.as_ptr().add(offset).cast::<AtomicU32>() })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` describe a mapping this value owns (struct invariant); no reference
+        // into it outlives `self`, since `atomic_u32` borrows `self`.
+        let _ = unsafe { munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Creates a memfd of `len` bytes (zero-filled) for sharing with another process.
+pub fn create_memfd(name: &str, len: u64) -> Result<OwnedFd, Error> {
+    let fd = memfd_create(name, MemfdFlags::CLOEXEC).map_err(Error::Map)?;
+    ftruncate(fd.as_fd(), len).map_err(Error::Map)?;
+    Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn bounds_are_enforced() {
+        let m = Mapping::anonymous(4096).unwrap();
+        let mut buf = [0u8; 8];
+        assert!(m.read(4088, &mut buf).is_ok());
+        assert!(matches!(
+            m.read(4089, &mut buf),
+            Err(Error::OutOfBounds { .. })
+        ));
+        assert!(matches!(
+            m.read(usize::MAX, &mut buf),
+            Err(Error::OutOfBounds { .. })
+        ));
+        assert!(m.write(4096, &[]).is_ok());
+        assert!(m.write(4096, &[1]).is_err());
+        assert!(matches!(m.atomic_u32(2), Err(Error::Misaligned { .. })));
+        assert!(m.atomic_u32(4096).is_err());
+    }
+
+    #[test]
+    fn two_mappings_of_one_memfd_share_bytes() {
+        let fd = create_memfd("test", 8192).unwrap();
+        let a = Mapping::from_fd(fd.as_fd(), 0, 8192).unwrap();
+        let b = Mapping::from_fd(fd.as_fd(), 4096, 4096).unwrap();
+        a.write(4100, b"hello").unwrap();
+        let mut got = [0u8; 5];
+        b.read(4, &mut got).unwrap();
+        assert_eq!(&got, b"hello");
+        b.atomic_u32(8)
+            .unwrap()
+            .store(0xdead_beef, Ordering::Relaxed);
+        let mut word = [0u8; 4];
+        a.read(4096 + 8, &mut word).unwrap();
+        assert_eq!(u32::from_le_bytes(word), 0xdead_beef);
+    }
+}
