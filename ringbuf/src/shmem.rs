@@ -12,7 +12,7 @@
 // The module exists to confine the unsafe code that mapping and accessing shared memory needs.
 #![allow(unsafe_code)]
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::AtomicU32;
 
@@ -172,6 +172,24 @@ pub fn create_memfd(name: &str, len: u64) -> Result<OwnedFd, Error> {
     let fd = memfd_create(name, MemfdFlags::CLOEXEC).map_err(Error::Map)?;
     ftruncate(fd.as_fd(), len).map_err(Error::Map)?;
     Ok(fd)
+}
+
+/// Takes ownership of file descriptor `raw`, inherited from a parent process (for example mapped
+/// into a child by `command-fds`), after checking that it is open.
+///
+/// # Safety
+///
+/// `raw` must not be owned by anything else in this process: the caller names a descriptor that
+/// its parent placed there for it and that no other code has wrapped. The returned `OwnedFd`
+/// closes it on drop.
+pub unsafe fn inherited_fd(raw: RawFd) -> Result<OwnedFd, Error> {
+    // SAFETY: `fcntl(F_GETFD)` only queries flags; the borrow does not outlive this statement,
+    // and the caller guarantees `raw` names a descriptor of this process.
+    let open = rustix::io::fcntl_getfd(unsafe { BorrowedFd::borrow_raw(raw) });
+    open.map_err(Error::Map)?;
+    // SAFETY: the descriptor is open (checked above) and, by the caller's contract, owned by
+    // nothing else, so the new `OwnedFd` is its only owner.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 #[cfg(test)]
