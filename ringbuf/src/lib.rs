@@ -19,6 +19,7 @@
 //! outside the ring.
 
 pub mod event;
+pub mod guestmem;
 pub mod packet;
 pub mod pair;
 pub mod ring;
@@ -88,6 +89,24 @@ pub enum Error {
     /// A packet header that is not a multiple of 8 bytes.
     #[error("packet header length is not a multiple of 8")]
     Unaligned,
+    /// A guest memory region that is unaligned, empty, or overlaps another.
+    #[error(
+        "guest memory region of {len:#x} bytes at {gpa:#x} is unaligned, empty or overlapping"
+    )]
+    GuestRegion {
+        /// Guest-physical address.
+        gpa: u64,
+        /// Length.
+        len: u64,
+    },
+    /// A guest-physical range that is not (wholly, in one region) guest memory.
+    #[error("guest-physical range of {len:#x} bytes at {gpa:#x} is not guest memory")]
+    GuestAddress {
+        /// Guest-physical address.
+        gpa: u64,
+        /// Length.
+        len: u64,
+    },
     /// An eventfd operation failed.
     #[error("eventfd operation failed")]
     Event(#[source] rustix::io::Errno),

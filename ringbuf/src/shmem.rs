@@ -14,7 +14,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use rustix::fs::{ftruncate, memfd_create, MemfdFlags};
 use rustix::mm::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
@@ -81,6 +81,60 @@ impl Mapping {
         Ok(Self::from_raw(ptr, len))
     }
 
+    /// Maps several pieces of files back to back into one contiguous mapping: piece `i` is
+    /// `len` bytes of `fd` from `offset`, placed right after piece `i - 1`. This is how a ring
+    /// whose pages are scattered through guest memory (a GPADL) becomes one contiguous view.
+    /// Every offset and length must be a multiple of 4096.
+    pub fn from_pieces(pieces: &[(BorrowedFd<'_>, u64, usize)]) -> Result<Self, Error> {
+        let mut total = 0usize;
+        for &(_, offset, len) in pieces {
+            if len == 0 || len % 4096 != 0 || offset % 4096 != 0 {
+                return Err(Error::OutOfBounds {
+                    offset: offset as usize,
+                    len,
+                });
+            }
+            total = total
+                .checked_add(len)
+                .ok_or(Error::OutOfBounds { offset: total, len })?;
+        }
+        if total == 0 {
+            return Err(Error::EmptyMapping);
+        }
+        // Reserve the whole range first (inaccessible), so that the fixed mappings below replace
+        // only memory this function owns.
+        // SAFETY: a null hint lets the kernel choose a fresh range; nothing is replaced.
+        let base = unsafe {
+            mmap_anonymous(
+                std::ptr::null_mut(),
+                total,
+                ProtFlags::empty(),
+                MapFlags::PRIVATE,
+            )
+        }
+        .map_err(Error::Map)?;
+        let mapping = Self::from_raw(base, total);
+        let mut at = 0usize;
+        for &(fd, offset, len) in pieces {
+            // SAFETY: `at .. at + len` lies inside the reservation made above, which `mapping`
+            // owns and which no reference points into yet; MAP_FIXED replaces exactly that part
+            // of the reservation with the file's pages.
+            unsafe {
+                mmap(
+                    mapping.ptr.as_ptr().add(at).cast(),
+                    len,
+                    ProtFlags::READ | ProtFlags::WRITE,
+                    MapFlags::SHARED | MapFlags::FIXED,
+                    fd,
+                    offset,
+                )
+            }
+            .map_err(Error::Map)?;
+            at += len;
+        }
+        Ok(mapping)
+    }
+
     fn from_raw(ptr: *mut std::ffi::c_void, len: usize) -> Self {
         let ptr = NonNull::new(ptr.cast::<u8>()).expect("mmap never returns null on success");
         Self { ptr, len }
@@ -142,6 +196,18 @@ impl Mapping {
         // SAFETY: `check` proved the range lies inside the live, writable mapping.
         unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(offset), byte, len) };
         Ok(())
+    }
+
+    /// The 64-bit word at `offset` as an atomic. `offset` must be 8-byte aligned.
+    #[inline]
+    pub fn atomic_u64(&self, offset: usize) -> Result<&AtomicU64, Error> {
+        self.check(offset, 8)?;
+        if !offset.is_multiple_of(8) {
+            return Err(Error::Misaligned { offset });
+        }
+        // SAFETY: as for `atomic_u32`: inside the live mapping, 8-byte aligned (page-aligned
+        // base, offset a multiple of 8), borrowed from `self`, interior mutability.
+        Ok(unsafe { &*self.ptr.as_ptr().add(offset).cast::<AtomicU64>() })
     }
 
     /// The 32-bit word at `offset` as an atomic. `offset` must be 4-byte aligned.
@@ -214,6 +280,35 @@ mod tests {
         assert!(m.write(4096, &[1]).is_err());
         assert!(matches!(m.atomic_u32(2), Err(Error::Misaligned { .. })));
         assert!(m.atomic_u32(4096).is_err());
+    }
+
+    #[test]
+    fn pieces_of_a_memfd_become_one_contiguous_view() {
+        let fd = create_memfd("pieces", 4 * 4096).unwrap();
+        let whole = Mapping::from_fd(fd.as_fd(), 0, 4 * 4096).unwrap();
+        for page in 0..4u8 {
+            whole
+                .fill(usize::from(page) * 4096, 4096, page + 1)
+                .unwrap();
+        }
+        // Pages 3, 1 and 2 (twice), in that order.
+        let view = Mapping::from_pieces(&[
+            (fd.as_fd(), 3 * 4096, 4096),
+            (fd.as_fd(), 4096, 2 * 4096),
+            (fd.as_fd(), 2 * 4096, 4096),
+        ])
+        .unwrap();
+        assert_eq!(view.len(), 4 * 4096);
+        let mut b = [0u8; 1];
+        for (i, want) in [4u8, 2, 3, 3].into_iter().enumerate() {
+            view.read(i * 4096 + 17, &mut b).unwrap();
+            assert_eq!(b[0], want, "page {i}");
+        }
+        view.write(3 * 4096, &[9]).unwrap();
+        whole.read(2 * 4096, &mut b).unwrap();
+        assert_eq!(b[0], 9, "writes through the view reach the file");
+        assert!(Mapping::from_pieces(&[(fd.as_fd(), 100, 4096)]).is_err());
+        assert!(Mapping::from_pieces(&[]).is_err());
     }
 
     #[test]
