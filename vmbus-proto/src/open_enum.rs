@@ -21,7 +21,9 @@
 /// ```
 #[macro_export]
 macro_rules! open_enum {
+    // Internal arm: `$extra` are additional derives (`Unaligned` for byte-sized enums).
     (
+        @impl [$($extra:path),*]
         $(#[$meta:meta])*
         $vis:vis enum $name:ident : $ty:ty {
             $(
@@ -38,6 +40,7 @@ macro_rules! open_enum {
             $crate::__zerocopy::IntoBytes,
             $crate::__zerocopy::Immutable,
             $crate::__zerocopy::KnownLayout,
+            $($extra),*
         )]
         #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
         $vis struct $name(pub $ty);
@@ -79,6 +82,27 @@ macro_rules! open_enum {
             fn from(v: $name) -> $ty {
                 v.0
             }
+        }
+    };
+    // Byte-sized enums are also `Unaligned`, so packed and byte-order structs can hold them.
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident : u8 { $($body:tt)* }
+    ) => {
+        $crate::open_enum! {
+            @impl [$crate::__zerocopy::Unaligned]
+            $(#[$meta])*
+            $vis enum $name : u8 { $($body)* }
+        }
+    };
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident : $ty:ty { $($body:tt)* }
+    ) => {
+        $crate::open_enum! {
+            @impl []
+            $(#[$meta])*
+            $vis enum $name : $ty { $($body)* }
         }
     };
 }

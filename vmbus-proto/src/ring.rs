@@ -53,7 +53,9 @@ pub const PAGE_SIZE: usize = 4096;
 
 /// `struct vmpacket_descriptor`: the first 16 bytes of every ring packet.
 #[repr(C)]
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Copy, Clone, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct PacketDescriptor {
     /// The packet type.
@@ -72,7 +74,9 @@ const _: () = assert!(size_of::<PacketDescriptor>() == 16);
 /// The header that follows the descriptor of a transfer-page packet
 /// (`struct vmtransfer_page_packet_header` less its descriptor).
 #[repr(C)]
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Copy, Clone, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct TransferPageHeader {
     /// The transfer page set (for netvsp: the receive buffer id).
@@ -88,7 +92,9 @@ const _: () = assert!(size_of::<TransferPageHeader>() == 8);
 
 /// One range of a transfer-page packet (`struct vmtransfer_page_range`).
 #[repr(C)]
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Copy, Clone, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct TransferPageRange {
     /// Length of the range in bytes.
@@ -101,7 +107,9 @@ const _: () = assert!(size_of::<TransferPageRange>() == 8);
 /// The header that follows the descriptor of a GPA-direct packet
 /// (`struct vmbus_packet_mpb_array` less its descriptor and ranges).
 #[repr(C)]
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Copy, Clone, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct GpaDirectHeader {
     /// Reserved.
@@ -114,7 +122,9 @@ const _: () = assert!(size_of::<GpaDirectHeader>() == 8);
 /// The fixed part of a GPA range (`struct gpa_range` / `struct hv_mpb_array`): followed by
 /// `page_count(byte_offset, byte_count)` u64 page frame numbers.
 #[repr(C)]
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Copy, Clone, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct GpaRangeHeader {
     /// Length of the range in bytes.
@@ -137,6 +147,50 @@ impl GpaRangeHeader {
         end.div_ceil(PAGE_SIZE as u64) - start / PAGE_SIZE as u64
     }
 }
+
+/// `struct hv_ring_buffer`: the 4096-byte control page at the start of each ring. Shared memory
+/// is not read through this type (see the ring crate); it documents the layout and lets tests
+/// check it.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct RingControlPage {
+    /// Where the writer writes next.
+    pub write_index: u32,
+    /// Where the reader reads next.
+    pub read_index: u32,
+    /// Non-zero when the reader does not want to be signalled.
+    pub interrupt_mask: u32,
+    /// Bytes a blocked writer waits for.
+    pub pending_send_size: u32,
+    /// Reserved.
+    pub reserved1: [u32; 12],
+    /// Feature bits, see [`control::FEATURE_PENDING_SEND_SIZE`].
+    pub feature_bits: u32,
+    /// Reserved up to the end of the page.
+    pub reserved2: [u8; 4028],
+}
+const _: () = assert!(size_of::<RingControlPage>() == control::SIZE);
+const _: () =
+    assert!(core::mem::offset_of!(RingControlPage, feature_bits) == control::FEATURE_BITS);
+
+/// A GPA-direct packet with one range, as Linux's storvsc and netvsc build it
+/// (`struct vmbus_packet_mpb_array`): descriptor, [`GpaDirectHeader`], then the first range's
+/// [`GpaRangeHeader`]; its page numbers follow.
+#[repr(C)]
+#[derive(
+    Copy, Clone, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct GpaDirectPacketHeader {
+    /// The descriptor.
+    pub descriptor: PacketDescriptor,
+    /// Reserved word and range count.
+    pub header: GpaDirectHeader,
+    /// The first range.
+    pub range: GpaRangeHeader,
+}
+const _: () = assert!(size_of::<GpaDirectPacketHeader>() == 32);
 
 /// Byte offsets of the words of a ring's control page (`struct hv_ring_buffer`).
 pub mod control {
@@ -178,7 +232,10 @@ mod tests {
 
     #[test]
     fn page_count_of_ranges() {
-        let r = |byte_offset, byte_count| GpaRangeHeader { byte_count, byte_offset };
+        let r = |byte_offset, byte_count| GpaRangeHeader {
+            byte_count,
+            byte_offset,
+        };
         assert_eq!(r(0, 0).page_count(), 0);
         assert_eq!(r(0, 1).page_count(), 1);
         assert_eq!(r(0, 4096).page_count(), 1);
