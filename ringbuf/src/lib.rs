@@ -25,6 +25,7 @@ pub mod pair;
 pub mod ring;
 pub mod shmem;
 pub mod signal;
+pub mod socket;
 pub mod traffic;
 
 pub use event::Event;
@@ -107,6 +108,15 @@ pub enum Error {
         /// Length.
         len: u64,
     },
+    /// A socket operation failed.
+    #[error("socket operation failed")]
+    Socket(#[source] rustix::io::Errno),
+    /// A datagram (or its descriptors) did not fit the receive buffer.
+    #[error("datagram truncated")]
+    Truncated,
+    /// More descriptors than one datagram may carry.
+    #[error("{0} descriptors are more than one datagram may carry")]
+    TooManyFds(usize),
     /// An eventfd operation failed.
     #[error("eventfd operation failed")]
     Event(#[source] rustix::io::Errno),

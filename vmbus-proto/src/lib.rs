@@ -38,6 +38,7 @@ macro_rules! arbitrary_from_bytes {
 
 pub mod channel;
 pub mod netvsp;
+pub mod partition;
 pub mod ring;
 pub mod rndis;
 pub mod storvsp;
