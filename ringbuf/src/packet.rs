@@ -149,6 +149,7 @@ impl<'a> Iterator for GpaRangeIter<'a> {
 
 /// Checks a descriptor read from the ring at a point where `available` bytes are published, and
 /// returns the packet's length (without trailer). `available` counts from the descriptor.
+#[inline]
 pub(crate) fn check_descriptor(d: &PacketDescriptor, available: u32) -> Result<u32, &'static str> {
     let len = u32::from(d.length8) * 8;
     let offset = u32::from(d.data_offset8) * 8;
@@ -166,6 +167,7 @@ pub(crate) fn check_descriptor(d: &PacketDescriptor, available: u32) -> Result<u
 
 /// Parses a packet from its local copy `bytes` (descriptor included, trailer excluded), whose
 /// descriptor `d` has passed [`check_descriptor`] for `bytes.len()`.
+#[inline]
 pub(crate) fn parse<'a>(d: &PacketDescriptor, bytes: &'a [u8]) -> Result<Packet<'a>, &'static str> {
     let offset = usize::from(d.data_offset8) * 8;
     let header = &bytes[DESCRIPTOR_SIZE..offset];
@@ -256,6 +258,7 @@ impl<'a> OutgoingPacket<'a> {
 
     /// Length of the packet in the ring without trailer (descriptor, header, padded payload),
     /// or an error if it cannot be described by a descriptor.
+    #[inline]
     pub fn ring_len(&self) -> Result<u32, Error> {
         if !self.header.len().is_multiple_of(8) {
             return Err(Error::Unaligned);

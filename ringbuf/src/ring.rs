@@ -22,6 +22,12 @@ use crate::Error;
 /// Size of the control page.
 pub const CONTROL_SIZE: usize = control::SIZE;
 
+/// Packets up to this size (trailer included) are assembled on the stack and copied once.
+const SMALL_PACKET: usize = 256;
+
+/// Bytes the reader copies in its first copy: the descriptor and the start of the body.
+const FIRST_COPY: usize = 128;
+
 /// One ring (control page and data area) inside a mapping.
 #[derive(Debug, Clone)]
 pub struct Ring {
@@ -69,6 +75,7 @@ impl Ring {
         self.data_len
     }
 
+    #[inline]
     fn word(&self, w: Word) -> &std::sync::atomic::AtomicU32 {
         self.mem
             .atomic_u32(self.base + w.offset())
@@ -76,6 +83,7 @@ impl Ring {
     }
 
     /// Reads a peer-owned index and validates it.
+    #[inline]
     fn peer_index(&self, w: Word) -> Result<u32, Error> {
         // Acquire: pairs with the peer's release store of this index, so the bytes it covers (or
         // frees) are visible before we touch them.
@@ -113,23 +121,33 @@ impl Ring {
         Ok(self.advance(at, src.len() as u32))
     }
 
+    /// `at + n`, wrapped. Callers guarantee `at < data_len` and `n <= data_len`, so one
+    /// conditional subtraction wraps (and the sum cannot overflow: data_len <= u32::MAX - 4095).
     #[inline]
     fn advance(&self, at: u32, n: u32) -> u32 {
-        let next = at as u64 + n as u64;
-        (next % self.data_len as u64) as u32
+        let next = at + n;
+        if next >= self.data_len {
+            next - self.data_len
+        } else {
+            next
+        }
     }
 }
 
 impl Control for Ring {
+    #[inline]
     fn load(&self, word: Word, order: Ordering) -> u32 {
         self.word(word).load(order)
     }
+    #[inline]
     fn store(&self, word: Word, value: u32, order: Ordering) {
         self.word(word).store(value, order)
     }
+    #[inline]
     fn fence(&self) {
         std::sync::atomic::fence(Ordering::SeqCst)
     }
+    #[inline]
     fn data_len(&self) -> u32 {
         self.data_len
     }
@@ -204,6 +222,24 @@ impl OutgoingRing {
             }
         }
         let start = self.write;
+        let trailer = (u64::from(start) << 32).to_le_bytes();
+        if total as usize <= SMALL_PACKET {
+            // Small packet: assemble descriptor, header, payload, padding and trailer here and
+            // copy once.
+            let mut buf = [0u8; SMALL_PACKET];
+            buf[..DESCRIPTOR_SIZE].copy_from_slice(p.descriptor(len).as_bytes());
+            let mut at = DESCRIPTOR_SIZE;
+            buf[at..at + p.header.len()].copy_from_slice(p.header);
+            at += p.header.len();
+            for part in p.payload {
+                buf[at..at + part.len()].copy_from_slice(part);
+                at += part.len();
+            }
+            // Padding stays zero; the trailer follows the padded packet.
+            buf[len as usize..total as usize].copy_from_slice(&trailer);
+            self.write = self.ring.copy_in(start, &buf[..total as usize])?;
+            return Ok(());
+        }
         let mut at = self.ring.copy_in(start, p.descriptor(len).as_bytes())?;
         if !p.header.is_empty() {
             at = self.ring.copy_in(at, p.header)?;
@@ -219,8 +255,7 @@ impl OutgoingRing {
         if pad > 0 {
             at = self.ring.copy_in(at, &[0u8; 8][..pad])?;
         }
-        let trailer = u64::from(start) << 32;
-        self.write = self.ring.copy_in(at, &trailer.to_le_bytes())?;
+        self.write = self.ring.copy_in(at, &trailer)?;
         Ok(())
     }
 
@@ -321,26 +356,28 @@ impl IncomingRing {
             }
         }
         let at = self.read;
-        let mut d = [0u8; DESCRIPTOR_SIZE];
         if (available as usize) < DESCRIPTOR_SIZE + packet::TRAILER {
-            return Err(Error::BadPacket {
-                offset: at,
-                reason: "partial packet published",
-            });
+            return Err(Error::BadPacket { offset: at, reason: "partial packet published" });
         }
-        self.ring.copy_out(at, &mut d)?;
-        let desc = PacketDescriptor::read_from_bytes(&d).expect("16 bytes");
+        // Copy the descriptor together with the start of the body (one copy for a small packet),
+        // then validate the descriptor from the private copy.
+        if self.buf.len() < FIRST_COPY / 8 {
+            self.buf.resize(FIRST_COPY / 8, 0);
+        }
+        let first = (available as usize - packet::TRAILER).min(FIRST_COPY);
+        self.ring.copy_out(at, &mut self.buf.as_mut_bytes()[..first])?;
+        let desc = PacketDescriptor::read_from_prefix(self.buf.as_bytes()).expect("16 bytes").0;
         let len = packet::check_descriptor(&desc, available)
             .map_err(|reason| Error::BadPacket { offset: at, reason })? as usize;
-        // Grow the local copy as needed; bounded by the ring size (check_descriptor).
-        let words = len / 8;
-        if self.buf.len() < words {
-            self.buf.resize(words, 0);
+        if len > first {
+            // Grow the local copy as needed; bounded by the ring size (check_descriptor).
+            let words = len / 8;
+            if self.buf.len() < words {
+                self.buf.resize(words, 0);
+            }
+            let rest_at = self.ring.advance(at, first as u32);
+            self.ring.copy_out(rest_at, &mut self.buf.as_mut_bytes()[first..len])?;
         }
-        let bytes = &mut self.buf.as_mut_bytes()[..len];
-        bytes[..DESCRIPTOR_SIZE].copy_from_slice(&d);
-        let body_at = self.ring.advance(at, DESCRIPTOR_SIZE as u32);
-        self.ring.copy_out(body_at, &mut bytes[DESCRIPTOR_SIZE..])?;
         let next = self.ring.advance(at, len as u32 + packet::TRAILER as u32);
         let bytes = &self.buf.as_bytes()[..len];
         let p = packet::parse(&desc, bytes)
