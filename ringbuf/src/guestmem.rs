@@ -79,6 +79,11 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// Number of regions.
+    pub fn regions_len(&self) -> usize {
+        self.regions.len()
+    }
+
     /// Total bytes of guest memory.
     pub fn total_len(&self) -> u64 {
         self.regions.iter().map(|r| r.len).sum()

@@ -1,6 +1,52 @@
 //! The guest side of the VMBus stack (the VSCs).
 //!
-//! Not filled in yet. It will hold: the VMBus client (version negotiation, offers, GPADLs,
-//! open/close, rescind, unload); the storvsc client with its NBD export; the netvsc client with
-//! its TAP export; the loopback front end (a host process playing the guest over the partition
-//! socket); and the `vscd` binary. See `docs/ARCHITECTURE.md`.
+//! - [`client`]: the VMBus client (version negotiation, offers, GPADLs, open/close, rescind,
+//!   unload), over a [`synic::HostInterface`].
+//! - [`loopback`]: the loopback front end, a host process playing the guest on `vspd`'s
+//!   partition socket: guest RAM in a memfd, SIMP/SIEFP pages inside it, an eventfd as its
+//!   interrupt line.
+//! - The `vscd` binary: attaches to a running `vspd` and lists the offers it sees.
+//!
+//! Not filled in yet: the storvsc client with its NBD export and the netvsc client with its TAP
+//! export. See `docs/ARCHITECTURE.md`.
+
+pub mod client;
+pub mod loopback;
+pub mod synic;
+
+/// Errors of the guest side.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A ring, shared-memory or socket operation failed.
+    #[error("ring, shared memory or socket")]
+    Ring(#[from] ringbuf::Error),
+    /// The daemon sent something that is not the protocol.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The daemon refused a request.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The connection to the daemon is gone.
+    #[error("the host went away")]
+    Disconnected,
+    /// No answer in time.
+    #[error("timed out waiting for the host")]
+    Timeout,
+    /// The host answered with a failure status.
+    #[error("{what} failed with status {status:#x}")]
+    Status {
+        /// What failed.
+        what: &'static str,
+        /// The status the host gave.
+        status: u32,
+    },
+    /// A GPADL larger than the protocol can describe.
+    #[error("GPADL too large")]
+    GpadlTooLarge,
+    /// Guest memory is exhausted.
+    #[error("out of guest memory ({0} pages wanted)")]
+    OutOfGuestMemory(usize),
+    /// A thread could not be started.
+    #[error("cannot start a thread")]
+    Thread(#[source] std::io::Error),
+}

@@ -75,7 +75,7 @@ fn main() -> ExitCode {
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 fn run_main(args: &Args) -> Result<(), BoxError> {
-    if args.ring_kib == 0 || args.ring_kib % 4 != 0 {
+    if args.ring_kib == 0 || !args.ring_kib.is_multiple_of(4) {
         return Err("--ring-kib must be a non-zero multiple of 4".into());
     }
     if args.max_payload < 16 || args.max_payload > args.ring_kib * 1024 / 4 {

@@ -1,0 +1,83 @@
+//! `vscd`: the guest side as a host process. Attaches to a running `vspd` as a loopback guest
+//! and lists the channels it offers; the storage and network exports come later.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use vsc::client::{Client, SUPPORTED_VERSIONS};
+use vsc::loopback::Loopback;
+
+/// Attaches to a vspd as a loopback guest.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// The vspd partition socket to attach to.
+    #[arg(long, value_name = "SOCKET")]
+    connect: PathBuf,
+    /// List the offered channels and exit.
+    #[arg(long)]
+    list: bool,
+    /// Guest memory of the loopback guest, in MiB.
+    #[arg(long, default_value_t = 64)]
+    memory_mib: u64,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VSCD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vscd: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                eprintln!("  caused by: {s}");
+                source = s.source();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), vsc::Error> {
+    if !args.list {
+        return Err(vsc::Error::Protocol(
+            "nothing to do: give --list (the NBD and TAP exports are not built yet)".into(),
+        ));
+    }
+    let (front, messages) = Loopback::connect(&args.connect, args.memory_mib << 20)?;
+    let front = Arc::new(front);
+    let mut client = Client::connect(front.clone(), messages, 0, &SUPPORTED_VERSIONS)?;
+    let offers = client.request_offers()?;
+    let v = client.version();
+    println!(
+        "VMBus {}.{} via {}",
+        v.major(),
+        v.minor(),
+        args.connect.display()
+    );
+    println!(
+        "{:>5}  {:<8}  {:<36}  {:<36}  {:>4}  {:>10}",
+        "relid", "class", "class guid", "instance", "sub", "connection"
+    );
+    for o in &offers {
+        println!(
+            "{:>5}  {:<8}  {:<36}  {:<36}  {:>4}  {:>#10x}",
+            o.relid,
+            o.class_name(),
+            o.interface_type,
+            o.interface_instance,
+            o.subchannel_index,
+            o.connection_id
+        );
+    }
+    client.unload()?;
+    Ok(())
+}

@@ -1,0 +1,418 @@
+//! The loopback front end: a host process playing a guest on the partition socket.
+//!
+//! Its "guest RAM" is a memfd it shares with `vspd`; its SIMP and SIEFP pages live in that
+//! memory (pages 0 and 1); its interrupt line is an eventfd passed as the VP's irqfd. A thread
+//! waits on that line and on the socket: it copies each message out of the VMBus SINT's slot,
+//! frees the slot and writes EOM when the host asked for one, hands the message to the client,
+//! and dispatches channel interrupts from the event flags to the channels' events. The rest of
+//! guest memory is a page allocator for rings and buffers.
+
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::sync::atomic::{fence, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use ringbuf::guestmem::{GuestMemory, PAGE_SIZE};
+use ringbuf::shmem::create_memfd;
+use ringbuf::socket::SeqPacket;
+use ringbuf::Event;
+use vmbus_proto::partition::{self as wire, status, vp_flags, Kind};
+use vmbus_proto::synic::{
+    HvPostMessageInput, MESSAGE_FLAG_PENDING, MESSAGE_PAYLOAD_SIZE, MESSAGE_SLOT_SIZE,
+    VMBUS_POST_MESSAGE_TYPE, VMBUS_SINT,
+};
+use zerocopy::FromZeros;
+
+use crate::synic::{HostInterface, MessageStream};
+use crate::Error;
+
+/// Guest-physical address of the SIMP page.
+pub const SIMP_GPA: u64 = 0;
+/// Guest-physical address of the SIEFP page.
+pub const SIEFP_GPA: u64 = PAGE_SIZE;
+/// First page the allocator hands out.
+const FIRST_FREE_PAGE: u64 = 2;
+const SINT_OFFSET: u64 = VMBUS_SINT as u64 * MESSAGE_SLOT_SIZE as u64;
+
+/// Shared state of the front end.
+struct Shared {
+    sock: SeqPacket,
+    mem: GuestMemory,
+    /// Eventfds the daemon handed over per connection id (HvSignalEvent fast path).
+    signals: Mutex<HashMap<u32, Event>>,
+    /// Where each channel's interrupts go.
+    interrupts: Mutex<HashMap<u32, Event>>,
+    /// Free guest pages.
+    free: Mutex<Vec<u64>>,
+    /// The interrupt line (our VP's irqfd), read by the front-end thread.
+    irq: Event,
+    /// Stops the front-end thread.
+    stop: Event,
+}
+
+/// A loopback guest attached to a `vspd`.
+pub struct Loopback {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Loopback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loopback")
+            .field("memory", &self.shared.mem.total_len())
+            .finish()
+    }
+}
+
+fn request(
+    sock: &SeqPacket,
+    kind: Kind,
+    bytes: Vec<u8>,
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> Result<u32, Error> {
+    sock.send(&bytes, fds)?;
+    let mut buf = [0u8; wire::MAX_MESSAGE_SIZE];
+    let d = sock.recv(&mut buf)?.ok_or(Error::Disconnected)?;
+    let (k, body) = wire::split(&buf[..d.len]).map_err(|e| Error::Protocol(e.to_string()))?;
+    match k {
+        Kind::STATUS => {
+            let s: wire::Status =
+                wire::body(k, body).map_err(|e| Error::Protocol(e.to_string()))?;
+            if s.request != kind {
+                return Err(Error::Protocol(format!(
+                    "status for {:?}, expected {kind:?}",
+                    s.request
+                )));
+            }
+            Ok(s.status)
+        }
+        Kind::HELLO_REPLY => {
+            let r: wire::HelloReply =
+                wire::body(k, body).map_err(|e| Error::Protocol(e.to_string()))?;
+            if r.version == 0 {
+                Ok(r.status.max(1))
+            } else {
+                Ok(r.status)
+            }
+        }
+        other => Err(Error::Protocol(format!(
+            "unexpected {other:?} while waiting for {kind:?}"
+        ))),
+    }
+}
+
+impl Loopback {
+    /// Connects to the daemon at `socket` with `memory_bytes` of guest memory (a multiple of
+    /// 4 KiB, at least 16 KiB). Returns the front end and the stream of channel messages.
+    pub fn connect(socket: &Path, memory_bytes: u64) -> Result<(Self, MessageStream), Error> {
+        if memory_bytes < 4 * PAGE_SIZE || !memory_bytes.is_multiple_of(PAGE_SIZE) {
+            return Err(Error::Protocol(
+                "guest memory must be a multiple of 4 KiB, at least 16 KiB".into(),
+            ));
+        }
+        let sock = SeqPacket::connect(socket)?;
+        let st = request(
+            &sock,
+            Kind::HELLO,
+            wire::encode(
+                Kind::HELLO,
+                &wire::Hello {
+                    version: wire::VERSION,
+                    vp_count: 1,
+                },
+            ),
+            &[],
+        )?;
+        if st != status::OK {
+            return Err(Error::Refused(format!("HELLO refused with status {st}")));
+        }
+        let memfd = create_memfd("loopback-guest-ram", memory_bytes)?;
+        let add = wire::AddMemory {
+            gpa: 0,
+            len: memory_bytes,
+            fd_offset: 0,
+        };
+        let st = request(
+            &sock,
+            Kind::ADD_MEMORY,
+            wire::encode(Kind::ADD_MEMORY, &add),
+            &[memfd.as_fd()],
+        )?;
+        if st != status::OK {
+            return Err(Error::Refused(format!(
+                "guest memory refused with status {st}"
+            )));
+        }
+        let mut mem = GuestMemory::new();
+        mem.add_region(0, memory_bytes, memfd, 0)?;
+        let irq = Event::new()?;
+        let vp = wire::SetVp {
+            vp: 0,
+            flags: vp_flags::SIMP_ENABLED | vp_flags::SIEFP_ENABLED,
+            simp_gpa: SIMP_GPA,
+            siefp_gpa: SIEFP_GPA,
+        };
+        let st = request(
+            &sock,
+            Kind::SET_VP,
+            wire::encode(Kind::SET_VP, &vp),
+            &[irq.as_fd()],
+        )?;
+        if st != status::OK {
+            return Err(Error::Refused(format!(
+                "SynIC setup refused with status {st}"
+            )));
+        }
+        let pages = memory_bytes / PAGE_SIZE;
+        let shared = Arc::new(Shared {
+            sock,
+            mem,
+            signals: Mutex::new(HashMap::new()),
+            interrupts: Mutex::new(HashMap::new()),
+            free: Mutex::new((FIRST_FREE_PAGE..pages).rev().collect()),
+            irq,
+            stop: Event::new()?,
+        });
+        let (tx, rx) = channel();
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("loopback-vp0".into())
+            .spawn(move || s.run(tx))
+            .map_err(Error::Thread)?;
+        Ok((
+            Self {
+                shared,
+                thread: Some(thread),
+            },
+            rx,
+        ))
+    }
+
+    /// The guest's memory, as the guest sees it.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.shared.mem
+    }
+
+    /// Allocates `n` zeroed guest pages (not necessarily contiguous); returns their frame numbers.
+    pub fn alloc_pages(&self, n: usize) -> Result<Vec<u64>, Error> {
+        let mut free = self.shared.free.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < n {
+            return Err(Error::OutOfGuestMemory(n));
+        }
+        let at = free.len() - n;
+        let pages: Vec<u64> = free.drain(at..).rev().collect();
+        drop(free);
+        for &p in &pages {
+            self.shared.mem.fill(p * PAGE_SIZE, PAGE_SIZE as usize, 0)?;
+        }
+        Ok(pages)
+    }
+
+    /// Returns pages to the allocator.
+    pub fn free_pages(&self, pages: &[u64]) {
+        let mut free = self.shared.free.lock().unwrap_or_else(|e| e.into_inner());
+        free.extend(pages.iter().rev());
+    }
+
+    /// Free guest pages.
+    pub fn free_page_count(&self) -> usize {
+        self.shared
+            .free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+}
+
+impl Drop for Loopback {
+    fn drop(&mut self) {
+        let _ = self.shared.stop.signal();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl HostInterface for Loopback {
+    fn post_message(&self, connection_id: u32, payload: &[u8]) -> Result<(), Error> {
+        if payload.len() > MESSAGE_PAYLOAD_SIZE {
+            return Err(Error::Protocol("message longer than 240 bytes".into()));
+        }
+        let mut input = HvPostMessageInput::new_zeroed();
+        input.connection_id = connection_id;
+        input.message_type = VMBUS_POST_MESSAGE_TYPE;
+        input.payload_size = payload.len() as u32;
+        input.payload[..payload.len()].copy_from_slice(payload);
+        let m = wire::PostMessage {
+            vp: 0,
+            reserved: 0,
+            input,
+        };
+        self.shared
+            .sock
+            .send(&wire::encode(Kind::POST_MESSAGE, &m), &[])?;
+        Ok(())
+    }
+
+    fn signal_event(&self, connection_id: u32) -> Result<(), Error> {
+        if let Some(e) = self
+            .shared
+            .signals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&connection_id)
+        {
+            return Ok(e.signal()?);
+        }
+        let s = wire::SignalEvent {
+            connection_id,
+            flag_number: 0,
+        };
+        self.shared
+            .sock
+            .send(&wire::encode(Kind::SIGNAL_EVENT, &s), &[])?;
+        Ok(())
+    }
+
+    fn set_channel_interrupt(&self, relid: u32, event: Option<Event>) {
+        let mut m = self
+            .shared
+            .interrupts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match event {
+            Some(e) => m.insert(relid, e),
+            None => m.remove(&relid),
+        };
+    }
+}
+
+impl Shared {
+    fn run(&self, messages: Sender<Vec<u8>>) {
+        use rustix::event::{poll, PollFd, PollFlags};
+        let mut buf = [0u8; wire::MAX_MESSAGE_SIZE];
+        loop {
+            let mut fds = [
+                PollFd::new(&self.irq, PollFlags::IN),
+                PollFd::new(&self.sock, PollFlags::IN),
+                PollFd::new(&self.stop, PollFlags::IN),
+            ];
+            match poll(&mut fds, None) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(_) => return,
+            }
+            let (irq, sock, stop) = (
+                !fds[0].revents().is_empty(),
+                !fds[1].revents().is_empty(),
+                !fds[2].revents().is_empty(),
+            );
+            if stop {
+                return;
+            }
+            if irq {
+                let _ = self.irq.wait();
+                if self.take_messages(&messages).is_err() {
+                    return;
+                }
+                self.dispatch_events();
+            }
+            if sock {
+                match self.sock.recv(&mut buf) {
+                    Ok(Some(d)) => self.daemon_message(&buf[..d.len], d.fds),
+                    // The daemon went away: the guest's messages stop; the client sees the
+                    // stream end.
+                    Ok(None) | Err(_) => return,
+                }
+            }
+        }
+    }
+
+    /// Copies out the message in the VMBus slot, if any, frees the slot and sends EOM when the
+    /// host has more (Linux `vmbus_signal_eom`).
+    fn take_messages(&self, messages: &Sender<Vec<u8>>) -> Result<(), Error> {
+        let slot = SIMP_GPA + SINT_OFFSET;
+        let ty = self.mem.atomic_u32(slot)?;
+        loop {
+            // Acquire: pairs with the host's release store of the type after the payload.
+            if ty.load(Ordering::Acquire) == 0 {
+                return Ok(());
+            }
+            let mut hdr = [0u8; 8];
+            self.mem.read(slot, &mut hdr)?;
+            let size = usize::from(hdr[4]).min(MESSAGE_PAYLOAD_SIZE);
+            let mut msg = vec![0u8; size];
+            self.mem.read(slot + 16, &mut msg)?;
+            // Release: our copy is done before the host may reuse the slot.
+            ty.store(0, Ordering::Release);
+            // Pairs with the host's fence between setting message_pending and re-checking.
+            fence(Ordering::SeqCst);
+            let mut flags = [0u8; 1];
+            self.mem.read(slot + 5, &mut flags)?;
+            if messages.send(msg).is_err() {
+                return Err(Error::Disconnected);
+            }
+            if flags[0] & MESSAGE_FLAG_PENDING != 0 {
+                self.sock.send(
+                    &wire::encode(Kind::EOM, &wire::Eom { vp: 0, reserved: 0 }),
+                    &[],
+                )?;
+                // The host delivers the next one and raises the line again.
+                return Ok(());
+            }
+        }
+    }
+
+    /// Hands each channel whose event flag is set to its event.
+    fn dispatch_events(&self) {
+        let base = SIEFP_GPA + SINT_OFFSET;
+        let handlers = self.interrupts.lock().unwrap_or_else(|e| e.into_inner());
+        for word in 0..(MESSAGE_SLOT_SIZE as u64 / 4) {
+            let Ok(w) = self.mem.atomic_u32(base + word * 4) else {
+                return;
+            };
+            if w.load(Ordering::Relaxed) == 0 {
+                continue;
+            }
+            // Acquire: pairs with the host's release fetch_or.
+            let mut bits = w.swap(0, Ordering::Acquire);
+            while bits != 0 {
+                let relid = word as u32 * 32 + bits.trailing_zeros();
+                bits &= bits - 1;
+                if let Some(e) = handlers.get(&relid) {
+                    let _ = e.signal();
+                }
+            }
+        }
+    }
+
+    fn daemon_message(&self, datagram: &[u8], mut fds: Vec<std::os::fd::OwnedFd>) {
+        let Ok((kind, body)) = wire::split(datagram) else {
+            return;
+        };
+        match kind {
+            Kind::CHANNEL_SIGNAL => {
+                if let (Ok(s), Some(fd)) =
+                    (wire::body::<wire::ChannelSignal>(kind, body), fds.pop())
+                {
+                    self.signals
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(s.connection_id, Event::from_fd(fd));
+                }
+            }
+            Kind::CHANNEL_SIGNAL_REMOVED => {
+                if let Ok(s) = wire::body::<wire::ChannelSignal>(kind, body) {
+                    self.signals
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&s.connection_id);
+                }
+            }
+            other => tracing::debug!(?other, "unexpected message from the daemon ignored"),
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! What the VMBus client needs from its hypervisor: the two hypercalls and the interrupts.
+//!
+//! A front end (the loopback front end here; inside a real guest, the kernel's SynIC) implements
+//! [`HostInterface`]; the client never knows which it runs on.
+
+use std::sync::mpsc::Receiver;
+
+use ringbuf::Event;
+
+use crate::Error;
+
+/// The hypercalls and interrupt plumbing a VMBus client uses.
+pub trait HostInterface: Send + Sync {
+    /// HvPostMessage: posts a channel message (at most 240 bytes) to `connection_id`.
+    fn post_message(&self, connection_id: u32, payload: &[u8]) -> Result<(), Error>;
+    /// HvSignalEvent: signals the host on `connection_id`.
+    fn signal_event(&self, connection_id: u32) -> Result<(), Error>;
+    /// Routes the interrupts of channel `relid` (its event flag) to `event`; `None` stops.
+    fn set_channel_interrupt(&self, relid: u32, event: Option<Event>);
+}
+
+/// The messages the host delivered to the VMBus SINT, in order.
+pub type MessageStream = Receiver<Vec<u8>>;

@@ -1,0 +1,102 @@
+//! `vspd`: the VMBus service provider daemon.
+//!
+//! Listens on a Unix socket (the partition socket, mode 0600); each front end that connects
+//! (the KVM shim, or `vscd`'s loopback guest) is one partition, served by its own session with
+//! the offers the configuration makes: one SCSI controller per `--disk`, one network adapter per
+//! `--nic`. SIGTERM and SIGINT stop it cleanly.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use vsp::config::{parse_kv, Config, DiskConfig, NicConfig};
+use vsp::daemon::Daemon;
+use vsp::server::ServerConfig;
+
+/// The VMBus service provider daemon: serves disks and NICs to guests over VMBus.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Path of the partition socket to listen on (created mode 0600).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// A disk: path=FILE[,readonly=on][,direct=on][,queues=N]. Repeatable.
+    #[arg(long, value_name = "OPTIONS")]
+    disk: Vec<String>,
+    /// A NIC: tap=NAME. Repeatable.
+    #[arg(long, value_name = "OPTIONS")]
+    nic: Vec<String>,
+    /// A TOML file with `socket`, `[[disk]]` and `[[nic]]` tables (same keys as the options);
+    /// command-line disks and NICs are added to the file's.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VSPD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vspd: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                eprintln!("  caused by: {s}");
+                source = s.source();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), vsp::Error> {
+    let mut config = match &args.config {
+        Some(p) => Config::from_file(p)?,
+        None => Config::default(),
+    };
+    if let Some(s) = args.socket {
+        config.socket = Some(s);
+    }
+    for d in &args.disk {
+        config.disks.push(parse_kv::<DiskConfig>("disk", d)?);
+    }
+    for n in &args.nic {
+        config.nics.push(parse_kv::<NicConfig>("nic", n)?);
+    }
+    config.validate()?;
+    let socket = config
+        .socket
+        .clone()
+        .ok_or_else(|| vsp::Error::Config("no socket path: give --socket PATH".into()))?;
+    let mut server = ServerConfig::default();
+    if let Some(max) = config.max_gpadl_bytes {
+        server.max_gpadl_bytes = max;
+    }
+    let daemon = Daemon::bind(
+        &socket,
+        server,
+        config.offers(),
+        vsp::session::unimplemented_devices(),
+    )?;
+    let stop = daemon.stop_handle();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .map_err(vsp::Error::Thread)?;
+    std::thread::Builder::new()
+        .name("vspd-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                tracing::info!(signal = sig, "stopping");
+                let _ = stop.signal();
+            }
+        })
+        .map_err(vsp::Error::Thread)?;
+    daemon.run()
+}

@@ -1,0 +1,208 @@
+//! The daemon's configuration: command line, optionally merged with a TOML file.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use vmbus_proto::channel::Guid;
+
+use crate::server::OfferSpec;
+use crate::Error;
+
+/// One disk, served on its own SCSI controller channel.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Image file or block device.
+    pub path: PathBuf,
+    /// Refuse writes (DATA PROTECT).
+    #[serde(default)]
+    pub readonly: bool,
+    /// Open with O_DIRECT (aligned requests bypass the page cache).
+    #[serde(default)]
+    pub direct: bool,
+    /// Queues (the primary channel plus subchannels), 1 to 64.
+    #[serde(default = "one")]
+    pub queues: u16,
+}
+
+fn one() -> u16 {
+    1
+}
+
+/// One NIC, backed by a TAP device.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicConfig {
+    /// The TAP device's name.
+    pub tap: String,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The partition socket's path.
+    pub socket: Option<PathBuf>,
+    /// Disks.
+    #[serde(default, rename = "disk")]
+    pub disks: Vec<DiskConfig>,
+    /// NICs.
+    #[serde(default, rename = "nic")]
+    pub nics: Vec<NicConfig>,
+    /// Largest GPADL a guest may create, in bytes (default 1 GiB).
+    pub max_gpadl_bytes: Option<u64>,
+}
+
+impl Config {
+    /// Reads a TOML configuration file.
+    pub fn from_file(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Checks values that the types cannot.
+    pub fn validate(&self) -> Result<(), Error> {
+        for d in &self.disks {
+            if !(1..=64).contains(&d.queues) {
+                return Err(Error::Config(format!(
+                    "disk {}: queues must be 1 to 64",
+                    d.path.display()
+                )));
+            }
+            let meta = std::fs::metadata(&d.path)
+                .map_err(|e| Error::Config(format!("disk {}: {e}", d.path.display())))?;
+            use std::os::unix::fs::FileTypeExt;
+            if !(meta.is_file() || meta.file_type().is_block_device()) {
+                return Err(Error::Config(format!(
+                    "disk {}: not a regular file or block device",
+                    d.path.display()
+                )));
+            }
+        }
+        for n in &self.nics {
+            if n.tap.is_empty() || n.tap.len() > 15 || n.tap.contains(['/', ' ', '\0']) {
+                return Err(Error::Config(format!(
+                    "nic tap={:?}: not a valid interface name",
+                    n.tap
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The channel offers this configuration makes: one SCSI controller per disk, then one
+    /// network channel per NIC, with instance GUIDs stable across restarts.
+    pub fn offers(&self) -> Vec<OfferSpec> {
+        let mut v = Vec::new();
+        for (i, _) in self.disks.iter().enumerate() {
+            v.push(offer(Guid::SCSI, instance(1, i)));
+        }
+        for (i, _) in self.nics.iter().enumerate() {
+            v.push(offer(Guid::NETWORK, instance(2, i)));
+        }
+        v
+    }
+}
+
+fn instance(class: u8, index: usize) -> Guid {
+    // A fixed, recognisable prefix; the class and index make each instance unique and stable.
+    let mut b = *b"vmbus-stack\0\0\0\0\0";
+    b[11] = class;
+    b[12..16].copy_from_slice(&(index as u32).to_be_bytes());
+    Guid(b)
+}
+
+fn offer(class: Guid, instance: Guid) -> OfferSpec {
+    OfferSpec {
+        interface_type: class,
+        interface_instance: instance,
+        subchannel_index: 0,
+        mmio_megabytes: 0,
+        flags: 0,
+        user_defined: [0; 120],
+    }
+}
+
+/// Parses a `key=value,key=value` option as the TOML table it stands for, so the command line
+/// and the file accept exactly the same keys and values.
+pub fn parse_kv<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T, Error> {
+    let mut table = toml::Table::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| Error::Config(format!("--{what} {s}: `{part}` is not key=value")))?;
+        let value = match v {
+            "on" | "true" | "yes" => toml::Value::Boolean(true),
+            "off" | "false" | "no" => toml::Value::Boolean(false),
+            _ => match v.parse::<i64>() {
+                Ok(n) if k != "path" && k != "tap" => toml::Value::Integer(n),
+                _ => toml::Value::String(v.to_string()),
+            },
+        };
+        if table.insert(k.to_string(), value).is_some() {
+            return Err(Error::Config(format!("--{what} {s}: `{k}` given twice")));
+        }
+    }
+    T::deserialize(table).map_err(|e| Error::Config(format!("--{what} {s}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_options_parse_like_the_file() {
+        let d: DiskConfig = parse_kv("disk", "path=/tmp/x.img,readonly=on,queues=4").unwrap();
+        assert_eq!(
+            d,
+            DiskConfig {
+                path: "/tmp/x.img".into(),
+                readonly: true,
+                direct: false,
+                queues: 4
+            }
+        );
+        let n: NicConfig = parse_kv("nic", "tap=tap0").unwrap();
+        assert_eq!(n.tap, "tap0");
+        assert!(parse_kv::<DiskConfig>("disk", "path=a,bogus=1").is_err());
+        assert!(
+            parse_kv::<DiskConfig>("disk", "readonly=on").is_err(),
+            "path is required"
+        );
+        assert!(parse_kv::<DiskConfig>("disk", "path=a,path=b").is_err());
+        assert!(parse_kv::<DiskConfig>("disk", "path").is_err());
+        let f: Config = toml::from_str(
+            "socket = \"/run/v.sock\"\n[[disk]]\npath = \"a.img\"\ndirect = true\n[[nic]]\ntap = \"t1\"\n",
+        )
+        .unwrap();
+        assert_eq!(f.disks[0].queues, 1);
+        assert!(f.disks[0].direct);
+        assert_eq!(f.offers().len(), 2);
+        assert_eq!(f.offers()[0].interface_type, Guid::SCSI);
+        assert_eq!(f.offers()[1].interface_type, Guid::NETWORK);
+        assert_ne!(instance(1, 0), instance(1, 1));
+    }
+
+    #[test]
+    fn validation_reports_what_is_wrong() {
+        let c = Config {
+            disks: vec![DiskConfig {
+                path: "/nonexistent/disk.img".into(),
+                readonly: false,
+                direct: false,
+                queues: 1,
+            }],
+            ..Config::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/disk.img"), "{e}");
+        let c = Config {
+            nics: vec![NicConfig {
+                tap: "a-name-that-is-too-long".into(),
+            }],
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+    }
+}
