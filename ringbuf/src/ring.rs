@@ -288,6 +288,9 @@ impl OutgoingRing {
 
     /// Before sleeping because a packet of `needed` bytes (ring length plus trailer) did not
     /// fit: asks the reader to signal when it does. Returns false if it fits already (no sleep).
+    ///
+    /// Commit first: the reader only sees, and only frees space against, the published index.
+    /// A writer that slept on an uncommitted batch could wait for a signal that never comes.
     pub fn prepare_sleep(&mut self, needed: u32) -> bool {
         signal::prepare_write_sleep(&self.ring, self.write, needed)
     }
@@ -357,7 +360,10 @@ impl IncomingRing {
         }
         let at = self.read;
         if (available as usize) < DESCRIPTOR_SIZE + packet::TRAILER {
-            return Err(Error::BadPacket { offset: at, reason: "partial packet published" });
+            return Err(Error::BadPacket {
+                offset: at,
+                reason: "partial packet published",
+            });
         }
         // Copy the descriptor together with the start of the body (one copy for a small packet),
         // then validate the descriptor from the private copy.
@@ -365,8 +371,11 @@ impl IncomingRing {
             self.buf.resize(FIRST_COPY / 8, 0);
         }
         let first = (available as usize - packet::TRAILER).min(FIRST_COPY);
-        self.ring.copy_out(at, &mut self.buf.as_mut_bytes()[..first])?;
-        let desc = PacketDescriptor::read_from_prefix(self.buf.as_bytes()).expect("16 bytes").0;
+        self.ring
+            .copy_out(at, &mut self.buf.as_mut_bytes()[..first])?;
+        let desc = PacketDescriptor::read_from_prefix(self.buf.as_bytes())
+            .expect("16 bytes")
+            .0;
         let len = packet::check_descriptor(&desc, available)
             .map_err(|reason| Error::BadPacket { offset: at, reason })? as usize;
         if len > first {
@@ -376,7 +385,8 @@ impl IncomingRing {
                 self.buf.resize(words, 0);
             }
             let rest_at = self.ring.advance(at, first as u32);
-            self.ring.copy_out(rest_at, &mut self.buf.as_mut_bytes()[first..len])?;
+            self.ring
+                .copy_out(rest_at, &mut self.buf.as_mut_bytes()[first..len])?;
         }
         let next = self.ring.advance(at, len as u32 + packet::TRAILER as u32);
         let bytes = &self.buf.as_bytes()[..len];

@@ -92,25 +92,41 @@ impl Config {
     }
 
     /// The channel offers this configuration makes: one SCSI controller per disk, then one
-    /// network channel per NIC, with instance GUIDs stable across restarts.
+    /// network channel per NIC. Instance GUIDs derive from the disk's path or the TAP's name
+    /// (and which occurrence of it this is), so they are stable across restarts and reloads and
+    /// a reload can tell which devices went away.
     pub fn offers(&self) -> Vec<OfferSpec> {
         let mut v = Vec::new();
-        for (i, _) in self.disks.iter().enumerate() {
-            v.push(offer(Guid::SCSI, instance(1, i)));
+        let mut seen: Vec<(u8, String)> = Vec::new();
+        let mut add = |class: Guid, tag: u8, name: String| {
+            let n = seen.iter().filter(|(t, s)| *t == tag && *s == name).count();
+            v.push(offer(class, instance(tag, &name, n)));
+            seen.push((tag, name));
+        };
+        for d in &self.disks {
+            add(Guid::SCSI, 1, d.path.to_string_lossy().into_owned());
         }
-        for (i, _) in self.nics.iter().enumerate() {
-            v.push(offer(Guid::NETWORK, instance(2, i)));
+        for n in &self.nics {
+            add(Guid::NETWORK, 2, n.tap.clone());
         }
         v
     }
 }
 
-fn instance(class: u8, index: usize) -> Guid {
-    // A fixed, recognisable prefix; the class and index make each instance unique and stable.
-    let mut b = *b"vmbus-stack\0\0\0\0\0";
-    b[11] = class;
-    b[12..16].copy_from_slice(&(index as u32).to_be_bytes());
-    Guid(b)
+/// A stable instance GUID: 64-bit FNV-1a of the device's name, its kind and its occurrence,
+/// behind a fixed prefix.
+fn instance(kind: u8, name: &str, occurrence: usize) -> Guid {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name
+        .bytes()
+        .chain([kind])
+        .chain((occurrence as u32).to_le_bytes())
+    {
+        h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+    }
+    let mut g = *b"vmbus-st\0\0\0\0\0\0\0\0";
+    g[8..16].copy_from_slice(&h.to_be_bytes());
+    Guid(g)
 }
 
 fn offer(class: Guid, instance: Guid) -> OfferSpec {
@@ -181,7 +197,9 @@ mod tests {
         assert_eq!(f.offers().len(), 2);
         assert_eq!(f.offers()[0].interface_type, Guid::SCSI);
         assert_eq!(f.offers()[1].interface_type, Guid::NETWORK);
-        assert_ne!(instance(1, 0), instance(1, 1));
+        assert_ne!(instance(1, "a", 0), instance(1, "a", 1));
+        assert_ne!(instance(1, "a", 0), instance(2, "a", 0));
+        assert_eq!(instance(1, "a.img", 0), instance(1, "a.img", 0));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use ringbuf::socket::SeqPacketListener;
 use ringbuf::Event;
 
 use crate::server::{OfferSpec, ServerConfig};
-use crate::session::{DeviceFactory, Session};
+use crate::session::{Control, DeviceFactory, Session, SessionHandle};
 use crate::Error;
 
 /// A bound, listening daemon.
@@ -16,6 +16,7 @@ pub struct Daemon {
     listener: SeqPacketListener,
     path: PathBuf,
     stop: Arc<Event>,
+    reload: Arc<Event>,
     config: ServerConfig,
     offers: Vec<OfferSpec>,
     devices: DeviceFactory,
@@ -45,6 +46,7 @@ impl Daemon {
             listener,
             path: path.to_owned(),
             stop: Arc::new(Event::new()?),
+            reload: Arc::new(Event::new()?),
             config,
             offers,
             devices,
@@ -56,29 +58,48 @@ impl Daemon {
         self.stop.clone()
     }
 
+    /// The event that makes the daemon call its `reload` function and apply the new offers to
+    /// every session (hot add and remove).
+    pub fn reload_handle(&self) -> Arc<Event> {
+        self.reload.clone()
+    }
+
     /// Accepts front ends until stopped; then stops every session, waits for them and removes
-    /// the socket file.
-    pub fn run(self) -> Result<(), Error> {
+    /// the socket file. When the reload event fires, `reload` gives the new set of offers: the
+    /// ones that disappeared (by instance GUID) are rescinded from every guest, new ones offered.
+    pub fn run(
+        mut self,
+        mut reload: impl FnMut() -> Result<Vec<OfferSpec>, Error>,
+    ) -> Result<(), Error> {
         use rustix::event::{poll, PollFd, PollFlags};
         tracing::info!(socket = %self.path.display(), offers = self.offers.len(), "listening");
-        let mut sessions: Vec<JoinHandle<()>> = Vec::new();
+        let mut sessions: Vec<(JoinHandle<()>, SessionHandle)> = Vec::new();
         let result = loop {
             let mut fds = [
                 PollFd::new(&self.listener, PollFlags::IN),
                 PollFd::new(self.stop.as_ref(), PollFlags::IN),
+                PollFd::new(self.reload.as_ref(), PollFlags::IN),
             ];
             match poll(&mut fds, None) {
                 Ok(_) => {}
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => break Err(Error::Socket(e)),
             }
-            if !fds[1].revents().is_empty() {
+            let ready = [0, 1, 2].map(|i| !fds[i].revents().is_empty());
+            if ready[1] {
                 break Ok(());
             }
-            if fds[0].revents().is_empty() {
+            sessions.retain(|(t, _)| !t.is_finished());
+            if ready[2] {
+                let _ = self.reload.wait();
+                match reload() {
+                    Ok(new) => self.apply_offers(new, &sessions),
+                    Err(e) => tracing::warn!(error = %e, "reload failed; keeping the offers"),
+                }
+            }
+            if !ready[0] {
                 continue;
             }
-            sessions.retain(|t| !t.is_finished());
             let sock = match self.listener.accept() {
                 Ok(s) => s,
                 Err(e) => {
@@ -86,28 +107,62 @@ impl Daemon {
                     continue;
                 }
             };
-            let session = Session::new(
+            let (session, handle) = match Session::new(
                 sock,
                 self.stop.clone(),
                 self.config.clone(),
                 &self.offers,
                 self.devices.clone(),
-            );
+            ) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start a session");
+                    continue;
+                }
+            };
             match std::thread::Builder::new()
                 .name("vspd-session".into())
                 .spawn(move || {
                     session.run();
                 }) {
-                Ok(t) => sessions.push(t),
+                Ok(t) => sessions.push((t, handle)),
                 Err(e) => tracing::warn!(error = %e, "cannot start a session thread"),
             }
         };
         tracing::info!(sessions = sessions.len(), "shutting down");
         let _ = self.stop.signal();
-        for t in sessions {
+        for (t, _) in sessions {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(&self.path);
         result
+    }
+
+    fn apply_offers(&mut self, new: Vec<OfferSpec>, sessions: &[(JoinHandle<()>, SessionHandle)]) {
+        let mut changes = Vec::new();
+        for old in &self.offers {
+            if !new
+                .iter()
+                .any(|n| n.interface_instance == old.interface_instance)
+            {
+                changes.push(Control::Remove(old.interface_instance));
+            }
+        }
+        for n in &new {
+            if !self
+                .offers
+                .iter()
+                .any(|o| o.interface_instance == n.interface_instance)
+            {
+                changes.push(Control::Add(n.clone()));
+            }
+        }
+        tracing::info!(changes = changes.len(), "configuration reloaded");
+        for c in changes {
+            for (_, h) in sessions {
+                h.send(c.clone());
+            }
+        }
+        self.offers = new;
     }
 }

@@ -9,7 +9,8 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Weak};
 
 use ringbuf::guestmem::GuestMemory;
 use ringbuf::socket::SeqPacket;
@@ -57,6 +58,9 @@ struct Partition {
 pub struct Session {
     sock: SeqPacket,
     stop: Arc<Event>,
+    /// Offer changes from the daemon (hot add and remove), signalled by `control_event`.
+    control: Receiver<Control>,
+    control_event: Arc<Event>,
     server: Server,
     devices: DeviceFactory,
     partition: Option<Partition>,
@@ -65,18 +69,49 @@ pub struct Session {
     max_regions: usize,
 }
 
+/// A change the daemon asks of a running session.
+#[derive(Debug, Clone)]
+pub enum Control {
+    /// Hot add: offer a new channel.
+    Add(OfferSpec),
+    /// Hot remove: rescind the channel with this instance GUID.
+    Remove(Guid),
+}
+
+/// The daemon's handle on a running session.
+#[derive(Debug)]
+pub struct SessionHandle {
+    tx: Sender<Control>,
+    /// Weak, so the eventfd closes when the session ends even if the daemon has not yet
+    /// reaped the handle.
+    event: Weak<Event>,
+}
+
+impl SessionHandle {
+    /// Sends a change; false if the session has ended.
+    pub fn send(&self, c: Control) -> bool {
+        match self.event.upgrade() {
+            Some(e) => self.tx.send(c).is_ok() && e.signal().is_ok(),
+            None => false,
+        }
+    }
+}
+
 /// Most guest memory regions a partition may register.
 pub const MAX_REGIONS: usize = 64;
 
 impl Session {
-    /// A session for a newly accepted connection. `stop` is signalled when the daemon shuts down.
+    /// A session for a newly accepted connection, and the daemon's handle on it. `stop` is
+    /// signalled when the daemon shuts down.
     pub fn new(
         sock: SeqPacket,
         stop: Arc<Event>,
         config: ServerConfig,
         offers: &[OfferSpec],
         devices: DeviceFactory,
-    ) -> Self {
+    ) -> Result<(Self, SessionHandle), crate::Error> {
+        let (tx, control) = channel();
+        let control_event = Arc::new(Event::new()?);
         let mut server = Server::new(config);
         let mut out = Vec::new();
         for o in offers {
@@ -84,15 +119,22 @@ impl Session {
                 tracing::warn!(error = %e, offer = %o.interface_instance, "offer dropped");
             }
         }
-        Self {
+        let handle = SessionHandle {
+            tx,
+            event: Arc::downgrade(&control_event),
+        };
+        let session = Self {
             sock,
             stop,
+            control,
+            control_event,
             server,
             devices,
             partition: None,
             channels: HashMap::new(),
             max_regions: MAX_REGIONS,
-        }
+        };
+        Ok((session, handle))
     }
 
     /// Serves the connection until it ends; then releases everything.
@@ -115,16 +157,24 @@ impl Session {
             let mut fds = [
                 PollFd::new(&self.sock, PollFlags::IN),
                 PollFd::new(self.stop.as_ref(), PollFlags::IN),
+                PollFd::new(self.control_event.as_ref(), PollFlags::IN),
             ];
             match poll(&mut fds, None) {
                 Ok(_) => {}
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => return End::ProtocolViolation(format!("poll failed: {e}")),
             }
-            if !fds[1].revents().is_empty() {
+            let ready = [0, 1, 2].map(|i| !fds[i].revents().is_empty());
+            if ready[1] {
                 return End::Shutdown;
             }
-            if fds[0].revents().is_empty() {
+            if ready[2] {
+                let _ = self.control_event.wait();
+                if let Err(why) = self.control_changes() {
+                    return End::ProtocolViolation(why);
+                }
+            }
+            if !ready[0] {
                 continue;
             }
             let d = match self.sock.recv(&mut buf) {
@@ -302,6 +352,37 @@ impl Session {
                 Ok(())
             }
             other => Err(format!("unknown message kind {other:?}")),
+        }
+    }
+
+    /// Applies the offer changes the daemon sent.
+    fn control_changes(&mut self) -> Result<(), String> {
+        let mut out = Vec::new();
+        while let Ok(c) = self.control.try_recv() {
+            match c {
+                Control::Add(spec) => {
+                    if let Err(e) = self.server.add_offer(spec, &mut out) {
+                        tracing::warn!(error = %e, "hot add failed");
+                    }
+                }
+                Control::Remove(instance) => {
+                    let relid = self
+                        .server
+                        .offers()
+                        .find(|(_, o)| o.interface_instance == instance)
+                        .map(|(r, _)| r);
+                    if let Some(relid) = relid {
+                        if let Err(e) = self.server.rescind(relid, &mut out) {
+                            tracing::warn!(relid, error = %e, "hot remove failed");
+                        }
+                    }
+                }
+            }
+        }
+        if self.partition.is_some() {
+            self.apply(out)
+        } else {
+            Ok(())
         }
     }
 

@@ -3,7 +3,8 @@
 //! Listens on a Unix socket (the partition socket, mode 0600); each front end that connects
 //! (the KVM shim, or `vscd`'s loopback guest) is one partition, served by its own session with
 //! the offers the configuration makes: one SCSI controller per `--disk`, one network adapter per
-//! `--nic`. SIGTERM and SIGINT stop it cleanly.
+//! `--nic`. SIGTERM and SIGINT stop it cleanly;
+//! SIGHUP re-reads the configuration and hot adds or removes (rescinds) devices in every guest.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,13 +55,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> Result<(), vsp::Error> {
+/// The configuration: the file's, then the command line's disks and NICs added.
+fn load(args: &Args) -> Result<Config, vsp::Error> {
     let mut config = match &args.config {
         Some(p) => Config::from_file(p)?,
         None => Config::default(),
     };
-    if let Some(s) = args.socket {
-        config.socket = Some(s);
+    if let Some(s) = &args.socket {
+        config.socket = Some(s.clone());
     }
     for d in &args.disk {
         config.disks.push(parse_kv::<DiskConfig>("disk", d)?);
@@ -69,6 +71,11 @@ fn run(args: Args) -> Result<(), vsp::Error> {
         config.nics.push(parse_kv::<NicConfig>("nic", n)?);
     }
     config.validate()?;
+    Ok(config)
+}
+
+fn run(args: Args) -> Result<(), vsp::Error> {
+    let config = load(&args)?;
     let socket = config
         .socket
         .clone()
@@ -84,19 +91,24 @@ fn run(args: Args) -> Result<(), vsp::Error> {
         vsp::session::unimplemented_devices(),
     )?;
     let stop = daemon.stop_handle();
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ])
-    .map_err(vsp::Error::Thread)?;
+    let reload = daemon.reload_handle();
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(vsp::Error::Thread)?;
     std::thread::Builder::new()
         .name("vspd-signals".into())
         .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                tracing::info!(signal = sig, "stopping");
-                let _ = stop.signal();
+            for sig in signals.forever() {
+                if sig == SIGHUP {
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    let _ = reload.signal();
+                } else {
+                    tracing::info!(signal = sig, "stopping");
+                    let _ = stop.signal();
+                    return;
+                }
             }
         })
         .map_err(vsp::Error::Thread)?;
-    daemon.run()
+    daemon.run(|| Ok(load(&args)?.offers()))
 }

@@ -1,0 +1,312 @@
+//! The fuzz targets' common input library: turns fuzz input into a ring in anonymous shared
+//! memory whose control page and data area hold the input's bytes, and drives a reader or a
+//! writer over it. The targets in `fuzz_targets/` are thin wrappers over [`read_ring`] and
+//! [`write_ring`].
+//!
+//! Input layout (every part optional: missing bytes read as zero):
+//! - byte 0, flags: bit 0 picks the data area size (0: 4 KiB, 1: 8 KiB); bit 1 keeps the index
+//!   words raw (otherwise each is reduced to a valid index, `word % data_len & !7`, so that most
+//!   inputs get past the index checks and reach the packet parser).
+//! - bytes 1..21: `write_index`, `read_index`, `interrupt_mask`, `pending_send_size`,
+//!   `feature_bits`, little-endian u32.
+//! - the rest: for [`read_ring`], the data area's contents, laid from the read index on
+//!   (wrapping), so the first bytes are the first packet; for [`write_ring`], a list of writer
+//!   operations.
+//!
+//! Both drivers check invariants and panic (a crash for the fuzzer) when one fails: a packet
+//! whose parts do not fit in the bytes the writer published, more packets read than those bytes
+//! can hold, or a writer that overwrites bytes the reader has not released.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use ringbuf::packet::gpa_page_count;
+use ringbuf::ring::CONTROL_SIZE;
+use ringbuf::signal::{self, Control, Word};
+use ringbuf::{Error, IncomingRing, Mapping, OutgoingPacket, OutgoingRing, PacketKind, Ring};
+use vmbus_proto::ring::{PacketType, TransferPageRange};
+
+/// Bytes of the input before the data area or operation list.
+pub const HEADER_LEN: usize = 21;
+
+/// Packets read (or operations run) at most per input, whatever it says.
+pub const MAX_STEPS: usize = 4096;
+
+/// A ring built from fuzz input, and the input bytes after the control words.
+pub struct FuzzRing<'a> {
+    /// The shared memory holding the ring.
+    pub mem: Arc<Mapping>,
+    /// The ring: control page at 0, data area after it.
+    pub ring: Ring,
+    /// The data area's size.
+    pub data_len: u32,
+    /// The input after the header.
+    pub rest: &'a [u8],
+}
+
+fn word(input: &[u8], i: usize) -> u32 {
+    let mut b = [0u8; 4];
+    for (k, x) in b.iter_mut().enumerate() {
+        *x = input.get(1 + 4 * i + k).copied().unwrap_or(0);
+    }
+    u32::from_le_bytes(b)
+}
+
+/// Builds a ring from the input's header (see the crate documentation).
+pub fn ring_from_input(input: &[u8]) -> FuzzRing<'_> {
+    let flags = input.first().copied().unwrap_or(0);
+    let data_len: u32 = if flags & 1 == 0 { 4096 } else { 8192 };
+    let raw = flags & 2 != 0;
+    let mem = Arc::new(Mapping::anonymous(CONTROL_SIZE + data_len as usize).expect("mmap"));
+    let ring = Ring::new(mem.clone(), 0, CONTROL_SIZE + data_len as usize).expect("ring geometry");
+    let words = [
+        Word::WriteIndex,
+        Word::ReadIndex,
+        Word::InterruptMask,
+        Word::PendingSendSize,
+        Word::FeatureBits,
+    ];
+    for (i, w) in words.into_iter().enumerate() {
+        let mut v = word(input, i);
+        if !raw && matches!(w, Word::WriteIndex | Word::ReadIndex) {
+            v = (v % data_len) & !7;
+        }
+        ring.store(w, v, Relaxed);
+    }
+    FuzzRing {
+        mem,
+        ring,
+        data_len,
+        rest: input.get(HEADER_LEN..).unwrap_or(&[]),
+    }
+}
+
+/// Copies `src` into the data area at `at`, wrapping, at most one lap.
+fn fill_data(mem: &Mapping, data_len: u32, at: u32, src: &[u8]) {
+    let src = &src[..src.len().min(data_len as usize)];
+    let at = (at % data_len) as usize;
+    let first = src.len().min(data_len as usize - at);
+    mem.write(CONTROL_SIZE + at, &src[..first])
+        .expect("in bounds");
+    mem.write(CONTROL_SIZE, &src[first..]).expect("in bounds");
+}
+
+fn valid_index(v: u32, data_len: u32) -> bool {
+    v < data_len && v.is_multiple_of(8)
+}
+
+/// Reads and commits packets from a ring holding the input until `None` or an error, checking
+/// each packet, iterating its ranges, and exercising the reader's signalling calls.
+pub fn read_ring(input: &[u8]) {
+    let f = ring_from_input(input);
+    let write = f.ring.load(Word::WriteIndex, Relaxed);
+    let read = f.ring.load(Word::ReadIndex, Relaxed);
+    fill_data(&f.mem, f.data_len, read, f.rest);
+    let Ok(mut inc) = IncomingRing::new(f.ring.clone()) else {
+        assert!(!valid_index(read, f.data_len) || !valid_index(write, f.data_len));
+        return;
+    };
+    // The input's first data byte says how often to commit (0: only at the end).
+    let commit_every = f.rest.first().map_or(0, |b| b % 4) as usize;
+    let published = signal::used_bytes(write, read, f.data_len) as usize;
+    let mut consumed = 0usize;
+    inc.mask();
+    for step in 0..MAX_STEPS {
+        match inc.read() {
+            Ok(Some(p)) => {
+                consumed += 16 + 8 + packet_parts(&p, f.data_len);
+                assert!(
+                    consumed <= published,
+                    "packets read exceed the {published} published bytes"
+                );
+                if commit_every != 0 && step % commit_every == 0 {
+                    inc.commit();
+                }
+            }
+            Ok(None) | Err(_) => break,
+        }
+        assert!(
+            step < published / 24,
+            "more packets than the published bytes hold"
+        );
+    }
+    inc.commit();
+    let _ = inc.is_empty();
+    let _ = inc.prepare_sleep();
+}
+
+/// Checks a packet's parts and returns the bytes they take after the descriptor (at least the
+/// validated header and the payload).
+fn packet_parts(p: &ringbuf::Packet<'_>, data_len: u32) -> usize {
+    let payload = p.payload.len();
+    assert!(
+        payload.is_multiple_of(8),
+        "payload of {payload} bytes is not whole 8-byte units"
+    );
+    let header = match p.kind {
+        PacketKind::InBand | PacketKind::Completion => 0,
+        PacketKind::TransferPages { ranges, .. } => {
+            let total: u64 = ranges.iter().map(|r| u64::from(r.byte_count)).sum();
+            std::hint::black_box(total);
+            8 + 8 * ranges.len()
+        }
+        PacketKind::GpaDirect(ranges) => {
+            let mut n = 8;
+            let mut count = 0;
+            for r in ranges.iter() {
+                assert_eq!(r.pfns.len(), gpa_page_count(r.byte_offset, r.byte_count));
+                std::hint::black_box(r.pfns.iter().map(|x| x.get()).fold(0, u64::wrapping_add));
+                n += 8 + 8 * r.pfns.len();
+                count += 1;
+            }
+            assert_eq!(count, ranges.len());
+            n
+        }
+        PacketKind::Other { header } => header.len(),
+    };
+    assert!(16 + header + payload + 8 <= data_len as usize);
+    header + payload
+}
+
+/// Payload bytes for the writer's packets (the largest a descriptor can describe).
+static PAYLOAD: [u8; 0xffff] = [0x5a; 0xffff];
+
+/// A cursor over the operation bytes.
+struct Ops<'a>(&'a [u8]);
+
+impl Ops<'_> {
+    fn u8(&mut self) -> Option<u8> {
+        let (&b, rest) = self.0.split_first()?;
+        self.0 = rest;
+        Some(b)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_le_bytes([self.u8()?, self.u8()?]))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes([
+            self.u8()?,
+            self.u8()?,
+            self.u8()?,
+            self.u8()?,
+        ]))
+    }
+}
+
+/// Runs writer operations from the input on a ring whose control page holds the input's (a
+/// hostile reader's) words, which the operations may change between writes. Every call must
+/// return, with a value or an error; a write must never touch bytes the reader has not released.
+pub fn write_ring(input: &[u8]) {
+    let f = ring_from_input(input);
+    let data_len = f.data_len;
+    let Ok(mut out) = OutgoingRing::new(f.ring.clone()) else {
+        return;
+    };
+    let mut header = Vec::new();
+    let mut ops = Ops(f.rest);
+    let mut snapshot = vec![0u8; data_len as usize];
+    let mut after = vec![0u8; data_len as usize];
+    // Once the hostile reader moves its index, the writer may rightly act on the value it read
+    // before: the no-overwrite check below then no longer applies.
+    let mut read_moved = false;
+    for _ in 0..MAX_STEPS {
+        let Some(op) = ops.u8() else { break };
+        match op % 8 {
+            // Write a packet.
+            0..=3 => {
+                let Some(len) = ops.u16() else { break };
+                let kind = ops.u8().unwrap_or(0);
+                let count = usize::from(kind >> 3);
+                let packet_type = match kind & 7 {
+                    0 => PacketType::COMP,
+                    1 => {
+                        let ranges: Vec<(u32, u32, &[u64])> = (0..count)
+                            .map(|i| (i as u32 * 100, 4096, &[1u64, 2][..]))
+                            .collect();
+                        ringbuf::packet::gpa_direct_header(&mut header, &ranges);
+                        PacketType::DATA_USING_GPA_DIRECT
+                    }
+                    2 => {
+                        let ranges = vec![TransferPageRange::default(); count];
+                        ringbuf::packet::transfer_page_header(&mut header, 7, &ranges);
+                        PacketType::DATA_USING_XFER_PAGES
+                    }
+                    3 => {
+                        // A header that is not whole 8-byte units: must be refused.
+                        header.clear();
+                        header.resize(count | 1, 0);
+                        PacketType(0x42)
+                    }
+                    _ => PacketType::DATA_INBAND,
+                };
+                if matches!(kind & 7, 0 | 4..=7) {
+                    header.clear();
+                }
+                let len = usize::from(len);
+                let (a, b) = PAYLOAD[..len].split_at(len / 3);
+                let parts: [&[u8]; 2] = [a, b];
+                let p = OutgoingPacket {
+                    packet_type,
+                    flags: 0,
+                    transaction_id: u64::from(op),
+                    header: &header,
+                    payload: &parts,
+                };
+                // The bytes the reader has not released, as of now: from its index to ours.
+                let read = f.ring.load(Word::ReadIndex, Relaxed);
+                if !read_moved {
+                    f.mem.read(CONTROL_SIZE, &mut snapshot).expect("in bounds");
+                }
+                match out.write(&p) {
+                    Ok(())
+                    | Err(Error::Full { .. })
+                    | Err(Error::TooLarge)
+                    | Err(Error::Unaligned)
+                    | Err(Error::BadIndex { .. }) => {}
+                    Err(e) => panic!("unexpected write error: {e}"),
+                }
+                if !read_moved && valid_index(read, data_len) {
+                    let write = f.ring.load(Word::WriteIndex, Relaxed);
+                    if valid_index(write, data_len) {
+                        f.mem.read(CONTROL_SIZE, &mut after).expect("in bounds");
+                        for k in 0..signal::used_bytes(write, read, data_len) {
+                            let at = ((read + k) % data_len) as usize;
+                            assert_eq!(
+                                snapshot[at], after[at],
+                                "unreleased byte {at:#x} overwritten"
+                            );
+                        }
+                    }
+                }
+            }
+            4 => {
+                out.commit();
+            }
+            5 => out.rollback(),
+            // The hostile reader changes a word.
+            6 => {
+                let (Some(w), Some(v)) = (ops.u8(), ops.u32()) else {
+                    break;
+                };
+                let w = match w % 4 {
+                    0 => {
+                        read_moved = true;
+                        Word::ReadIndex
+                    }
+                    1 => Word::InterruptMask,
+                    2 => Word::PendingSendSize,
+                    _ => Word::FeatureBits,
+                };
+                f.ring.store(w, v, Relaxed);
+            }
+            _ => {
+                let Some(n) = ops.u32() else { break };
+                if out.prepare_sleep(n) {
+                    out.clear_pending();
+                }
+                let _ = out.fits(n);
+            }
+        }
+    }
+    out.commit();
+}
