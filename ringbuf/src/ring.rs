@@ -163,6 +163,8 @@ pub struct OutgoingRing {
     write: u32,
     /// The reader's index as last read and validated.
     cached_read: u32,
+    /// Where small packets are assembled (reused, so it is not cleared for every packet).
+    scratch: [u8; SMALL_PACKET],
 }
 
 impl OutgoingRing {
@@ -181,6 +183,7 @@ impl OutgoingRing {
             committed: write,
             write,
             cached_read,
+            scratch: [0; SMALL_PACKET],
         })
     }
 
@@ -226,7 +229,7 @@ impl OutgoingRing {
         if total as usize <= SMALL_PACKET {
             // Small packet: assemble descriptor, header, payload, padding and trailer here and
             // copy once.
-            let mut buf = [0u8; SMALL_PACKET];
+            let buf = &mut self.scratch;
             buf[..DESCRIPTOR_SIZE].copy_from_slice(p.descriptor(len).as_bytes());
             let mut at = DESCRIPTOR_SIZE;
             buf[at..at + p.header.len()].copy_from_slice(p.header);
@@ -235,7 +238,8 @@ impl OutgoingRing {
                 buf[at..at + part.len()].copy_from_slice(part);
                 at += part.len();
             }
-            // Padding stays zero; the trailer follows the padded packet.
+            // Zero padding, then the trailer after the padded packet.
+            buf[at..len as usize].fill(0);
             buf[len as usize..total as usize].copy_from_slice(&trailer);
             self.write = self.ring.copy_in(start, &buf[..total as usize])?;
             return Ok(());
