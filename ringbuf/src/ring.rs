@@ -22,9 +22,6 @@ use crate::Error;
 /// Size of the control page.
 pub const CONTROL_SIZE: usize = control::SIZE;
 
-/// Packets up to this size (trailer included) are assembled on the stack and copied once.
-const SMALL_PACKET: usize = 256;
-
 /// Bytes the reader copies in its first copy: the descriptor and the start of the body.
 const FIRST_COPY: usize = 128;
 
@@ -92,6 +89,12 @@ impl Ring {
             return Err(Error::BadIndex { which: w, value: v });
         }
         Ok(v)
+    }
+
+    /// Offset in the mapping of data-area offset `at`.
+    #[inline]
+    fn data_offset(&self, at: u32) -> usize {
+        self.base + CONTROL_SIZE + at as usize
     }
 
     /// Copies `dst.len()` bytes out of the data area at `at`, wrapping at the end.
@@ -163,8 +166,6 @@ pub struct OutgoingRing {
     write: u32,
     /// The reader's index as last read and validated.
     cached_read: u32,
-    /// Where small packets are assembled (reused, so it is not cleared for every packet).
-    scratch: [u8; SMALL_PACKET],
 }
 
 impl OutgoingRing {
@@ -183,7 +184,6 @@ impl OutgoingRing {
             committed: write,
             write,
             cached_read,
-            scratch: [0; SMALL_PACKET],
         })
     }
 
@@ -226,25 +226,31 @@ impl OutgoingRing {
         }
         let start = self.write;
         let trailer = (u64::from(start) << 32).to_le_bytes();
-        if total as usize <= SMALL_PACKET {
-            // Small packet: assemble descriptor, header, payload, padding and trailer here and
-            // copy once.
-            let buf = &mut self.scratch;
-            buf[..DESCRIPTOR_SIZE].copy_from_slice(p.descriptor(len).as_bytes());
-            let mut at = DESCRIPTOR_SIZE;
-            buf[at..at + p.header.len()].copy_from_slice(p.header);
-            at += p.header.len();
+        let desc = p.descriptor(len);
+        if start + total <= self.ring.data_len {
+            // No wrap: straight into the data area. The descriptor and trailer copies have
+            // constant sizes, so they compile to plain moves.
+            let base = self.ring.data_offset(start);
+            let mem = &self.ring.mem;
+            mem.write(base, desc.as_bytes())?;
+            let mut at = base + DESCRIPTOR_SIZE;
+            if !p.header.is_empty() {
+                mem.write(at, p.header)?;
+                at += p.header.len();
+            }
             for part in p.payload {
-                buf[at..at + part.len()].copy_from_slice(part);
+                mem.write(at, part)?;
                 at += part.len();
             }
-            // Zero padding, then the trailer after the padded packet.
-            buf[at..len as usize].fill(0);
-            buf[len as usize..total as usize].copy_from_slice(&trailer);
-            self.write = self.ring.copy_in(start, &buf[..total as usize])?;
+            let end = base + len as usize;
+            if at < end {
+                mem.write(at, &[0u8; 8][..end - at])?;
+            }
+            mem.write(end, &trailer)?;
+            self.write = self.ring.advance(start, total);
             return Ok(());
         }
-        let mut at = self.ring.copy_in(start, p.descriptor(len).as_bytes())?;
+        let mut at = self.ring.copy_in(start, desc.as_bytes())?;
         if !p.header.is_empty() {
             at = self.ring.copy_in(at, p.header)?;
         }
@@ -375,8 +381,14 @@ impl IncomingRing {
             self.buf.resize(FIRST_COPY / 8, 0);
         }
         let first = (available as usize - packet::TRAILER).min(FIRST_COPY);
-        self.ring
-            .copy_out(at, &mut self.buf.as_mut_bytes()[..first])?;
+        let bytes = self.buf.as_mut_bytes();
+        if first == FIRST_COPY && at as usize + FIRST_COPY <= self.ring.data_len as usize {
+            // The common case, with a constant size: plain moves rather than a memcpy call.
+            let dst: &mut [u8; FIRST_COPY] = (&mut bytes[..FIRST_COPY]).try_into().expect("sized");
+            self.ring.mem.read(self.ring.data_offset(at), dst)?;
+        } else {
+            self.ring.copy_out(at, &mut bytes[..first])?;
+        }
         let desc = PacketDescriptor::read_from_prefix(self.buf.as_bytes())
             .expect("16 bytes")
             .0;
