@@ -254,12 +254,16 @@ pub mod asc {
     pub const INVALID_FIELD_IN_PARAMETER_LIST: AdditionalSense = a(0x26, 0x00);
     /// WRITE PROTECTED.
     pub const WRITE_PROTECTED: AdditionalSense = a(0x27, 0x00);
+    /// SPACE ALLOCATION FAILED WRITE PROTECT: a thin-provisioned write found no space.
+    pub const SPACE_ALLOCATION_FAILED: AdditionalSense = a(0x27, 0x07);
     /// NOT READY TO READY CHANGE, MEDIUM MAY HAVE CHANGED.
     pub const NOT_READY_TO_READY_CHANGE: AdditionalSense = a(0x28, 0x00);
     /// POWER ON, RESET, OR BUS DEVICE RESET OCCURRED.
     pub const POWER_ON_RESET: AdditionalSense = a(0x29, 0x00);
     /// CAPACITY DATA HAS CHANGED.
     pub const CAPACITY_DATA_CHANGED: AdditionalSense = a(0x2A, 0x09);
+    /// SAVING PARAMETERS NOT SUPPORTED.
+    pub const SAVING_PARAMETERS_NOT_SUPPORTED: AdditionalSense = a(0x39, 0x00);
     /// MEDIUM NOT PRESENT.
     pub const MEDIUM_NOT_PRESENT: AdditionalSense = a(0x3A, 0x00);
     /// REPORTED LUNS DATA HAS CHANGED.
