@@ -3,6 +3,7 @@
 //! can reach outside guest memory. Built on [`Mapping`]; no unsafe code here.
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::sync::Arc;
 
@@ -164,6 +165,29 @@ impl GuestMemory {
     }
 }
 
+impl GuestMemory {
+    /// The host address and length of guest memory `gpa .. gpa + len`, which must lie in one
+    /// region: an iovec for handing to the kernel (io_uring). The pointer stays valid while this
+    /// `GuestMemory` lives (regions are never removed while it is shared); never turn it into a
+    /// Rust reference, since the guest may change the bytes at any moment.
+    pub fn host_iovec(&self, gpa: u64, len: u64) -> Result<(NonNull<u8>, usize), Error> {
+        let (r, off) = self.locate(gpa, len)?;
+        // `locate` proved the range lies in a mapping, whose length is a `usize`.
+        let len = usize::try_from(len).map_err(|_| Error::GuestAddress { gpa, len })?;
+        Ok((r.map.host_ptr(off, len)?, len))
+    }
+
+    /// Every region as (guest-physical address, host address, length), in guest address order:
+    /// for registering guest memory with the kernel (io_uring fixed buffers). The same rules as
+    /// for [`GuestMemory::host_iovec`] apply to the pointers.
+    pub fn host_regions(&self) -> impl Iterator<Item = (u64, NonNull<u8>, usize)> + '_ {
+        self.regions.iter().filter_map(|r| {
+            let ptr = r.map.host_ptr(0, r.map.len()).ok()?;
+            Some((r.gpa, ptr, r.map.len()))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,5 +255,22 @@ mod tests {
         }
         assert!(m.map_pages(&[5, 16]).is_err(), "page 16 is a hole");
         assert!(m.map_pages(&[u64::MAX]).is_err());
+    }
+
+    #[test]
+    fn host_iovecs_are_confined_to_regions() {
+        let m = memory();
+        let (p, len) = m.host_iovec((1 << 20) + 100, 200).unwrap();
+        assert_eq!(len, 200);
+        let regions: Vec<_> = m.host_regions().collect();
+        assert_eq!(regions.len(), 2);
+        assert_eq!((regions[1].0, regions[1].2), (1 << 20, 65536));
+        assert_eq!(p.as_ptr() as usize - regions[1].1.as_ptr() as usize, 100);
+        assert!(
+            m.host_iovec(65536 - 4, 8).is_err(),
+            "crosses the end of a region"
+        );
+        assert!(m.host_iovec(65536, 1).is_err(), "a hole");
+        assert!(m.host_iovec(u64::MAX, 2).is_err());
     }
 }

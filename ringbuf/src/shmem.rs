@@ -258,6 +258,24 @@ pub unsafe fn inherited_fd(raw: RawFd) -> Result<OwnedFd, Error> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
+impl Mapping {
+    /// The address of `offset .. offset + len` of the mapping in this process, for handing to
+    /// the kernel (io_uring reads and writes, buffer registration), which moves bytes in and out
+    /// of shared memory without forming Rust references.
+    ///
+    /// The pointer is bounds-checked like every other access and stays valid while this mapping
+    /// lives; the caller must keep the mapping alive until the kernel is done with it, and must
+    /// never turn the pointer into a Rust reference (`&[u8]`, `&T`): the peer may change the
+    /// bytes at any moment. Obtaining the pointer is safe; using it is the caller's unsafe code.
+    pub fn host_ptr(&self, offset: usize, len: usize) -> Result<NonNull<u8>, Error> {
+        self.check(offset, len)?;
+        // SAFETY: `check` proved `offset <= self.len`, so the result lies inside the live mapping
+        // or one past its end (struct invariant), which `NonNull::add` permits; an in-bounds
+        // offset of a non-null pointer is non-null.
+        Ok(unsafe { self.ptr.add(offset) })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,5 +344,16 @@ mod tests {
         let mut word = [0u8; 4];
         a.read(4096 + 8, &mut word).unwrap();
         assert_eq!(u32::from_le_bytes(word), 0xdead_beef);
+    }
+
+    #[test]
+    fn host_pointers_are_bounds_checked() {
+        let m = Mapping::anonymous(8192).unwrap();
+        let base = m.host_ptr(0, 8192).unwrap();
+        let mid = m.host_ptr(4096, 16).unwrap();
+        assert_eq!(mid.as_ptr() as usize - base.as_ptr() as usize, 4096);
+        assert!(m.host_ptr(8192, 0).is_ok());
+        assert!(m.host_ptr(8190, 4).is_err());
+        assert!(m.host_ptr(usize::MAX, 2).is_err());
     }
 }
