@@ -15,3 +15,21 @@ done
 if ! command -v cargo-nextest >/dev/null 2>&1; then
     cargo install cargo-nextest --locked
 fi
+
+# Real NBD clients for vsc's NBD export tests (vsc/tests/nbd_export.rs): qemu-img, qemu-io and
+# qemu-nbd from Debian's qemu-utils, and fio (whose Debian build has the nbd engine, via libnbd).
+apt_packages=()
+command -v qemu-img >/dev/null 2>&1 || apt_packages+=(qemu-utils)
+command -v fio >/dev/null 2>&1 || apt_packages+=(fio)
+if ((${#apt_packages[@]})); then
+    sudo=()
+    if [ "$(id -u)" -ne 0 ]; then
+        sudo=(sudo)
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    # The package lists may be missing or stale on a fresh machine: update and retry once.
+    if ! "${sudo[@]}" apt-get install -y --no-install-recommends "${apt_packages[@]}"; then
+        "${sudo[@]}" apt-get update
+        "${sudo[@]}" apt-get install -y --no-install-recommends "${apt_packages[@]}"
+    fi
+fi

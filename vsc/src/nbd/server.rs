@@ -1,0 +1,337 @@
+//! The listening socket: accepts connections, one thread each, until told to stop.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rustix::event::{poll, PollFd, PollFlags};
+
+use super::transmission::{self, Budget};
+use super::{handshake, proto, Export};
+use crate::Error;
+
+/// Bounds on what clients can make the server hold.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections served at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Worker threads per connection (requests of one connection in progress at once).
+    pub workers_per_connection: usize,
+    /// Requests of one connection queued for a busy worker.
+    pub queue_per_connection: usize,
+    /// Request data (reads and writes) of one connection held in memory at once, in bytes.
+    pub connection_budget: u64,
+    /// Request data held in memory by the whole server, in bytes.
+    pub server_budget: u64,
+    /// The longest wait for a client's next handshake bytes; then the connection is closed.
+    pub handshake_timeout: Duration,
+    /// The longest wait for a client to take a reply; then the connection is closed.
+    pub reply_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 64,
+            workers_per_connection: 8,
+            queue_per_connection: 16,
+            connection_budget: 64 << 20,
+            server_budget: 512 << 20,
+            handshake_timeout: Duration::from_secs(30),
+            reply_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// An NBD server on a Unix socket.
+pub struct NbdServer {
+    listener: UnixListener,
+    path: PathBuf,
+    /// Device and inode of the socket file we made, so that only that one is removed.
+    ident: Option<(u64, u64)>,
+    exports: Arc<[Export]>,
+    limits: Limits,
+}
+
+impl std::fmt::Debug for NbdServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdServer")
+            .field("path", &self.path)
+            .field("exports", &self.exports)
+            .finish()
+    }
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::NbdIo { what, source }
+}
+
+fn validate(exports: &[Export]) -> Result<(), Error> {
+    if exports.is_empty() {
+        return Err(Error::NbdConfig("no exports".into()));
+    }
+    for (i, e) in exports.iter().enumerate() {
+        if e.name.len() > proto::MAX_STRING || e.description.len() > proto::MAX_STRING {
+            return Err(Error::NbdConfig(format!(
+                "export {:?}: name or description longer than {} bytes",
+                e.name,
+                proto::MAX_STRING
+            )));
+        }
+        if exports[..i].iter().any(|o| o.name == e.name) {
+            return Err(Error::NbdConfig(format!("export {:?} twice", e.name)));
+        }
+        let bs = e.device.block_size();
+        if !bs.is_power_of_two() || bs > 65536 {
+            return Err(Error::NbdConfig(format!(
+                "export {:?}: block size {bs} is not a power of two up to 64 KiB",
+                e.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl NbdServer {
+    /// Binds a Unix socket at `path` (mode 0600; a stale socket there is replaced, a live one or
+    /// anything that is not a socket is an error) serving `exports`. The first export is also the
+    /// default one, for the empty name.
+    pub fn bind(path: &Path, exports: Vec<Export>) -> Result<Self, Error> {
+        validate(&exports)?;
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() => {
+                if UnixStream::connect(path).is_ok() {
+                    return Err(Error::NbdConfig(format!(
+                        "{}: another server is listening there",
+                        path.display()
+                    )));
+                }
+                // Stale: replaced below.
+            }
+            Ok(_) => {
+                return Err(Error::NbdConfig(format!(
+                    "{}: exists and is not a socket",
+                    path.display()
+                )))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(format!("{}", path.display()))(e)),
+        }
+        let listener = bind_private(path)?;
+        let ident = std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+        tracing::info!(path = %path.display(), exports = exports.len(), "NBD server listening");
+        Ok(Self {
+            listener,
+            path: path.to_owned(),
+            ident,
+            exports: exports.into(),
+            limits: Limits::default(),
+        })
+    }
+
+    /// Replaces the default [`Limits`].
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves until `stop` is signalled (the event is only watched, not consumed), one thread per
+    /// connection. Then stops accepting, ends every connection's input (requests in progress are
+    /// still answered), waits for the connection threads and removes the socket.
+    pub fn run(self, stop: Arc<ringbuf::Event>) -> Result<(), Error> {
+        self.listener
+            .set_nonblocking(true)
+            .map_err(io_err("NBD listener"))?;
+        let shared = Arc::new(Shared {
+            exports: Arc::clone(&self.exports),
+            limits: self.limits.clone(),
+            global: Budget::new(self.limits.server_budget),
+            conns: Mutex::new(HashMap::new()),
+        });
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        let next_id = AtomicU64::new(0);
+        loop {
+            let mut fds = [
+                PollFd::new(&self.listener, PollFlags::IN),
+                PollFd::new(&*stop, PollFlags::IN),
+            ];
+            match poll(&mut fds, None) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(io_err("poll on the NBD listener")(e.into())),
+            }
+            if !fds[1].revents().is_empty() {
+                break;
+            }
+            loop {
+                match self.listener.accept() {
+                    Ok((stream, _)) => {
+                        let id = next_id.fetch_add(1, Ordering::Relaxed);
+                        if let Some(t) = Shared::start(&shared, id, stream) {
+                            threads.push(t);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        // Out of descriptors or the like: back off instead of spinning.
+                        tracing::warn!("NBD accept failed: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                        break;
+                    }
+                }
+            }
+            // Reap the connections that ended.
+            let (done, live): (Vec<_>, Vec<_>) = threads.into_iter().partition(|t| t.is_finished());
+            threads = live;
+            for t in done {
+                let _ = t.join();
+            }
+        }
+        tracing::info!(path = %self.path.display(), "NBD server stopping");
+        for s in lock(&shared.conns).values() {
+            let _ = s.shutdown(std::net::Shutdown::Read);
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+        Ok(())
+        // Dropping self removes the socket.
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        let ours = std::fs::symlink_metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if ours.is_some() && ours == self.ident {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Binds at `path` with mode 0600 from the start: bound under a temporary name in the same
+/// directory, chmod'ed, then renamed over `path` (which also replaces a stale socket atomically).
+fn bind_private(path: &Path) -> Result<UnixListener, Error> {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".nbd-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let private = |p: &Path| std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600));
+    match UnixListener::bind(&tmp) {
+        Ok(l) => {
+            let r = private(&tmp).and_then(|()| std::fs::rename(&tmp, path));
+            if let Err(e) = r {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(io_err(format!("binding {}", path.display()))(e));
+            }
+            Ok(l)
+        }
+        Err(_) => {
+            // The temporary name may not fit in a socket address: bind in place.
+            let _ = std::fs::remove_file(path);
+            let l =
+                UnixListener::bind(path).map_err(io_err(format!("binding {}", path.display())))?;
+            private(path).map_err(io_err(format!("chmod {}", path.display())))?;
+            Ok(l)
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What the connection threads share.
+struct Shared {
+    exports: Arc<[Export]>,
+    limits: Limits,
+    global: Arc<Budget>,
+    /// The live connections, to end them on stop.
+    conns: Mutex<HashMap<u64, UnixStream>>,
+}
+
+/// Removes a connection from the registry when its thread ends.
+struct Registered<'a>(&'a Shared, u64);
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.conns).remove(&self.1);
+    }
+}
+
+impl Shared {
+    /// Starts a thread for a new connection, or refuses it by closing.
+    fn start(this: &Arc<Self>, id: u64, stream: UnixStream) -> Option<JoinHandle<()>> {
+        {
+            let mut conns = lock(&this.conns);
+            if conns.len() >= this.limits.max_connections {
+                tracing::warn!("NBD: {} connections already, refusing another", conns.len());
+                return None;
+            }
+            match stream.try_clone() {
+                Ok(s) => {
+                    conns.insert(id, s);
+                }
+                Err(e) => {
+                    tracing::warn!("NBD: cannot register a connection: {e}");
+                    return None;
+                }
+            }
+        }
+        let shared = Arc::clone(this);
+        let spawned = std::thread::Builder::new()
+            .name(format!("nbd-conn-{id}"))
+            .spawn(move || {
+                let _registered = Registered(&shared, id);
+                match serve_connection(&stream, &shared.exports, &shared.limits, &shared.global) {
+                    Ok(()) => tracing::debug!(id, "NBD connection closed"),
+                    Err(e) => tracing::info!(id, "NBD connection dropped: {e}"),
+                }
+            });
+        match spawned {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!("NBD: cannot start a connection thread: {e}");
+                lock(&this.conns).remove(&id);
+                None
+            }
+        }
+    }
+}
+
+/// Serves one connection: handshake, then transmission.
+pub(crate) fn serve_connection(
+    stream: &UnixStream,
+    exports: &[Export],
+    limits: &Limits,
+    global: &Arc<Budget>,
+) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(limits.handshake_timeout))?;
+    stream.set_write_timeout(Some(limits.reply_timeout))?;
+    let mut s = stream;
+    let Some(i) = handshake::negotiate(&mut s, exports)? else {
+        return Ok(());
+    };
+    let export = &exports[i];
+    tracing::debug!(export = %export.name, "NBD transmission");
+    stream.set_read_timeout(None)?;
+    transmission::serve(stream, export, limits, global)
+}

@@ -1,0 +1,359 @@
+//! The transmission phase: requests decoded by the connection's thread, executed by a few worker
+//! threads, simple replies written under a lock on the socket.
+
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, Scope};
+
+use super::proto::*;
+use super::{BlockDevice, Export, IoError, Limits};
+
+/// Locks, ignoring poisoning (every critical section here leaves its data consistent).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A byte budget: bounds the request data held in memory.
+pub(crate) struct Budget {
+    cap: u64,
+    used: Mutex<u64>,
+    freed: Condvar,
+}
+
+impl Budget {
+    pub(crate) fn new(cap: u64) -> Arc<Self> {
+        Arc::new(Self {
+            cap: cap.max(1),
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+        })
+    }
+
+    /// Waits until `n` bytes (at most the whole budget) are free and takes them.
+    pub(crate) fn acquire(self: &Arc<Self>, n: u64) -> Permit {
+        let n = n.min(self.cap);
+        let mut used = lock(&self.used);
+        while *used + n > self.cap {
+            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        *used += n;
+        Permit {
+            budget: Arc::clone(self),
+            n,
+        }
+    }
+}
+
+/// Bytes taken from a [`Budget`], given back on drop.
+pub(crate) struct Permit {
+    budget: Arc<Budget>,
+    n: u64,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if self.n > 0 {
+            *lock(&self.budget.used) -= self.n;
+            self.budget.freed.notify_all();
+        }
+    }
+}
+
+/// What a worker does.
+enum Op {
+    Read,
+    Write(Vec<u8>),
+    Flush,
+    Trim,
+    WriteZeroes { may_trim: bool },
+}
+
+/// A validated request on its way to a worker.
+struct Job {
+    op: Op,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+    fua: bool,
+    _permits: (Permit, Permit),
+}
+
+/// State shared by the connection's reader and its workers.
+struct Conn<'a> {
+    stream: &'a UnixStream,
+    writer: Mutex<&'a UnixStream>,
+    device: &'a dyn BlockDevice,
+    /// Requests accepted and not yet answered.
+    outstanding: AtomicUsize,
+    /// A reply could not be written: the connection is over.
+    broken: AtomicBool,
+}
+
+impl Conn<'_> {
+    /// Sends a reply (header, and data for a successful read) in one piece.
+    fn send(&self, buf: &[u8]) -> io::Result<()> {
+        let mut w = lock(&self.writer);
+        let r = w.write_all(buf);
+        drop(w);
+        if r.is_err() && !self.broken.swap(true, Ordering::SeqCst) {
+            // Wake the reader: nothing more can be answered.
+            let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        }
+        r
+    }
+
+    fn send_error(&self, errno: u32, cookie: u64) -> io::Result<()> {
+        let mut b = [0u8; REPLY_LEN];
+        encode_simple_reply(&mut b, errno, cookie);
+        self.send(&b)
+    }
+
+    /// Executes a job and answers it.
+    fn execute(&self, job: Job) {
+        let dev = self.device;
+        let (offset, len, fua) = (job.offset, job.len, job.fua);
+        let reply = catch_unwind(AssertUnwindSafe(|| match job.op {
+            Op::Read => {
+                let mut buf = vec![0u8; REPLY_LEN + len as usize];
+                match dev.read(offset, &mut buf[REPLY_LEN..]) {
+                    Ok(()) => {
+                        encode_simple_reply(&mut buf, 0, job.cookie);
+                        buf
+                    }
+                    Err(e) => error_reply(e, job.cookie),
+                }
+            }
+            Op::Write(ref data) => status_reply(dev.write(offset, data, fua), job.cookie),
+            Op::Flush => status_reply(dev.flush(), job.cookie),
+            Op::Trim => {
+                let r = dev.trim(offset, u64::from(len));
+                let r = r.and_then(|()| if fua { dev.flush() } else { Ok(()) });
+                status_reply(r, job.cookie)
+            }
+            Op::WriteZeroes { may_trim } => status_reply(
+                dev.write_zeroes(offset, u64::from(len), may_trim, fua),
+                job.cookie,
+            ),
+        }))
+        .unwrap_or_else(|_| {
+            tracing::error!("NBD block device panicked; answering EIO");
+            error_reply(IoError::Io, job.cookie)
+        });
+        // The permits are released once the reply is out.
+        let _ = self.send(&reply);
+        self.outstanding.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn status_reply(r: Result<(), IoError>, cookie: u64) -> Vec<u8> {
+    match r {
+        Ok(()) => {
+            let mut b = vec![0u8; REPLY_LEN];
+            encode_simple_reply(&mut b, 0, cookie);
+            b
+        }
+        Err(e) => error_reply(e, cookie),
+    }
+}
+
+fn error_reply(e: IoError, cookie: u64) -> Vec<u8> {
+    let mut b = vec![0u8; REPLY_LEN];
+    encode_simple_reply(&mut b, e.errno(), cookie);
+    b
+}
+
+/// Checks a request against the export: `Err(errno)` is answered without touching the device.
+fn check(req: &Request, dev: &dyn BlockDevice) -> Result<(), u32> {
+    let ro = dev.read_only();
+    let allowed = match req.kind {
+        CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM => CMD_FLAG_FUA,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+        _ => return Err(EINVAL),
+    };
+    if req.flags & !allowed != 0 {
+        return Err(EINVAL);
+    }
+    match req.kind {
+        // Offset and length of a flush are reserved: ignored.
+        CMD_FLUSH => return Ok(()),
+        CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM if ro => return Err(EPERM),
+        CMD_TRIM if !dev.supports_trim() => return Err(EINVAL),
+        _ => {}
+    }
+    if req.len == 0 {
+        return Err(EINVAL);
+    }
+    if matches!(req.kind, CMD_READ | CMD_WRITE) && req.len > MAX_REQUEST {
+        return Err(EINVAL);
+    }
+    let writes = matches!(req.kind, CMD_WRITE | CMD_WRITE_ZEROES);
+    match req.offset.checked_add(u64::from(req.len)) {
+        Some(end) if end <= dev.size() => {}
+        _ => return Err(if writes { ENOSPC } else { EINVAL }),
+    }
+    let bs = u64::from(dev.block_size().max(1));
+    if !req.offset.is_multiple_of(bs) || !u64::from(req.len).is_multiple_of(bs) {
+        return Err(EINVAL);
+    }
+    Ok(())
+}
+
+/// Reads a request header; `None` on a clean end of stream before it.
+fn read_header<R: Read>(r: &mut R) -> io::Result<Option<[u8; REQUEST_LEN]>> {
+    let mut b = [0u8; REQUEST_LEN];
+    let mut got = 0;
+    while got < REQUEST_LEN {
+        match r.read(&mut b[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Some(b))
+}
+
+/// Reads and throws away `n` bytes (the payload of a refused write).
+fn drain<R: Read>(r: &mut R, n: u64) -> io::Result<()> {
+    let copied = io::copy(&mut r.take(n), &mut io::sink())?;
+    if copied < n {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+/// Serves requests on `stream` for `export` until the client disconnects or breaks the protocol.
+pub(crate) fn serve(
+    stream: &UnixStream,
+    export: &Export,
+    limits: &Limits,
+    global: &Arc<Budget>,
+) -> io::Result<()> {
+    let conn = Conn {
+        stream,
+        writer: Mutex::new(stream),
+        device: &*export.device,
+        outstanding: AtomicUsize::new(0),
+        broken: AtomicBool::new(false),
+    };
+    let local = Budget::new(limits.connection_budget);
+    let (tx, rx) = sync_channel::<Job>(limits.queue_per_connection.max(1));
+    let rx = Mutex::new(rx);
+    let result = thread::scope(|scope| {
+        let r = reader(scope, &conn, &rx, tx, limits, &local, global);
+        if r.is_err() {
+            // A broken stream or protocol: answers still pending would be sent into the void.
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+        r
+        // Leaving the scope joins the workers: they finish what was queued.
+    });
+    if conn.broken.load(Ordering::SeqCst) && result.is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            "cannot write replies",
+        ));
+    }
+    result
+}
+
+fn worker(conn: &Conn<'_>, rx: &Mutex<Receiver<Job>>) {
+    loop {
+        let job = lock(rx).recv();
+        match job {
+            Ok(job) => conn.execute(job),
+            Err(_) => return,
+        }
+    }
+}
+
+fn reader<'scope, 'env>(
+    scope: &'scope Scope<'scope, 'env>,
+    conn: &'scope Conn<'env>,
+    rx: &'scope Mutex<Receiver<Job>>,
+    tx: SyncSender<Job>,
+    limits: &Limits,
+    local: &Arc<Budget>,
+    global: &Arc<Budget>,
+) -> io::Result<()> {
+    let mut input = BufReader::with_capacity(64 * 1024, conn.stream);
+    let mut workers = 0usize;
+    loop {
+        if conn.broken.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let Some(hdr) = read_header(&mut input)? else {
+            return Ok(());
+        };
+        let Some(req) = Request::decode(&hdr) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "bad request magic",
+            ));
+        };
+        if req.kind == CMD_DISC {
+            tracing::debug!("NBD client disconnects");
+            return Ok(());
+        }
+        if let Err(errno) = check(&req, conn.device) {
+            tracing::debug!(?req, errno, "NBD request refused");
+            if req.kind == CMD_WRITE {
+                drain(&mut input, u64::from(req.len))?;
+            }
+            conn.send_error(errno, req.cookie)?;
+            continue;
+        }
+        let data_len = match req.kind {
+            CMD_READ | CMD_WRITE => u64::from(req.len),
+            _ => 0,
+        };
+        // The connection's own budget first; the server-wide one only once a write's payload is
+        // in, so that a client trickling its payload holds up no other connection.
+        let local_permit = local.acquire(data_len);
+        let op = match req.kind {
+            CMD_READ => Op::Read,
+            CMD_WRITE => {
+                let mut data = vec![0u8; req.len as usize];
+                input.read_exact(&mut data)?;
+                Op::Write(data)
+            }
+            CMD_FLUSH => Op::Flush,
+            CMD_TRIM => Op::Trim,
+            CMD_WRITE_ZEROES => Op::WriteZeroes {
+                may_trim: req.flags & CMD_FLAG_NO_HOLE == 0,
+            },
+            _ => unreachable!("check() lets only known commands through"),
+        };
+        let job = Job {
+            op,
+            cookie: req.cookie,
+            offset: req.offset,
+            len: req.len,
+            fua: req.flags & CMD_FLAG_FUA != 0,
+            _permits: (local_permit, global.acquire(data_len)),
+        };
+        let n = conn.outstanding.fetch_add(1, Ordering::SeqCst) + 1;
+        if n > workers && workers < limits.workers_per_connection.max(1) {
+            let spawned = thread::Builder::new()
+                .name("nbd-worker".into())
+                .spawn_scoped(scope, move || worker(conn, rx));
+            match spawned {
+                Ok(_) => workers += 1,
+                Err(e) => tracing::warn!("cannot start an NBD worker thread: {e}"),
+            }
+        }
+        if workers == 0 {
+            // No worker could be started: do it here.
+            conn.execute(job);
+            continue;
+        }
+        if tx.send(job).is_err() {
+            return Ok(());
+        }
+    }
+}
