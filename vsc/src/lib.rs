@@ -10,8 +10,14 @@
 //! Not filled in yet: the storvsc client with its NBD export and the netvsc client with its TAP
 //! export. See `docs/ARCHITECTURE.md`.
 
+pub mod channel;
 pub mod client;
+pub mod export;
+pub mod guest;
 pub mod loopback;
+pub mod nbd;
+pub mod nbdclient;
+pub mod storvsc;
 pub mod synic;
 
 /// Errors of the guest side.
@@ -49,4 +55,16 @@ pub enum Error {
     /// A thread could not be started.
     #[error("cannot start a thread")]
     Thread(#[source] std::io::Error),
+    /// An NBD server's configuration is unusable (no exports, duplicate names, a live socket...).
+    #[error("NBD server: {0}")]
+    NbdConfig(String),
+    /// An NBD server's socket operation failed.
+    #[error("NBD server: {what}")]
+    NbdIo {
+        /// What failed.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }

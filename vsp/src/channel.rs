@@ -22,9 +22,40 @@ use crate::Error;
 /// What a device does with the packets of its channel.
 pub trait Device: Send + 'static {
     /// Handles one packet from the guest; writes any answer into `out` (uncommitted: the worker
-    /// commits the batch). An error closes the channel's service (the guest sees no more
-    /// answers) and is logged.
+    /// commits the batch) or starts work whose answer [`poll`](Self::poll) writes later. An
+    /// error closes the channel's service (the guest sees no more answers) and is logged.
     fn handle(&mut self, packet: &Packet<'_>, out: &mut OutgoingRing) -> Result<(), Error>;
+
+    /// Moves work the guest's packets do not drive: submits queued I/O, reaps completions and
+    /// writes their answers. Returns whether anything moved.
+    fn poll(&mut self, out: &mut OutgoingRing) -> Result<bool, Error> {
+        let _ = out;
+        Ok(false)
+    }
+
+    /// Whether the device must not take more packets now (its queue is full, or it holds
+    /// answers the ring had no room for).
+    fn busy(&self) -> bool {
+        false
+    }
+
+    /// Bytes (packet plus trailer) the device waits to write into the guest's ring, if an
+    /// answer did not fit: the worker then sleeps until the guest frees that much.
+    fn blocked_on_ring(&self) -> Option<u32> {
+        None
+    }
+
+    /// Whether the device has work in flight that will make [`poll`](Self::poll) progress
+    /// without any packet from the guest (the worker then also waits on [`wake_fd`](Self::wake_fd)).
+    fn in_flight(&self) -> bool {
+        false
+    }
+
+    /// A descriptor that becomes readable when [`poll`](Self::poll) has work (for example an
+    /// io_uring completion eventfd).
+    fn wake_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
 }
 
 /// A device whose protocol is not implemented yet: logs the first packet and discards all,
@@ -183,10 +214,14 @@ impl Worker {
             }
             self.incoming.mask();
             let mut moved = false;
-            while let Some(p) = self.incoming.read()? {
+            while !self.device.busy() {
+                let Some(p) = self.incoming.read()? else {
+                    break;
+                };
                 moved = true;
                 self.device.handle(&p, &mut self.outgoing)?;
             }
+            moved |= self.device.poll(&mut self.outgoing)?;
             if self.outgoing.commit() {
                 self.interrupt_guest();
             }
@@ -202,14 +237,53 @@ impl Worker {
                 std::hint::spin_loop();
                 continue;
             }
+            idle = 0;
+            // Prepare to sleep: unmask and re-check the incoming ring; ask for a signal when
+            // the guest frees the room a blocked answer needs.
             let (empty, signal) = self.incoming.prepare_sleep();
             if signal {
                 self.interrupt_guest();
             }
-            if empty && !self.stop.load(Ordering::Acquire) {
-                self.wake.wait()?;
+            let ring_blocked = match self.device.blocked_on_ring() {
+                Some(needed) => self.outgoing.prepare_sleep(needed),
+                None => false,
+            };
+            let can_read = !empty && !self.device.busy();
+            if can_read || (self.device.blocked_on_ring().is_some() && !ring_blocked) {
+                self.outgoing.clear_pending();
+                continue;
             }
-            idle = 0;
+            if self.stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            self.sleep()?;
+            self.outgoing.clear_pending();
         }
+    }
+
+    /// Waits for the guest's signal or the device's own wakeup, whichever comes first.
+    fn sleep(&mut self) -> Result<(), Error> {
+        use rustix::event::{poll, PollFd, PollFlags};
+        let device_fd = if self.device.in_flight() {
+            self.device.wake_fd()
+        } else {
+            None
+        };
+        let Some(dev) = device_fd else {
+            self.wake.wait()?;
+            return Ok(());
+        };
+        let mut fds = [
+            PollFd::new(self.wake.as_ref(), PollFlags::IN),
+            PollFd::new(&dev, PollFlags::IN),
+        ];
+        match poll(&mut fds, None) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(Error::Socket(e)),
+        }
+        if !fds[0].revents().is_empty() {
+            self.wake.wait()?;
+        }
+        Ok(())
     }
 }

@@ -166,3 +166,49 @@ impl Daemon {
         self.offers = new;
     }
 }
+
+/// Runs the daemon for `config` as `vspd` does: opens the disks, installs the signal handlers
+/// (SIGTERM and SIGINT stop, SIGHUP calls `reload` and applies the new configuration's
+/// offers), binds the socket and serves until stopped.
+pub fn serve(
+    config: crate::config::Config,
+    mut reload: impl FnMut() -> Result<crate::config::Config, Error>,
+) -> Result<(), Error> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let socket = config
+        .socket
+        .clone()
+        .ok_or_else(|| Error::Config("no socket path: give --socket PATH".into()))?;
+    let mut server = ServerConfig::default();
+    if let Some(max) = config.max_gpadl_bytes {
+        server.max_gpadl_bytes = max;
+    }
+    let registry = Arc::new(crate::devices::Registry::default());
+    let offers = registry.update(&config)?;
+    // Signal handlers first: once the socket exists, the daemon is fully set up.
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(Error::Thread)?;
+    let daemon = Daemon::bind(&socket, server, offers, registry.factory())?;
+    let stop = daemon.stop_handle();
+    let reload_event = daemon.reload_handle();
+    let handle = signals.handle();
+    let signal_thread = std::thread::Builder::new()
+        .name("vspd-signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if sig == SIGHUP {
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    let _ = reload_event.signal();
+                } else {
+                    tracing::info!(signal = sig, "stopping");
+                    let _ = stop.signal();
+                    return;
+                }
+            }
+        })
+        .map_err(Error::Thread)?;
+    let result = daemon.run(|| registry.update(&reload()?));
+    handle.close();
+    let _ = signal_thread.join();
+    result
+}

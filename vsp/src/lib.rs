@@ -13,8 +13,12 @@
 pub mod channel;
 pub mod config;
 pub mod daemon;
+pub mod devices;
+pub mod disk;
+pub mod scsi;
 pub mod server;
 pub mod session;
+pub mod storvsp;
 pub mod synic;
 
 /// Errors of the host side.
@@ -44,4 +48,38 @@ pub enum Error {
     /// A channel's ring GPADL is too small for its two rings.
     #[error("the ring buffer is too small for two rings")]
     RingTooSmall,
+    /// A disk image or device could not be opened or inspected.
+    #[error("cannot open disk {}", path.display())]
+    DiskOpen {
+        /// The path given.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Setting up, registering with or entering an io_uring failed.
+    #[error("io_uring operation failed")]
+    Uring(#[source] std::io::Error),
+    /// A disk request reaches past the end of the disk.
+    #[error("{len} bytes at offset {offset:#x} are outside the disk of {size} bytes")]
+    DiskRange {
+        /// Offset of the request.
+        offset: u64,
+        /// Length of the request.
+        len: u64,
+        /// Size of the disk.
+        size: u64,
+    },
+    /// A request would change a read-only disk.
+    #[error("the disk is read-only")]
+    DiskReadOnly,
+    /// Every slot of the disk queue is in flight.
+    #[error("the disk queue is full")]
+    DiskQueueFull,
+    /// A disk request is malformed or not supported.
+    #[error("invalid disk request: {0}")]
+    DiskRequest(&'static str),
+    /// A disk request's buffer is not guest memory.
+    #[error("disk request buffer")]
+    DiskBuffer(#[source] ringbuf::Error),
 }

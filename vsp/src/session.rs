@@ -35,13 +35,27 @@ pub enum End {
     ProtocolViolation(String),
 }
 
-/// Makes the device that serves a newly opened channel of class `interface_type`.
-pub type DeviceFactory = Arc<dyn Fn(&Guid, u16) -> Box<dyn Device> + Send + Sync>;
+/// What a device factory knows about the channel being opened.
+#[derive(Debug)]
+pub struct DeviceContext<'a> {
+    /// Device class.
+    pub interface_type: Guid,
+    /// Device instance (which disk or NIC).
+    pub interface_instance: Guid,
+    /// Subchannel index (0: primary).
+    pub subchannel_index: u16,
+    /// The partition's memory.
+    pub mem: &'a Arc<GuestMemory>,
+}
 
-/// The default factory: every class is offered but its protocol is not served yet.
+/// Makes the device that serves a newly opened channel; an error fails the open.
+pub type DeviceFactory =
+    Arc<dyn Fn(&DeviceContext<'_>) -> Result<Box<dyn Device>, crate::Error> + Send + Sync>;
+
+/// A factory that serves no protocol: every channel opens and its packets are discarded.
 pub fn unimplemented_devices() -> DeviceFactory {
-    Arc::new(|class: &Guid, _subchannel: u16| {
-        Box::new(UnimplementedDevice::new(*class)) as Box<dyn Device>
+    Arc::new(|ctx: &DeviceContext<'_>| {
+        Ok(Box::new(UnimplementedDevice::new(ctx.interface_type)) as Box<dyn Device>)
     })
 }
 
@@ -398,20 +412,30 @@ impl Session {
                     connection_id,
                     target_vp,
                     interface_type,
+                    interface_instance,
                     subchannel_index,
                     ring,
                     downstream_offset,
                     ..
                 } => {
-                    let spec = ChannelSpec {
-                        relid,
-                        ring,
-                        downstream_pages: downstream_offset,
-                        target_vp,
-                        device: (self.devices)(&interface_type, subchannel_index),
+                    let ctx = DeviceContext {
+                        interface_type,
+                        interface_instance,
+                        subchannel_index,
+                        mem: &p.mem,
                     };
+                    let started = (self.devices)(&ctx).and_then(|device| {
+                        let spec = ChannelSpec {
+                            relid,
+                            ring,
+                            downstream_pages: downstream_offset,
+                            target_vp,
+                            device,
+                        };
+                        ChannelWorker::start(spec, p.mem.clone(), p.synic.clone())
+                    });
                     let mut more = Vec::new();
-                    match ChannelWorker::start(spec, p.mem.clone(), p.synic.clone()) {
+                    match started {
                         Ok(w) => {
                             let sig = wire::ChannelSignal {
                                 connection_id,

@@ -19,6 +19,10 @@ struct Args {
     /// List the offered channels and exit.
     #[arg(long)]
     list: bool,
+    /// Export every disk as an NBD export on a Unix socket at this path (exports `disk0`,
+    /// `disk1`, ...; the empty name is `disk0`). Serves until SIGTERM or SIGINT.
+    #[arg(long, value_name = "PATH", conflicts_with = "list")]
+    nbd: Option<PathBuf>,
     /// Guest memory of the loopback guest, in MiB.
     #[arg(long, default_value_t = 64)]
     memory_mib: u64,
@@ -47,9 +51,12 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), vsc::Error> {
+    if let Some(path) = &args.nbd {
+        return export(&args, path);
+    }
     if !args.list {
         return Err(vsc::Error::Protocol(
-            "nothing to do: give --list (the NBD and TAP exports are not built yet)".into(),
+            "nothing to do: give --list or --nbd PATH".into(),
         ));
     }
     let (front, messages) = Loopback::connect(&args.connect, args.memory_mib << 20)?;
@@ -80,4 +87,52 @@ fn run(args: Args) -> Result<(), vsc::Error> {
     }
     client.unload()?;
     Ok(())
+}
+
+fn export(args: &Args, path: &std::path::Path) -> Result<(), vsc::Error> {
+    use vsc::nbd::{Export, NbdServer};
+    let guest = vsc::guest::StorageGuest::attach(&args.connect, args.memory_mib << 20)?;
+    if guest.disks.is_empty() {
+        return Err(vsc::Error::Refused("the daemon offers no disk".into()));
+    }
+    let exports = guest
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(i, (offer, disk))| {
+            let g = disk.geometry();
+            Export {
+                name: format!("disk{i}"),
+                description: format!(
+                    "VMBus SCSI disk {} ({} blocks of {} bytes{})",
+                    offer.interface_instance,
+                    g.blocks,
+                    g.block_size,
+                    if g.read_only { ", read-only" } else { "" }
+                ),
+                device: disk.clone() as Arc<dyn vsc::nbd::BlockDevice>,
+            }
+        })
+        .collect();
+    let server = NbdServer::bind(path, exports)?;
+    let stop = Arc::new(ringbuf::Event::new()?);
+    let s = stop.clone();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .map_err(vsc::Error::Thread)?;
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            let _ = s.signal();
+        }
+    });
+    eprintln!(
+        "vscd: {} disk(s) exported on {} (for example: qemu-img info 'nbd+unix:///disk0?socket={}')",
+        guest.disks.len(),
+        path.display(),
+        path.display()
+    );
+    server.run(stop)?;
+    guest.detach()
 }

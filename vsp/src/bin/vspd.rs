@@ -11,8 +11,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use vsp::config::{parse_kv, Config, DiskConfig, NicConfig};
-use vsp::daemon::Daemon;
-use vsp::server::ServerConfig;
 
 /// The VMBus service provider daemon: serves disks and NICs to guests over VMBus.
 #[derive(Parser, Debug)]
@@ -76,39 +74,5 @@ fn load(args: &Args) -> Result<Config, vsp::Error> {
 
 fn run(args: Args) -> Result<(), vsp::Error> {
     let config = load(&args)?;
-    let socket = config
-        .socket
-        .clone()
-        .ok_or_else(|| vsp::Error::Config("no socket path: give --socket PATH".into()))?;
-    let mut server = ServerConfig::default();
-    if let Some(max) = config.max_gpadl_bytes {
-        server.max_gpadl_bytes = max;
-    }
-    let daemon = Daemon::bind(
-        &socket,
-        server,
-        config.offers(),
-        vsp::session::unimplemented_devices(),
-    )?;
-    let stop = daemon.stop_handle();
-    let reload = daemon.reload_handle();
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
-        .map_err(vsp::Error::Thread)?;
-    std::thread::Builder::new()
-        .name("vspd-signals".into())
-        .spawn(move || {
-            for sig in signals.forever() {
-                if sig == SIGHUP {
-                    tracing::info!("SIGHUP: reloading the configuration");
-                    let _ = reload.signal();
-                } else {
-                    tracing::info!(signal = sig, "stopping");
-                    let _ = stop.signal();
-                    return;
-                }
-            }
-        })
-        .map_err(vsp::Error::Thread)?;
-    daemon.run(|| Ok(load(&args)?.offers()))
+    vsp::daemon::serve(config, || load(&args))
 }

@@ -1,0 +1,146 @@
+//! The guest's end of an open VMBus channel: its ring GPADL, the two ring halves, the host's
+//! connection id to signal, and the channel's interrupt.
+//!
+//! The first `ring_pages` pages of the GPADL are the guest-to-host ring (the guest writes it),
+//! the rest the host-to-guest ring. The guest creates the GPADL, so it initialises both control
+//! pages before opening.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ringbuf::ring::Ring;
+use ringbuf::{Event, IncomingRing, OutgoingRing};
+
+use crate::client::{Client, Offer};
+use crate::loopback::Loopback;
+use crate::synic::HostInterface;
+use crate::Error;
+
+/// An open channel, guest side.
+pub struct GuestChannel {
+    /// The channel's relid.
+    pub relid: u32,
+    connection_id: u32,
+    host: Arc<dyn HostInterface>,
+    /// The guest-to-host ring (written by the guest).
+    pub out: OutgoingRing,
+    /// The host-to-guest ring (read by the guest).
+    pub inc: IncomingRing,
+    interrupt: Event,
+    gpadl: u32,
+    pages: Vec<u64>,
+}
+
+impl std::fmt::Debug for GuestChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestChannel")
+            .field("relid", &self.relid)
+            .field("gpadl", &self.gpadl)
+            .finish()
+    }
+}
+
+impl GuestChannel {
+    /// Opens `offer` with rings of `ring_pages` pages each way (control page included).
+    pub fn open(
+        client: &mut Client,
+        front: &Loopback,
+        offer: &Offer,
+        ring_pages: usize,
+    ) -> Result<Self, Error> {
+        if ring_pages < 2 {
+            return Err(Error::Protocol("a ring needs at least 2 pages".into()));
+        }
+        let pages = front.alloc_pages(2 * ring_pages)?;
+        let result = Self::open_on(client, front, offer, ring_pages, &pages);
+        if result.is_err() {
+            front.free_pages(&pages);
+        }
+        result.map(|(out, inc, interrupt, gpadl)| Self {
+            relid: offer.relid,
+            connection_id: offer.connection_id,
+            host: client.host().clone(),
+            out,
+            inc,
+            interrupt,
+            gpadl,
+            pages,
+        })
+    }
+
+    fn open_on(
+        client: &mut Client,
+        front: &Loopback,
+        offer: &Offer,
+        ring_pages: usize,
+        pages: &[u64],
+    ) -> Result<(OutgoingRing, IncomingRing, Event, u32), Error> {
+        let view = Arc::new(front.memory().map_pages(pages)?);
+        let half = ring_pages * 4096;
+        let down = Ring::new(view.clone(), 0, half)?;
+        let up = Ring::new(view, half, half)?;
+        down.init()?;
+        up.init()?;
+        let gpadl = client.create_gpadl(offer.relid, pages)?;
+        let interrupt = Event::new()?;
+        let for_host = Event::from_fd(
+            std::os::fd::AsFd::as_fd(&interrupt)
+                .try_clone_to_owned()
+                .map_err(|e| Error::Protocol(e.to_string()))?,
+        );
+        client
+            .host()
+            .set_channel_interrupt(offer.relid, Some(for_host));
+        if let Err(e) = client.open(offer.relid, gpadl, ring_pages as u32, 0, &[]) {
+            client.host().set_channel_interrupt(offer.relid, None);
+            let _ = client.teardown_gpadl(offer.relid, gpadl);
+            return Err(e);
+        }
+        Ok((
+            OutgoingRing::new(down)?,
+            IncomingRing::new(up)?,
+            interrupt,
+            gpadl,
+        ))
+    }
+
+    /// Signals the host (HvSignalEvent on the channel's connection id).
+    pub fn signal_host(&self) -> Result<(), Error> {
+        self.host.signal_event(self.connection_id)
+    }
+
+    /// Commits what was written and signals the host if the rules say so.
+    pub fn commit_out(&mut self) -> Result<(), Error> {
+        if self.out.commit() {
+            self.signal_host()?;
+        }
+        Ok(())
+    }
+
+    /// Releases what was read and signals the host if it waits for room.
+    pub fn commit_in(&mut self) -> Result<(), Error> {
+        if self.inc.commit() {
+            self.signal_host()?;
+        }
+        Ok(())
+    }
+
+    /// The channel's interrupt line.
+    pub fn interrupt(&self) -> &Event {
+        &self.interrupt
+    }
+
+    /// Waits for the channel's interrupt, up to `timeout`. Returns whether it fired.
+    pub fn wait_interrupt(&self, timeout: Duration) -> Result<bool, Error> {
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        Ok(self.interrupt.wait_timeout(ms)? > 0)
+    }
+
+    /// Closes the channel, tears its GPADL down and frees its pages.
+    pub fn close(self, client: &mut Client, front: &Loopback) -> Result<(), Error> {
+        client.close(self.relid)?;
+        client.teardown_gpadl(self.relid, self.gpadl)?;
+        front.free_pages(&self.pages);
+        Ok(())
+    }
+}

@@ -1,0 +1,867 @@
+//! The storvsc client: the guest side of VMBus synthetic SCSI, as Linux's hv_storvsc drives it,
+//! and a block-device API over it with many requests in flight.
+//!
+//! [`Storvsc::init`] runs the initialisation handshake (begin, protocol version WIN10 then 8.1
+//! then 8, properties, end). [`Disk`] then owns the channel on a queue thread: callers submit
+//! reads, writes, flushes and discards from any thread ([`Disk::submit`], with a completion
+//! callback, or the blocking helpers); the queue thread copies data through bounce pages in guest
+//! memory, writes each request as an EXECUTE_SRB packet (GPA-direct ranges for the data), commits
+//! batches with one signal, and completes requests from the host's completion packets.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ringbuf::packet::{gpa_direct_header, OutgoingPacket, PacketKind};
+use ringbuf::Event;
+use vmbus_proto::ring::PacketType;
+use vmbus_proto::storvsp::scsi::{self as scsi_proto, Opcode};
+use vmbus_proto::storvsp::{
+    srb_flags, srb_status, ChannelProperties, DataDirection, ProtocolVersion, ScsiRequest,
+    StorageVersion, VstorOperation, VstorPacket, CDB_SENSE_AREA_SIZE, REQUEST_COMPLETION_FLAG,
+    SCSI_REQUEST_SIZE, SENSE_BUFFER_SIZE,
+};
+use zerocopy::{FromBytes, FromZeros, IntoBytes};
+
+use crate::channel::GuestChannel;
+use crate::loopback::Loopback;
+use crate::Error;
+
+/// Versions proposed, newest first (Linux 6.1's list).
+pub const VERSIONS: [StorageVersion; 3] = [
+    StorageVersion::WIN10,
+    StorageVersion::WIN8_1,
+    StorageVersion::WIN8,
+];
+
+/// The largest transfer the client issues when the host allows more.
+pub const MAX_TRANSFER: u32 = 1 << 20;
+
+/// Bounce memory (guest pages) the queue thread uses for data in flight.
+pub const BOUNCE_BYTES: usize = 32 << 20;
+
+/// Requests in flight at most.
+pub const MAX_IN_FLIGHT: usize = 256;
+
+/// Transaction ids of control requests (high bit set; SRBs use their slot index).
+const CONTROL_TX: u64 = 1 << 63;
+
+/// A negotiated storvsc channel.
+#[derive(Debug)]
+pub struct Storvsc {
+    ch: GuestChannel,
+    version: StorageVersion,
+    max_transfer: u32,
+    properties: ChannelProperties,
+}
+
+fn vstor(op: VstorOperation) -> VstorPacket {
+    VstorPacket::new(op, REQUEST_COMPLETION_FLAG, 0)
+}
+
+impl Storvsc {
+    /// Runs the initialisation handshake on an open storage channel.
+    pub fn init(mut ch: GuestChannel) -> Result<Self, Error> {
+        let timeout = Duration::from_secs(10);
+        let ok = |p: VstorPacket, what: &'static str| -> Result<VstorPacket, Error> {
+            if { p.operation } != VstorOperation::COMPLETE_IO || { p.status } != 0 {
+                return Err(Error::Status {
+                    what,
+                    status: { p.status },
+                });
+            }
+            Ok(p)
+        };
+        ok(
+            control(
+                &mut ch,
+                vstor(VstorOperation::BEGIN_INITIALIZATION),
+                timeout,
+            )?,
+            "begin initialization",
+        )?;
+        let mut version = None;
+        for v in VERSIONS {
+            let mut q = vstor(VstorOperation::QUERY_PROTOCOL_VERSION);
+            q.set_body(&ProtocolVersion {
+                major_minor: v,
+                revision: 0,
+            });
+            let a = control(&mut ch, q, timeout)?;
+            if { a.operation } == VstorOperation::COMPLETE_IO && { a.status } == 0 {
+                version = Some(v);
+                break;
+            }
+        }
+        let version =
+            version.ok_or_else(|| Error::Refused("no storage protocol version accepted".into()))?;
+        let props = ok(
+            control(&mut ch, vstor(VstorOperation::QUERY_PROPERTIES), timeout)?,
+            "query properties",
+        )?;
+        let properties: ChannelProperties = props.body();
+        ok(
+            control(&mut ch, vstor(VstorOperation::END_INITIALIZATION), timeout)?,
+            "end initialization",
+        )?;
+        let max_transfer = match properties.max_transfer_bytes {
+            0 => MAX_TRANSFER,
+            n => n.min(MAX_TRANSFER),
+        } & !4095;
+        tracing::info!(?version, max_transfer, "storvsc initialised");
+        Ok(Self {
+            ch,
+            version,
+            max_transfer: max_transfer.max(4096),
+            properties,
+        })
+    }
+
+    /// The negotiated protocol version.
+    pub fn version(&self) -> StorageVersion {
+        self.version
+    }
+
+    /// The host's channel properties.
+    pub fn properties(&self) -> ChannelProperties {
+        self.properties
+    }
+
+    /// Gives the channel back (to close it).
+    pub fn into_channel(self) -> GuestChannel {
+        self.ch
+    }
+}
+
+/// Sends a control packet and waits for its completion.
+fn control(ch: &mut GuestChannel, p: VstorPacket, timeout: Duration) -> Result<VstorPacket, Error> {
+    let tx = CONTROL_TX | u64::from(p.operation.0);
+    ch.out
+        .write(&OutgoingPacket::in_band(tx, true, &[p.as_bytes()]))?;
+    ch.commit_out()?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        ch.inc.mask();
+        let got = match ch.inc.read()? {
+            Some(pkt) if pkt.transaction_id == tx => Some(
+                VstorPacket::read_from_prefix(pkt.payload)
+                    .map(|(v, _)| v)
+                    .map_err(|_| Error::Protocol("short storvsc packet".into()))?,
+            ),
+            Some(pkt) => {
+                tracing::debug!(
+                    tx = pkt.transaction_id,
+                    "unexpected packet during initialisation"
+                );
+                None
+            }
+            None => None,
+        };
+        ch.commit_in()?;
+        if let Some(v) = got {
+            return Ok(v);
+        }
+        let (empty, _) = ch.inc.prepare_sleep();
+        if empty {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Timeout);
+            }
+            ch.wait_interrupt(left.min(Duration::from_millis(100)))?;
+        }
+    }
+}
+
+/// What a [`Disk`] request does.
+#[derive(Debug)]
+pub enum DiskOp {
+    /// Read `len` bytes at byte `offset`.
+    Read {
+        /// Byte offset (a multiple of the block size).
+        offset: u64,
+        /// Bytes (a multiple of the block size).
+        len: u32,
+    },
+    /// Write `data` at byte `offset`; `fua` makes it durable before completion.
+    Write {
+        /// Byte offset.
+        offset: u64,
+        /// The data.
+        data: Vec<u8>,
+        /// Force unit access.
+        fua: bool,
+    },
+    /// Make completed writes durable.
+    Flush,
+    /// Unmap a range.
+    Discard {
+        /// Byte offset.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+    },
+    /// Zero a range (WRITE SAME(16) of a zero block; `unmap` lets the disk deallocate).
+    WriteZeroes {
+        /// Byte offset.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+        /// May deallocate.
+        unmap: bool,
+    },
+    /// A raw SCSI command: CDB, data-out bytes or the data-in length.
+    Scsi {
+        /// The CDB.
+        cdb: Vec<u8>,
+        /// Data to send (data-out), if any.
+        data_out: Vec<u8>,
+        /// Bytes to receive (data-in).
+        data_in: u32,
+    },
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IoError {
+    /// CHECK CONDITION with this sense key, ASC and ASCQ.
+    Sense {
+        /// Sense key.
+        key: u8,
+        /// Additional sense code.
+        asc: u8,
+        /// Qualifier.
+        ascq: u8,
+    },
+    /// Another SCSI status (BUSY, RESERVATION CONFLICT...).
+    Status(u8),
+    /// The SRB failed at the transport (no such LUN, aborted...).
+    Srb(u8),
+    /// The request is malformed (unaligned, too large, beyond the disk).
+    Invalid,
+    /// The channel is gone.
+    Disconnected,
+}
+
+impl IoError {
+    /// Whether the disk refused a write because it is write-protected.
+    pub fn is_write_protected(&self) -> bool {
+        matches!(self, IoError::Sense { key: 0x07, .. })
+    }
+}
+
+/// The outcome of a request: data-in bytes (reads, raw commands) or nothing.
+pub type IoResult = Result<Vec<u8>, IoError>;
+
+/// A completion callback.
+pub type Callback = Box<dyn FnOnce(IoResult) + Send>;
+
+struct Request {
+    op: DiskOp,
+    done: Callback,
+}
+
+/// Size and properties of the disk, from INQUIRY, READ CAPACITY(16) and MODE SENSE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// Logical blocks.
+    pub blocks: u64,
+    /// Bytes per logical block.
+    pub block_size: u32,
+    /// Write protected.
+    pub read_only: bool,
+    /// Logical block provisioning (UNMAP) enabled.
+    pub thin: bool,
+}
+
+impl Geometry {
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.blocks * u64::from(self.block_size)
+    }
+}
+
+/// A SCSI disk on a storvsc channel, served by a queue thread.
+pub struct Disk {
+    tx: Mutex<Sender<Request>>,
+    wake: Arc<Event>,
+    geometry: Geometry,
+    lun: u8,
+    max_transfer: u32,
+    thread: Mutex<Option<JoinHandle<Result<Storvsc, Error>>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl std::fmt::Debug for Disk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Disk")
+            .field("geometry", &self.geometry)
+            .field("lun", &self.lun)
+            .finish()
+    }
+}
+
+impl Disk {
+    /// Starts the queue thread for LUN `lun` of `storvsc` and probes the disk.
+    pub fn start(storvsc: Storvsc, front: Arc<Loopback>, lun: u8) -> Result<Arc<Self>, Error> {
+        let (tx, rx) = channel();
+        let wake = Arc::new(Event::new()?);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let max_transfer = storvsc.max_transfer;
+        let pages = front.alloc_pages(BOUNCE_BYTES / 4096)?;
+        let block_size = Arc::new(std::sync::atomic::AtomicU32::new(512));
+        let q = Queue {
+            st: storvsc,
+            front: front.clone(),
+            lun,
+            requests: rx,
+            wake: wake.clone(),
+            stop: stop.clone(),
+            free_pages: pages,
+            waiting: VecDeque::new(),
+            inflight: HashMap::new(),
+            next_tx: 1,
+            block_size: block_size.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("storvsc-lun{lun}"))
+            .spawn(move || q.run())
+            .map_err(Error::Thread)?;
+        let mut disk = Self {
+            tx: Mutex::new(tx),
+            wake,
+            geometry: Geometry {
+                blocks: 0,
+                block_size: 512,
+                read_only: false,
+                thin: false,
+            },
+            lun,
+            max_transfer,
+            thread: Mutex::new(Some(thread)),
+            stop,
+        };
+        disk.geometry = disk.probe()?;
+        block_size.store(
+            disk.geometry.block_size,
+            std::sync::atomic::Ordering::Release,
+        );
+        Ok(Arc::new(disk))
+    }
+
+    fn probe(&self) -> Result<Geometry, Error> {
+        let fail = |what: &str, e: IoError| Error::Protocol(format!("{what} failed: {e:?}"));
+        let inq = self
+            .command(vec![Opcode::INQUIRY.0, 0, 0, 0, 36, 0], vec![], 36)
+            .map_err(|e| fail("INQUIRY", e))?;
+        if inq.first().map(|b| b & 0x1f) != Some(0) {
+            return Err(Error::Protocol(format!("LUN {} is not a disk", self.lun)));
+        }
+        let mut rc = vec![0u8; 16];
+        rc[0] = Opcode::SERVICE_ACTION_IN_16.0;
+        rc[1] = scsi_proto::service_action::READ_CAPACITY_16;
+        rc[13] = 32;
+        let cap = self
+            .command(rc, vec![], 32)
+            .map_err(|e| fail("READ CAPACITY(16)", e))?;
+        if cap.len() < 16 {
+            return Err(Error::Protocol("short READ CAPACITY(16) data".into()));
+        }
+        let last = u64::from_be_bytes(cap[0..8].try_into().expect("8 bytes"));
+        let block_size = u32::from_be_bytes(cap[8..12].try_into().expect("4 bytes"));
+        let thin = cap[14] & 0x80 != 0;
+        if !(512..=65536).contains(&block_size) || !block_size.is_power_of_two() || last == u64::MAX
+        {
+            return Err(Error::Protocol(format!(
+                "implausible capacity: {last} blocks of {block_size}"
+            )));
+        }
+        let ms = self
+            .command(
+                vec![Opcode::MODE_SENSE_6.0, 0x08, 0x3f, 0, 255, 0],
+                vec![],
+                255,
+            )
+            .map_err(|e| fail("MODE SENSE(6)", e))?;
+        let read_only = ms.get(2).is_some_and(|b| b & 0x80 != 0);
+        Ok(Geometry {
+            blocks: last + 1,
+            block_size,
+            read_only,
+            thin,
+        })
+    }
+
+    /// The disk's geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    /// The largest single transfer.
+    pub fn max_transfer(&self) -> u32 {
+        self.max_transfer
+    }
+
+    /// Submits a request; `done` runs on the queue thread when it completes.
+    pub fn submit(&self, op: DiskOp, done: Callback) {
+        let sent = self
+            .tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(Request { op, done });
+        match sent {
+            Ok(()) => {
+                let _ = self.wake.signal();
+            }
+            Err(e) => (e.0.done)(Err(IoError::Disconnected)),
+        }
+    }
+
+    /// Submits and waits.
+    pub fn call(&self, op: DiskOp) -> IoResult {
+        let (tx, rx) = channel();
+        self.submit(
+            op,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx.recv().unwrap_or(Err(IoError::Disconnected))
+    }
+
+    /// A raw SCSI command, waiting for it.
+    pub fn command(&self, cdb: Vec<u8>, data_out: Vec<u8>, data_in: u32) -> IoResult {
+        self.call(DiskOp::Scsi {
+            cdb,
+            data_out,
+            data_in,
+        })
+    }
+
+    /// Reads `buf.len()` bytes at `offset`, splitting large reads.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        let step = self.max_transfer as usize;
+        for (i, chunk) in buf.chunks_mut(step).enumerate() {
+            let data = self.call(DiskOp::Read {
+                offset: offset + (i * step) as u64,
+                len: chunk.len() as u32,
+            })?;
+            chunk.copy_from_slice(&data[..chunk.len()]);
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset`, splitting large writes.
+    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
+        let step = self.max_transfer as usize;
+        for (i, chunk) in data.chunks(step).enumerate() {
+            self.call(DiskOp::Write {
+                offset: offset + (i * step) as u64,
+                data: chunk.to_vec(),
+                fua,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Flushes the disk's write cache.
+    pub fn flush(&self) -> Result<(), IoError> {
+        self.call(DiskOp::Flush).map(|_| ())
+    }
+
+    /// Stops the queue thread (failing queued requests) and gives the channel back.
+    pub fn shutdown(&self) -> Result<Option<Storvsc>, Error> {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        let _ = self.wake.signal();
+        let t = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match t {
+            Some(t) => t
+                .join()
+                .map_err(|_| Error::Protocol("queue thread panicked".into()))?
+                .map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+struct InFlight {
+    done: Callback,
+    pages: Vec<u64>,
+    /// Bytes to copy back (reads and data-in commands).
+    data_in: u32,
+}
+
+struct Queue {
+    st: Storvsc,
+    front: Arc<Loopback>,
+    lun: u8,
+    requests: Receiver<Request>,
+    wake: Arc<Event>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    free_pages: Vec<u64>,
+    waiting: VecDeque<Request>,
+    inflight: HashMap<u64, InFlight>,
+    next_tx: u64,
+    /// Bytes per logical block (512 until the probe says otherwise).
+    block_size: Arc<std::sync::atomic::AtomicU32>,
+}
+
+/// What an SRB needs: CDB, direction, bytes.
+struct Srb {
+    cdb: Vec<u8>,
+    dir: DataDirection,
+    len: u32,
+    data_out: Option<Vec<u8>>,
+}
+
+impl Queue {
+    fn run(mut self) -> Result<Storvsc, Error> {
+        let result = self.serve();
+        for (_, f) in self.inflight.drain() {
+            (f.done)(Err(IoError::Disconnected));
+        }
+        for r in self.waiting.drain(..) {
+            (r.done)(Err(IoError::Disconnected));
+        }
+        while let Ok(r) = self.requests.try_recv() {
+            (r.done)(Err(IoError::Disconnected));
+        }
+        if let Err(e) = &result {
+            tracing::warn!(error = %e, "storvsc queue stopped");
+        }
+        result.map(|()| self.st)
+    }
+
+    fn serve(&mut self) -> Result<(), Error> {
+        let mut idle = 0u32;
+        let mut disconnected = false;
+        loop {
+            if self.stop.load(std::sync::atomic::Ordering::Acquire) {
+                return Ok(());
+            }
+            let mut moved = false;
+            // New requests.
+            loop {
+                match self.requests.try_recv() {
+                    Ok(r) => self.waiting.push_back(r),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        disconnected = true;
+                        break;
+                    }
+                }
+            }
+            // Issue what fits.
+            let mut blocked = None;
+            while let Some(r) = self.waiting.pop_front() {
+                match self.issue(r)? {
+                    Ok(()) => moved = true,
+                    Err((r, needed)) => {
+                        self.waiting.push_front(r);
+                        blocked = needed;
+                        break;
+                    }
+                }
+            }
+            self.st.ch.commit_out()?;
+            // Completions.
+            self.st.ch.inc.mask();
+            while let Some(n) = self.complete_one()? {
+                moved |= n;
+            }
+            self.st.ch.commit_in()?;
+            if disconnected && self.waiting.is_empty() && self.inflight.is_empty() {
+                return Ok(());
+            }
+            if moved {
+                idle = 0;
+                continue;
+            }
+            if idle < 2000 {
+                idle += 1;
+                std::hint::spin_loop();
+                continue;
+            }
+            idle = 0;
+            let (empty, signal) = self.st.ch.inc.prepare_sleep();
+            if signal {
+                self.st.ch.signal_host()?;
+            }
+            let still_blocked = match blocked {
+                Some(n) => self.st.ch.out.prepare_sleep(n),
+                None => true,
+            };
+            if !empty || !still_blocked {
+                self.st.ch.out.clear_pending();
+                continue;
+            }
+            self.sleep()?;
+            self.st.ch.out.clear_pending();
+        }
+    }
+
+    fn sleep(&self) -> Result<(), Error> {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let mut fds = [
+            PollFd::new(self.st.ch.interrupt(), PollFlags::IN),
+            PollFd::new(self.wake.as_ref(), PollFlags::IN),
+        ];
+        let ts = Timespec {
+            tv_sec: 1,
+            tv_nsec: 0,
+        };
+        match poll(&mut fds, Some(&ts)) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(Error::Ring(ringbuf::Error::Event(e))),
+        }
+        if !fds[0].revents().is_empty() {
+            self.st.ch.interrupt().wait()?;
+        }
+        if !fds[1].revents().is_empty() {
+            self.wake.wait()?;
+        }
+        Ok(())
+    }
+
+    fn srb_for(&self, op: &DiskOp) -> Result<Srb, IoError> {
+        let bs = self.block_size.load(std::sync::atomic::Ordering::Acquire);
+        Ok(match op {
+            DiskOp::Read { offset, len } => Srb {
+                cdb: rw16(bs, 0x88, *offset, *len, false)?,
+                dir: DataDirection::READ,
+                len: *len,
+                data_out: None,
+            },
+            DiskOp::Write { offset, data, fua } => Srb {
+                cdb: rw16(bs, 0x8a, *offset, data.len() as u32, *fua)?,
+                dir: DataDirection::WRITE,
+                len: data.len() as u32,
+                data_out: Some(data.clone()),
+            },
+            DiskOp::Flush => Srb {
+                cdb: vec![0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                dir: DataDirection::UNKNOWN,
+                len: 0,
+                data_out: None,
+            },
+            DiskOp::Discard { offset, len } => {
+                let (lba, blocks) = blocks_of(bs, *offset, *len)?;
+                let mut list = vec![0u8; 24];
+                list[0..2].copy_from_slice(&22u16.to_be_bytes());
+                list[2..4].copy_from_slice(&16u16.to_be_bytes());
+                list[8..16].copy_from_slice(&lba.to_be_bytes());
+                list[16..20].copy_from_slice(&blocks.to_be_bytes());
+                let mut cdb = vec![0u8; 10];
+                cdb[0] = 0x42;
+                cdb[7..9].copy_from_slice(&24u16.to_be_bytes());
+                Srb {
+                    cdb,
+                    dir: DataDirection::WRITE,
+                    len: 24,
+                    data_out: Some(list),
+                }
+            }
+            DiskOp::WriteZeroes { offset, len, unmap } => {
+                let (lba, blocks) = blocks_of(bs, *offset, *len)?;
+                let mut cdb = vec![0u8; 16];
+                cdb[0] = 0x93;
+                cdb[1] = if *unmap { 0x08 } else { 0 };
+                cdb[2..10].copy_from_slice(&lba.to_be_bytes());
+                cdb[10..14].copy_from_slice(&blocks.to_be_bytes());
+                Srb {
+                    cdb,
+                    dir: DataDirection::WRITE,
+                    len: bs,
+                    data_out: Some(vec![0u8; bs as usize]),
+                }
+            }
+            DiskOp::Scsi {
+                cdb,
+                data_out,
+                data_in,
+            } => {
+                if cdb.is_empty() || cdb.len() > 16 {
+                    return Err(IoError::Invalid);
+                }
+                if !data_out.is_empty() {
+                    Srb {
+                        cdb: cdb.clone(),
+                        dir: DataDirection::WRITE,
+                        len: data_out.len() as u32,
+                        data_out: Some(data_out.clone()),
+                    }
+                } else {
+                    Srb {
+                        cdb: cdb.clone(),
+                        dir: if *data_in > 0 {
+                            DataDirection::READ
+                        } else {
+                            DataDirection::UNKNOWN
+                        },
+                        len: *data_in,
+                        data_out: None,
+                    }
+                }
+            }
+        })
+    }
+
+    /// Writes one request into the ring. `Ok(Err(..))` gives it back when there is no room
+    /// (bounce pages, slots or ring space), with the ring bytes needed if the ring was full.
+    #[allow(clippy::type_complexity)]
+    fn issue(&mut self, r: Request) -> Result<Result<(), (Request, Option<u32>)>, Error> {
+        let srb = match self.srb_for(&r.op) {
+            Ok(s) => s,
+            Err(e) => {
+                (r.done)(Err(e));
+                return Ok(Ok(()));
+            }
+        };
+        if srb.len > self.st.max_transfer.max(512) || srb.len as usize > BOUNCE_BYTES {
+            (r.done)(Err(IoError::Invalid));
+            return Ok(Ok(()));
+        }
+        let npages = (srb.len as usize).div_ceil(4096);
+        if self.inflight.len() >= MAX_IN_FLIGHT || self.free_pages.len() < npages {
+            return Ok(Err((r, None)));
+        }
+        let at = self.free_pages.len() - npages;
+        let pages: Vec<u64> = self.free_pages.drain(at..).collect();
+        if let Some(data) = &srb.data_out {
+            let mem = self.front.memory();
+            for (i, chunk) in data.chunks(4096).enumerate() {
+                mem.write(pages[i] * 4096, chunk)?;
+            }
+        }
+        let mut req = ScsiRequest::new_zeroed();
+        req.length = SCSI_REQUEST_SIZE as u16;
+        req.lun = self.lun;
+        req.cdb_length = srb.cdb.len() as u8;
+        req.sense_info_length = SENSE_BUFFER_SIZE as u8;
+        req.data_in = srb.dir;
+        req.data_transfer_length = srb.len;
+        req.cdb_or_sense[..srb.cdb.len()].copy_from_slice(&srb.cdb);
+        req.srb_flags = match srb.dir {
+            DataDirection::READ => srb_flags::DATA_IN,
+            DataDirection::WRITE => srb_flags::DATA_OUT,
+            _ => srb_flags::NO_DATA_TRANSFER,
+        } | srb_flags::DISABLE_SYNCH_TRANSFER;
+        req.time_out_value = 60;
+        let mut p = VstorPacket::new(VstorOperation::EXECUTE_SRB, REQUEST_COMPLETION_FLAG, 0);
+        p.set_body(&req);
+        let tx = self.next_tx;
+        let parts = [p.as_bytes()];
+        let mut header = Vec::new();
+        let written = if npages > 0 {
+            gpa_direct_header(&mut header, &[(0, srb.len, &pages)]);
+            self.st.ch.out.write(&OutgoingPacket {
+                packet_type: PacketType::DATA_USING_GPA_DIRECT,
+                flags: vmbus_proto::ring::PACKET_FLAG_COMPLETION_REQUESTED,
+                transaction_id: tx,
+                header: &header,
+                payload: &parts,
+            })
+        } else {
+            self.st
+                .ch
+                .out
+                .write(&OutgoingPacket::in_band(tx, true, &parts))
+        };
+        match written {
+            Ok(()) => {}
+            Err(ringbuf::Error::Full { needed, .. }) => {
+                self.free_pages.extend(pages);
+                return Ok(Err((r, Some(needed))));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.next_tx = self.next_tx.wrapping_add(1).max(1) & !CONTROL_TX;
+        let data_in = if srb.dir == DataDirection::READ {
+            srb.len
+        } else {
+            0
+        };
+        self.inflight.insert(
+            tx,
+            InFlight {
+                done: r.done,
+                pages,
+                data_in,
+            },
+        );
+        Ok(Ok(()))
+    }
+
+    /// Handles one packet from the host; `None` when the ring is empty.
+    fn complete_one(&mut self) -> Result<Option<bool>, Error> {
+        let Some(pkt) = self.st.ch.inc.read()? else {
+            return Ok(None);
+        };
+        if !matches!(pkt.kind, PacketKind::Completion | PacketKind::InBand) {
+            return Ok(Some(false));
+        }
+        let tx = pkt.transaction_id;
+        let Ok((vp, _)) = VstorPacket::read_from_prefix(pkt.payload) else {
+            return Err(Error::Protocol("short storvsc completion".into()));
+        };
+        let Some(f) = self.inflight.remove(&tx) else {
+            tracing::debug!(tx, op = ?{ vp.operation }, "completion for no request");
+            return Ok(Some(false));
+        };
+        let srb: ScsiRequest = vp.body();
+        let result = if { vp.operation } != VstorOperation::COMPLETE_IO {
+            Err(IoError::Srb(0))
+        } else if srb_status::code(srb.srb_status) != srb_status::SUCCESS || srb.scsi_status != 0 {
+            if srb.scsi_status == scsi_proto::status::CHECK_CONDITION {
+                let s = &srb.cdb_or_sense[..CDB_SENSE_AREA_SIZE];
+                Err(IoError::Sense {
+                    key: s[2] & 0x0f,
+                    asc: s[12],
+                    ascq: s[13],
+                })
+            } else if srb.scsi_status != 0 {
+                Err(IoError::Status(srb.scsi_status))
+            } else {
+                Err(IoError::Srb(srb.srb_status))
+            }
+        } else {
+            let n = srb.data_transfer_length.min(f.data_in) as usize;
+            let mut data = vec![0u8; n];
+            let mem = self.front.memory();
+            for (i, chunk) in data.chunks_mut(4096).enumerate() {
+                mem.read(f.pages[i] * 4096, chunk)?;
+            }
+            Ok(data)
+        };
+        self.free_pages.extend(f.pages);
+        (f.done)(result);
+        Ok(Some(true))
+    }
+}
+
+/// Byte range to (LBA, blocks) for `bs`-byte blocks; unaligned ranges are invalid.
+fn blocks_of(bs: u32, offset: u64, len: u64) -> Result<(u64, u32), IoError> {
+    let bs = u64::from(bs);
+    if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) || len / bs > u64::from(u32::MAX) {
+        return Err(IoError::Invalid);
+    }
+    Ok((offset / bs, (len / bs) as u32))
+}
+
+/// READ(16)/WRITE(16).
+fn rw16(bs: u32, op: u8, offset: u64, len: u32, fua: bool) -> Result<Vec<u8>, IoError> {
+    let (lba, blocks) = blocks_of(bs, offset, u64::from(len))?;
+    let mut cdb = vec![0u8; 16];
+    cdb[0] = op;
+    cdb[1] = if fua { 0x08 } else { 0 };
+    cdb[2..10].copy_from_slice(&lba.to_be_bytes());
+    cdb[10..14].copy_from_slice(&blocks.to_be_bytes());
+    Ok(cdb)
+}

@@ -1,0 +1,582 @@
+//! storvsp: the host side of VMBus synthetic SCSI, as Linux's hv_storvsc expects it.
+//!
+//! One [`Storvsp`] serves one controller channel: the initialisation handshake (begin, protocol
+//! version WIN8 / WIN8.1 / WIN10, properties, end), resets, and EXECUTE_SRB. An SRB's CDB goes to
+//! the [`ScsiDisk`] emulation; block I/O goes to the channel's own io_uring ([`DiskQueue`]),
+//! zero copy from the GPA-direct ranges of the packet; the answer is a completion packet with
+//! the same transaction id carrying the updated SRB (statuses, sense, bytes transferred).
+//!
+//! Everything in a packet is hostile: a short packet, a bad CDB, a range outside guest memory or
+//! a transfer longer than its buffer fails that request alone, with an SRB status or CHECK
+//! CONDITION; nothing panics and nothing stops the channel.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use ringbuf::guestmem::GuestMemory;
+use ringbuf::packet::{GpaRanges, OutgoingPacket, PacketKind};
+use ringbuf::{OutgoingRing, Packet};
+use vmbus_proto::storvsp::scsi::SenseData;
+use vmbus_proto::storvsp::{
+    srb_status, status as vstor_status, ChannelProperties, ProtocolVersion, ScsiRequest,
+    StorageVersion, VstorOperation, VstorPacket, CDB_SENSE_AREA_SIZE, MAX_CDB_LEN,
+};
+use zerocopy::{FromZeros, IntoBytes};
+
+use crate::channel::Device;
+use crate::disk::{Completion, DiskFile, DiskQueue, IoOp, Segment};
+use crate::scsi::{Action, DiskInfo, Fill, IoKind, Response, ScsiDisk};
+use crate::Error;
+
+/// Largest transfer the host accepts, reported in QUERY_PROPERTIES and VPD page 0xB0.
+pub const MAX_TRANSFER_BYTES: u32 = 2 << 20;
+
+/// Requests in flight per channel.
+pub const QUEUE_DEPTH: u32 = 256;
+
+/// Guest pages one SRB's buffer may name at most (the largest transfer, misaligned).
+const MAX_BUFFER_PAGES: u64 = (MAX_TRANSFER_BYTES as u64 / 4096) + 1;
+
+/// Protocol state of the channel.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum State {
+    /// Before BEGIN_INITIALIZATION.
+    Start,
+    /// Between begin and end.
+    Initializing,
+    /// Serving SRBs.
+    Ready,
+}
+
+/// One request being served.
+#[derive(Debug)]
+struct Slot {
+    transaction_id: u64,
+    srb: ScsiRequest,
+    kind: IoKind,
+    /// Operations still in flight (UNMAP may issue several).
+    remaining: u32,
+    /// Bytes the read or write moves; a short transfer is an error.
+    expected: u32,
+    /// The first error.
+    error: Option<i32>,
+}
+
+/// A storvsp controller channel with one disk (LUN 0 of target 0).
+pub struct Storvsp {
+    mem: Arc<GuestMemory>,
+    scsi: ScsiDisk,
+    queue: DiskQueue,
+    block_size: u32,
+    state: State,
+    /// Size of the SRB the guest uses (52 from WIN8).
+    version: StorageVersion,
+    slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    /// Answers that did not fit in the ring yet.
+    answers: VecDeque<(u64, VstorPacket)>,
+    /// Ring bytes the first waiting answer needs.
+    stalled: Option<u32>,
+    /// Operations queued since the last submit.
+    unsubmitted: bool,
+    completions: Vec<Completion>,
+}
+
+impl std::fmt::Debug for Storvsp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Storvsp")
+            .field("state", &self.state)
+            .field("in_flight", &self.queue.in_flight())
+            .finish()
+    }
+}
+
+/// A stable 60-bit identifier for a disk path (its VPD NAA designator and serial).
+fn disk_id(path: &std::path::Path) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in path.as_os_str().as_encoded_bytes() {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+    }
+    h & ((1 << 60) - 1)
+}
+
+impl Storvsp {
+    /// A controller channel serving `disk`, with buffers in `mem`.
+    pub fn new(
+        disk: Arc<DiskFile>,
+        path: &std::path::Path,
+        mem: Arc<GuestMemory>,
+    ) -> Result<Self, Error> {
+        let block_size = disk.block_size();
+        let id = disk_id(path);
+        let info = DiskInfo {
+            blocks: disk.size() / u64::from(block_size),
+            block_size,
+            readonly: disk.readonly(),
+            discard: disk.supports_discard(),
+            serial: format!("{id:015x}"),
+            naa: id,
+            max_transfer_blocks: MAX_TRANSFER_BYTES / block_size,
+            optimal_io_blocks: 0,
+            rotational: false,
+        };
+        let queue = DiskQueue::new(disk, mem.clone(), QUEUE_DEPTH)?;
+        Ok(Self {
+            mem,
+            scsi: ScsiDisk::new(info),
+            queue,
+            block_size,
+            state: State::Start,
+            version: StorageVersion::WIN8,
+            slots: (0..QUEUE_DEPTH).map(|_| None).collect(),
+            free: (0..QUEUE_DEPTH as usize).rev().collect(),
+            answers: VecDeque::new(),
+            stalled: None,
+            unsubmitted: false,
+            completions: Vec::with_capacity(QUEUE_DEPTH as usize),
+        })
+    }
+
+    /// Sends (or queues, when the ring is full) a completion packet.
+    fn answer(
+        &mut self,
+        out: &mut OutgoingRing,
+        transaction_id: u64,
+        p: VstorPacket,
+    ) -> Result<(), Error> {
+        if self.answers.is_empty() {
+            match out.write(&OutgoingPacket::completion(transaction_id, &[p.as_bytes()])) {
+                Ok(()) => return Ok(()),
+                Err(ringbuf::Error::Full { needed, .. }) => self.stalled = Some(needed),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.answers.push_back((transaction_id, p));
+        Ok(())
+    }
+
+    fn flush_answers(&mut self, out: &mut OutgoingRing) -> Result<bool, Error> {
+        let mut moved = false;
+        while let Some((tx, p)) = self.answers.front() {
+            match out.write(&OutgoingPacket::completion(*tx, &[p.as_bytes()])) {
+                Ok(()) => {
+                    self.answers.pop_front();
+                    moved = true;
+                }
+                Err(ringbuf::Error::Full { needed, .. }) => {
+                    self.stalled = Some(needed);
+                    return Ok(moved);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.stalled = None;
+        Ok(moved)
+    }
+
+    fn control(&mut self, out: &mut OutgoingRing, tx: u64, req: &VstorPacket) -> Result<(), Error> {
+        let mut reply = VstorPacket::new(VstorOperation::COMPLETE_IO, 0, vstor_status::SUCCESS);
+        let operation = req.operation;
+        match operation {
+            VstorOperation::BEGIN_INITIALIZATION => self.state = State::Initializing,
+            VstorOperation::QUERY_PROTOCOL_VERSION => {
+                let v: ProtocolVersion = req.body();
+                match v.major_minor {
+                    StorageVersion::WIN8 | StorageVersion::WIN8_1 | StorageVersion::WIN10 => {
+                        self.version = v.major_minor;
+                        reply.set_body(&v);
+                    }
+                    other => {
+                        tracing::debug!(version = ?other, "storage protocol version refused");
+                        reply.status = vstor_status::REVISION_MISMATCH;
+                    }
+                }
+            }
+            VstorOperation::QUERY_PROPERTIES => {
+                let mut p = ChannelProperties::new_zeroed();
+                p.max_transfer_bytes = MAX_TRANSFER_BYTES;
+                reply.set_body(&p);
+            }
+            VstorOperation::END_INITIALIZATION => self.state = State::Ready,
+            // In-flight I/O completes normally; nothing is queued elsewhere to abort.
+            VstorOperation::RESET_LUN
+            | VstorOperation::RESET_ADAPTER
+            | VstorOperation::RESET_BUS => {}
+            other => {
+                tracing::debug!(operation = ?other, "unsupported storvsc operation");
+                reply.status = vstor_status::INVALID_PARAMETER;
+            }
+        }
+        self.answer(out, tx, reply)
+    }
+
+    /// The data buffer of an SRB as guest-memory segments, or why it is unusable.
+    fn segments(&self, kind: &PacketKind<'_>) -> Result<(Vec<Segment>, u64), &'static str> {
+        let PacketKind::GpaDirect(ranges) = kind else {
+            return Ok((Vec::new(), 0));
+        };
+        buffer_segments(ranges)
+    }
+
+    fn execute(
+        &mut self,
+        out: &mut OutgoingRing,
+        tx: u64,
+        req: &VstorPacket,
+        kind: &PacketKind<'_>,
+    ) -> Result<(), Error> {
+        let mut srb: ScsiRequest = req.body();
+        let fail = |mut srb: ScsiRequest, status: u8| {
+            srb.srb_status = status;
+            srb.scsi_status = 0;
+            srb.data_transfer_length = 0;
+            srb
+        };
+        if self.state != State::Ready && self.state != State::Initializing {
+            let s = fail(srb, srb_status::INVALID_REQUEST);
+            return self.complete(out, tx, s);
+        }
+        if srb.path_id != 0 || srb.target_id != 0 || srb.lun != 0 {
+            let s = fail(srb, srb_status::INVALID_LUN);
+            return self.complete(out, tx, s);
+        }
+        if usize::from(srb.cdb_length) > MAX_CDB_LEN || srb.cdb_length == 0 {
+            let s = fail(srb, srb_status::INVALID_REQUEST);
+            return self.complete(out, tx, s);
+        }
+        let (segments, buffer_len) = match self.segments(kind) {
+            Ok(s) => s,
+            Err(why) => {
+                tracing::debug!(why, "SRB buffer refused");
+                let s = fail(srb, srb_status::INVALID_REQUEST);
+                return self.complete(out, tx, s);
+            }
+        };
+        let data_len = srb.data_transfer_length;
+        if u64::from(data_len) > buffer_len {
+            tracing::debug!(data_len, buffer_len, "transfer longer than its buffer");
+            let s = fail(srb, srb_status::INVALID_REQUEST);
+            return self.complete(out, tx, s);
+        }
+        let cdb = srb.cdb().to_vec();
+        let want = self.scsi.data_out_len(&cdb).min(data_len as usize);
+        let mut data_out = vec![0u8; want];
+        if want > 0 && copy_from_guest(&self.mem, &segments, &mut data_out).is_err() {
+            let s = fail(srb, srb_status::INVALID_REQUEST);
+            return self.complete(out, tx, s);
+        }
+        let action = self.scsi.execute(0, &cdb, data_len, &data_out);
+        let bs = u64::from(self.block_size);
+        let ops: Vec<IoOp> = match &action {
+            Action::Done(resp) => {
+                let n = resp.data.len().min(data_len as usize);
+                if n > 0 && copy_to_guest(&self.mem, &segments, &resp.data[..n]).is_err() {
+                    let s = fail(srb, srb_status::INVALID_REQUEST);
+                    return self.complete(out, tx, s);
+                }
+                apply_response(&mut srb, resp, n as u32);
+                return self.complete(out, tx, srb);
+            }
+            Action::Read { lba, blocks, .. } => {
+                vec![IoOp::Read {
+                    offset: lba * bs,
+                    segments: prefix(&segments, u64::from(*blocks) * bs),
+                }]
+            }
+            Action::Write { lba, blocks, fua } => {
+                vec![IoOp::Write {
+                    offset: lba * bs,
+                    segments: prefix(&segments, u64::from(*blocks) * bs),
+                    fua: *fua,
+                }]
+            }
+            Action::Flush => vec![IoOp::Flush],
+            Action::Unmap(ranges) => ranges
+                .iter()
+                .map(|r| IoOp::Discard {
+                    offset: r.lba * bs,
+                    len: u64::from(r.blocks) * bs,
+                })
+                .collect(),
+            Action::WriteSame { lba, blocks, fill } => {
+                let zeros = match fill {
+                    Fill::Zeros { may_unmap } => Some(*may_unmap),
+                    Fill::Data
+                        if data_out.iter().all(|&b| b == 0) && data_out.len() as u64 >= bs =>
+                    {
+                        Some(false)
+                    }
+                    Fill::Data => None,
+                };
+                match zeros {
+                    Some(unmap) => vec![IoOp::WriteZeroes {
+                        offset: lba * bs,
+                        len: u64::from(*blocks) * bs,
+                        unmap,
+                    }],
+                    // A pattern: the guest's own block, named once per block (zero copy).
+                    None if *blocks <= 1024 => {
+                        let block = prefix(&segments, bs);
+                        let segs: Vec<Segment> =
+                            (0..*blocks).flat_map(|_| block.iter().copied()).collect();
+                        vec![IoOp::Write {
+                            offset: lba * bs,
+                            segments: segs,
+                            fua: false,
+                        }]
+                    }
+                    None => {
+                        let resp = Response::check_condition(
+                            vmbus_proto::storvsp::scsi::SenseKey::ILLEGAL_REQUEST,
+                            vmbus_proto::storvsp::scsi::asc::INVALID_FIELD_IN_CDB,
+                        );
+                        apply_response(&mut srb, &resp, 0);
+                        return self.complete(out, tx, srb);
+                    }
+                }
+            }
+        };
+        let kind = action.io_kind().expect("block I/O");
+        let expected = match &action {
+            Action::Read { blocks, .. } | Action::Write { blocks, .. } => {
+                (u64::from(*blocks) * bs) as u32
+            }
+            _ => 0,
+        };
+        let Some(slot) = self.free.pop() else {
+            let s = fail(srb, srb_status::BUSY);
+            return self.complete(out, tx, s);
+        };
+        let mut queued = 0u32;
+        let mut error = None;
+        for op in ops {
+            match self.queue.queue(slot as u64, op) {
+                Ok(()) => queued += 1,
+                Err(e) => {
+                    tracing::debug!(error = %e, "I/O refused");
+                    error = Some(rustix::io::Errno::INVAL.raw_os_error());
+                    break;
+                }
+            }
+        }
+        if queued == 0 {
+            self.free.push(slot);
+            let s = fail(srb, srb_status::INVALID_REQUEST);
+            return self.complete(out, tx, s);
+        }
+        self.unsubmitted = true;
+        self.slots[slot] = Some(Slot {
+            transaction_id: tx,
+            srb,
+            kind,
+            remaining: queued,
+            expected,
+            error,
+        });
+        Ok(())
+    }
+
+    fn complete(&mut self, out: &mut OutgoingRing, tx: u64, srb: ScsiRequest) -> Result<(), Error> {
+        let mut p = VstorPacket::new(VstorOperation::COMPLETE_IO, 0, vstor_status::SUCCESS);
+        p.set_body(&srb);
+        self.answer(out, tx, p)
+    }
+
+    fn finish(&mut self, out: &mut OutgoingRing, c: Completion) -> Result<(), Error> {
+        let idx = c.tag as usize;
+        let Some(Some(slot)) = self.slots.get_mut(idx) else {
+            return Ok(());
+        };
+        slot.remaining -= 1;
+        match c.result {
+            Ok(n) if slot.expected != 0 && n != slot.expected => {
+                slot.error
+                    .get_or_insert(rustix::io::Errno::IO.raw_os_error());
+            }
+            Ok(_) => {}
+            Err(e) => {
+                slot.error.get_or_insert(e);
+            }
+        }
+        if slot.remaining > 0 {
+            return Ok(());
+        }
+        let slot = self.slots[idx].take().expect("present");
+        self.free.push(idx);
+        let result = match slot.error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        };
+        let resp = ScsiDisk::io_done(slot.kind, result);
+        let moved = if result.is_ok() { slot.expected } else { 0 };
+        let mut srb = slot.srb;
+        apply_response(&mut srb, &resp, moved);
+        self.complete(out, slot.transaction_id, srb)
+    }
+}
+
+/// Writes a finished command's statuses, sense and transfer length into the SRB.
+fn apply_response(srb: &mut ScsiRequest, resp: &Response, transferred: u32) {
+    srb.scsi_status = resp.status;
+    srb.data_transfer_length = transferred;
+    match &resp.sense {
+        None => srb.srb_status = srb_status::SUCCESS,
+        Some(sense) => {
+            srb.srb_status = srb_status::ERROR | srb_status::AUTOSENSE_VALID;
+            let bytes = SenseData::as_bytes(sense);
+            let n = bytes
+                .len()
+                .min(CDB_SENSE_AREA_SIZE)
+                .min(usize::from(srb.sense_info_length.max(18)));
+            srb.cdb_or_sense = [0; CDB_SENSE_AREA_SIZE];
+            srb.cdb_or_sense[..n].copy_from_slice(&bytes[..n]);
+            srb.sense_info_length = n as u8;
+        }
+    }
+}
+
+/// The GPA-direct ranges of a packet as page-bounded segments (adjacent pages merged), with the
+/// total length. Every page number is checked for overflow; guest memory bounds are checked
+/// when the segments are used.
+fn buffer_segments(ranges: &GpaRanges<'_>) -> Result<(Vec<Segment>, u64), &'static str> {
+    let mut segs: Vec<Segment> = Vec::new();
+    let mut total = 0u64;
+    let mut pages = 0u64;
+    for r in ranges.iter() {
+        if r.byte_offset >= 4096 {
+            return Err("range offset beyond its first page");
+        }
+        pages += r.pfns.len() as u64;
+        if pages > MAX_BUFFER_PAGES {
+            return Err("buffer larger than the largest transfer");
+        }
+        let mut left = u64::from(r.byte_count);
+        let mut off = u64::from(r.byte_offset);
+        for pfn in r.pfns {
+            if left == 0 {
+                break;
+            }
+            let gpa = pfn
+                .get()
+                .checked_mul(4096)
+                .and_then(|g| g.checked_add(off))
+                .ok_or("page number overflows")?;
+            let len = left.min(4096 - off) as u32;
+            match segs.last_mut() {
+                Some(last) if last.gpa + u64::from(last.len) == gpa => last.len += len,
+                _ => segs.push(Segment { gpa, len }),
+            }
+            left -= u64::from(len);
+            total += u64::from(len);
+            off = 0;
+        }
+    }
+    Ok((segs, total))
+}
+
+/// The first `len` bytes of `segs`.
+fn prefix(segs: &[Segment], len: u64) -> Vec<Segment> {
+    let mut left = len;
+    let mut v = Vec::new();
+    for s in segs {
+        if left == 0 {
+            break;
+        }
+        let n = u64::from(s.len).min(left);
+        v.push(Segment {
+            gpa: s.gpa,
+            len: n as u32,
+        });
+        left -= n;
+    }
+    v
+}
+
+fn copy_from_guest(
+    mem: &GuestMemory,
+    segs: &[Segment],
+    dst: &mut [u8],
+) -> Result<(), ringbuf::Error> {
+    let mut at = 0;
+    for s in segs {
+        if at == dst.len() {
+            break;
+        }
+        let n = (s.len as usize).min(dst.len() - at);
+        mem.read(s.gpa, &mut dst[at..at + n])?;
+        at += n;
+    }
+    Ok(())
+}
+
+fn copy_to_guest(mem: &GuestMemory, segs: &[Segment], src: &[u8]) -> Result<(), ringbuf::Error> {
+    let mut at = 0;
+    for s in segs {
+        if at == src.len() {
+            break;
+        }
+        let n = (s.len as usize).min(src.len() - at);
+        mem.write(s.gpa, &src[at..at + n])?;
+        at += n;
+    }
+    Ok(())
+}
+
+impl Device for Storvsp {
+    fn handle(&mut self, packet: &Packet<'_>, out: &mut OutgoingRing) -> Result<(), Error> {
+        let mut req = VstorPacket::new_zeroed();
+        let n = packet.payload.len().min(size_of::<VstorPacket>());
+        req.as_mut_bytes()[..n].copy_from_slice(&packet.payload[..n]);
+        if n < 12 {
+            tracing::debug!(len = n, "storvsc packet too short; ignored");
+            return Ok(());
+        }
+        let tx = packet.transaction_id;
+        if { req.operation } == VstorOperation::EXECUTE_SRB {
+            self.execute(out, tx, &req, &packet.kind)
+        } else {
+            self.control(out, tx, &req)
+        }
+    }
+
+    fn poll(&mut self, out: &mut OutgoingRing) -> Result<bool, Error> {
+        let mut moved = self.flush_answers(out)?;
+        if self.unsubmitted {
+            self.queue.submit()?;
+            self.unsubmitted = false;
+        }
+        if self.queue.in_flight() > 0 {
+            let mut done = std::mem::take(&mut self.completions);
+            self.queue.reap(&mut done);
+            for c in done.drain(..) {
+                moved = true;
+                self.finish(out, c)?;
+            }
+            self.completions = done;
+        }
+        Ok(moved)
+    }
+
+    fn busy(&self) -> bool {
+        self.free.is_empty() || !self.answers.is_empty()
+    }
+
+    fn blocked_on_ring(&self) -> Option<u32> {
+        self.stalled
+    }
+
+    fn in_flight(&self) -> bool {
+        self.queue.in_flight() > 0
+    }
+
+    fn wake_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(self.queue.completion_event())
+    }
+}
+
+impl Drop for Storvsp {
+    fn drop(&mut self) {
+        // The queue waits for in-flight I/O itself; answers for it are dropped with the channel.
+        let _ = self.queue.wait(self.queue.in_flight());
+    }
+}
