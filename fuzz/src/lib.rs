@@ -310,3 +310,116 @@ pub fn write_ring(input: &[u8]) {
     }
     out.commit();
 }
+
+/// Feeds the VMBus server (`vsp::server`) a connected guest's worth of hostile channel
+/// messages: the input is a list of `(selector byte, length byte, message bytes)` records; the
+/// selector's low two bits pick the connection id (1, 4, the channel's, or a random one from
+/// the next bytes). A valid InitiateContact and RequestOffers come first so that most inputs
+/// reach the stateful parts (GPADLs, opens). Invariants: no panic, every message the server
+/// emits fits a SynIC slot (240 bytes), opens only name rings inside guest memory.
+pub fn vmbus_server(data: &[u8]) {
+    use vmbus_proto::channel::{InitiateContact, MessageHeader, MessageType, VmbusVersion};
+    use vsp::server::{OfferSpec, Output, Server, ServerConfig};
+    use zerocopy::{FromZeros, IntoBytes};
+
+    thread_local! {
+        static MEM: ringbuf::guestmem::GuestMemory = {
+            let mut m = ringbuf::guestmem::GuestMemory::new();
+            let fd = ringbuf::shmem::create_memfd("fuzz-guest", 1 << 20).expect("memfd");
+            m.add_region(0, 1 << 20, fd, 0).expect("region");
+            m
+        };
+    }
+    MEM.with(|mem| {
+        let config = ServerConfig { max_gpadl_bytes: 256 << 10, ..ServerConfig::default() };
+        let mut server = Server::new(config);
+        let mut out = Vec::new();
+        for i in 0..3u8 {
+            let spec = OfferSpec {
+                interface_type: vmbus_proto::channel::Guid::SCSI,
+                interface_instance: vmbus_proto::channel::Guid([i; 16]),
+                subchannel_index: 0,
+                mmio_megabytes: 0,
+                flags: 0,
+                user_defined: [0; 120],
+            };
+            let _ = server.add_offer(spec, &mut out);
+        }
+        let mut ic = InitiateContact::new_zeroed();
+        ic.header = MessageHeader::new(MessageType::INITIATE_CONTACT);
+        ic.vmbus_version_requested = VmbusVersion::IRON.0;
+        server.handle_message(mem, 4, ic.as_bytes(), &mut out);
+        server.handle_message(mem, 1, MessageHeader::new(MessageType::REQUEST_OFFERS).as_bytes(), &mut out);
+        let mut rest = data;
+        let mut steps = 0;
+        while rest.len() >= 2 && steps < MAX_STEPS {
+            let (sel, len) = (rest[0], usize::from(rest[1]));
+            rest = &rest[2..];
+            let len = len.min(rest.len());
+            let (msg, tail) = rest.split_at(len);
+            rest = tail;
+            let conn = match sel & 3 {
+                0 => 1,
+                1 => 4,
+                2 => 0x100 + u32::from(sel >> 2),
+                _ => u32::from(sel),
+            };
+            server.handle_message(mem, conn, msg, &mut out);
+            for o in out.drain(..) {
+                match o {
+                    Output::Message { bytes, .. } => assert!(bytes.len() <= 240, "message of {} bytes", bytes.len()),
+                    Output::Open { relid, ring, .. } => {
+                        assert!(ring.len() <= 1 << 20, "ring larger than guest memory");
+                        let mut more = Vec::new();
+                        server.open_complete(relid, sel & 4 == 0, &mut more);
+                        assert!(more.iter().all(|m| !matches!(m, Output::Open { .. })));
+                    }
+                    Output::Close { .. } | Output::Retarget { .. } => {}
+                }
+            }
+            steps += 1;
+        }
+        server.reset(&mut out);
+    });
+}
+
+/// Feeds the SCSI emulation (`vsp::scsi`) arbitrary commands: `(data_len: u32, cdb_len: u8,
+/// cdb, data_out_len: u8, data_out)` records against a small disk. Invariants: no panic, data-in
+/// never longer than the buffer, block I/O inside the capacity and the buffer.
+pub fn scsi_commands(data: &[u8]) {
+    use vsp::scsi::{Action, DiskInfo, ScsiDisk};
+    let info = DiskInfo {
+        blocks: 2048,
+        block_size: 512,
+        readonly: data.first().is_some_and(|b| b & 1 != 0),
+        discard: data.first().is_some_and(|b| b & 2 != 0),
+        serial: "fuzz".into(),
+        naa: 0x123,
+        max_transfer_blocks: 256,
+        optimal_io_blocks: 0,
+        rotational: false,
+    };
+    let mut disk = ScsiDisk::new(info);
+    let mut rest = data.get(1..).unwrap_or_default();
+    let mut steps = 0;
+    while rest.len() >= 5 && steps < MAX_STEPS {
+        let data_len = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) % (1 << 20);
+        let cdb_len = usize::from(rest[4]).min(rest.len() - 5).min(32);
+        let cdb = &rest[5..5 + cdb_len];
+        rest = &rest[5 + cdb_len..];
+        let out_len = usize::from(rest.first().copied().unwrap_or(0)).min(rest.len().saturating_sub(1));
+        let data_out = rest.get(1..1 + out_len).unwrap_or_default();
+        rest = rest.get(1 + out_len..).unwrap_or_default();
+        match disk.execute(0, cdb, data_len, data_out) {
+            Action::Done(r) => assert!(r.data.len() <= data_len as usize),
+            Action::Read { lba, blocks, .. } | Action::Write { lba, blocks, .. } => {
+                assert!(lba + u64::from(blocks) <= 2048);
+                assert!(u64::from(blocks) * 512 <= u64::from(data_len));
+            }
+            Action::Unmap(ranges) => assert!(ranges.iter().all(|r| r.lba + u64::from(r.blocks) <= 2048)),
+            Action::WriteSame { lba, blocks, .. } => assert!(lba + u64::from(blocks) <= 2048),
+            Action::Flush => {}
+        }
+        steps += 1;
+    }
+}
