@@ -29,6 +29,16 @@ pub struct GuestChannel {
     interrupt: Event,
     gpadl: u32,
     pages: Vec<u64>,
+    stats: Arc<ChannelStats>,
+}
+
+/// What crossed between guest and host on a channel: the wakeups the ring rules let through.
+#[derive(Debug, Default)]
+pub struct ChannelStats {
+    /// Signals the guest sent the host (HvSignalEvent).
+    pub signals: std::sync::atomic::AtomicU64,
+    /// Interrupts the guest took from the host (wakeups of its interrupt line).
+    pub interrupts: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for GuestChannel {
@@ -65,6 +75,7 @@ impl GuestChannel {
             interrupt,
             gpadl,
             pages,
+            stats: Arc::default(),
         })
     }
 
@@ -106,7 +117,24 @@ impl GuestChannel {
 
     /// Signals the host (HvSignalEvent on the channel's connection id).
     pub fn signal_host(&self) -> Result<(), Error> {
+        self.stats
+            .signals
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.host.signal_event(self.connection_id)
+    }
+
+    /// The channel's counters.
+    pub fn stats(&self) -> &Arc<ChannelStats> {
+        &self.stats
+    }
+
+    /// Consumes a pending interrupt of the line (after `poll` said it fired) and counts it.
+    pub fn take_interrupt(&self) -> Result<(), Error> {
+        self.interrupt.wait()?;
+        self.stats
+            .interrupts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Commits what was written and signals the host if the rules say so.
@@ -133,7 +161,13 @@ impl GuestChannel {
     /// Waits for the channel's interrupt, up to `timeout`. Returns whether it fired.
     pub fn wait_interrupt(&self, timeout: Duration) -> Result<bool, Error> {
         let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        Ok(self.interrupt.wait_timeout(ms)? > 0)
+        let fired = self.interrupt.wait_timeout(ms)? > 0;
+        if fired {
+            self.stats
+                .interrupts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(fired)
     }
 
     /// Closes the channel, tears its GPADL down and frees its pages.

@@ -45,6 +45,9 @@ pub const BOUNCE_BYTES: usize = 32 << 20;
 /// Requests in flight at most.
 pub const MAX_IN_FLIGHT: usize = 256;
 
+/// Polling iterations of the queue thread before it sleeps when it has nothing to do.
+const SPIN: u32 = 2000;
+
 /// Transaction ids of control requests (high bit set; SRBs use their slot index).
 const CONTROL_TX: u64 = 1 << 63;
 
@@ -291,6 +294,19 @@ pub struct Disk {
     max_transfer: u32,
     thread: Mutex<Option<JoinHandle<Result<Storvsc, Error>>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    stats: Arc<crate::channel::ChannelStats>,
+    completed: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Counters of a [`Disk`]: requests completed, and the wakeups its channel needed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DiskStats {
+    /// Requests completed (successfully or not).
+    pub completed: u64,
+    /// Signals the guest sent the host.
+    pub signals: u64,
+    /// Interrupts the guest took.
+    pub interrupts: u64,
 }
 
 impl std::fmt::Debug for Disk {
@@ -311,6 +327,8 @@ impl Disk {
         let max_transfer = storvsc.max_transfer;
         let pages = front.alloc_pages(BOUNCE_BYTES / 4096)?;
         let block_size = Arc::new(std::sync::atomic::AtomicU32::new(512));
+        let stats = storvsc.ch.stats().clone();
+        let completed = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let q = Queue {
             st: storvsc,
             front: front.clone(),
@@ -323,6 +341,7 @@ impl Disk {
             inflight: HashMap::new(),
             next_tx: 1,
             block_size: block_size.clone(),
+            completed: completed.clone(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("storvsc-lun{lun}"))
@@ -341,6 +360,8 @@ impl Disk {
             max_transfer,
             thread: Mutex::new(Some(thread)),
             stop,
+            stats,
+            completed,
         };
         disk.geometry = disk.probe()?;
         block_size.store(
@@ -391,6 +412,16 @@ impl Disk {
             read_only,
             thin,
         })
+    }
+
+    /// Requests completed and wakeups so far.
+    pub fn stats(&self) -> DiskStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        DiskStats {
+            completed: self.completed.load(Relaxed),
+            signals: self.stats.signals.load(Relaxed),
+            interrupts: self.stats.interrupts.load(Relaxed),
+        }
     }
 
     /// The disk's geometry.
@@ -511,6 +542,7 @@ struct Queue {
     next_tx: u64,
     /// Bytes per logical block (512 until the probe says otherwise).
     block_size: Arc<std::sync::atomic::AtomicU32>,
+    completed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// What an SRB needs: CDB, direction, bytes.
@@ -584,7 +616,8 @@ impl Queue {
                 idle = 0;
                 continue;
             }
-            if idle < 2000 {
+            // Poll briefly before sleeping: a wakeup costs more than this.
+            if idle < SPIN {
                 idle += 1;
                 std::hint::spin_loop();
                 continue;
@@ -622,7 +655,7 @@ impl Queue {
             Err(e) => return Err(Error::Ring(ringbuf::Error::Event(e))),
         }
         if !fds[0].revents().is_empty() {
-            self.st.ch.interrupt().wait()?;
+            self.st.ch.take_interrupt()?;
         }
         if !fds[1].revents().is_empty() {
             self.wake.wait()?;
@@ -841,6 +874,8 @@ impl Queue {
             Ok(data)
         };
         self.free_pages.extend(f.pages);
+        self.completed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         (f.done)(result);
         Ok(Some(true))
     }

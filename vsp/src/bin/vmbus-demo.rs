@@ -242,6 +242,7 @@ fn run_storage(args: &Args) -> Result<(), BoxError> {
         "  workload: {} s of {} B random I/O, {}% writes, {} NBD clients, every read verified",
         args.seconds, args.block, args.write_percent, args.clients
     );
+    let before = disk.stats();
     let start = Instant::now();
     let mut threads = Vec::new();
     for w in 0..args.clients {
@@ -327,6 +328,7 @@ fn run_storage(args: &Args) -> Result<(), BoxError> {
         versions.push(st.versions);
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let after = disk.stats();
     println!();
     all.sort_unstable();
     let pct = |p: f64| {
@@ -370,6 +372,14 @@ fn run_storage(args: &Args) -> Result<(), BoxError> {
             checked += 1;
         }
     }
+    let reqs = (after.completed - before.completed).max(1);
+    println!(
+        "  wakeups: {} signals to the host + {} interrupts from it for {} requests ({:.3} per request)",
+        after.signals - before.signals,
+        after.interrupts - before.interrupts,
+        reqs,
+        (after.signals - before.signals + after.interrupts - before.interrupts) as f64 / reqs as f64
+    );
     println!("  verified: every read matched; {checked} written blocks checked in the image file");
     if errors > 0 {
         return Err(format!("{errors} requests failed").into());
