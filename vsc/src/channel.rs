@@ -123,6 +123,11 @@ impl GuestChannel {
         self.host.signal_event(self.connection_id)
     }
 
+    /// Whether the host is still there.
+    pub fn host_alive(&self) -> bool {
+        self.host.host_alive()
+    }
+
     /// The channel's counters.
     pub fn stats(&self) -> &Arc<ChannelStats> {
         &self.stats

@@ -10,7 +10,7 @@ use vmbus_proto::channel::Guid;
 use crate::channel::GuestChannel;
 use crate::client::{Client, Offer, SUPPORTED_VERSIONS};
 use crate::loopback::Loopback;
-use crate::storvsc::{Disk, Storvsc};
+use crate::storvsc::{Controller, Disk, Storvsc};
 use crate::Error;
 
 /// Ring pages each way of a storage channel (control page included): 256 KiB of data.
@@ -22,7 +22,7 @@ pub struct StorageGuest {
     pub front: Arc<Loopback>,
     /// The VMBus client.
     pub client: Client,
-    /// The disks, with the offers they came from.
+    /// The disks (every LUN of every controller), with the offers they came from.
     pub disks: Vec<(Offer, Arc<Disk>)>,
 }
 
@@ -49,7 +49,10 @@ impl StorageGuest {
         {
             let ch = GuestChannel::open(&mut client, &front, &o, STORAGE_RING_PAGES)?;
             let st = Storvsc::init(ch)?;
-            disks.push((o, Disk::start(st, front.clone(), 0)?));
+            let ctl = Controller::start(st, front.clone())?;
+            for lun in ctl.report_luns()? {
+                disks.push((o.clone(), ctl.disk(lun)?));
+            }
         }
         Ok(Self {
             front,
@@ -63,6 +66,7 @@ impl StorageGuest {
         for (_, d) in &self.disks {
             let _ = d.flush();
         }
+        // A controller stops once, with its first disk; the others find it stopped.
         for (_, d) in std::mem::take(&mut self.disks) {
             if let Some(st) = d.shutdown()? {
                 st.into_channel().close(&mut self.client, &self.front)?;

@@ -51,6 +51,8 @@ struct Shared {
     irq: Event,
     /// Stops the front-end thread.
     stop: Event,
+    /// Cleared when the front-end thread ends (the daemon went away, or the front end stopped).
+    alive: std::sync::atomic::AtomicBool,
 }
 
 /// A loopback guest attached to a `vspd`.
@@ -175,12 +177,17 @@ impl Loopback {
             free: Mutex::new((FIRST_FREE_PAGE..pages).rev().collect()),
             irq,
             stop: Event::new()?,
+            alive: std::sync::atomic::AtomicBool::new(true),
         });
         let (tx, rx) = channel();
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("loopback-vp0".into())
-            .spawn(move || s.run(tx))
+            .spawn(move || {
+                s.run(tx);
+                // Release: pairs with the acquire load in `host_alive`.
+                s.alive.store(false, Ordering::Release);
+            })
             .map_err(Error::Thread)?;
         Ok((
             Self {
@@ -275,6 +282,10 @@ impl HostInterface for Loopback {
             .sock
             .send(&wire::encode(Kind::SIGNAL_EVENT, &s), &[])?;
         Ok(())
+    }
+
+    fn host_alive(&self) -> bool {
+        self.shared.alive.load(Ordering::Acquire)
     }
 
     fn set_channel_interrupt(&self, relid: u32, event: Option<Event>) {

@@ -40,7 +40,7 @@ pub const VERSIONS: [StorageVersion; 3] = [
 pub const MAX_TRANSFER: u32 = 1 << 20;
 
 /// Bounce memory (guest pages) the queue thread uses for data in flight.
-pub const BOUNCE_BYTES: usize = 32 << 20;
+pub const BOUNCE_BYTES: usize = 8 << 20;
 
 /// Requests in flight at most.
 pub const MAX_IN_FLIGHT: usize = 256;
@@ -263,6 +263,10 @@ pub type Callback = Box<dyn FnOnce(IoResult) + Send>;
 struct Request {
     op: DiskOp,
     done: Callback,
+    /// The LUN it goes to.
+    lun: u8,
+    /// That LUN's block size (the CDB counts blocks).
+    block_size: u32,
 }
 
 /// Size and properties of the disk, from INQUIRY, READ CAPACITY(16) and MODE SENSE.
@@ -285,17 +289,30 @@ impl Geometry {
     }
 }
 
-/// A SCSI disk on a storvsc channel, served by a queue thread.
-pub struct Disk {
+/// A storvsc channel served by a queue thread: the SCSI controller, whose LUNs are [`Disk`]s.
+pub struct Controller {
     tx: Mutex<Sender<Request>>,
     wake: Arc<Event>,
-    geometry: Geometry,
-    lun: u8,
     max_transfer: u32,
     thread: Mutex<Option<JoinHandle<Result<Storvsc, Error>>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     stats: Arc<crate::channel::ChannelStats>,
     completed: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("max_transfer", &self.max_transfer)
+            .finish()
+    }
+}
+
+/// A SCSI disk: one LUN of a [`Controller`].
+pub struct Disk {
+    ctl: Arc<Controller>,
+    geometry: Geometry,
+    lun: u8,
 }
 
 /// Counters of a [`Disk`]: requests completed, and the wakeups its channel needed.
@@ -318,21 +335,20 @@ impl std::fmt::Debug for Disk {
     }
 }
 
-impl Disk {
-    /// Starts the queue thread for LUN `lun` of `storvsc` and probes the disk.
-    pub fn start(storvsc: Storvsc, front: Arc<Loopback>, lun: u8) -> Result<Arc<Self>, Error> {
+impl Controller {
+    /// Starts the queue thread of `storvsc`'s channel.
+    pub fn start(storvsc: Storvsc, front: Arc<Loopback>) -> Result<Arc<Self>, Error> {
         let (tx, rx) = channel();
         let wake = Arc::new(Event::new()?);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let max_transfer = storvsc.max_transfer;
         let pages = front.alloc_pages(BOUNCE_BYTES / 4096)?;
-        let block_size = Arc::new(std::sync::atomic::AtomicU32::new(512));
         let stats = storvsc.ch.stats().clone();
         let completed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let relid = storvsc.ch.relid;
         let q = Queue {
             st: storvsc,
-            front: front.clone(),
-            lun,
+            front,
             requests: rx,
             wake: wake.clone(),
             stop: stop.clone(),
@@ -340,16 +356,82 @@ impl Disk {
             waiting: VecDeque::new(),
             inflight: HashMap::new(),
             next_tx: 1,
-            block_size: block_size.clone(),
             completed: completed.clone(),
         };
         let thread = std::thread::Builder::new()
-            .name(format!("storvsc-lun{lun}"))
+            .name(format!("storvsc-{relid}"))
             .spawn(move || q.run())
             .map_err(Error::Thread)?;
-        let mut disk = Self {
+        Ok(Arc::new(Self {
             tx: Mutex::new(tx),
             wake,
+            max_transfer,
+            thread: Mutex::new(Some(thread)),
+            stop,
+            stats,
+            completed,
+        }))
+    }
+
+    fn submit(&self, lun: u8, block_size: u32, op: DiskOp, done: Callback) {
+        let sent = self
+            .tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(Request {
+                op,
+                done,
+                lun,
+                block_size,
+            });
+        match sent {
+            Ok(()) => {
+                let _ = self.wake.signal();
+            }
+            Err(e) => (e.0.done)(Err(IoError::Disconnected)),
+        }
+    }
+
+    fn call(&self, lun: u8, block_size: u32, op: DiskOp) -> IoResult {
+        let (tx, rx) = channel();
+        self.submit(
+            lun,
+            block_size,
+            op,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx.recv().unwrap_or(Err(IoError::Disconnected))
+    }
+
+    /// The LUNs of target 0 (REPORT LUNS, sent to LUN 0).
+    pub fn report_luns(&self) -> Result<Vec<u8>, Error> {
+        let mut cdb = vec![0u8; 12];
+        cdb[0] = 0xA0;
+        cdb[6..10].copy_from_slice(&(8 + 8 * 256u32).to_be_bytes());
+        let data = self
+            .call(
+                0,
+                512,
+                DiskOp::Scsi {
+                    cdb,
+                    data_out: vec![],
+                    data_in: 8 + 8 * 256,
+                },
+            )
+            .map_err(|e| Error::Protocol(format!("REPORT LUNS failed: {e:?}")))?;
+        if data.len() < 8 {
+            return Err(Error::Protocol("short REPORT LUNS data".into()));
+        }
+        let n = u32::from_be_bytes(data[0..4].try_into().expect("4 bytes")) as usize / 8;
+        Ok(data[8..].chunks_exact(8).take(n).map(|e| e[1]).collect())
+    }
+
+    /// Probes LUN `lun` and returns it as a disk.
+    pub fn disk(self: &Arc<Self>, lun: u8) -> Result<Arc<Disk>, Error> {
+        let mut disk = Disk {
+            ctl: self.clone(),
             geometry: Geometry {
                 blocks: 0,
                 block_size: 512,
@@ -357,18 +439,56 @@ impl Disk {
                 thin: false,
             },
             lun,
-            max_transfer,
-            thread: Mutex::new(Some(thread)),
-            stop,
-            stats,
-            completed,
         };
         disk.geometry = disk.probe()?;
-        block_size.store(
-            disk.geometry.block_size,
-            std::sync::atomic::Ordering::Release,
-        );
         Ok(Arc::new(disk))
+    }
+
+    /// Requests completed and wakeups so far.
+    pub fn stats(&self) -> DiskStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        DiskStats {
+            completed: self.completed.load(Relaxed),
+            signals: self.stats.signals.load(Relaxed),
+            interrupts: self.stats.interrupts.load(Relaxed),
+        }
+    }
+
+    /// Stops the queue thread (failing queued requests) and gives the channel back.
+    pub fn shutdown(&self) -> Result<Option<Storvsc>, Error> {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        let _ = self.wake.signal();
+        let t = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match t {
+            Some(t) => t
+                .join()
+                .map_err(|_| Error::Protocol("queue thread panicked".into()))?
+                .map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+impl Disk {
+    /// Starts a controller on `storvsc` and probes its LUN `lun` (a channel with one disk).
+    pub fn start(storvsc: Storvsc, front: Arc<Loopback>, lun: u8) -> Result<Arc<Self>, Error> {
+        Controller::start(storvsc, front)?.disk(lun)
+    }
+
+    /// The controller this disk is on.
+    pub fn controller(&self) -> &Arc<Controller> {
+        &self.ctl
+    }
+
+    /// The disk's LUN.
+    pub fn lun(&self) -> u8 {
+        self.lun
     }
 
     fn probe(&self) -> Result<Geometry, Error> {
@@ -414,14 +534,9 @@ impl Disk {
         })
     }
 
-    /// Requests completed and wakeups so far.
+    /// Requests completed and wakeups so far (of the whole controller).
     pub fn stats(&self) -> DiskStats {
-        use std::sync::atomic::Ordering::Relaxed;
-        DiskStats {
-            completed: self.completed.load(Relaxed),
-            signals: self.stats.signals.load(Relaxed),
-            interrupts: self.stats.interrupts.load(Relaxed),
-        }
+        self.ctl.stats()
     }
 
     /// The disk's geometry.
@@ -431,34 +546,18 @@ impl Disk {
 
     /// The largest single transfer.
     pub fn max_transfer(&self) -> u32 {
-        self.max_transfer
+        self.ctl.max_transfer
     }
 
     /// Submits a request; `done` runs on the queue thread when it completes.
     pub fn submit(&self, op: DiskOp, done: Callback) {
-        let sent = self
-            .tx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(Request { op, done });
-        match sent {
-            Ok(()) => {
-                let _ = self.wake.signal();
-            }
-            Err(e) => (e.0.done)(Err(IoError::Disconnected)),
-        }
+        self.ctl
+            .submit(self.lun, self.geometry.block_size, op, done)
     }
 
     /// Submits and waits.
     pub fn call(&self, op: DiskOp) -> IoResult {
-        let (tx, rx) = channel();
-        self.submit(
-            op,
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        );
-        rx.recv().unwrap_or(Err(IoError::Disconnected))
+        self.ctl.call(self.lun, self.geometry.block_size, op)
     }
 
     /// A raw SCSI command, waiting for it.
@@ -472,7 +571,7 @@ impl Disk {
 
     /// Reads `buf.len()` bytes at `offset`, splitting large reads.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        let step = self.max_transfer as usize;
+        let step = self.ctl.max_transfer as usize;
         for (i, chunk) in buf.chunks_mut(step).enumerate() {
             let data = self.call(DiskOp::Read {
                 offset: offset + (i * step) as u64,
@@ -485,7 +584,7 @@ impl Disk {
 
     /// Writes `data` at `offset`, splitting large writes.
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
-        let step = self.max_transfer as usize;
+        let step = self.ctl.max_transfer as usize;
         for (i, chunk) in data.chunks(step).enumerate() {
             self.call(DiskOp::Write {
                 offset: offset + (i * step) as u64,
@@ -501,24 +600,9 @@ impl Disk {
         self.call(DiskOp::Flush).map(|_| ())
     }
 
-    /// Stops the queue thread (failing queued requests) and gives the channel back.
+    /// Stops the controller's queue thread (every disk on it) and gives the channel back.
     pub fn shutdown(&self) -> Result<Option<Storvsc>, Error> {
-        self.stop.store(true, std::sync::atomic::Ordering::Release);
-        let _ = self.wake.signal();
-        let t = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
-        match t {
-            Some(t) => t
-                .join()
-                .map_err(|_| Error::Protocol("queue thread panicked".into()))?
-                .map(Some),
-            None => Ok(None),
-        }
-    }
-}
-
-impl Drop for Disk {
-    fn drop(&mut self) {
-        let _ = self.shutdown();
+        self.ctl.shutdown()
     }
 }
 
@@ -532,7 +616,6 @@ struct InFlight {
 struct Queue {
     st: Storvsc,
     front: Arc<Loopback>,
-    lun: u8,
     requests: Receiver<Request>,
     wake: Arc<Event>,
     stop: Arc<std::sync::atomic::AtomicBool>,
@@ -540,8 +623,6 @@ struct Queue {
     waiting: VecDeque<Request>,
     inflight: HashMap<u64, InFlight>,
     next_tx: u64,
-    /// Bytes per logical block (512 until the probe says otherwise).
-    block_size: Arc<std::sync::atomic::AtomicU32>,
     completed: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -637,6 +718,10 @@ impl Queue {
             }
             self.sleep()?;
             self.st.ch.out.clear_pending();
+            if !self.st.ch.host_alive() {
+                // The daemon is gone: nothing will complete; fail what is pending.
+                return Err(Error::Disconnected);
+            }
         }
     }
 
@@ -663,8 +748,7 @@ impl Queue {
         Ok(())
     }
 
-    fn srb_for(&self, op: &DiskOp) -> Result<Srb, IoError> {
-        let bs = self.block_size.load(std::sync::atomic::Ordering::Acquire);
+    fn srb_for(op: &DiskOp, bs: u32) -> Result<Srb, IoError> {
         Ok(match op {
             DiskOp::Read { offset, len } => Srb {
                 cdb: rw16(bs, 0x88, *offset, *len, false)?,
@@ -750,7 +834,7 @@ impl Queue {
     /// (bounce pages, slots or ring space), with the ring bytes needed if the ring was full.
     #[allow(clippy::type_complexity)]
     fn issue(&mut self, r: Request) -> Result<Result<(), (Request, Option<u32>)>, Error> {
-        let srb = match self.srb_for(&r.op) {
+        let srb = match Self::srb_for(&r.op, r.block_size) {
             Ok(s) => s,
             Err(e) => {
                 (r.done)(Err(e));
@@ -775,7 +859,7 @@ impl Queue {
         }
         let mut req = ScsiRequest::new_zeroed();
         req.length = SCSI_REQUEST_SIZE as u16;
-        req.lun = self.lun;
+        req.lun = r.lun;
         req.cdb_length = srb.cdb.len() as u8;
         req.sense_info_length = SENSE_BUFFER_SIZE as u8;
         req.data_in = srb.dir;

@@ -17,6 +17,10 @@ pub trait HostInterface: Send + Sync {
     fn signal_event(&self, connection_id: u32) -> Result<(), Error>;
     /// Routes the interrupts of channel `relid` (its event flag) to `event`; `None` stops.
     fn set_channel_interrupt(&self, relid: u32, event: Option<Event>);
+    /// Whether the host is still there (a loopback front end's daemon can go away).
+    fn host_alive(&self) -> bool {
+        true
+    }
 }
 
 /// The messages the host delivered to the VMBus SINT, in order.

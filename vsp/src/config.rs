@@ -23,6 +23,26 @@ pub struct DiskConfig {
     /// Queues (the primary channel plus subchannels), 1 to 64.
     #[serde(default = "one")]
     pub queues: u16,
+    /// The SCSI controller to put the disk on: disks naming the same number share one
+    /// controller (one VMBus channel), as LUNs of target 0. Without it, a disk gets a controller
+    /// of its own.
+    #[serde(default)]
+    pub controller: Option<u32>,
+    /// The disk's LUN on its controller (0 to 63); by default the next free one.
+    #[serde(default)]
+    pub lun: Option<u8>,
+}
+
+/// Most LUNs on one controller.
+pub const MAX_LUNS: u8 = 64;
+
+/// A SCSI controller: one storage channel offer and the disks on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Controller {
+    /// The offer's instance GUID.
+    pub instance: Guid,
+    /// The disks, with their LUNs.
+    pub disks: Vec<(u8, DiskConfig)>,
 }
 
 fn one() -> u16 {
@@ -61,8 +81,58 @@ impl Config {
         toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
     }
 
+    /// The SCSI controllers the disks make, in order of first appearance, with LUNs assigned.
+    pub fn controllers(&self) -> Result<Vec<Controller>, Error> {
+        let mut out: Vec<(Option<u32>, Controller)> = Vec::new();
+        let mut seen: Vec<String> = Vec::new();
+        for d in &self.disks {
+            let at = match d.controller {
+                Some(n) => out.iter().position(|(c, _)| *c == Some(n)),
+                None => None,
+            };
+            let idx = match at {
+                Some(i) => i,
+                None => {
+                    // Stable across restarts: named controllers by number, others by the disk's
+                    // path (and which occurrence of that path this is).
+                    let name = match d.controller {
+                        Some(n) => format!("controller-{n}"),
+                        None => d.path.to_string_lossy().into_owned(),
+                    };
+                    let n = seen.iter().filter(|s| **s == name).count();
+                    seen.push(name.clone());
+                    out.push((
+                        d.controller,
+                        Controller {
+                            instance: instance(1, &name, n),
+                            disks: Vec::new(),
+                        },
+                    ));
+                    out.len() - 1
+                }
+            };
+            let c = &mut out[idx].1;
+            let lun = match d.lun {
+                Some(l) => l,
+                None => (0..MAX_LUNS)
+                    .find(|l| !c.disks.iter().any(|(x, _)| x == l))
+                    .unwrap_or(MAX_LUNS),
+            };
+            if lun >= MAX_LUNS || c.disks.iter().any(|(x, _)| *x == lun) {
+                return Err(Error::Config(format!(
+                    "disk {}: LUN {lun} is taken or out of range (0 to {})",
+                    d.path.display(),
+                    MAX_LUNS - 1
+                )));
+            }
+            c.disks.push((lun, d.clone()));
+        }
+        Ok(out.into_iter().map(|(_, c)| c).collect())
+    }
+
     /// Checks values that the types cannot.
     pub fn validate(&self) -> Result<(), Error> {
+        self.controllers()?;
         for d in &self.disks {
             if !(1..=64).contains(&d.queues) {
                 return Err(Error::Config(format!(
@@ -96,18 +166,17 @@ impl Config {
     /// (and which occurrence of it this is), so they are stable across restarts and reloads and
     /// a reload can tell which devices went away.
     pub fn offers(&self) -> Vec<OfferSpec> {
-        let mut v = Vec::new();
-        let mut seen: Vec<(u8, String)> = Vec::new();
-        let mut add = |class: Guid, tag: u8, name: String| {
-            let n = seen.iter().filter(|(t, s)| *t == tag && *s == name).count();
-            v.push(offer(class, instance(tag, &name, n)));
-            seen.push((tag, name));
-        };
-        for d in &self.disks {
-            add(Guid::SCSI, 1, d.path.to_string_lossy().into_owned());
-        }
+        let mut v: Vec<OfferSpec> = self
+            .controllers()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| offer(Guid::SCSI, c.instance))
+            .collect();
+        let mut seen: Vec<&str> = Vec::new();
         for n in &self.nics {
-            add(Guid::NETWORK, 2, n.tap.clone());
+            let k = seen.iter().filter(|s| **s == n.tap).count();
+            v.push(offer(Guid::NETWORK, instance(2, &n.tap, k)));
+            seen.push(&n.tap);
         }
         v
     }
@@ -176,9 +245,28 @@ mod tests {
                 path: "/tmp/x.img".into(),
                 readonly: true,
                 direct: false,
-                queues: 4
+                queues: 4,
+                controller: None,
+                lun: None,
             }
         );
+        // Two disks on one controller, LUNs assigned and given; a taken LUN is refused.
+        let two: Config = toml::from_str(
+            "[[disk]]\npath = \"a\"\ncontroller = 1\n[[disk]]\npath = \"b\"\ncontroller = 1\nlun = 5\n[[disk]]\npath = \"c\"\n",
+        )
+        .unwrap();
+        let cs = two.controllers().unwrap();
+        assert_eq!(cs.len(), 2);
+        assert_eq!(
+            cs[0].disks.iter().map(|(l, _)| *l).collect::<Vec<_>>(),
+            [0, 5]
+        );
+        assert_eq!(two.offers().len(), 2);
+        let clash: Config = toml::from_str(
+            "[[disk]]\npath = \"a\"\ncontroller = 1\nlun = 2\n[[disk]]\npath = \"b\"\ncontroller = 1\nlun = 2\n",
+        )
+        .unwrap();
+        assert!(clash.controllers().is_err());
         let n: NicConfig = parse_kv("nic", "tap=tap0").unwrap();
         assert_eq!(n.tap, "tap0");
         assert!(parse_kv::<DiskConfig>("disk", "path=a,bogus=1").is_err());
@@ -210,6 +298,8 @@ mod tests {
                 readonly: false,
                 direct: false,
                 queues: 1,
+                controller: None,
+                lun: None,
             }],
             ..Config::default()
         };

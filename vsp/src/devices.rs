@@ -1,5 +1,6 @@
-//! Which device serves which offer: the daemon's registry of disks (opened once, shared by every
-//! guest's channels) and NICs, and the device factory sessions use when a channel opens.
+//! Which device serves which offer: the daemon's registry of SCSI controllers and their disks
+//! (opened once, shared by every guest's channels) and NICs, and the device factory sessions use
+//! when a channel opens.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -12,18 +13,13 @@ use crate::config::Config;
 use crate::disk::DiskFile;
 use crate::server::OfferSpec;
 use crate::session::{DeviceContext, DeviceFactory};
-use crate::storvsp::Storvsp;
+use crate::storvsp::{LunSpec, Storvsp};
 use crate::Error;
-
-struct DiskEntry {
-    path: PathBuf,
-    file: Arc<DiskFile>,
-}
 
 /// The devices behind the offers, by instance GUID.
 #[derive(Default)]
 pub struct Registry {
-    disks: Mutex<HashMap<Guid, DiskEntry>>,
+    controllers: Mutex<HashMap<Guid, Vec<LunSpec>>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -33,37 +29,46 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
-    /// Opens the configuration's disks (those not open yet) and forgets removed ones; returns
-    /// the offers. Disks stay open while a channel uses them (their `Arc`).
+    /// Opens the configuration's disks (keeping those already open) and forgets removed ones;
+    /// returns the offers. A disk stays open while a channel uses it (its `Arc`).
     pub fn update(&self, config: &Config) -> Result<Vec<OfferSpec>, Error> {
         let offers = config.offers();
-        let mut opened = HashMap::new();
-        {
-            let disks = self.disks.lock().unwrap_or_else(|e| e.into_inner());
-            for (offer, d) in offers.iter().zip(&config.disks) {
-                let id = offer.interface_instance;
-                if let Some(e) = disks.get(&id) {
-                    opened.insert(
-                        id,
-                        DiskEntry {
-                            path: e.path.clone(),
-                            file: e.file.clone(),
-                        },
-                    );
-                } else {
-                    let file = DiskFile::open(&d.path, d.readonly, d.direct)?;
-                    tracing::info!(path = %d.path.display(), size = file.size(), readonly = d.readonly, direct = d.direct, "disk opened");
-                    opened.insert(
-                        id,
-                        DiskEntry {
-                            path: d.path.clone(),
-                            file,
-                        },
-                    );
-                }
+        let controllers = config.controllers()?;
+        let open: HashMap<(PathBuf, bool, bool), Arc<DiskFile>> = {
+            let current = self.controllers.lock().unwrap_or_else(|e| e.into_inner());
+            current
+                .values()
+                .flatten()
+                .map(|l| {
+                    (
+                        (l.path.clone(), l.file.readonly(), l.file.is_direct()),
+                        l.file.clone(),
+                    )
+                })
+                .collect()
+        };
+        let mut next = HashMap::new();
+        for c in controllers {
+            let mut luns = Vec::new();
+            for (lun, d) in c.disks {
+                let file = match open.get(&(d.path.clone(), d.readonly, d.direct)) {
+                    Some(f) => f.clone(),
+                    None => {
+                        let f = DiskFile::open(&d.path, d.readonly, d.direct)?;
+                        tracing::info!(path = %d.path.display(), lun, size = f.size(),
+                            readonly = d.readonly, direct = d.direct, "disk opened");
+                        f
+                    }
+                };
+                luns.push(LunSpec {
+                    lun,
+                    path: d.path,
+                    file,
+                });
             }
+            next.insert(c.instance, luns);
         }
-        *self.disks.lock().unwrap_or_else(|e| e.into_inner()) = opened;
+        *self.controllers.lock().unwrap_or_else(|e| e.into_inner()) = next;
         Ok(offers)
     }
 
@@ -73,12 +78,16 @@ impl Registry {
         Arc::new(
             move |ctx: &DeviceContext<'_>| -> Result<Box<dyn Device>, Error> {
                 if ctx.interface_type == Guid::SCSI {
-                    let disks = me.disks.lock().unwrap_or_else(|e| e.into_inner());
-                    let entry = disks.get(&ctx.interface_instance).ok_or_else(|| {
-                        Error::Config(format!("no disk for {}", ctx.interface_instance))
-                    })?;
-                    let dev = Storvsp::new(entry.file.clone(), &entry.path, ctx.mem.clone())?;
-                    return Ok(Box::new(dev));
+                    let luns = me
+                        .controllers
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&ctx.interface_instance)
+                        .cloned()
+                        .ok_or_else(|| {
+                            Error::Config(format!("no disk for {}", ctx.interface_instance))
+                        })?;
+                    return Ok(Box::new(Storvsp::new(&luns, ctx.mem.clone())?));
                 }
                 Ok(Box::new(UnimplementedDevice::new(ctx.interface_type)))
             },

@@ -62,12 +62,35 @@ struct Slot {
     error: Option<i32>,
 }
 
-/// A storvsp controller channel with one disk (LUN 0 of target 0).
-pub struct Storvsp {
-    mem: Arc<GuestMemory>,
+/// One disk on a controller: its LUN, path (for its identity) and open file.
+#[derive(Debug, Clone)]
+pub struct LunSpec {
+    /// The LUN (target 0).
+    pub lun: u8,
+    /// The image's path.
+    pub path: std::path::PathBuf,
+    /// The open disk.
+    pub file: Arc<DiskFile>,
+}
+
+/// A logical unit being served: its SCSI state and its io_uring.
+struct Lun {
     scsi: ScsiDisk,
     queue: DiskQueue,
     block_size: u32,
+    /// Operations queued since the last submit.
+    unsubmitted: bool,
+}
+
+/// A storvsp controller channel: disks as LUNs of target 0.
+pub struct Storvsp {
+    mem: Arc<GuestMemory>,
+    /// Indexed by LUN.
+    luns: Vec<Option<Lun>>,
+    /// The LUNs present, for REPORT LUNS.
+    lun_ids: Vec<u8>,
+    /// Readable when any LUN's io_uring has completions (an epoll set of their eventfds).
+    wake: std::os::fd::OwnedFd,
     state: State,
     /// Size of the SRB the guest uses (52 from WIN8).
     version: StorageVersion,
@@ -77,8 +100,6 @@ pub struct Storvsp {
     answers: VecDeque<(u64, VstorPacket)>,
     /// Ring bytes the first waiting answer needs.
     stalled: Option<u32>,
-    /// Operations queued since the last submit.
-    unsubmitted: bool,
     completions: Vec<Completion>,
 }
 
@@ -86,7 +107,7 @@ impl std::fmt::Debug for Storvsp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Storvsp")
             .field("state", &self.state)
-            .field("in_flight", &self.queue.in_flight())
+            .field("luns", &self.lun_ids)
             .finish()
     }
 }
@@ -101,38 +122,58 @@ fn disk_id(path: &std::path::Path) -> u64 {
 }
 
 impl Storvsp {
-    /// A controller channel serving `disk`, with buffers in `mem`.
-    pub fn new(
-        disk: Arc<DiskFile>,
-        path: &std::path::Path,
-        mem: Arc<GuestMemory>,
-    ) -> Result<Self, Error> {
-        let block_size = disk.block_size();
-        let id = disk_id(path);
-        let info = DiskInfo {
-            blocks: disk.size() / u64::from(block_size),
-            block_size,
-            readonly: disk.readonly(),
-            discard: disk.supports_discard(),
-            serial: format!("{id:015x}"),
-            naa: id,
-            max_transfer_blocks: MAX_TRANSFER_BYTES / block_size,
-            optimal_io_blocks: 0,
-            rotational: false,
-        };
-        let queue = DiskQueue::new(disk, mem.clone(), QUEUE_DEPTH)?;
+    /// A controller channel serving `luns`, with buffers in `mem`.
+    pub fn new(luns: &[LunSpec], mem: Arc<GuestMemory>) -> Result<Self, Error> {
+        use rustix::event::epoll;
+        let wake = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(Error::Socket)?;
+        let mut table: Vec<Option<Lun>> = (0..crate::config::MAX_LUNS).map(|_| None).collect();
+        let mut lun_ids = Vec::new();
+        for l in luns {
+            let disk = &l.file;
+            let block_size = disk.block_size();
+            let id = disk_id(&l.path);
+            let info = DiskInfo {
+                blocks: disk.size() / u64::from(block_size),
+                block_size,
+                readonly: disk.readonly(),
+                discard: disk.supports_discard(),
+                serial: format!("{id:015x}"),
+                naa: id,
+                max_transfer_blocks: MAX_TRANSFER_BYTES / block_size,
+                optimal_io_blocks: 0,
+                rotational: false,
+            };
+            let queue = DiskQueue::new(disk.clone(), mem.clone(), QUEUE_DEPTH)?;
+            epoll::add(
+                &wake,
+                queue.completion_event(),
+                epoll::EventData::new_u64(u64::from(l.lun)),
+                epoll::EventFlags::IN,
+            )
+            .map_err(Error::Socket)?;
+            let slot = table
+                .get_mut(usize::from(l.lun))
+                .ok_or(Error::Config(format!("LUN {} out of range", l.lun)))?;
+            *slot = Some(Lun {
+                scsi: ScsiDisk::new(info),
+                queue,
+                block_size,
+                unsubmitted: false,
+            });
+            lun_ids.push(l.lun);
+        }
+        lun_ids.sort_unstable();
         Ok(Self {
             mem,
-            scsi: ScsiDisk::new(info),
-            queue,
-            block_size,
+            luns: table,
+            lun_ids,
+            wake,
             state: State::Start,
             version: StorageVersion::WIN8,
             slots: (0..QUEUE_DEPTH).map(|_| None).collect(),
             free: (0..QUEUE_DEPTH as usize).rev().collect(),
             answers: VecDeque::new(),
             stalled: None,
-            unsubmitted: false,
             completions: Vec::with_capacity(QUEUE_DEPTH as usize),
         })
     }
@@ -236,10 +277,6 @@ impl Storvsp {
             let s = fail(srb, srb_status::INVALID_REQUEST);
             return self.complete(out, tx, s);
         }
-        if srb.path_id != 0 || srb.target_id != 0 || srb.lun != 0 {
-            let s = fail(srb, srb_status::INVALID_LUN);
-            return self.complete(out, tx, s);
-        }
         if usize::from(srb.cdb_length) > MAX_CDB_LEN || srb.cdb_length == 0 {
             let s = fail(srb, srb_status::INVALID_REQUEST);
             return self.complete(out, tx, s);
@@ -259,24 +296,33 @@ impl Storvsp {
             return self.complete(out, tx, s);
         }
         let cdb = srb.cdb().to_vec();
-        let want = self.scsi.data_out_len(&cdb).min(data_len as usize);
+        let lun_no = srb.lun;
+        let present = srb.path_id == 0
+            && srb.target_id == 0
+            && self
+                .luns
+                .get(usize::from(lun_no))
+                .is_some_and(|l| l.is_some());
+        // REPORT LUNS is answered for the target, whatever LUN it is sent to.
+        if srb.path_id == 0 && srb.target_id == 0 && cdb.first() == Some(&0xA0) {
+            let resp = crate::scsi::report_luns(&cdb, data_len, &self.lun_ids);
+            return self.respond_now(out, tx, srb, &segments, &resp, data_len);
+        }
+        if !present {
+            let s = fail(srb, srb_status::INVALID_LUN);
+            return self.complete(out, tx, s);
+        }
+        let lun = self.luns[usize::from(lun_no)].as_mut().expect("present");
+        let want = lun.scsi.data_out_len(&cdb).min(data_len as usize);
         let mut data_out = vec![0u8; want];
         if want > 0 && copy_from_guest(&self.mem, &segments, &mut data_out).is_err() {
             let s = fail(srb, srb_status::INVALID_REQUEST);
             return self.complete(out, tx, s);
         }
-        let action = self.scsi.execute(0, &cdb, data_len, &data_out);
-        let bs = u64::from(self.block_size);
+        let action = lun.scsi.execute(lun_no, &cdb, data_len, &data_out);
+        let bs = u64::from(lun.block_size);
         let ops: Vec<IoOp> = match &action {
-            Action::Done(resp) => {
-                let n = resp.data.len().min(data_len as usize);
-                if n > 0 && copy_to_guest(&self.mem, &segments, &resp.data[..n]).is_err() {
-                    let s = fail(srb, srb_status::INVALID_REQUEST);
-                    return self.complete(out, tx, s);
-                }
-                apply_response(&mut srb, resp, n as u32);
-                return self.complete(out, tx, srb);
-            }
+            Action::Done(resp) => return self.respond_now(out, tx, srb, &segments, resp, data_len),
             Action::Read { lba, blocks, .. } => {
                 vec![IoOp::Read {
                     offset: lba * bs,
@@ -349,8 +395,9 @@ impl Storvsp {
         };
         let mut queued = 0u32;
         let mut error = None;
+        let lun = self.luns[usize::from(lun_no)].as_mut().expect("present");
         for op in ops {
-            match self.queue.queue(slot as u64, op) {
+            match lun.queue.queue(slot as u64, op) {
                 Ok(()) => queued += 1,
                 Err(e) => {
                     tracing::debug!(error = %e, "I/O refused");
@@ -364,7 +411,7 @@ impl Storvsp {
             let s = fail(srb, srb_status::INVALID_REQUEST);
             return self.complete(out, tx, s);
         }
-        self.unsubmitted = true;
+        lun.unsubmitted = true;
         self.slots[slot] = Some(Slot {
             transaction_id: tx,
             srb,
@@ -374,6 +421,28 @@ impl Storvsp {
             error,
         });
         Ok(())
+    }
+
+    /// Completes an SRB whose command finished without block I/O: data-in to the guest's
+    /// buffer, statuses and sense into the SRB.
+    fn respond_now(
+        &mut self,
+        out: &mut OutgoingRing,
+        tx: u64,
+        mut srb: ScsiRequest,
+        segments: &[Segment],
+        resp: &Response,
+        data_len: u32,
+    ) -> Result<(), Error> {
+        let n = resp.data.len().min(data_len as usize);
+        if n > 0 && copy_to_guest(&self.mem, segments, &resp.data[..n]).is_err() {
+            srb.srb_status = srb_status::INVALID_REQUEST;
+            srb.scsi_status = 0;
+            srb.data_transfer_length = 0;
+            return self.complete(out, tx, srb);
+        }
+        apply_response(&mut srb, resp, n as u32);
+        self.complete(out, tx, srb)
     }
 
     fn complete(&mut self, out: &mut OutgoingRing, tx: u64, srb: ScsiRequest) -> Result<(), Error> {
@@ -541,19 +610,21 @@ impl Device for Storvsp {
 
     fn poll(&mut self, out: &mut OutgoingRing) -> Result<bool, Error> {
         let mut moved = self.flush_answers(out)?;
-        if self.unsubmitted {
-            self.queue.submit()?;
-            self.unsubmitted = false;
-        }
-        if self.queue.in_flight() > 0 {
-            let mut done = std::mem::take(&mut self.completions);
-            self.queue.reap(&mut done);
-            for c in done.drain(..) {
-                moved = true;
-                self.finish(out, c)?;
+        let mut done = std::mem::take(&mut self.completions);
+        for lun in self.luns.iter_mut().flatten() {
+            if lun.unsubmitted {
+                lun.queue.submit()?;
+                lun.unsubmitted = false;
             }
-            self.completions = done;
+            if lun.queue.in_flight() > 0 {
+                lun.queue.reap(&mut done);
+            }
         }
+        for c in done.drain(..) {
+            moved = true;
+            self.finish(out, c)?;
+        }
+        self.completions = done;
         Ok(moved)
     }
 
@@ -566,17 +637,20 @@ impl Device for Storvsp {
     }
 
     fn in_flight(&self) -> bool {
-        self.queue.in_flight() > 0
+        self.luns.iter().flatten().any(|l| l.queue.in_flight() > 0)
     }
 
     fn wake_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        Some(self.queue.completion_event())
+        use std::os::fd::AsFd;
+        Some(self.wake.as_fd())
     }
 }
 
 impl Drop for Storvsp {
     fn drop(&mut self) {
-        // The queue waits for in-flight I/O itself; answers for it are dropped with the channel.
-        let _ = self.queue.wait(self.queue.in_flight());
+        // Each queue waits for its in-flight I/O; answers for it are dropped with the channel.
+        for lun in self.luns.iter_mut().flatten() {
+            let _ = lun.queue.wait(lun.queue.in_flight());
+        }
     }
 }

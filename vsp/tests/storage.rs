@@ -279,3 +279,81 @@ fn discard_and_write_zeroes_read_back_as_zeros() {
     f.read_exact_at(&mut b, 600 << 10).unwrap();
     assert!(b.iter().all(|&x| x == 0));
 }
+
+#[test]
+fn several_disks_on_one_controller_are_luns() {
+    let dir = std::env::temp_dir().join(format!("vspd-storage-luns-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (f, size) in [
+        ("l0.img", 8u64 << 20),
+        ("l3.img", 4 << 20),
+        ("own.img", 2 << 20),
+    ] {
+        std::fs::File::create(dir.join(f))
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+    }
+    let socket = dir.join("vspd.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vspd"))
+        .arg("--socket")
+        .arg(&socket)
+        .args([
+            "--disk",
+            "path=l0.img,controller=7",
+            "--disk",
+            "path=l3.img,controller=7,lun=3",
+            "--disk",
+            "path=own.img",
+        ])
+        .current_dir(&dir)
+        .env("VSPD_LOG", "warn")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "vspd did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let g = vsc::guest::StorageGuest::attach(&socket, 128 << 20).unwrap();
+    // Two controllers: one with LUNs 0 and 3, one with LUN 0.
+    let shape: Vec<(u8, u64)> = g
+        .disks
+        .iter()
+        .map(|(_, d)| (d.lun(), d.geometry().blocks))
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            (0, (8 << 20) / 512),
+            (3, (4 << 20) / 512),
+            (0, (2 << 20) / 512)
+        ]
+    );
+    assert_eq!(
+        g.disks[0].0.interface_instance,
+        g.disks[1].0.interface_instance
+    );
+    assert_ne!(
+        g.disks[0].0.interface_instance,
+        g.disks[2].0.interface_instance
+    );
+    // Each LUN reaches its own image.
+    for (i, (_, d)) in g.disks.iter().enumerate() {
+        d.write(4096, &pattern(100 + i as u64, 4096), true).unwrap();
+    }
+    for (i, f) in ["l0.img", "l3.img", "own.img"].iter().enumerate() {
+        let img = std::fs::read(dir.join(f)).unwrap();
+        assert_eq!(img[4096..8192], pattern(100 + i as u64, 4096), "{f}");
+    }
+    // A LUN that does not exist is refused at the transport.
+    let ctl = g.disks[0].1.controller().clone();
+    assert_eq!(ctl.report_luns().unwrap(), [0, 3]);
+    assert!(ctl.disk(1).is_err(), "LUN 1 does not exist");
+    g.detach().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -118,6 +118,8 @@ fn run_daemon(socket: &Path, disk: Option<&Path>) -> Result<(), BoxError> {
                 readonly: false,
                 direct: false,
                 queues: 1,
+                controller: None,
+                lun: None,
             })
             .into_iter()
             .collect(),

@@ -19,7 +19,8 @@ struct Args {
     /// Path of the partition socket to listen on (created mode 0600).
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// A disk: path=FILE[,readonly=on][,direct=on][,queues=N]. Repeatable.
+    /// A disk: path=FILE[,readonly=on][,direct=on][,controller=N][,lun=L]. Repeatable; disks
+    /// naming the same controller share one SCSI controller as LUNs.
     #[arg(long, value_name = "OPTIONS")]
     disk: Vec<String>,
     /// A NIC: tap=NAME. Repeatable.
