@@ -8,7 +8,7 @@ use std::sync::Arc;
 use vmbus_proto::channel::Guid;
 
 use crate::channel::GuestChannel;
-use crate::client::{Client, Offer, SUPPORTED_VERSIONS};
+use crate::client::{Client, Event, Offer, SUPPORTED_VERSIONS};
 use crate::loopback::Loopback;
 use crate::storvsc::{Controller, Disk, Storvsc};
 use crate::Error;
@@ -36,8 +36,18 @@ impl std::fmt::Debug for StorageGuest {
 
 impl StorageGuest {
     /// Attaches to the daemon at `socket` with `memory_bytes` of guest memory and opens every
-    /// SCSI controller.
+    /// SCSI controller, with one queue per CPU where the host offers subchannels.
     pub fn attach(socket: &Path, memory_bytes: u64) -> Result<Self, Error> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::attach_with_queues(socket, memory_bytes, cpus)
+    }
+
+    /// As [`attach`](Self::attach), with at most `queues` queues (channels) per controller.
+    pub fn attach_with_queues(
+        socket: &Path,
+        memory_bytes: u64,
+        queues: usize,
+    ) -> Result<Self, Error> {
         let (front, messages) = Loopback::connect(socket, memory_bytes)?;
         let front = Arc::new(front);
         let mut client = Client::connect(front.clone(), messages, 0, &SUPPORTED_VERSIONS)?;
@@ -48,8 +58,35 @@ impl StorageGuest {
             .filter(|o| o.interface_type == Guid::SCSI)
         {
             let ch = GuestChannel::open(&mut client, &front, &o, STORAGE_RING_PAGES)?;
-            let st = Storvsc::init(ch)?;
-            let ctl = Controller::start(st, front.clone())?;
+            let mut st = Storvsc::init(ch)?;
+            let mut channels = Vec::new();
+            let props = st.properties();
+            let want = queues
+                .saturating_sub(1)
+                .min(usize::from(props.max_channel_count)) as u16;
+            if props.flags & vmbus_proto::storvsp::CHANNEL_SUPPORTS_MULTI_CHANNEL != 0 && want > 0 {
+                st.create_subchannels(want)?;
+                let mut subs = Vec::new();
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                while subs.len() < usize::from(want) {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    match client.next_event(left)? {
+                        Some(Event::Offer(sub))
+                            if sub.interface_instance == o.interface_instance =>
+                        {
+                            subs.push(sub)
+                        }
+                        Some(other) => tracing::debug!(?other, "event while creating subchannels"),
+                        None => return Err(Error::Timeout),
+                    }
+                }
+                for sub in subs {
+                    let ch = GuestChannel::open(&mut client, &front, &sub, STORAGE_RING_PAGES)?;
+                    channels.push(st.subchannel(ch));
+                }
+            }
+            channels.insert(0, st);
+            let ctl = Controller::start_queues(channels, front.clone())?;
             for lun in ctl.report_luns()? {
                 disks.push((o.clone(), ctl.disk(lun)?));
             }
@@ -68,7 +105,8 @@ impl StorageGuest {
         }
         // A controller stops once, with its first disk; the others find it stopped.
         for (_, d) in std::mem::take(&mut self.disks) {
-            if let Some(st) = d.shutdown()? {
+            // Subchannels close before their primary (it comes first in the list).
+            for st in d.shutdown()?.into_iter().rev() {
                 st.into_channel().close(&mut self.client, &self.front)?;
             }
         }

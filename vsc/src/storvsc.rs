@@ -122,6 +122,31 @@ impl Storvsc {
         })
     }
 
+    /// Asks the host for `count` subchannels (multi-queue); their offers then arrive as client
+    /// events, to be opened and wrapped with [`Storvsc::subchannel`].
+    pub fn create_subchannels(&mut self, count: u16) -> Result<(), Error> {
+        let mut p = vstor(VstorOperation::CREATE_SUB_CHANNELS);
+        p.set_body(&vmbus_proto::storvsp::SubchannelCount { count });
+        let a = control(&mut self.ch, p, Duration::from_secs(10))?;
+        if { a.operation } != VstorOperation::COMPLETE_IO || { a.status } != 0 {
+            return Err(Error::Status {
+                what: "create subchannels",
+                status: { a.status },
+            });
+        }
+        Ok(())
+    }
+
+    /// A subchannel of this (initialised) channel: it needs no handshake of its own.
+    pub fn subchannel(&self, ch: GuestChannel) -> Self {
+        Self {
+            ch,
+            version: self.version,
+            max_transfer: self.max_transfer,
+            properties: self.properties,
+        }
+    }
+
     /// The negotiated protocol version.
     pub fn version(&self) -> StorageVersion {
         self.version
@@ -291,9 +316,16 @@ impl Geometry {
 
 /// A storvsc channel served by a queue thread: the SCSI controller, whose LUNs are [`Disk`]s.
 pub struct Controller {
+    /// One per channel (the primary, then subchannels); requests go round-robin.
+    queues: Vec<QueueHandle>,
+    next: std::sync::atomic::AtomicUsize,
+    max_transfer: u32,
+}
+
+/// A queue thread serving one channel of a controller.
+struct QueueHandle {
     tx: Mutex<Sender<Request>>,
     wake: Arc<Event>,
-    max_transfer: u32,
     thread: Mutex<Option<JoinHandle<Result<Storvsc, Error>>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     stats: Arc<crate::channel::ChannelStats>,
@@ -338,55 +370,77 @@ impl std::fmt::Debug for Disk {
 impl Controller {
     /// Starts the queue thread of `storvsc`'s channel.
     pub fn start(storvsc: Storvsc, front: Arc<Loopback>) -> Result<Arc<Self>, Error> {
-        let (tx, rx) = channel();
-        let wake = Arc::new(Event::new()?);
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let max_transfer = storvsc.max_transfer;
-        let pages = front.alloc_pages(BOUNCE_BYTES / 4096)?;
-        let stats = storvsc.ch.stats().clone();
-        let completed = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let relid = storvsc.ch.relid;
-        let q = Queue {
-            st: storvsc,
-            front,
-            requests: rx,
-            wake: wake.clone(),
-            stop: stop.clone(),
-            free_pages: pages,
-            waiting: VecDeque::new(),
-            inflight: HashMap::new(),
-            next_tx: 1,
-            completed: completed.clone(),
-        };
-        let thread = std::thread::Builder::new()
-            .name(format!("storvsc-{relid}"))
-            .spawn(move || q.run())
-            .map_err(Error::Thread)?;
+        Self::start_queues(vec![storvsc], front)
+    }
+
+    /// Starts a queue thread per channel: the primary first, then its subchannels.
+    pub fn start_queues(channels: Vec<Storvsc>, front: Arc<Loopback>) -> Result<Arc<Self>, Error> {
+        let max_transfer = channels
+            .iter()
+            .map(|c| c.max_transfer)
+            .min()
+            .unwrap_or(4096);
+        let mut queues = Vec::new();
+        for storvsc in channels {
+            let (tx, rx) = channel();
+            let wake = Arc::new(Event::new()?);
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let pages = front.alloc_pages(BOUNCE_BYTES / 4096)?;
+            let stats = storvsc.ch.stats().clone();
+            let completed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let relid = storvsc.ch.relid;
+            let q = Queue {
+                st: storvsc,
+                front: front.clone(),
+                requests: rx,
+                wake: wake.clone(),
+                stop: stop.clone(),
+                free_pages: pages,
+                waiting: VecDeque::new(),
+                inflight: HashMap::new(),
+                next_tx: 1,
+                completed: completed.clone(),
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("storvsc-{relid}"))
+                .spawn(move || q.run())
+                .map_err(Error::Thread)?;
+            queues.push(QueueHandle {
+                tx: Mutex::new(tx),
+                wake,
+                thread: Mutex::new(Some(thread)),
+                stop,
+                stats,
+                completed,
+            });
+        }
         Ok(Arc::new(Self {
-            tx: Mutex::new(tx),
-            wake,
+            queues,
+            next: std::sync::atomic::AtomicUsize::new(0),
             max_transfer,
-            thread: Mutex::new(Some(thread)),
-            stop,
-            stats,
-            completed,
         }))
     }
 
+    /// Number of queues (channels).
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
+    }
+
     fn submit(&self, lun: u8, block_size: u32, op: DiskOp, done: Callback) {
-        let sent = self
-            .tx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(Request {
-                op,
-                done,
-                lun,
-                block_size,
-            });
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.queues.len();
+        let q = &self.queues[i];
+        let sent =
+            q.tx.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(Request {
+                    op,
+                    done,
+                    lun,
+                    block_size,
+                });
         match sent {
             Ok(()) => {
-                let _ = self.wake.signal();
+                let _ = q.wake.signal();
             }
             Err(e) => (e.0.done)(Err(IoError::Disconnected)),
         }
@@ -444,28 +498,36 @@ impl Controller {
         Ok(Arc::new(disk))
     }
 
-    /// Requests completed and wakeups so far.
+    /// Requests completed and wakeups so far, over all queues.
     pub fn stats(&self) -> DiskStats {
         use std::sync::atomic::Ordering::Relaxed;
-        DiskStats {
-            completed: self.completed.load(Relaxed),
-            signals: self.stats.signals.load(Relaxed),
-            interrupts: self.stats.interrupts.load(Relaxed),
+        let mut d = DiskStats::default();
+        for q in &self.queues {
+            d.completed += q.completed.load(Relaxed);
+            d.signals += q.stats.signals.load(Relaxed);
+            d.interrupts += q.stats.interrupts.load(Relaxed);
         }
+        d
     }
 
-    /// Stops the queue thread (failing queued requests) and gives the channel back.
-    pub fn shutdown(&self) -> Result<Option<Storvsc>, Error> {
-        self.stop.store(true, std::sync::atomic::Ordering::Release);
-        let _ = self.wake.signal();
-        let t = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
-        match t {
-            Some(t) => t
-                .join()
-                .map_err(|_| Error::Protocol("queue thread panicked".into()))?
-                .map(Some),
-            None => Ok(None),
+    /// Stops the queue threads (failing queued requests) and gives the channels back (empty
+    /// if already stopped).
+    pub fn shutdown(&self) -> Result<Vec<Storvsc>, Error> {
+        for q in &self.queues {
+            q.stop.store(true, std::sync::atomic::Ordering::Release);
+            let _ = q.wake.signal();
         }
+        let mut out = Vec::new();
+        for q in &self.queues {
+            let t = q.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(t) = t {
+                out.push(
+                    t.join()
+                        .map_err(|_| Error::Protocol("queue thread panicked".into()))??,
+                );
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -600,8 +662,8 @@ impl Disk {
         self.call(DiskOp::Flush).map(|_| ())
     }
 
-    /// Stops the controller's queue thread (every disk on it) and gives the channel back.
-    pub fn shutdown(&self) -> Result<Option<Storvsc>, Error> {
+    /// Stops the controller's queue threads (every disk on it) and gives the channels back.
+    pub fn shutdown(&self) -> Result<Vec<Storvsc>, Error> {
         self.ctl.shutdown()
     }
 }

@@ -19,7 +19,8 @@ use crate::Error;
 /// The devices behind the offers, by instance GUID.
 #[derive(Default)]
 pub struct Registry {
-    controllers: Mutex<HashMap<Guid, Vec<LunSpec>>>,
+    /// Per controller: its disks and how many queues it may have.
+    controllers: Mutex<HashMap<Guid, (Vec<LunSpec>, u16)>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -38,7 +39,7 @@ impl Registry {
             let current = self.controllers.lock().unwrap_or_else(|e| e.into_inner());
             current
                 .values()
-                .flatten()
+                .flat_map(|(l, _)| l)
                 .map(|l| {
                     (
                         (l.path.clone(), l.file.readonly(), l.file.is_direct()),
@@ -50,6 +51,7 @@ impl Registry {
         let mut next = HashMap::new();
         for c in controllers {
             let mut luns = Vec::new();
+            let queues = c.disks.iter().map(|(_, d)| d.queues).max().unwrap_or(1);
             for (lun, d) in c.disks {
                 let file = match open.get(&(d.path.clone(), d.readonly, d.direct)) {
                     Some(f) => f.clone(),
@@ -66,7 +68,7 @@ impl Registry {
                     file,
                 });
             }
-            next.insert(c.instance, luns);
+            next.insert(c.instance, (luns, queues));
         }
         *self.controllers.lock().unwrap_or_else(|e| e.into_inner()) = next;
         Ok(offers)
@@ -78,7 +80,7 @@ impl Registry {
         Arc::new(
             move |ctx: &DeviceContext<'_>| -> Result<Box<dyn Device>, Error> {
                 if ctx.interface_type == Guid::SCSI {
-                    let luns = me
+                    let (luns, queues) = me
                         .controllers
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -87,7 +89,13 @@ impl Registry {
                         .ok_or_else(|| {
                             Error::Config(format!("no disk for {}", ctx.interface_instance))
                         })?;
-                    return Ok(Box::new(Storvsp::new(&luns, ctx.mem.clone())?));
+                    return Ok(Box::new(Storvsp::new(
+                        &luns,
+                        ctx.mem.clone(),
+                        queues,
+                        ctx.subchannel_index != 0,
+                        Some(ctx.request_subchannels.clone()),
+                    )?));
                 }
                 Ok(Box::new(UnimplementedDevice::new(ctx.interface_type)))
             },

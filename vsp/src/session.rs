@@ -36,7 +36,6 @@ pub enum End {
 }
 
 /// What a device factory knows about the channel being opened.
-#[derive(Debug)]
 pub struct DeviceContext<'a> {
     /// Device class.
     pub interface_type: Guid,
@@ -46,6 +45,22 @@ pub struct DeviceContext<'a> {
     pub subchannel_index: u16,
     /// The partition's memory.
     pub mem: &'a Arc<GuestMemory>,
+    /// Asks the session to offer this many subchannels of the channel (storvsc's and netvsc's
+    /// multi-queue); returns false if the session is gone.
+    pub request_subchannels: SubchannelRequest,
+}
+
+/// See [`DeviceContext::request_subchannels`].
+pub type SubchannelRequest = Arc<dyn Fn(u16) -> bool + Send + Sync>;
+
+impl std::fmt::Debug for DeviceContext<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceContext")
+            .field("interface_type", &self.interface_type)
+            .field("interface_instance", &self.interface_instance)
+            .field("subchannel_index", &self.subchannel_index)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Makes the device that serves a newly opened channel; an error fails the open.
@@ -81,6 +96,8 @@ pub struct Session {
     channels: HashMap<u32, (u32, ChannelWorker)>,
     /// Limits on guest memory regions.
     max_regions: usize,
+    /// A handle on this session, for devices that ask for subchannels.
+    own: SessionHandle,
 }
 
 /// A change the daemon asks of a running session.
@@ -88,12 +105,21 @@ pub struct Session {
 pub enum Control {
     /// Hot add: offer a new channel.
     Add(OfferSpec),
-    /// Hot remove: rescind the channel with this instance GUID.
+    /// Hot remove: rescind the channels (primary and subchannels) with this instance GUID.
     Remove(Guid),
+    /// A device asks for subchannels 1..=count of its channel.
+    OfferSubchannels {
+        /// Device class.
+        interface_type: Guid,
+        /// Device instance.
+        interface_instance: Guid,
+        /// How many.
+        count: u16,
+    },
 }
 
 /// The daemon's handle on a running session.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct SessionHandle {
     tx: Sender<Control>,
     /// Weak, so the eventfd closes when the session ends even if the daemon has not yet
@@ -147,6 +173,7 @@ impl Session {
             partition: None,
             channels: HashMap::new(),
             max_regions: MAX_REGIONS,
+            own: handle.clone(),
         };
         Ok((session, handle))
     }
@@ -380,14 +407,49 @@ impl Session {
                     }
                 }
                 Control::Remove(instance) => {
-                    let relid = self
+                    // Subchannels first, then the primary.
+                    let mut relids: Vec<(u16, u32)> = self
                         .server
                         .offers()
-                        .find(|(_, o)| o.interface_instance == instance)
-                        .map(|(r, _)| r);
-                    if let Some(relid) = relid {
+                        .filter(|(_, o)| o.interface_instance == instance)
+                        .map(|(r, o)| (o.subchannel_index, r))
+                        .collect();
+                    relids.sort_unstable_by(|a, b| b.cmp(a));
+                    for (_, relid) in relids {
                         if let Err(e) = self.server.rescind(relid, &mut out) {
                             tracing::warn!(relid, error = %e, "hot remove failed");
+                        }
+                    }
+                }
+                Control::OfferSubchannels {
+                    interface_type,
+                    interface_instance,
+                    count,
+                } => {
+                    let primary = self
+                        .server
+                        .offers()
+                        .find(|(_, o)| {
+                            o.interface_instance == interface_instance && o.subchannel_index == 0
+                        })
+                        .map(|(_, o)| o.clone());
+                    let Some(primary) = primary else { continue };
+                    for index in 1..=count {
+                        let exists = self.server.offers().any(|(_, o)| {
+                            o.interface_instance == interface_instance
+                                && o.subchannel_index == index
+                        });
+                        if exists {
+                            continue;
+                        }
+                        let spec = OfferSpec {
+                            interface_type,
+                            subchannel_index: index,
+                            ..primary.clone()
+                        };
+                        if let Err(e) = self.server.add_offer(spec, &mut out) {
+                            tracing::warn!(error = %e, "subchannel offer failed");
+                            break;
                         }
                     }
                 }
@@ -418,7 +480,16 @@ impl Session {
                     downstream_offset,
                     ..
                 } => {
+                    let own = self.own.clone();
+                    let request_subchannels: SubchannelRequest = Arc::new(move |count| {
+                        own.send(Control::OfferSubchannels {
+                            interface_type,
+                            interface_instance,
+                            count,
+                        })
+                    });
                     let ctx = DeviceContext {
+                        request_subchannels,
                         interface_type,
                         interface_instance,
                         subchannel_index,

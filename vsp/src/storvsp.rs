@@ -19,7 +19,8 @@ use ringbuf::{OutgoingRing, Packet};
 use vmbus_proto::storvsp::scsi::SenseData;
 use vmbus_proto::storvsp::{
     srb_status, status as vstor_status, ChannelProperties, ProtocolVersion, ScsiRequest,
-    StorageVersion, VstorOperation, VstorPacket, CDB_SENSE_AREA_SIZE, MAX_CDB_LEN,
+    StorageVersion, SubchannelCount, VstorOperation, VstorPacket, CDB_SENSE_AREA_SIZE,
+    CHANNEL_SUPPORTS_MULTI_CHANNEL, MAX_CDB_LEN,
 };
 use zerocopy::{FromZeros, IntoBytes};
 
@@ -101,6 +102,10 @@ pub struct Storvsp {
     /// Ring bytes the first waiting answer needs.
     stalled: Option<u32>,
     completions: Vec<Completion>,
+    /// Queues the controller may have (primary channel plus subchannels).
+    queues: u16,
+    /// Asks the session to offer subchannels (primary channel only).
+    request_subchannels: Option<crate::session::SubchannelRequest>,
 }
 
 impl std::fmt::Debug for Storvsp {
@@ -122,8 +127,16 @@ fn disk_id(path: &std::path::Path) -> u64 {
 }
 
 impl Storvsp {
-    /// A controller channel serving `luns`, with buffers in `mem`.
-    pub fn new(luns: &[LunSpec], mem: Arc<GuestMemory>) -> Result<Self, Error> {
+    /// A controller channel serving `luns`, with buffers in `mem`. The primary channel
+    /// (`subchannel` false) goes through the initialisation handshake and may create up to
+    /// `queues - 1` subchannels through `request_subchannels`; a subchannel serves SRBs at once.
+    pub fn new(
+        luns: &[LunSpec],
+        mem: Arc<GuestMemory>,
+        queues: u16,
+        subchannel: bool,
+        request_subchannels: Option<crate::session::SubchannelRequest>,
+    ) -> Result<Self, Error> {
         use rustix::event::epoll;
         let wake = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(Error::Socket)?;
         let mut table: Vec<Option<Lun>> = (0..crate::config::MAX_LUNS).map(|_| None).collect();
@@ -168,13 +181,23 @@ impl Storvsp {
             luns: table,
             lun_ids,
             wake,
-            state: State::Start,
+            state: if subchannel {
+                State::Ready
+            } else {
+                State::Start
+            },
             version: StorageVersion::WIN8,
             slots: (0..QUEUE_DEPTH).map(|_| None).collect(),
             free: (0..QUEUE_DEPTH as usize).rev().collect(),
             answers: VecDeque::new(),
             stalled: None,
             completions: Vec::with_capacity(QUEUE_DEPTH as usize),
+            queues: queues.max(1),
+            request_subchannels: if subchannel {
+                None
+            } else {
+                request_subchannels
+            },
         })
     }
 
@@ -236,7 +259,23 @@ impl Storvsp {
             VstorOperation::QUERY_PROPERTIES => {
                 let mut p = ChannelProperties::new_zeroed();
                 p.max_transfer_bytes = MAX_TRANSFER_BYTES;
+                if self.queues > 1 && self.request_subchannels.is_some() {
+                    p.flags = CHANNEL_SUPPORTS_MULTI_CHANNEL;
+                    p.max_channel_count = self.queues - 1;
+                }
                 reply.set_body(&p);
+            }
+            VstorOperation::CREATE_SUB_CHANNELS => {
+                let n: SubchannelCount = req.body();
+                let count = n.count;
+                let ok = count >= 1
+                    && count < self.queues
+                    && self.state != State::Start
+                    && self.request_subchannels.as_ref().is_some_and(|r| r(count));
+                if !ok {
+                    tracing::debug!(count, queues = self.queues, "subchannel request refused");
+                    reply.status = vstor_status::INVALID_PARAMETER;
+                }
             }
             VstorOperation::END_INITIALIZATION => self.state = State::Ready,
             // In-flight I/O completes normally; nothing is queued elsewhere to abort.

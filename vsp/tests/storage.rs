@@ -357,3 +357,42 @@ fn several_disks_on_one_controller_are_luns() {
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn subchannels_give_a_controller_several_queues() {
+    let d = Vspd::start("queues", &[("a.img", 16 << 20, ",queues=3")]);
+    let g = vsc::guest::StorageGuest::attach_with_queues(&d.socket, 128 << 20, 3).unwrap();
+    let disk = g.disks[0].1.clone();
+    assert_eq!(
+        disk.controller().queue_count(),
+        3,
+        "the primary channel and two subchannels"
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    for i in 0..600u64 {
+        let tx = tx.clone();
+        disk.submit(
+            DiskOp::Write {
+                offset: i * 4096,
+                data: pattern(i + 11, 4096),
+                fua: false,
+            },
+            Box::new(move |r| tx.send((i, r)).unwrap()),
+        );
+    }
+    for _ in 0..600 {
+        let (i, r) = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert!(r.is_ok(), "write {i}: {r:?}");
+    }
+    for i in (0..600u64).step_by(7) {
+        let mut back = vec![0u8; 4096];
+        disk.read(i * 4096, &mut back).unwrap();
+        assert_eq!(back, pattern(i + 11, 4096), "block {i}");
+    }
+    assert!(disk.stats().completed >= 600);
+    // Asking for more queues than the host offers gives what it offers.
+    g.detach().unwrap();
+    let g = vsc::guest::StorageGuest::attach_with_queues(&d.socket, 128 << 20, 8).unwrap();
+    assert_eq!(g.disks[0].1.controller().queue_count(), 3);
+    g.detach().unwrap();
+}
