@@ -19,8 +19,9 @@ struct Args {
     /// Path of the partition socket to listen on (created mode 0600).
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// A disk: path=FILE[,readonly=on][,direct=on][,controller=N][,lun=L]. Repeatable; disks
-    /// naming the same controller share one SCSI controller as LUNs.
+    /// A disk: path=FILE[,readonly=on][,direct=on][,queues=N][,controller=C][,lun=L].
+    /// Repeatable; disks naming the same controller share one SCSI controller as LUNs; queues
+    /// (1-64) lets the guest open that many channels (the primary and subchannels).
     #[arg(long, value_name = "OPTIONS")]
     disk: Vec<String>,
     /// A NIC: tap=NAME. Repeatable.
