@@ -396,3 +396,133 @@ fn subchannels_give_a_controller_several_queues() {
     assert_eq!(g.disks[0].1.controller().queue_count(), 3);
     g.detach().unwrap();
 }
+
+#[test]
+fn a_backend_error_is_a_medium_error() {
+    let d = Vspd::start("medium", &[("a.img", 8 << 20, "")]);
+    let g = guest(&d.socket);
+    let disk = &g.disks[0];
+    // The image shrinks behind the daemon's back: reads past the new end come up short.
+    std::fs::File::options()
+        .write(true)
+        .open(d.image("a.img"))
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let e = disk
+        .call(DiskOp::Read {
+            offset: 4 << 20,
+            len: 4096,
+        })
+        .unwrap_err();
+    assert_eq!(
+        sense(e),
+        (0x03, 0x11),
+        "MEDIUM ERROR / UNRECOVERED READ ERROR"
+    );
+    let mut ok = vec![0u8; 4096];
+    disk.read(0, &mut ok).unwrap();
+}
+
+/// Hand-made SRBs: the requests a well-behaved client never sends.
+#[test]
+fn malformed_srbs_fail_alone() {
+    use ringbuf::packet::{gpa_direct_header, OutgoingPacket, PacketKind};
+    use vmbus_proto::storvsp::{
+        srb_status, ScsiRequest, VstorOperation, VstorPacket, REQUEST_COMPLETION_FLAG,
+    };
+    use zerocopy::{FromBytes, FromZeros, IntoBytes};
+
+    let d = Vspd::start("hostile-srb", &[("a.img", 8 << 20, "")]);
+    let (front, messages) = Loopback::connect(&d.socket, 32 << 20).unwrap();
+    let front = Arc::new(front);
+    let mut client = Client::connect(front.clone(), messages, 0, &SUPPORTED_VERSIONS).unwrap();
+    let offer = client.request_offers().unwrap().remove(0);
+    let ch = GuestChannel::open(&mut client, &front, &offer, 16).unwrap();
+    let mut ch = Storvsc::init(ch).unwrap().into_channel();
+    let buf = front.alloc_pages(2).unwrap();
+    // Sends one SRB (READ(10) of 8 blocks unless `cdb` says otherwise) and returns the
+    // completion's SRB status.
+    let mut send =
+        |tx: u64, cdb: &[u8], transfer: u32, ranges: Option<(u32, u32, Vec<u64>)>| -> u8 {
+            let mut srb = ScsiRequest::new_zeroed();
+            srb.length = 52;
+            srb.cdb_length = cdb.len() as u8;
+            srb.cdb_or_sense[..cdb.len().min(20)].copy_from_slice(&cdb[..cdb.len().min(20)]);
+            srb.sense_info_length = 20;
+            srb.data_in = vmbus_proto::storvsp::DataDirection::READ;
+            srb.data_transfer_length = transfer;
+            let mut p = VstorPacket::new(VstorOperation::EXECUTE_SRB, REQUEST_COMPLETION_FLAG, 0);
+            p.set_body(&srb);
+            let parts = [p.as_bytes()];
+            let mut header = Vec::new();
+            match &ranges {
+                Some((off, count, pfns)) => {
+                    gpa_direct_header(&mut header, &[(*off, *count, &pfns[..])]);
+                    ch.out
+                        .write(&OutgoingPacket {
+                            packet_type: vmbus_proto::ring::PacketType::DATA_USING_GPA_DIRECT,
+                            flags: 1,
+                            transaction_id: tx,
+                            header: &header,
+                            payload: &parts,
+                        })
+                        .unwrap();
+                }
+                None => ch
+                    .out
+                    .write(&OutgoingPacket::in_band(tx, true, &parts))
+                    .unwrap(),
+            }
+            ch.commit_out().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Some(pkt) = ch.inc.read().unwrap() {
+                    assert!(matches!(pkt.kind, PacketKind::Completion));
+                    assert_eq!(pkt.transaction_id, tx);
+                    let (v, _) = VstorPacket::read_from_prefix(pkt.payload).unwrap();
+                    let s: ScsiRequest = v.body();
+                    ch.commit_in().unwrap();
+                    return s.srb_status & 0x3f;
+                }
+                assert!(Instant::now() < deadline, "no completion for {tx}");
+                ch.wait_interrupt(Duration::from_millis(50)).unwrap();
+            }
+        };
+    let read10 = [0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0];
+    // A good one first.
+    assert_eq!(
+        send(1, &read10, 4096, Some((0, 4096, vec![buf[0]]))),
+        srb_status::SUCCESS
+    );
+    // A buffer page outside guest memory.
+    assert_eq!(
+        send(2, &read10, 4096, Some((0, 4096, vec![1 << 30]))),
+        srb_status::INVALID_REQUEST
+    );
+    // A transfer longer than its buffer.
+    assert_eq!(
+        send(3, &read10, 4096, Some((0, 2048, vec![buf[0]]))),
+        srb_status::INVALID_REQUEST
+    );
+    // No buffer at all for a read.
+    assert_eq!(send(4, &read10, 4096, None), srb_status::INVALID_REQUEST);
+    // A CDB length of 0, and one over 16.
+    assert_eq!(send(5, &[], 0, None), srb_status::INVALID_REQUEST);
+    assert_eq!(send(6, &[0u8; 17], 0, None), srb_status::INVALID_REQUEST);
+    // A range offset beyond its first page.
+    assert_eq!(
+        send(7, &read10, 4096, Some((5000, 4096, vec![buf[0], buf[1]]))),
+        srb_status::INVALID_REQUEST
+    );
+    // INQUIRY into a buffer outside guest memory: the data cannot land, the SRB fails.
+    assert_eq!(
+        send(8, &[0x12, 0, 0, 0, 36, 0], 36, Some((0, 36, vec![1 << 30]))),
+        srb_status::INVALID_REQUEST
+    );
+    // And the channel still serves.
+    assert_eq!(
+        send(9, &read10, 4096, Some((0, 4096, vec![buf[1]]))),
+        srb_status::SUCCESS
+    );
+}
