@@ -18,9 +18,12 @@ fi
 
 # Real NBD clients for vsc's NBD export tests (vsc/tests/nbd_export.rs): qemu-img, qemu-io and
 # qemu-nbd from Debian's qemu-utils, and fio (whose Debian build has the nbd engine, via libnbd).
+# nbdkit (with its file plugin) is the peer NBD server benches/storage-vs-baseline.sh compares
+# the export against.
 apt_packages=()
 command -v qemu-img >/dev/null 2>&1 || apt_packages+=(qemu-utils)
 command -v fio >/dev/null 2>&1 || apt_packages+=(fio)
+command -v nbdkit >/dev/null 2>&1 || apt_packages+=(nbdkit)
 if ((${#apt_packages[@]})); then
     sudo=()
     if [ "$(id -u)" -ne 0 ]; then

@@ -14,8 +14,14 @@
 //!
 //! Both threads spin and never sleep: the bench measures the data path (copies, index updates,
 //! cache-line traffic between the two cores), not the cost of waking a thread.
+//!
+//! The `storage` bench (`benches/storage.rs`) drives 4 KiB random reads and writes through a
+//! real `vspd` and the loopback guest's storvsc `Disk` (`vsc::storvsc::Disk`), and
+//! as its baseline raw io_uring on the same file; what both share is in [`storage`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+pub mod storage;
 
 use ringbuf::packet::{DESCRIPTOR_SIZE, TRAILER};
 

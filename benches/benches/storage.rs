@@ -1,0 +1,512 @@
+//! 4 KiB random reads and writes at queue depth 1 and 32 through the storage library path, and
+//! as the baseline in the same criterion group (`storage`), raw io_uring on the same file, same
+//! offsets, same queue depth. Criterion reports elements/s = IOPS; `benches/storage-ratio.sh`
+//! turns the estimates into the ratios library IOPS ÷ io_uring IOPS.
+//!
+//! Benchmark ids: `storage/{vmbus,uring}_{randread,randwrite}_qd{1,32}`.
+//!
+//! - The library path (`vmbus_*`): a real `vspd` process (the release binary, see
+//!   [`find_vspd`]) serving the image, the loopback guest
+//!   (`vsc::guest::StorageGuest::attach`) and its storvsc `Disk`. Requests are
+//!   `Disk::submit`ted with a completion callback; the callback checks the data and submits
+//!   the next request, so exactly `qd` requests are in flight and the bench thread only waits
+//!   for the end of a measured run. Each read's result is a fresh `Vec` and each write's data
+//!   one too: that is the API.
+//! - The baseline (`uring_*`): one thread, one io_uring with `qd` entries, `read`/`write`
+//!   SQEs on the image file opened the same way `vspd` opens it (buffered, or `O_DIRECT` when
+//!   `VMBUS_BENCH_STORAGE_DIRECT=1`); it refills as completions arrive (`submit_and_wait(1)`).
+//! - Both: request `i` of a benchmark function touches block [`block_of`]`(i)`, `i` counting
+//!   from 0 for each function, so both contestants see the same offsets. Reads check that the
+//!   block starts with its own number; writes write the block's number and a new version.
+//! - The image: 1 GiB, every block stamped, on the target directory's file system (not tmpfs),
+//!   read once before measuring so buffered reads hit the page cache. It is kept between runs
+//!   (`<target>/storage-bench/image.raw`, or `$VMBUS_BENCH_STORAGE_DIR`).
+//!
+//! After each `vmbus_*` function, a fixed run of requests at the same queue depth counts
+//! wake-ups from `/proc` (see [`measure_wakeups`]) and prints a `wakeups ...` line.
+//!
+//! In criterion's test mode (`cargo test --benches`) the image is 16 MiB and each function runs
+//! once; without a `vspd` binary the bench says so and skips everything.
+
+// io_uring SQEs carry raw buffer pointers that the kernel uses after `push` returns: pushing
+// them is unsafe. Each buffer is owned by the run and outlives its request (see `Uring::run`).
+#![allow(unsafe_code)]
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use io_uring::{opcode, types, IoUring};
+use vmbus_benches::storage::{
+    block_of, check_block, prepare_image, stamp_block, thread_counters, ThreadCounters, BLOCK,
+    IMAGE_BYTES, TEST_IMAGE_BYTES,
+};
+use vsc::guest::StorageGuest;
+use vsc::storvsc::{Disk, DiskOp, IoResult};
+
+/// Environment variable: the `vspd` binary to run (default: see [`find_vspd`]).
+const VSPD_ENV: &str = "VMBUS_BENCH_VSPD";
+/// Environment variable: the directory for the image and the socket.
+const DIR_ENV: &str = "VMBUS_BENCH_STORAGE_DIR";
+/// Environment variable: `1` opens the image with `O_DIRECT` on both sides.
+const DIRECT_ENV: &str = "VMBUS_BENCH_STORAGE_DIRECT";
+/// Guest memory of the loopback guest (storvsc's 32 MiB of bounce pages and the rings).
+const GUEST_MEMORY: u64 = 64 << 20;
+/// Requests of the wake-up count after each QD32 library function (a tenth of it at QD1).
+const WAKEUP_REQUESTS: u64 = 200_000;
+
+/// The `vspd` binary: `$VMBUS_BENCH_VSPD`, else `vspd` beside the bench's profile directory
+/// (`target/<profile>/vspd`), else `target/release/vspd`. `None` if none exists.
+fn find_vspd() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(VSPD_ENV) {
+        return Some(PathBuf::from(p)).filter(|p| p.is_file());
+    }
+    let exe = std::env::current_exe().ok()?;
+    let profile = exe.parent()?.parent()?; // target/<profile>/deps/storage-<hash>
+    [
+        profile.join("vspd"),
+        profile.parent()?.join("release").join("vspd"),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+}
+
+/// The target directory, from the bench's own path (`target/<profile>/deps/...`).
+fn target_dir() -> Option<PathBuf> {
+    Some(
+        std::env::current_exe()
+            .ok()?
+            .parent()?
+            .parent()?
+            .parent()?
+            .to_owned(),
+    )
+}
+
+/// The `vspd` child, stopped with SIGTERM and reaped on drop.
+struct Vspd(Child);
+
+impl Drop for Vspd {
+    fn drop(&mut self) {
+        let pid = i32::try_from(self.0.id())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw);
+        if let Some(pid) = pid {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// The running library path: `vspd` serving the image, the guest attached to it.
+struct Setup {
+    image: PathBuf,
+    blocks: u64,
+    direct: bool,
+    disk: Arc<Disk>,
+    // Dropped in this order: the guest detaches before the daemon stops.
+    guest: Option<StorageGuest>,
+    vspd: Vspd,
+}
+
+impl Setup {
+    fn start(test_mode: bool) -> Result<Self, String> {
+        let vspd_bin = find_vspd().ok_or_else(|| {
+            format!(
+                "no vspd binary (looked for ${VSPD_ENV}, target/<profile>/vspd and \
+                 target/release/vspd); build it with `cargo build --release --bins` \
+                 (benches/storage-ratio.sh does)"
+            )
+        })?;
+        let dir = match std::env::var_os(DIR_ENV) {
+            Some(d) => PathBuf::from(d),
+            None => target_dir()
+                .ok_or("cannot tell the target directory")?
+                .join("storage-bench"),
+        };
+        let direct = std::env::var(DIRECT_ENV).is_ok_and(|v| v == "1");
+        let bytes = if test_mode {
+            TEST_IMAGE_BYTES
+        } else {
+            IMAGE_BYTES
+        };
+        let image = dir.join(if test_mode {
+            "image-test.raw"
+        } else {
+            "image.raw"
+        });
+        prepare_image(&image, bytes)
+            .map_err(|e| format!("preparing the image {}: {e}", image.display()))?;
+        let socket = dir.join(format!("vspd-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&socket);
+        let disk_opt = format!(
+            "path={}{}",
+            image.display(),
+            if direct { ",direct=on" } else { "" }
+        );
+        let child = Command::new(&vspd_bin)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--disk")
+            .arg(&disk_opt)
+            .env(
+                "VSPD_LOG",
+                std::env::var("VSPD_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", vspd_bin.display()))?;
+        let mut vspd = Vspd(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            if let Ok(Some(status)) = vspd.0.try_wait() {
+                return Err(format!("{} exited: {status}", vspd_bin.display()));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{} did not listen in 10 s", vspd_bin.display()));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let guest = StorageGuest::attach(&socket, GUEST_MEMORY)
+            .map_err(|e| format!("attaching the loopback guest: {e}"))?;
+        let _ = std::fs::remove_file(&socket);
+        let disk = guest.disks.first().ok_or("vspd offered no disk")?.1.clone();
+        let g = disk.geometry();
+        if g.size() != bytes || !(BLOCK as u32).is_multiple_of(g.block_size) {
+            return Err(format!("unexpected disk geometry {g:?}"));
+        }
+        eprintln!(
+            "storage bench: vspd {} (pid {}) serving {} ({} MiB{}), page cache warm",
+            vspd_bin.display(),
+            vspd.0.id(),
+            image.display(),
+            bytes >> 20,
+            if direct { ", O_DIRECT" } else { ", buffered" },
+        );
+        Ok(Self {
+            image,
+            blocks: bytes / BLOCK as u64,
+            direct,
+            disk,
+            guest: Some(guest),
+            vspd,
+        })
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        if let Some(g) = self.guest.take() {
+            if let Err(e) = g.detach() {
+                eprintln!("storage bench: detaching the guest: {e}");
+            }
+        }
+    }
+}
+
+/// One measured run of the library path: requests `first..end` with `qd` in flight, refilled
+/// from the completion callbacks (which run on the storvsc queue thread).
+struct Flight {
+    disk: Arc<Disk>,
+    write: bool,
+    blocks: u64,
+    end: u64,
+    /// Next request number to submit.
+    next: AtomicU64,
+    /// Requests completed.
+    completed: AtomicU64,
+    total: u64,
+    failed: AtomicBool,
+    error: Mutex<Option<String>>,
+    waiter: Thread,
+}
+
+impl Flight {
+    fn submit(self: &Arc<Self>, i: u64) {
+        let block = block_of(i, self.blocks);
+        let offset = block * BLOCK as u64;
+        let op = if self.write {
+            let mut data = vec![0u8; BLOCK];
+            stamp_block(&mut data, block, i + 1);
+            DiskOp::Write {
+                offset,
+                data,
+                fua: false,
+            }
+        } else {
+            DiskOp::Read {
+                offset,
+                len: BLOCK as u32,
+            }
+        };
+        let me = Arc::clone(self);
+        self.disk
+            .submit(op, Box::new(move |r| me.complete(i, block, r)));
+    }
+
+    fn complete(self: &Arc<Self>, i: u64, block: u64, r: IoResult) {
+        let bad = match &r {
+            Ok(data) if !self.write && !check_block(data, block) => {
+                Some(format!("request {i}: block {block} read back wrong data"))
+            }
+            Ok(_) => None,
+            Err(e) => Some(format!("request {i} (block {block}): {e:?}")),
+        };
+        if let Some(msg) = bad {
+            self.error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert(msg);
+            self.failed.store(true, Ordering::Release);
+        }
+        if !self.failed.load(Ordering::Acquire) {
+            let n = self.next.fetch_add(1, Ordering::Relaxed);
+            if n < self.end {
+                self.submit(n);
+            }
+        }
+        if self.completed.fetch_add(1, Ordering::AcqRel) + 1 == self.total
+            || self.failed.load(Ordering::Acquire)
+        {
+            self.waiter.unpark();
+        }
+    }
+}
+
+/// Runs requests `first..first + n` through the library path with `qd` in flight; returns
+/// when all completed. Panics on a failed request or wrong data.
+fn run_vmbus(setup: &Setup, write: bool, qd: u64, first: u64, n: u64) {
+    let flight = Arc::new(Flight {
+        disk: setup.disk.clone(),
+        write,
+        blocks: setup.blocks,
+        end: first + n,
+        next: AtomicU64::new(first + qd.min(n)),
+        completed: AtomicU64::new(0),
+        total: n,
+        failed: AtomicBool::new(false),
+        error: Mutex::new(None),
+        waiter: std::thread::current(),
+    });
+    for i in first..first + qd.min(n) {
+        flight.submit(i);
+    }
+    while flight.completed.load(Ordering::Acquire) < n && !flight.failed.load(Ordering::Acquire) {
+        std::thread::park();
+    }
+    let error = flight
+        .error
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    if let Some(e) = error {
+        panic!("library path: {e}");
+    }
+}
+
+/// The raw io_uring baseline on the image file, `qd` entries deep.
+struct Uring {
+    ring: IoUring,
+    file: File,
+    blocks: u64,
+    /// One block-sized, 4 KiB-aligned buffer per slot (inside `arena`).
+    arena: Vec<u8>,
+    align: usize,
+    qd: usize,
+}
+
+impl Uring {
+    fn new(setup: &Setup, qd: usize) -> std::io::Result<Self> {
+        let mut o = OpenOptions::new();
+        o.read(true).write(true);
+        if setup.direct {
+            o.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
+        }
+        let file = o.open(&setup.image)?;
+        let arena = vec![0u8; (qd + 1) * BLOCK];
+        let align = arena.as_ptr().align_offset(BLOCK);
+        Ok(Self {
+            ring: IoUring::new(qd.next_power_of_two() as u32)?,
+            file,
+            blocks: setup.blocks,
+            arena,
+            align,
+            qd,
+        })
+    }
+
+    fn buf(&mut self, slot: usize) -> &mut [u8] {
+        let at = self.align + slot * BLOCK;
+        &mut self.arena[at..at + BLOCK]
+    }
+
+    /// Requests `first..first + n`, `qd` in flight. Panics on an error, a short transfer or
+    /// wrong data.
+    fn run(&mut self, write: bool, first: u64, n: u64) {
+        let fd = types::Fd(self.file.as_raw_fd());
+        let mut free: Vec<usize> = (0..self.qd).collect();
+        let mut slot_req = vec![0u64; self.qd];
+        let (mut next, end, mut done) = (first, first + n, 0u64);
+        while done < n {
+            while next < end {
+                let Some(slot) = free.pop() else { break };
+                let block = block_of(next, self.blocks);
+                let buf = self.buf(slot);
+                let ptr = buf.as_mut_ptr();
+                let offset = block * BLOCK as u64;
+                let sqe = if write {
+                    stamp_block(buf, block, next + 1);
+                    opcode::Write::new(fd, ptr, BLOCK as u32)
+                        .offset(offset)
+                        .build()
+                } else {
+                    opcode::Read::new(fd, ptr, BLOCK as u32)
+                        .offset(offset)
+                        .build()
+                }
+                .user_data(slot as u64);
+                slot_req[slot] = next;
+                // SAFETY: the SQE points into `self.arena`, slot `slot`, which nothing else
+                // touches until this slot's completion is reaped below (the slot is off the
+                // free list until then), and the arena outlives the ring's use of it: `run`
+                // returns only once every request it submitted has completed.
+                unsafe { self.ring.submission().push(&sqe) }.expect("the ring has qd entries");
+                next += 1;
+            }
+            self.ring.submit_and_wait(1).expect("io_uring_enter");
+            let cqes: Vec<_> = self
+                .ring
+                .completion()
+                .map(|c| (c.user_data() as usize, c.result()))
+                .collect();
+            for (slot, res) in cqes {
+                let req = slot_req[slot];
+                let block = block_of(req, self.blocks);
+                assert_eq!(res, BLOCK as i32, "io_uring request {req} (block {block})");
+                if !write {
+                    assert!(
+                        check_block(self.buf(slot), block),
+                        "io_uring request {req}: block {block} read back wrong data"
+                    );
+                }
+                free.push(slot);
+                done += 1;
+            }
+        }
+    }
+}
+
+/// Runs `n` requests at queue depth `qd` through the library path and reports the wakeups they
+/// needed: the signals the guest sent the host and the interrupts it took, from
+/// `Disk::stats()` (the storvsc channel's own counters), per completed request; and, from
+/// `/proc`, how often the threads that carry the requests blocked (voluntary context switches,
+/// each of which needed a wakeup): the storvsc queue threads (`storvsc-*`), `vspd`'s channel
+/// workers (`vmbus-chan-*`) and its io_uring workers (`iou-*`, where the kernel punts I/O that
+/// cannot complete inline, such as ext4 buffered writes).
+fn measure_wakeups(setup: &Setup, id: &str, write: bool, qd: u64, n: u64) {
+    let vspd = setup.vspd.0.id();
+    let me = std::process::id();
+    let snap = || -> [ThreadCounters; 3] {
+        [
+            thread_counters(me, "storvsc-"),
+            thread_counters(vspd, "vmbus-chan-"),
+            thread_counters(vspd, "iou-"),
+        ]
+        .map(|r| r.unwrap_or_default())
+    };
+    let (before, stats_before) = (snap(), setup.disk.stats());
+    let start = Instant::now();
+    run_vmbus(setup, write, qd, 1 << 40, n);
+    let elapsed = start.elapsed();
+    let (after, stats) = (snap(), setup.disk.stats());
+    let [q, chan, iou] = [0, 1, 2].map(|i| after[i] - before[i]);
+    let done = stats
+        .completed
+        .saturating_sub(stats_before.completed)
+        .max(1);
+    let signals = stats.signals.saturating_sub(stats_before.signals);
+    let interrupts = stats.interrupts.saturating_sub(stats_before.interrupts);
+    let per = |x: u64| x as f64 / done as f64;
+    println!(
+        "wakeups {id}: {done} requests in {:.2} s ({:.0} IOPS); per request: signals {:.4} + \
+         interrupts {:.4} = {:.4}; thread sleeps per request: storvsc queue {:.4}, vspd channel \
+         worker {:.4}, vspd io_uring workers {:.4} ({} threads)",
+        elapsed.as_secs_f64(),
+        n as f64 / elapsed.as_secs_f64(),
+        per(signals),
+        per(interrupts),
+        per(signals + interrupts),
+        per(q.sleeps),
+        per(chan.sleeps),
+        per(iou.sleeps),
+        iou.threads,
+    );
+}
+
+/// Whether criterion runs in test mode (`cargo test --benches`: no `--bench` argument).
+fn test_mode() -> bool {
+    !std::env::args().any(|a| a == "--bench")
+}
+
+fn storage(c: &mut Criterion) {
+    let test_mode = test_mode();
+    let setup = match Setup::start(test_mode) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("storage bench skipped: {e}");
+            return;
+        }
+    };
+    let mut group = c.benchmark_group("storage");
+    group.throughput(Throughput::Elements(1));
+    for (op, write) in [("randread", false), ("randwrite", true)] {
+        for qd in [1u64, 32] {
+            let mut uring = Uring::new(&setup, qd as usize).expect("io_uring on the image");
+            let mut next = 0u64;
+            group.bench_function(format!("uring_{op}_qd{qd}"), |b| {
+                b.iter_custom(|iters| {
+                    let start = Instant::now();
+                    uring.run(write, next, iters);
+                    next += iters;
+                    start.elapsed()
+                })
+            });
+            drop(uring);
+            let mut next = 0u64;
+            let id = format!("vmbus_{op}_qd{qd}");
+            group.bench_function(&id, |b| {
+                b.iter_custom(|iters| {
+                    let start = Instant::now();
+                    run_vmbus(&setup, write, qd, next, iters);
+                    next += iters;
+                    start.elapsed()
+                })
+            });
+            let n = match (test_mode, qd) {
+                (true, _) => 1000,
+                (false, 1) => WAKEUP_REQUESTS / 10,
+                (false, _) => WAKEUP_REQUESTS,
+            };
+            measure_wakeups(&setup, &format!("storage/{id}"), write, qd, n);
+        }
+    }
+    group.finish();
+    drop(setup);
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(4))
+        .sample_size(50);
+    targets = storage
+}
+criterion_main!(benches);
