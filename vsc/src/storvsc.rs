@@ -326,6 +326,8 @@ pub struct Controller {
 struct QueueHandle {
     tx: Mutex<Sender<Request>>,
     wake: Arc<Event>,
+    /// Set by the queue thread before it sleeps.
+    sleeping: Arc<std::sync::atomic::AtomicBool>,
     thread: Mutex<Option<JoinHandle<Result<Storvsc, Error>>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     stats: Arc<crate::channel::ChannelStats>,
@@ -389,7 +391,9 @@ impl Controller {
             let stats = storvsc.ch.stats().clone();
             let completed = Arc::new(std::sync::atomic::AtomicU64::new(0));
             let relid = storvsc.ch.relid;
+            let sleeping = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let q = Queue {
+                sleeping: sleeping.clone(),
                 st: storvsc,
                 front: front.clone(),
                 requests: rx,
@@ -408,6 +412,7 @@ impl Controller {
             queues.push(QueueHandle {
                 tx: Mutex::new(tx),
                 wake,
+                sleeping,
                 thread: Mutex::new(Some(thread)),
                 stop,
                 stats,
@@ -440,7 +445,12 @@ impl Controller {
                 });
         match sent {
             Ok(()) => {
-                let _ = q.wake.signal();
+                // Pairs with the fence in the queue thread's sleep: wake it only if it may be
+                // asleep, so a busy queue costs no eventfd write per request.
+                std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+                if q.sleeping.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = q.wake.signal();
+                }
             }
             Err(e) => (e.0.done)(Err(IoError::Disconnected)),
         }
@@ -676,6 +686,8 @@ struct InFlight {
 }
 
 struct Queue {
+    /// Set before sleeping, so submitters know to signal `wake`.
+    sleeping: Arc<std::sync::atomic::AtomicBool>,
     st: Storvsc,
     front: Arc<Loopback>,
     requests: Receiver<Request>,
@@ -778,7 +790,18 @@ impl Queue {
                 self.st.ch.out.clear_pending();
                 continue;
             }
+            // Announce the sleep, then look for requests once more: a submitter either sees
+            // the flag (and signals) or its request is found here (see `Controller::submit`).
+            self.sleeping.store(true, std::sync::atomic::Ordering::Relaxed);
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            if let Ok(r) = self.requests.try_recv() {
+                self.sleeping.store(false, std::sync::atomic::Ordering::Relaxed);
+                self.waiting.push_back(r);
+                self.st.ch.out.clear_pending();
+                continue;
+            }
             self.sleep()?;
+            self.sleeping.store(false, std::sync::atomic::Ordering::Relaxed);
             self.st.ch.out.clear_pending();
             if !self.st.ch.host_alive() {
                 // The daemon is gone: nothing will complete; fail what is pending.

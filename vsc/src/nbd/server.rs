@@ -39,8 +39,8 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: 64,
-            workers_per_connection: 8,
-            queue_per_connection: 16,
+            workers_per_connection: 64,
+            queue_per_connection: 64,
             connection_budget: 64 << 20,
             server_budget: 512 << 20,
             handshake_timeout: Duration::from_secs(30),
