@@ -792,16 +792,19 @@ impl Queue {
             }
             // Announce the sleep, then look for requests once more: a submitter either sees
             // the flag (and signals) or its request is found here (see `Controller::submit`).
-            self.sleeping.store(true, std::sync::atomic::Ordering::Relaxed);
+            self.sleeping
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
             if let Ok(r) = self.requests.try_recv() {
-                self.sleeping.store(false, std::sync::atomic::Ordering::Relaxed);
+                self.sleeping
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 self.waiting.push_back(r);
                 self.st.ch.out.clear_pending();
                 continue;
             }
             self.sleep()?;
-            self.sleeping.store(false, std::sync::atomic::Ordering::Relaxed);
+            self.sleeping
+                .store(false, std::sync::atomic::Ordering::Relaxed);
             self.st.ch.out.clear_pending();
             if !self.st.ch.host_alive() {
                 // The daemon is gone: nothing will complete; fail what is pending.
