@@ -2,7 +2,7 @@
 
 use std::sync::mpsc::channel;
 
-use crate::nbd::{BlockDevice, IoError as NbdError};
+use crate::nbd::{BlockDevice, IoError as NbdError, ReadDone, WriteDone};
 use crate::storvsc::{Disk, DiskOp, IoError, IoResult};
 
 /// How a SCSI failure reads to an NBD client.
@@ -90,6 +90,24 @@ impl BlockDevice for Disk {
         all(self, ops)
             .into_iter()
             .try_for_each(|r| r.map(|_| ()).map_err(nbd_error))
+    }
+
+    fn async_limit(&self) -> u32 {
+        self.max_transfer()
+    }
+
+    fn read_async(&self, offset: u64, len: u32, done: ReadDone) {
+        self.submit(
+            DiskOp::Read { offset, len },
+            Box::new(move |r| done(r.map_err(nbd_error))),
+        );
+    }
+
+    fn write_async(&self, offset: u64, data: Vec<u8>, fua: bool, done: WriteDone) {
+        self.submit(
+            DiskOp::Write { offset, data, fua },
+            Box::new(move |r| done(r.map(|_| ()).map_err(nbd_error))),
+        );
     }
 
     fn flush(&self) -> Result<(), NbdError> {

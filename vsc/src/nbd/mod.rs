@@ -88,6 +88,11 @@ impl From<std::io::Error> for IoError {
     }
 }
 
+/// Completion of [`BlockDevice::read_async`]: the data, or the error.
+pub type ReadDone = Box<dyn FnOnce(Result<Vec<u8>, IoError>) + Send>;
+/// Completion of [`BlockDevice::write_async`].
+pub type WriteDone = Box<dyn FnOnce(Result<(), IoError>) + Send>;
+
 /// What an export serves. Implementations are called from several connection threads at once.
 ///
 /// Offsets and lengths handed to the methods are already checked: within [`size`](Self::size),
@@ -108,6 +113,24 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), IoError>;
     /// Puts every completed write on stable storage. Covers writes from all connections.
     fn flush(&self) -> Result<(), IoError>;
+    /// The largest read or write the device takes through [`read_async`](Self::read_async) and
+    /// [`write_async`](Self::write_async); 0 (the default) means the device has no asynchronous
+    /// path and every request goes to a worker thread.
+    fn async_limit(&self) -> u32 {
+        0
+    }
+    /// Starts a read of `len` bytes at `offset`; `done` runs when it completes, on any thread.
+    /// Only called for requests of at most [`async_limit`](Self::async_limit) bytes.
+    fn read_async(&self, offset: u64, len: u32, done: ReadDone) {
+        let mut buf = vec![0u8; len as usize];
+        let r = self.read(offset, &mut buf).map(|()| buf);
+        done(r)
+    }
+    /// Starts a write; `done` runs when it completes, on any thread. Only called for requests
+    /// of at most [`async_limit`](Self::async_limit) bytes.
+    fn write_async(&self, offset: u64, data: Vec<u8>, fua: bool, done: WriteDone) {
+        done(self.write(offset, &data, fua))
+    }
     /// Whether [`trim`](Self::trim) does anything (advertised as `NBD_FLAG_SEND_TRIM`).
     fn supports_trim(&self) -> bool {
         false

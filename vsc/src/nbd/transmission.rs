@@ -82,28 +82,68 @@ struct Job {
     _permits: (Permit, Permit),
 }
 
-/// State shared by the connection's reader and its workers.
-struct Conn<'a> {
-    stream: &'a UnixStream,
-    writer: Mutex<&'a UnixStream>,
-    device: &'a dyn BlockDevice,
+/// Where replies go: the socket (an owned clone, so asynchronous completions can write after
+/// the reader has moved on), written whole under a lock.
+struct Replies {
+    writer: Mutex<UnixStream>,
     /// Requests accepted and not yet answered.
     outstanding: AtomicUsize,
     /// A reply could not be written: the connection is over.
     broken: AtomicBool,
+    /// Signalled when `outstanding` drops to zero.
+    idle: Condvar,
+    idle_lock: Mutex<()>,
+}
+
+impl Replies {
+    /// Sends a reply (header, and data for a successful read) in one piece.
+    fn send(&self, buf: &[u8]) -> io::Result<()> {
+        let mut w = lock(&self.writer);
+        let r = w.write_all(buf);
+        if r.is_err() && !self.broken.swap(true, Ordering::SeqCst) {
+            // Wake the reader: nothing more can be answered.
+            let _ = w.shutdown(std::net::Shutdown::Both);
+        }
+        r
+    }
+
+    /// One request answered.
+    fn done(&self) {
+        if self.outstanding.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let _g = lock(&self.idle_lock);
+            self.idle.notify_all();
+        }
+    }
+
+    /// Waits until every accepted request is answered (or `timeout` passes).
+    fn wait_idle(&self, timeout: std::time::Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut g = lock(&self.idle_lock);
+        while self.outstanding.load(Ordering::SeqCst) != 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            g = self
+                .idle
+                .wait_timeout(g, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+}
+
+/// State shared by the connection's reader and its workers.
+struct Conn<'a> {
+    stream: &'a UnixStream,
+    replies: Arc<Replies>,
+    device: &'a dyn BlockDevice,
 }
 
 impl Conn<'_> {
     /// Sends a reply (header, and data for a successful read) in one piece.
     fn send(&self, buf: &[u8]) -> io::Result<()> {
-        let mut w = lock(&self.writer);
-        let r = w.write_all(buf);
-        drop(w);
-        if r.is_err() && !self.broken.swap(true, Ordering::SeqCst) {
-            // Wake the reader: nothing more can be answered.
-            let _ = self.stream.shutdown(std::net::Shutdown::Both);
-        }
-        r
+        self.replies.send(buf)
     }
 
     fn send_error(&self, errno: u32, cookie: u64) -> io::Result<()> {
@@ -145,7 +185,58 @@ impl Conn<'_> {
         });
         // The permits are released once the reply is out.
         let _ = self.send(&reply);
-        self.outstanding.fetch_sub(1, Ordering::SeqCst);
+        self.replies.done();
+    }
+
+    /// Starts a read or write on the device's asynchronous path; the completion writes the
+    /// reply. Returns the job back if it does not qualify.
+    fn start_async(&self, job: Job) -> Option<Job> {
+        let limit = self.device.async_limit();
+        if limit == 0 || job.len > limit || !matches!(job.op, Op::Read | Op::Write(_)) {
+            return Some(job);
+        }
+        let replies = self.replies.clone();
+        let Job {
+            op,
+            cookie,
+            offset,
+            len,
+            fua,
+            _permits,
+        } = job;
+        match op {
+            Op::Read => self.device.read_async(
+                offset,
+                len,
+                Box::new(move |r| {
+                    let reply = match r {
+                        Ok(data) if data.len() == len as usize => {
+                            let mut buf = vec![0u8; REPLY_LEN + data.len()];
+                            encode_simple_reply(&mut buf, 0, cookie);
+                            buf[REPLY_LEN..].copy_from_slice(&data);
+                            buf
+                        }
+                        Ok(_) => error_reply(IoError::Io, cookie),
+                        Err(e) => error_reply(e, cookie),
+                    };
+                    let _ = replies.send(&reply);
+                    drop(_permits);
+                    replies.done();
+                }),
+            ),
+            Op::Write(data) => self.device.write_async(
+                offset,
+                data,
+                fua,
+                Box::new(move |r| {
+                    let _ = replies.send(&status_reply(r, cookie));
+                    drop(_permits);
+                    replies.done();
+                }),
+            ),
+            _ => unreachable!("checked above"),
+        }
+        None
     }
 }
 
@@ -234,12 +325,17 @@ pub(crate) fn serve(
     limits: &Limits,
     global: &Arc<Budget>,
 ) -> io::Result<()> {
-    let conn = Conn {
-        stream,
-        writer: Mutex::new(stream),
-        device: &*export.device,
+    let replies = Arc::new(Replies {
+        writer: Mutex::new(stream.try_clone()?),
         outstanding: AtomicUsize::new(0),
         broken: AtomicBool::new(false),
+        idle: Condvar::new(),
+        idle_lock: Mutex::new(()),
+    });
+    let conn = Conn {
+        stream,
+        replies: replies.clone(),
+        device: &*export.device,
     };
     let local = Budget::new(limits.connection_budget);
     let (tx, rx) = sync_channel::<Job>(limits.queue_per_connection.max(1));
@@ -253,7 +349,9 @@ pub(crate) fn serve(
         r
         // Leaving the scope joins the workers: they finish what was queued.
     });
-    if conn.broken.load(Ordering::SeqCst) && result.is_ok() {
+    // Asynchronous completions may still be on their way: let them answer.
+    replies.wait_idle(std::time::Duration::from_secs(60));
+    if replies.broken.load(Ordering::SeqCst) && result.is_ok() {
         return Err(io::Error::new(
             io::ErrorKind::BrokenPipe,
             "cannot write replies",
@@ -284,7 +382,7 @@ fn reader<'scope, 'env>(
     let mut input = BufReader::with_capacity(64 * 1024, conn.stream);
     let mut workers = 0usize;
     loop {
-        if conn.broken.load(Ordering::SeqCst) {
+        if conn.replies.broken.load(Ordering::SeqCst) {
             return Ok(());
         }
         let Some(hdr) = read_header(&mut input)? else {
@@ -337,7 +435,10 @@ fn reader<'scope, 'env>(
             fua: req.flags & CMD_FLAG_FUA != 0,
             _permits: (local_permit, global.acquire(data_len)),
         };
-        let n = conn.outstanding.fetch_add(1, Ordering::SeqCst) + 1;
+        let n = conn.replies.outstanding.fetch_add(1, Ordering::SeqCst) + 1;
+        let Some(job) = conn.start_async(job) else {
+            continue;
+        };
         if n > workers && workers < limits.workers_per_connection.max(1) {
             let spawned = thread::Builder::new()
                 .name("nbd-worker".into())
