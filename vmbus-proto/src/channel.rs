@@ -183,6 +183,21 @@ impl VmbusVersion {
     }
 }
 
+/// The versions this stack speaks, newest first: Win8 (2.4) to Copper (6.0). Older versions
+/// lack dedicated channel interrupts, which is how channels signal here. The server accepts
+/// exactly these and the client proposes them in this order.
+pub const STACK_VERSIONS: [VmbusVersion; 9] = [
+    VmbusVersion::COPPER,
+    VmbusVersion::IRON,
+    VmbusVersion::WIN10_RS5,
+    VmbusVersion::WIN10_RS4,
+    VmbusVersion::WIN10_V5,
+    VmbusVersion::WIN10_RS3,
+    VmbusVersion::WIN10,
+    VmbusVersion::WIN8_1,
+    VmbusVersion::WIN8,
+];
+
 /// The versions Linux 6.1 proposes, in the order it tries them.
 pub const LINUX_6_1_VERSIONS: [VmbusVersion; 8] = [
     VmbusVersion::IRON,

@@ -22,18 +22,8 @@ use zerocopy::{FromZeros, IntoBytes};
 use crate::synic::{HostInterface, MessageStream};
 use crate::Error;
 
-/// The versions the client proposes, newest first.
-pub const SUPPORTED_VERSIONS: [VmbusVersion; 9] = [
-    VmbusVersion::COPPER,
-    VmbusVersion::IRON,
-    VmbusVersion::WIN10_RS5,
-    VmbusVersion::WIN10_RS4,
-    VmbusVersion::WIN10_V5,
-    VmbusVersion::WIN10_RS3,
-    VmbusVersion::WIN10,
-    VmbusVersion::WIN8_1,
-    VmbusVersion::WIN8,
-];
+/// The versions the client proposes, newest first: the stack's ([`vmbus_proto::channel::STACK_VERSIONS`]).
+pub const SUPPORTED_VERSIONS: [VmbusVersion; 9] = vmbus_proto::channel::STACK_VERSIONS;
 
 /// A channel the host offered.
 #[derive(Debug, Clone, PartialEq, Eq)]

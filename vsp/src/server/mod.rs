@@ -48,19 +48,8 @@ use crate::Error;
 
 use gpadl::{BodyResult, Gpadls};
 
-/// The versions the server accepts, newest first: Win8 (2.4) to Copper (6.0). Older versions
-/// lack dedicated channel interrupts, which is how channels signal here.
-pub const SUPPORTED_VERSIONS: [VmbusVersion; 9] = [
-    VmbusVersion::COPPER,
-    VmbusVersion::IRON,
-    VmbusVersion::WIN10_RS5,
-    VmbusVersion::WIN10_RS4,
-    VmbusVersion::WIN10_V5,
-    VmbusVersion::WIN10_RS3,
-    VmbusVersion::WIN10,
-    VmbusVersion::WIN8_1,
-    VmbusVersion::WIN8,
-];
+/// The versions the server accepts, newest first: the stack's ([`vmbus_proto::channel::STACK_VERSIONS`]).
+pub const SUPPORTED_VERSIONS: [VmbusVersion; 9] = vmbus_proto::channel::STACK_VERSIONS;
 
 /// Relids are below this: a relid is the channel's bit in the guest's 2048-bit SynIC event
 /// flags of the VMBus SINT (Linux: `HV_EVENT_FLAGS_COUNT`, which bounds `MAX_CHANNEL_RELIDS`).
