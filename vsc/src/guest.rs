@@ -55,7 +55,7 @@ impl StorageGuest {
         let mut disks = Vec::new();
         for o in offers
             .into_iter()
-            .filter(|o| o.interface_type == Guid::SCSI)
+            .filter(|o| o.interface_type == Guid::SCSI && o.subchannel_index == 0)
         {
             let ch = GuestChannel::open(&mut client, &front, &o, STORAGE_RING_PAGES)?;
             let mut st = Storvsc::init(ch)?;

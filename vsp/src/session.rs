@@ -535,6 +535,30 @@ impl Session {
                             &[],
                         )?;
                     }
+                    // Subchannels live as long as their primary channel is open: when it
+                    // closes, they are rescinded (a new open creates them anew).
+                    let primary = self
+                        .server
+                        .offers()
+                        .find(|(r, _)| *r == relid)
+                        .map(|(_, o)| o.clone());
+                    if let Some(p) = primary.filter(|p| p.subchannel_index == 0) {
+                        let subs: Vec<u32> = self
+                            .server
+                            .offers()
+                            .filter(|(_, o)| {
+                                o.interface_instance == p.interface_instance
+                                    && o.subchannel_index != 0
+                            })
+                            .map(|(r, _)| r)
+                            .collect();
+                        let mut more = Vec::new();
+                        for sub in subs {
+                            // An offer already rescinded (waiting for RelIdReleased) is fine.
+                            let _ = self.server.rescind(sub, &mut more);
+                        }
+                        queue.extend(more);
+                    }
                 }
                 Output::Retarget { relid, target_vp } => {
                     if let Some((_, w)) = self.channels.get(&relid) {

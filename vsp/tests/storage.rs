@@ -526,3 +526,52 @@ fn malformed_srbs_fail_alone() {
         srb_status::SUCCESS
     );
 }
+
+/// Subchannels live as long as their primary channel is open.
+#[test]
+fn closing_the_primary_rescinds_its_subchannels_and_reopening_creates_them_anew() {
+    use vsc::client::Event;
+    let d = Vspd::start("sub-lifecycle", &[("a.img", 8 << 20, ",queues=3")]);
+    let (front, messages) = Loopback::connect(&d.socket, 64 << 20).unwrap();
+    let front = Arc::new(front);
+    let mut client = Client::connect(front.clone(), messages, 0, &SUPPORTED_VERSIONS).unwrap();
+    let primary = client.request_offers().unwrap().remove(0);
+    for round in 0..2 {
+        let ch = GuestChannel::open(&mut client, &front, &primary, 16).unwrap();
+        let mut st = Storvsc::init(ch).unwrap();
+        st.create_subchannels(2).unwrap();
+        let mut subs = Vec::new();
+        while subs.len() < 2 {
+            match client.next_event(Duration::from_secs(10)).unwrap() {
+                Some(Event::Offer(o)) => subs.push(o),
+                other => panic!("round {round}: expected a subchannel offer, got {other:?}"),
+            }
+        }
+        assert!(subs
+            .iter()
+            .all(|o| o.interface_instance == primary.interface_instance));
+        let mut idx: Vec<u16> = subs.iter().map(|o| o.subchannel_index).collect();
+        idx.sort_unstable();
+        assert_eq!(idx, [1, 2]);
+        let chans: Vec<GuestChannel> = subs
+            .iter()
+            .map(|o| GuestChannel::open(&mut client, &front, o, 16).unwrap())
+            .collect();
+        for c in chans {
+            c.close(&mut client, &front).unwrap();
+        }
+        st.into_channel().close(&mut client, &front).unwrap();
+        let mut gone = Vec::new();
+        while gone.len() < 2 {
+            match client.next_event(Duration::from_secs(10)).unwrap() {
+                Some(Event::Rescinded(r)) => gone.push(r),
+                other => panic!("round {round}: expected a rescind, got {other:?}"),
+            }
+        }
+        gone.sort_unstable();
+        let mut want: Vec<u32> = subs.iter().map(|o| o.relid).collect();
+        want.sort_unstable();
+        assert_eq!(gone, want);
+    }
+    client.unload().unwrap();
+}
