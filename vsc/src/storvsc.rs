@@ -771,8 +771,14 @@ impl Queue {
                 idle = 0;
                 continue;
             }
-            // Poll briefly before sleeping: a wakeup costs more than this.
-            if idle < SPIN {
+            // Poll briefly before sleeping: a wakeup costs more than this. With requests in
+            // flight their completions are due soon: poll longer.
+            let limit = if self.inflight.is_empty() {
+                SPIN
+            } else {
+                SPIN * 10
+            };
+            if idle < limit {
                 idle += 1;
                 std::hint::spin_loop();
                 continue;

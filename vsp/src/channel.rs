@@ -232,7 +232,13 @@ impl Worker {
                 idle = 0;
                 continue;
             }
-            if idle < SPIN {
+            // With I/O in flight, its completion is due soon: poll longer before sleeping.
+            let limit = if self.device.in_flight() {
+                SPIN * 10
+            } else {
+                SPIN
+            };
+            if idle < limit {
                 idle += 1;
                 std::hint::spin_loop();
                 continue;
