@@ -1,9 +1,7 @@
 //! The storvsc disks as NBD exports: [`crate::nbd::BlockDevice`] over [`Disk`].
 
-use std::sync::mpsc::channel;
-
 use crate::nbd::{BlockDevice, IoError as NbdError, ReadDone, WriteDone};
-use crate::storvsc::{Disk, DiskOp, IoError, IoResult};
+use crate::storvsc::{Disk, DiskOp, IoError};
 
 /// How a SCSI failure reads to an NBD client.
 fn nbd_error(e: IoError) -> NbdError {
@@ -21,29 +19,6 @@ fn nbd_error(e: IoError) -> NbdError {
     }
 }
 
-/// Runs `ops` concurrently on `disk` and returns their results in order.
-fn all(disk: &Disk, ops: Vec<DiskOp>) -> Vec<IoResult> {
-    let n = ops.len();
-    let (tx, rx) = channel();
-    for (i, op) in ops.into_iter().enumerate() {
-        let tx = tx.clone();
-        disk.submit(
-            op,
-            Box::new(move |r| {
-                let _ = tx.send((i, r));
-            }),
-        );
-    }
-    let mut out: Vec<IoResult> = (0..n).map(|_| Err(IoError::Disconnected)).collect();
-    for _ in 0..n {
-        match rx.recv() {
-            Ok((i, r)) => out[i] = r,
-            Err(_) => break,
-        }
-    }
-    out
-}
-
 impl BlockDevice for Disk {
     fn size(&self) -> u64 {
         self.geometry().size()
@@ -58,38 +33,11 @@ impl BlockDevice for Disk {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
-        let step = self.max_transfer() as usize;
-        let ops = (0..buf.len())
-            .step_by(step)
-            .map(|at| DiskOp::Read {
-                offset: offset + at as u64,
-                len: step.min(buf.len() - at) as u32,
-            })
-            .collect();
-        for (chunk, r) in buf.chunks_mut(step).zip(all(self, ops)) {
-            let data = r.map_err(nbd_error)?;
-            if data.len() != chunk.len() {
-                return Err(NbdError::Io);
-            }
-            chunk.copy_from_slice(&data);
-        }
-        Ok(())
+        Disk::read(self, offset, buf).map_err(nbd_error)
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), NbdError> {
-        let step = self.max_transfer() as usize;
-        let ops = data
-            .chunks(step)
-            .enumerate()
-            .map(|(i, c)| DiskOp::Write {
-                offset: offset + (i * step) as u64,
-                data: c.to_vec(),
-                fua,
-            })
-            .collect();
-        all(self, ops)
-            .into_iter()
-            .try_for_each(|r| r.map(|_| ()).map_err(nbd_error))
+        Disk::write(self, offset, data, fua).map_err(nbd_error)
     }
 
     fn async_limit(&self) -> u32 {
@@ -142,7 +90,7 @@ impl BlockDevice for Disk {
                 unmap: may_trim && self.geometry().thin,
             })
             .collect();
-        all(self, ops)
+        self.call_all(ops)
             .into_iter()
             .try_for_each(|r| r.map(|_| ()).map_err(nbd_error))?;
         if fua {

@@ -270,6 +270,8 @@ pub enum IoError {
     Invalid,
     /// The channel is gone.
     Disconnected,
+    /// The host moved fewer bytes than the request asked for.
+    Short,
 }
 
 impl IoError {
@@ -641,30 +643,65 @@ impl Disk {
         })
     }
 
-    /// Reads `buf.len()` bytes at `offset`, splitting large reads.
+    /// Reads `buf.len()` bytes at `offset`, splitting large reads (the pieces in flight
+    /// together). A piece that comes back short is [`IoError::Short`].
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
         let step = self.ctl.max_transfer as usize;
-        for (i, chunk) in buf.chunks_mut(step).enumerate() {
-            let data = self.call(DiskOp::Read {
-                offset: offset + (i * step) as u64,
-                len: chunk.len() as u32,
-            })?;
-            chunk.copy_from_slice(&data[..chunk.len()]);
+        let ops = (0..buf.len())
+            .step_by(step)
+            .map(|at| DiskOp::Read {
+                offset: offset + at as u64,
+                len: step.min(buf.len() - at) as u32,
+            })
+            .collect();
+        for (chunk, r) in buf.chunks_mut(step).zip(self.call_all(ops)) {
+            let data = r?;
+            if data.len() != chunk.len() {
+                return Err(IoError::Short);
+            }
+            chunk.copy_from_slice(&data);
         }
         Ok(())
     }
 
-    /// Writes `data` at `offset`, splitting large writes.
+    /// Writes `data` at `offset`, splitting large writes (the pieces in flight together).
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
         let step = self.ctl.max_transfer as usize;
-        for (i, chunk) in data.chunks(step).enumerate() {
-            self.call(DiskOp::Write {
+        let ops = data
+            .chunks(step)
+            .enumerate()
+            .map(|(i, c)| DiskOp::Write {
                 offset: offset + (i * step) as u64,
-                data: chunk.to_vec(),
+                data: c.to_vec(),
                 fua,
-            })?;
+            })
+            .collect();
+        self.call_all(ops)
+            .into_iter()
+            .try_for_each(|r| r.map(|_| ()))
+    }
+
+    /// Submits `ops` together and waits for all; results in order.
+    pub fn call_all(&self, ops: Vec<DiskOp>) -> Vec<IoResult> {
+        let n = ops.len();
+        let (tx, rx) = channel();
+        for (i, op) in ops.into_iter().enumerate() {
+            let tx = tx.clone();
+            self.submit(
+                op,
+                Box::new(move |r| {
+                    let _ = tx.send((i, r));
+                }),
+            );
         }
-        Ok(())
+        let mut out: Vec<IoResult> = (0..n).map(|_| Err(IoError::Disconnected)).collect();
+        for _ in 0..n {
+            match rx.recv() {
+                Ok((i, r)) => out[i] = r,
+                Err(_) => break,
+            }
+        }
+        out
     }
 
     /// Flushes the disk's write cache.
