@@ -282,42 +282,15 @@ fn discard_and_write_zeroes_read_back_as_zeros() {
 
 #[test]
 fn several_disks_on_one_controller_are_luns() {
-    let dir = std::env::temp_dir().join(format!("vspd-storage-luns-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    for (f, size) in [
-        ("l0.img", 8u64 << 20),
-        ("l3.img", 4 << 20),
-        ("own.img", 2 << 20),
-    ] {
-        std::fs::File::create(dir.join(f))
-            .unwrap()
-            .set_len(size)
-            .unwrap();
-    }
-    let socket = dir.join("vspd.sock");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vspd"))
-        .arg("--socket")
-        .arg(&socket)
-        .args([
-            "--disk",
-            "path=l0.img,controller=7",
-            "--disk",
-            "path=l3.img,controller=7,lun=3",
-            "--disk",
-            "path=own.img",
-        ])
-        .current_dir(&dir)
-        .env("VSPD_LOG", "warn")
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "vspd did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let g = vsc::guest::StorageGuest::attach(&socket, 128 << 20).unwrap();
+    let d = Vspd::start(
+        "luns",
+        &[
+            ("l0.img", 8 << 20, ",controller=7"),
+            ("l3.img", 4 << 20, ",controller=7,lun=3"),
+            ("own.img", 2 << 20, ""),
+        ],
+    );
+    let g = vsc::guest::StorageGuest::attach(&d.socket, 128 << 20).unwrap();
     // Two controllers: one with LUNs 0 and 3, one with LUN 0.
     let shape: Vec<(u8, u64)> = g
         .disks
@@ -345,7 +318,7 @@ fn several_disks_on_one_controller_are_luns() {
         d.write(4096, &pattern(100 + i as u64, 4096), true).unwrap();
     }
     for (i, f) in ["l0.img", "l3.img", "own.img"].iter().enumerate() {
-        let img = std::fs::read(dir.join(f)).unwrap();
+        let img = std::fs::read(d.image(f)).unwrap();
         assert_eq!(img[4096..8192], pattern(100 + i as u64, 4096), "{f}");
     }
     // A LUN that does not exist is refused at the transport.
@@ -353,9 +326,6 @@ fn several_disks_on_one_controller_are_luns() {
     assert_eq!(ctl.report_luns().unwrap(), [0, 3]);
     assert!(ctl.disk(1).is_err(), "LUN 1 does not exist");
     g.detach().unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
