@@ -11,6 +11,7 @@
 //!   checks the very code the ring runs.
 //! - [`packet`]: parsing and validation of packets (in-band, completion, transfer pages, GPA
 //!   direct) from the reader's local copy.
+//! - [`poller`]: how long a consumer polls before it sleeps (time-adaptive).
 //! - [`event`]: eventfd-based signals, and [`pair`]: two rings in one memfd, as two processes
 //!   share them.
 //!
@@ -22,6 +23,7 @@ pub mod event;
 pub mod guestmem;
 pub mod packet;
 pub mod pair;
+pub mod poller;
 pub mod ring;
 pub mod shmem;
 pub mod signal;

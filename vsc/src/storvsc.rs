@@ -45,8 +45,9 @@ pub const BOUNCE_BYTES: usize = 8 << 20;
 /// Requests in flight at most.
 pub const MAX_IN_FLIGHT: usize = 256;
 
-/// Polling iterations of the queue thread before it sleeps when it has nothing to do.
-const SPIN: u32 = 2000;
+/// Completions the queue thread handles before it issues the requests their callbacks
+/// submitted: the host then works on those while the rest complete.
+const COMPLETE_BATCH: usize = 8;
 
 /// Transaction ids of control requests (high bit set; SRBs use their slot index).
 const CONTROL_TX: u64 = 1 << 63;
@@ -764,7 +765,7 @@ impl Queue {
     }
 
     fn serve(&mut self) -> Result<(), Error> {
-        let mut idle = 0u32;
+        let mut poller = ringbuf::poller::Poller::default();
         let mut disconnected = false;
         loop {
             if self.stop.load(std::sync::atomic::Ordering::Acquire) {
@@ -797,30 +798,25 @@ impl Queue {
             self.st.ch.commit_out()?;
             // Completions.
             self.st.ch.inc.mask();
-            while let Some(n) = self.complete_one()? {
-                moved |= n;
+            for _ in 0..COMPLETE_BATCH {
+                match self.complete_one()? {
+                    Some(n) => moved |= n,
+                    None => break,
+                }
             }
             self.st.ch.commit_in()?;
             if disconnected && self.waiting.is_empty() && self.inflight.is_empty() {
                 return Ok(());
             }
             if moved {
-                idle = 0;
+                poller.busy();
                 continue;
             }
-            // Poll briefly before sleeping: a wakeup costs more than this. With requests in
-            // flight their completions are due soon: poll longer.
-            let limit = if self.inflight.is_empty() {
-                SPIN
-            } else {
-                SPIN * 10
-            };
-            if idle < limit {
-                idle += 1;
-                std::hint::spin_loop();
+            // Poll before sleeping: a wakeup costs more. With requests in flight their
+            // completions are due soon: poll longer.
+            if poller.idle(!self.inflight.is_empty()) {
                 continue;
             }
-            idle = 0;
             let (empty, signal) = self.st.ch.inc.prepare_sleep();
             if signal {
                 self.st.ch.signal_host()?;
@@ -845,7 +841,9 @@ impl Queue {
                 self.st.ch.out.clear_pending();
                 continue;
             }
+            poller.sleeping();
             self.sleep()?;
+            poller.woke();
             self.sleeping
                 .store(false, std::sync::atomic::Ordering::Relaxed);
             self.st.ch.out.clear_pending();

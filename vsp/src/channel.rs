@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use ringbuf::guestmem::GuestMemory;
+use ringbuf::poller::Poller;
 use ringbuf::ring::{Ring, CONTROL_SIZE};
 use ringbuf::{Event, IncomingRing, OutgoingRing, Packet};
 use vmbus_proto::channel::Guid;
@@ -187,8 +188,10 @@ struct Worker {
     synic: Arc<Synic>,
 }
 
-/// Polling iterations before a worker with nothing to do sleeps.
-const SPIN: u32 = 200;
+/// Packets a worker handles before it lets the device move (submit and reap I/O) and
+/// publishes the answers: small enough that the guest works on the first answers while the
+/// worker handles the next packets, large enough to batch syscalls and signals.
+const HANDLE_BATCH: usize = 8;
 
 impl Worker {
     fn run(mut self) {
@@ -207,18 +210,20 @@ impl Worker {
     }
 
     fn serve(&mut self) -> Result<(), Error> {
-        let mut idle = 0u32;
+        let mut poller = Poller::default();
         loop {
             if self.stop.load(Ordering::Acquire) {
                 return Ok(());
             }
             self.incoming.mask();
             let mut moved = false;
-            while !self.device.busy() {
+            let mut handled = 0;
+            while handled < HANDLE_BATCH && !self.device.busy() {
                 let Some(p) = self.incoming.read()? else {
                     break;
                 };
                 moved = true;
+                handled += 1;
                 self.device.handle(&p, &mut self.outgoing)?;
             }
             moved |= self.device.poll(&mut self.outgoing)?;
@@ -229,21 +234,13 @@ impl Worker {
                 self.interrupt_guest();
             }
             if moved {
-                idle = 0;
+                poller.busy();
                 continue;
             }
-            // With I/O in flight, its completion is due soon: poll longer before sleeping.
-            let limit = if self.device.in_flight() {
-                SPIN * 10
-            } else {
-                SPIN
-            };
-            if idle < limit {
-                idle += 1;
-                std::hint::spin_loop();
+            // Poll before sleeping (longer with I/O in flight: its completion is due soon).
+            if poller.idle(self.device.in_flight()) {
                 continue;
             }
-            idle = 0;
             // Prepare to sleep: unmask and re-check the incoming ring; ask for a signal when
             // the guest frees the room a blocked answer needs.
             let (empty, signal) = self.incoming.prepare_sleep();
@@ -262,7 +259,9 @@ impl Worker {
             if self.stop.load(Ordering::Acquire) {
                 return Ok(());
             }
+            poller.sleeping();
             self.sleep()?;
+            poller.woke();
             self.outgoing.clear_pending();
         }
     }

@@ -1,0 +1,218 @@
+//! Time-adaptive polling before a ring's consumer sleeps.
+//!
+//! A thread that finds nothing to do can sleep at once (and pay a wakeup, 30-40 us here, when
+//! the peer next signals) or keep polling for a while in case work arrives. [`Poller`] decides
+//! how long, in time rather than iterations (an iteration's cost varies with what the loop
+//! checks), and adapts the window the way KVM's halt polling does:
+//!
+//! - a sleep that ended within the largest window was a wakeup that longer polling would have
+//!   saved: the window doubles (up to [`Poller::max`]);
+//! - a sleep that lasted longer than the largest window means polling burned its whole window
+//!   for nothing: the window halves (down to [`Poller::min`]).
+//!
+//! While the thread's own requests are in flight their completions are due soon, so the window
+//! is then at least [`Poller::in_flight_floor`].
+
+use std::time::{Duration, Instant};
+
+/// Iterations between two reads of the clock (a clock read costs about as much as a few
+/// dozen spin iterations).
+const CLOCK_EVERY: u32 = 32;
+
+/// The polling state of one consumer thread.
+#[derive(Debug, Clone)]
+pub struct Poller {
+    min: Duration,
+    max: Duration,
+    floor: Duration,
+    window: Duration,
+    /// When the current idle stretch began (`None` while work moves).
+    idle_since: Option<Instant>,
+    spins: u32,
+    /// When the thread went to sleep (between [`Poller::sleeping`] and [`Poller::woke`]).
+    slept_at: Option<Instant>,
+}
+
+impl Default for Poller {
+    fn default() -> Self {
+        Self::new(
+            Duration::from_micros(10),
+            Duration::from_micros(200),
+            Duration::from_micros(100),
+        )
+    }
+}
+
+impl Poller {
+    /// A poller whose window adapts between `min` and `max`, and is at least `in_flight_floor`
+    /// (capped at `max`) while requests are in flight.
+    pub fn new(min: Duration, max: Duration, in_flight_floor: Duration) -> Self {
+        let max = max.max(min);
+        Self {
+            min,
+            max,
+            floor: in_flight_floor.min(max),
+            window: min,
+            idle_since: None,
+            spins: 0,
+            slept_at: None,
+        }
+    }
+
+    /// The smallest window.
+    pub fn min(&self) -> Duration {
+        self.min
+    }
+
+    /// The largest window.
+    pub fn max(&self) -> Duration {
+        self.max
+    }
+
+    /// The window while requests are in flight.
+    pub fn in_flight_floor(&self) -> Duration {
+        self.floor
+    }
+
+    /// The current window (without the in-flight floor).
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
+    /// Work moved: the next idle stretch starts from zero.
+    #[inline]
+    pub fn busy(&mut self) {
+        self.idle_since = None;
+        self.spins = 0;
+    }
+
+    /// Nothing moved in this iteration. Returns `true` to poll again (after a spin hint), or
+    /// `false` when the window is spent and the thread should prepare to sleep.
+    #[inline]
+    pub fn idle(&mut self, in_flight: bool) -> bool {
+        self.spins += 1;
+        if self.spins < CLOCK_EVERY {
+            std::hint::spin_loop();
+            return true;
+        }
+        self.spins = 0;
+        let now = Instant::now();
+        let since = *self.idle_since.get_or_insert(now);
+        let window = if in_flight {
+            self.window.max(self.floor)
+        } else {
+            self.window
+        };
+        if now.duration_since(since) < window {
+            // Let a runnable thread have the core: on a machine with fewer cores than busy
+            // threads, the work this thread waits for may be queued behind it.
+            std::thread::yield_now();
+            return true;
+        }
+        self.idle_since = None;
+        false
+    }
+
+    /// The thread is about to block.
+    pub fn sleeping(&mut self) {
+        self.slept_at = Some(Instant::now());
+    }
+
+    /// The thread woke up: adapts the window to how long it slept.
+    pub fn woke(&mut self) {
+        let Some(at) = self.slept_at.take() else {
+            return;
+        };
+        let slept = at.elapsed();
+        if slept <= self.max {
+            self.window = (self.window * 2).clamp(self.min, self.max);
+        } else {
+            self.window = (self.window / 2).max(self.min);
+        }
+        self.busy();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spin_until_sleep(p: &mut Poller, in_flight: bool) -> Duration {
+        let start = Instant::now();
+        while p.idle(in_flight) {}
+        start.elapsed()
+    }
+
+    #[test]
+    fn polls_at_least_the_window_then_gives_up() {
+        let mut p = Poller::new(
+            Duration::from_millis(2),
+            Duration::from_millis(8),
+            Duration::from_millis(4),
+        );
+        assert!(spin_until_sleep(&mut p, false) >= Duration::from_millis(2));
+        // In flight: at least the floor.
+        assert!(spin_until_sleep(&mut p, true) >= Duration::from_millis(4));
+    }
+
+    #[test]
+    fn busy_restarts_the_idle_stretch() {
+        let mut p = Poller::new(
+            Duration::from_millis(3),
+            Duration::from_millis(3),
+            Duration::from_millis(3),
+        );
+        let start = Instant::now();
+        // Idle for a while, then work arrives: the window starts over.
+        while start.elapsed() < Duration::from_millis(2) {
+            assert!(p.idle(false));
+        }
+        p.busy();
+        let again = Instant::now();
+        while p.idle(false) {}
+        assert!(again.elapsed() >= Duration::from_millis(3));
+    }
+
+    #[test]
+    fn short_sleeps_grow_the_window_long_sleeps_shrink_it() {
+        let mut p = Poller::new(
+            Duration::from_micros(10),
+            Duration::from_millis(5),
+            Duration::ZERO,
+        );
+        assert_eq!(p.window(), Duration::from_micros(10));
+        // A sleep that ends at once: polling longer would have caught the wakeup.
+        for _ in 0..3 {
+            p.sleeping();
+            p.woke();
+        }
+        assert_eq!(p.window(), Duration::from_micros(80));
+        for _ in 0..20 {
+            p.sleeping();
+            p.woke();
+        }
+        assert_eq!(p.window(), Duration::from_millis(5), "capped at max");
+        // Sleeps longer than the largest window: polling was wasted.
+        p.sleeping();
+        std::thread::sleep(Duration::from_millis(6));
+        p.woke();
+        assert_eq!(p.window(), Duration::from_micros(2500));
+        for _ in 0..20 {
+            p.sleeping();
+            std::thread::sleep(Duration::from_millis(6));
+            p.woke();
+            if p.window() == Duration::from_micros(10) {
+                break;
+            }
+        }
+        assert_eq!(p.window(), Duration::from_micros(10), "floored at min");
+    }
+
+    #[test]
+    fn woke_without_sleeping_changes_nothing() {
+        let mut p = Poller::default();
+        let w = p.window();
+        p.woke();
+        assert_eq!(p.window(), w);
+    }
+}
