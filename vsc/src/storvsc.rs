@@ -8,12 +8,14 @@
 //! memory, writes each request as an EXECUTE_SRB packet (GPA-direct ranges for the data), commits
 //! batches with one signal, and completes requests from the host's completion packets.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+use std::collections::VecDeque;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crossbeam_queue::SegQueue;
 use ringbuf::packet::{gpa_direct_header, OutgoingPacket, PacketKind};
 use ringbuf::Event;
 use vmbus_proto::ring::PacketType;
@@ -42,14 +44,17 @@ pub const MAX_TRANSFER: u32 = 1 << 20;
 /// Bounce memory (guest pages) the queue thread uses for data in flight.
 pub const BOUNCE_BYTES: usize = 8 << 20;
 
-/// Requests in flight at most.
+/// Requests in flight at most (per queue).
 pub const MAX_IN_FLIGHT: usize = 256;
+// A transaction id carries the slot index in its low 8 bits.
+const _: () = assert!(MAX_IN_FLIGHT <= 256);
 
 /// Completions the queue thread handles before it issues the requests their callbacks
 /// submitted: the host then works on those while the rest complete.
 const COMPLETE_BATCH: usize = 8;
 
-/// Transaction ids of control requests (high bit set; SRBs use their slot index).
+/// Transaction ids of control requests (high bit set; an SRB's is its slot index in the low 8
+/// bits and a sequence number above, so a stale or forged completion matches no request).
 const CONTROL_TX: u64 = 1 << 63;
 
 /// A negotiated storvsc channel.
@@ -327,10 +332,7 @@ pub struct Controller {
 
 /// A queue thread serving one channel of a controller.
 struct QueueHandle {
-    tx: Mutex<Sender<Request>>,
-    wake: Arc<Event>,
-    /// Set by the queue thread before it sleeps.
-    sleeping: Arc<std::sync::atomic::AtomicBool>,
+    shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<Result<Storvsc, Error>>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     stats: Arc<crate::channel::ChannelStats>,
@@ -387,25 +389,35 @@ impl Controller {
             .unwrap_or(4096);
         let mut queues = Vec::new();
         for storvsc in channels {
-            let (tx, rx) = channel();
-            let wake = Arc::new(Event::new()?);
+            let shared = Arc::new(Shared {
+                requests: SegQueue::new(),
+                sleeping: AtomicBool::new(false),
+                closed: AtomicBool::new(false),
+                wake: Event::new()?,
+            });
             let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let pages = front.alloc_pages(BOUNCE_BYTES / 4096)?;
             let stats = storvsc.ch.stats().clone();
             let completed = Arc::new(std::sync::atomic::AtomicU64::new(0));
             let relid = storvsc.ch.relid;
-            let sleeping = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let q = Queue {
-                sleeping: sleeping.clone(),
+                shared: shared.clone(),
                 st: storvsc,
                 front: front.clone(),
-                requests: rx,
-                wake: wake.clone(),
                 stop: stop.clone(),
                 free_pages: pages,
                 waiting: VecDeque::new(),
-                inflight: HashMap::new(),
-                next_tx: 1,
+                slots: (0..MAX_IN_FLIGHT)
+                    .map(|_| InFlight {
+                        tx: 0,
+                        done: None,
+                        pages: Vec::new(),
+                        data_in: 0,
+                    })
+                    .collect(),
+                free_slots: (0..=(MAX_IN_FLIGHT - 1) as u8).rev().collect(),
+                seq: 1,
+                header: Vec::new(),
                 completed: completed.clone(),
             };
             let thread = std::thread::Builder::new()
@@ -413,9 +425,7 @@ impl Controller {
                 .spawn(move || q.run())
                 .map_err(Error::Thread)?;
             queues.push(QueueHandle {
-                tx: Mutex::new(tx),
-                wake,
-                sleeping,
+                shared,
                 thread: Mutex::new(Some(thread)),
                 stop,
                 stats,
@@ -436,27 +446,13 @@ impl Controller {
 
     fn submit(&self, lun: u8, block_size: u32, op: DiskOp, done: Callback) {
         let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.queues.len();
-        let q = &self.queues[i];
-        let sent =
-            q.tx.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .send(Request {
-                    op,
-                    done,
-                    lun,
-                    block_size,
-                });
-        match sent {
-            Ok(()) => {
-                // Pairs with the fence in the queue thread's sleep: wake it only if it may be
-                // asleep, so a busy queue costs no eventfd write per request.
-                std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-                if q.sleeping.load(std::sync::atomic::Ordering::Relaxed) {
-                    let _ = q.wake.signal();
-                }
-            }
-            Err(e) => (e.0.done)(Err(IoError::Disconnected)),
-        }
+        // A busy queue thread finds the request without a wakeup: no eventfd write per request.
+        self.queues[i].shared.submit(Request {
+            op,
+            done,
+            lun,
+            block_size,
+        });
     }
 
     fn call(&self, lun: u8, block_size: u32, op: DiskOp) -> IoResult {
@@ -528,7 +524,7 @@ impl Controller {
     pub fn shutdown(&self) -> Result<Vec<Storvsc>, Error> {
         for q in &self.queues {
             q.stop.store(true, std::sync::atomic::Ordering::Release);
-            let _ = q.wake.signal();
+            let _ = q.shared.wake.signal();
         }
         let mut out = Vec::new();
         for q in &self.queues {
@@ -716,72 +712,128 @@ impl Disk {
     }
 }
 
+/// A request on the wire: its callback, bounce pages and what to copy back.
 struct InFlight {
-    done: Callback,
+    /// Its transaction id (slot index in the low 8 bits, a sequence number above).
+    tx: u64,
+    /// `None` while the slot is free.
+    done: Option<Callback>,
+    /// Bounce pages (guest page numbers); the Vec stays with the slot between requests.
     pages: Vec<u64>,
     /// Bytes to copy back (reads and data-in commands).
     data_in: u32,
 }
 
-struct Queue {
-    /// Set before sleeping, so submitters know to signal `wake`.
-    sleeping: Arc<std::sync::atomic::AtomicBool>,
-    st: Storvsc,
-    front: Arc<Loopback>,
-    requests: Receiver<Request>,
-    wake: Arc<Event>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    free_pages: Vec<u64>,
-    waiting: VecDeque<Request>,
-    inflight: HashMap<u64, InFlight>,
-    next_tx: u64,
-    completed: Arc<std::sync::atomic::AtomicU64>,
+/// What the queue thread shares with submitters.
+struct Shared {
+    /// Requests submitted and not yet taken by the queue thread.
+    requests: SegQueue<Request>,
+    /// Set before the queue thread sleeps, so submitters know to signal `wake`.
+    sleeping: AtomicBool,
+    /// Set when the queue thread has stopped: submitters fail their requests themselves.
+    closed: AtomicBool,
+    wake: Event,
 }
 
-/// What an SRB needs: CDB, direction, bytes.
-struct Srb {
-    cdb: Vec<u8>,
+impl Shared {
+    /// Queues a request and wakes the queue thread if it may be asleep; fails it at once if
+    /// the thread has stopped.
+    fn submit(&self, r: Request) {
+        self.requests.push(r);
+        // SeqCst fence: pairs with the queue thread's fence between its `sleeping` (or
+        // `closed`) store and its last look at `requests` (a Dekker pair): either that look
+        // finds this request, or this load sees the flag.
+        fence(Ordering::SeqCst);
+        if self.closed.load(Ordering::Relaxed) {
+            self.fail_queued();
+        } else if self.sleeping.load(Ordering::Relaxed) {
+            let _ = self.wake.signal();
+        }
+    }
+
+    fn fail_queued(&self) {
+        while let Some(r) = self.requests.pop() {
+            (r.done)(Err(IoError::Disconnected));
+        }
+    }
+}
+
+struct Queue {
+    shared: Arc<Shared>,
+    st: Storvsc,
+    front: Arc<Loopback>,
+    stop: Arc<AtomicBool>,
+    free_pages: Vec<u64>,
+    /// Requests taken from `shared` that do not fit yet (no slot, bounce pages or ring room).
+    waiting: VecDeque<Request>,
+    /// `MAX_IN_FLIGHT` slots; `free_slots` holds the indices of the free ones.
+    slots: Vec<InFlight>,
+    free_slots: Vec<u8>,
+    /// Sequence number for the next transaction id.
+    seq: u64,
+    /// The GPA-direct header being built (kept to reuse its allocation).
+    header: Vec<u8>,
+    completed: Arc<AtomicU64>,
+}
+
+/// What an SRB needs: CDB, direction, bytes, and the data-out bytes (borrowed from the
+/// request where it has them).
+struct Srb<'a> {
+    cdb: [u8; 16],
+    cdb_len: u8,
     dir: DataDirection,
     len: u32,
-    data_out: Option<Vec<u8>>,
+    data_out: Option<std::borrow::Cow<'a, [u8]>>,
+}
+
+impl Srb<'_> {
+    fn cdb(&self) -> &[u8] {
+        &self.cdb[..usize::from(self.cdb_len)]
+    }
+}
+
+/// A CDB in a fixed array.
+fn cdb_of(bytes: &[u8]) -> ([u8; 16], u8) {
+    let mut cdb = [0u8; 16];
+    cdb[..bytes.len()].copy_from_slice(bytes);
+    (cdb, bytes.len() as u8)
 }
 
 impl Queue {
     fn run(mut self) -> Result<Storvsc, Error> {
         let result = self.serve();
-        for (_, f) in self.inflight.drain() {
-            (f.done)(Err(IoError::Disconnected));
+        for s in &mut self.slots {
+            if let Some(done) = s.done.take() {
+                done(Err(IoError::Disconnected));
+            }
         }
         for r in self.waiting.drain(..) {
             (r.done)(Err(IoError::Disconnected));
         }
-        while let Ok(r) = self.requests.try_recv() {
-            (r.done)(Err(IoError::Disconnected));
-        }
+        self.shared.closed.store(true, Ordering::Relaxed);
+        // SeqCst fence: see `Shared::submit`.
+        fence(Ordering::SeqCst);
+        self.shared.fail_queued();
         if let Err(e) = &result {
             tracing::warn!(error = %e, "storvsc queue stopped");
         }
         result.map(|()| self.st)
     }
 
+    fn in_flight(&self) -> usize {
+        MAX_IN_FLIGHT - self.free_slots.len()
+    }
+
     fn serve(&mut self) -> Result<(), Error> {
         let mut poller = ringbuf::poller::Poller::default();
-        let mut disconnected = false;
         loop {
-            if self.stop.load(std::sync::atomic::Ordering::Acquire) {
+            if self.stop.load(Ordering::Acquire) {
                 return Ok(());
             }
             let mut moved = false;
             // New requests.
-            loop {
-                match self.requests.try_recv() {
-                    Ok(r) => self.waiting.push_back(r),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        disconnected = true;
-                        break;
-                    }
-                }
+            while let Some(r) = self.shared.requests.pop() {
+                self.waiting.push_back(r);
             }
             // Issue what fits.
             let mut blocked = None;
@@ -805,16 +857,13 @@ impl Queue {
                 }
             }
             self.st.ch.commit_in()?;
-            if disconnected && self.waiting.is_empty() && self.inflight.is_empty() {
-                return Ok(());
-            }
             if moved {
                 poller.busy();
                 continue;
             }
             // Poll before sleeping: a wakeup costs more. With requests in flight their
             // completions are due soon: poll longer.
-            if poller.idle(!self.inflight.is_empty()) {
+            if poller.idle(self.in_flight() > 0) {
                 continue;
             }
             let (empty, signal) = self.st.ch.inc.prepare_sleep();
@@ -830,22 +879,18 @@ impl Queue {
                 continue;
             }
             // Announce the sleep, then look for requests once more: a submitter either sees
-            // the flag (and signals) or its request is found here (see `Controller::submit`).
-            self.sleeping
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-            if let Ok(r) = self.requests.try_recv() {
-                self.sleeping
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
-                self.waiting.push_back(r);
+            // the flag (and signals) or its request is found here (see `Shared::submit`).
+            self.shared.sleeping.store(true, Ordering::Relaxed);
+            fence(Ordering::SeqCst);
+            if !self.shared.requests.is_empty() {
+                self.shared.sleeping.store(false, Ordering::Relaxed);
                 self.st.ch.out.clear_pending();
                 continue;
             }
             poller.sleeping();
             self.sleep()?;
             poller.woke();
-            self.sleeping
-                .store(false, std::sync::atomic::Ordering::Relaxed);
+            self.shared.sleeping.store(false, Ordering::Relaxed);
             self.st.ch.out.clear_pending();
             if !self.st.ch.host_alive() {
                 // The daemon is gone: nothing will complete; fail what is pending.
@@ -858,7 +903,7 @@ impl Queue {
         use rustix::event::{poll, PollFd, PollFlags, Timespec};
         let mut fds = [
             PollFd::new(self.st.ch.interrupt(), PollFlags::IN),
-            PollFd::new(self.wake.as_ref(), PollFlags::IN),
+            PollFd::new(&self.shared.wake, PollFlags::IN),
         ];
         let ts = Timespec {
             tv_sec: 1,
@@ -872,31 +917,45 @@ impl Queue {
             self.st.ch.take_interrupt()?;
         }
         if !fds[1].revents().is_empty() {
-            self.wake.wait()?;
+            self.shared.wake.wait()?;
         }
         Ok(())
     }
 
-    fn srb_for(op: &DiskOp, bs: u32) -> Result<Srb, IoError> {
+    fn srb_for(op: &DiskOp, bs: u32) -> Result<Srb<'_>, IoError> {
+        use std::borrow::Cow;
         Ok(match op {
-            DiskOp::Read { offset, len } => Srb {
-                cdb: rw16(bs, 0x88, *offset, *len, false)?,
-                dir: DataDirection::READ,
-                len: *len,
-                data_out: None,
-            },
-            DiskOp::Write { offset, data, fua } => Srb {
-                cdb: rw16(bs, 0x8a, *offset, data.len() as u32, *fua)?,
-                dir: DataDirection::WRITE,
-                len: data.len() as u32,
-                data_out: Some(data.clone()),
-            },
-            DiskOp::Flush => Srb {
-                cdb: vec![0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-                dir: DataDirection::UNKNOWN,
-                len: 0,
-                data_out: None,
-            },
+            DiskOp::Read { offset, len } => {
+                let (cdb, cdb_len) = rw16(bs, 0x88, *offset, *len, false)?;
+                Srb {
+                    cdb,
+                    cdb_len,
+                    dir: DataDirection::READ,
+                    len: *len,
+                    data_out: None,
+                }
+            }
+            DiskOp::Write { offset, data, fua } => {
+                let len = u32::try_from(data.len()).map_err(|_| IoError::Invalid)?;
+                let (cdb, cdb_len) = rw16(bs, 0x8a, *offset, len, *fua)?;
+                Srb {
+                    cdb,
+                    cdb_len,
+                    dir: DataDirection::WRITE,
+                    len,
+                    data_out: Some(Cow::Borrowed(data)),
+                }
+            }
+            DiskOp::Flush => {
+                let (cdb, cdb_len) = cdb_of(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+                Srb {
+                    cdb,
+                    cdb_len,
+                    dir: DataDirection::UNKNOWN,
+                    len: 0,
+                    data_out: None,
+                }
+            }
             DiskOp::Discard { offset, len } => {
                 let (lba, blocks) = blocks_of(bs, *offset, *len)?;
                 let mut list = vec![0u8; 24];
@@ -904,28 +963,31 @@ impl Queue {
                 list[2..4].copy_from_slice(&16u16.to_be_bytes());
                 list[8..16].copy_from_slice(&lba.to_be_bytes());
                 list[16..20].copy_from_slice(&blocks.to_be_bytes());
-                let mut cdb = vec![0u8; 10];
+                let mut cdb = [0u8; 10];
                 cdb[0] = 0x42;
                 cdb[7..9].copy_from_slice(&24u16.to_be_bytes());
+                let (cdb, cdb_len) = cdb_of(&cdb);
                 Srb {
                     cdb,
+                    cdb_len,
                     dir: DataDirection::WRITE,
                     len: 24,
-                    data_out: Some(list),
+                    data_out: Some(Cow::Owned(list)),
                 }
             }
             DiskOp::WriteZeroes { offset, len, unmap } => {
                 let (lba, blocks) = blocks_of(bs, *offset, *len)?;
-                let mut cdb = vec![0u8; 16];
+                let mut cdb = [0u8; 16];
                 cdb[0] = 0x93;
                 cdb[1] = if *unmap { 0x08 } else { 0 };
                 cdb[2..10].copy_from_slice(&lba.to_be_bytes());
                 cdb[10..14].copy_from_slice(&blocks.to_be_bytes());
                 Srb {
                     cdb,
+                    cdb_len: 16,
                     dir: DataDirection::WRITE,
                     len: bs,
-                    data_out: Some(vec![0u8; bs as usize]),
+                    data_out: Some(Cow::Owned(vec![0u8; bs as usize])),
                 }
             }
             DiskOp::Scsi {
@@ -936,16 +998,19 @@ impl Queue {
                 if cdb.is_empty() || cdb.len() > 16 {
                     return Err(IoError::Invalid);
                 }
+                let (cdb, cdb_len) = cdb_of(cdb);
                 if !data_out.is_empty() {
                     Srb {
-                        cdb: cdb.clone(),
+                        cdb,
+                        cdb_len,
                         dir: DataDirection::WRITE,
-                        len: data_out.len() as u32,
-                        data_out: Some(data_out.clone()),
+                        len: u32::try_from(data_out.len()).map_err(|_| IoError::Invalid)?,
+                        data_out: Some(Cow::Borrowed(data_out)),
                     }
                 } else {
                     Srb {
-                        cdb: cdb.clone(),
+                        cdb,
+                        cdb_len,
                         dir: if *data_in > 0 {
                             DataDirection::READ
                         } else {
@@ -975,25 +1040,30 @@ impl Queue {
             return Ok(Ok(()));
         }
         let npages = (srb.len as usize).div_ceil(4096);
-        if self.inflight.len() >= MAX_IN_FLIGHT || self.free_pages.len() < npages {
+        let Some(&slot_no) = self.free_slots.last() else {
+            return Ok(Err((r, None)));
+        };
+        if self.free_pages.len() < npages {
             return Ok(Err((r, None)));
         }
+        let slot = &mut self.slots[usize::from(slot_no)];
+        slot.pages.clear();
         let at = self.free_pages.len() - npages;
-        let pages: Vec<u64> = self.free_pages.drain(at..).collect();
+        slot.pages.extend(self.free_pages.drain(at..));
         if let Some(data) = &srb.data_out {
             let mem = self.front.memory();
             for (i, chunk) in data.chunks(4096).enumerate() {
-                mem.write(pages[i] * 4096, chunk)?;
+                mem.write(slot.pages[i] * 4096, chunk)?;
             }
         }
         let mut req = ScsiRequest::new_zeroed();
         req.length = SCSI_REQUEST_SIZE as u16;
         req.lun = r.lun;
-        req.cdb_length = srb.cdb.len() as u8;
+        req.cdb_length = srb.cdb_len;
         req.sense_info_length = SENSE_BUFFER_SIZE as u8;
         req.data_in = srb.dir;
         req.data_transfer_length = srb.len;
-        req.cdb_or_sense[..srb.cdb.len()].copy_from_slice(&srb.cdb);
+        req.cdb_or_sense[..srb.cdb().len()].copy_from_slice(srb.cdb());
         req.srb_flags = match srb.dir {
             DataDirection::READ => srb_flags::DATA_IN,
             DataDirection::WRITE => srb_flags::DATA_OUT,
@@ -1002,16 +1072,15 @@ impl Queue {
         req.time_out_value = 60;
         let mut p = VstorPacket::new(VstorOperation::EXECUTE_SRB, REQUEST_COMPLETION_FLAG, 0);
         p.set_body(&req);
-        let tx = self.next_tx;
+        let tx = ((self.seq << 8) | u64::from(slot_no)) & !CONTROL_TX;
         let parts = [p.as_bytes()];
-        let mut header = Vec::new();
         let written = if npages > 0 {
-            gpa_direct_header(&mut header, &[(0, srb.len, &pages)]);
+            gpa_direct_header(&mut self.header, &[(0, srb.len, &slot.pages)]);
             self.st.ch.out.write(&OutgoingPacket {
                 packet_type: PacketType::DATA_USING_GPA_DIRECT,
                 flags: vmbus_proto::ring::PACKET_FLAG_COMPLETION_REQUESTED,
                 transaction_id: tx,
-                header: &header,
+                header: &self.header,
                 payload: &parts,
             })
         } else {
@@ -1020,28 +1089,24 @@ impl Queue {
                 .out
                 .write(&OutgoingPacket::in_band(tx, true, &parts))
         };
-        match written {
-            Ok(()) => {}
-            Err(ringbuf::Error::Full { needed, .. }) => {
-                self.free_pages.extend(pages);
-                return Ok(Err((r, Some(needed))));
-            }
-            Err(e) => return Err(e.into()),
-        }
-        self.next_tx = self.next_tx.wrapping_add(1).max(1) & !CONTROL_TX;
         let data_in = if srb.dir == DataDirection::READ {
             srb.len
         } else {
             0
         };
-        self.inflight.insert(
-            tx,
-            InFlight {
-                done: r.done,
-                pages,
-                data_in,
-            },
-        );
+        match written {
+            Ok(()) => {}
+            Err(ringbuf::Error::Full { needed, .. }) => {
+                self.free_pages.append(&mut slot.pages);
+                return Ok(Err((r, Some(needed))));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.seq = self.seq.wrapping_add(1);
+        self.free_slots.pop();
+        slot.tx = tx;
+        slot.done = Some(r.done);
+        slot.data_in = data_in;
         Ok(Ok(()))
     }
 
@@ -1057,10 +1122,17 @@ impl Queue {
         let Ok((vp, _)) = VstorPacket::read_from_prefix(pkt.payload) else {
             return Err(Error::Protocol("short storvsc completion".into()));
         };
-        let Some(f) = self.inflight.remove(&tx) else {
+        // The host names the request by its transaction id: it must be one in flight now.
+        let slot_no = (tx & 0xff) as u8;
+        let slot = self
+            .slots
+            .get_mut(usize::from(slot_no))
+            .filter(|s| s.done.is_some() && s.tx == tx);
+        let Some(slot) = slot else {
             tracing::debug!(tx, op = ?{ vp.operation }, "completion for no request");
             return Ok(Some(false));
         };
+        let done = slot.done.take().expect("checked above");
         let srb: ScsiRequest = vp.body();
         let result = if { vp.operation } != VstorOperation::COMPLETE_IO {
             Err(IoError::Srb(0))
@@ -1078,18 +1150,18 @@ impl Queue {
                 Err(IoError::Srb(srb.srb_status))
             }
         } else {
-            let n = srb.data_transfer_length.min(f.data_in) as usize;
+            let n = srb.data_transfer_length.min(slot.data_in) as usize;
             let mut data = vec![0u8; n];
             let mem = self.front.memory();
             for (i, chunk) in data.chunks_mut(4096).enumerate() {
-                mem.read(f.pages[i] * 4096, chunk)?;
+                mem.read(slot.pages[i] * 4096, chunk)?;
             }
             Ok(data)
         };
-        self.free_pages.extend(f.pages);
-        self.completed
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        (f.done)(result);
+        self.free_pages.append(&mut slot.pages);
+        self.free_slots.push(slot_no);
+        self.completed.fetch_add(1, Ordering::Relaxed);
+        done(result);
         Ok(Some(true))
     }
 }
@@ -1103,13 +1175,13 @@ fn blocks_of(bs: u32, offset: u64, len: u64) -> Result<(u64, u32), IoError> {
     Ok((offset / bs, (len / bs) as u32))
 }
 
-/// READ(16)/WRITE(16).
-fn rw16(bs: u32, op: u8, offset: u64, len: u32, fua: bool) -> Result<Vec<u8>, IoError> {
+/// READ(16)/WRITE(16), and its length.
+fn rw16(bs: u32, op: u8, offset: u64, len: u32, fua: bool) -> Result<([u8; 16], u8), IoError> {
     let (lba, blocks) = blocks_of(bs, offset, u64::from(len))?;
-    let mut cdb = vec![0u8; 16];
+    let mut cdb = [0u8; 16];
     cdb[0] = op;
     cdb[1] = if fua { 0x08 } else { 0 };
     cdb[2..10].copy_from_slice(&lba.to_be_bytes());
     cdb[10..14].copy_from_slice(&blocks.to_be_bytes());
-    Ok(cdb)
+    Ok((cdb, 16))
 }

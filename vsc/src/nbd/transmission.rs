@@ -20,15 +20,22 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A byte budget: bounds the request data held in memory.
 pub(crate) struct Budget {
     cap: u64,
-    used: Mutex<u64>,
+    /// Bytes taken, and how many threads wait for some to be freed.
+    state: Mutex<BudgetState>,
     freed: Condvar,
+}
+
+#[derive(Default)]
+struct BudgetState {
+    used: u64,
+    waiters: u32,
 }
 
 impl Budget {
     pub(crate) fn new(cap: u64) -> Arc<Self> {
         Arc::new(Self {
             cap: cap.max(1),
-            used: Mutex::new(0),
+            state: Mutex::new(BudgetState::default()),
             freed: Condvar::new(),
         })
     }
@@ -36,11 +43,15 @@ impl Budget {
     /// Waits until `n` bytes (at most the whole budget) are free and takes them.
     pub(crate) fn acquire(self: &Arc<Self>, n: u64) -> Permit {
         let n = n.min(self.cap);
-        let mut used = lock(&self.used);
-        while *used + n > self.cap {
-            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        if n > 0 {
+            let mut s = lock(&self.state);
+            while s.used + n > self.cap {
+                s.waiters += 1;
+                s = self.freed.wait(s).unwrap_or_else(|e| e.into_inner());
+                s.waiters -= 1;
+            }
+            s.used += n;
         }
-        *used += n;
         Permit {
             budget: Arc::clone(self),
             n,
@@ -57,8 +68,12 @@ pub(crate) struct Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if self.n > 0 {
-            *lock(&self.budget.used) -= self.n;
-            self.budget.freed.notify_all();
+            let mut s = lock(&self.budget.state);
+            s.used -= self.n;
+            // Waking is a syscall: only when somebody waits (it waits under the same lock).
+            if s.waiters > 0 {
+                self.budget.freed.notify_all();
+            }
         }
     }
 }
@@ -98,8 +113,14 @@ struct Replies {
 impl Replies {
     /// Sends a reply (header, and data for a successful read) in one piece.
     fn send(&self, buf: &[u8]) -> io::Result<()> {
+        self.send_parts(&mut [io::IoSlice::new(buf)])
+    }
+
+    /// Sends a reply made of several parts (a header and the data it precedes) in one piece,
+    /// with one `writev` where the socket takes it all.
+    fn send_parts(&self, parts: &mut [io::IoSlice<'_>]) -> io::Result<()> {
         let mut w = lock(&self.writer);
-        let r = w.write_all(buf);
+        let r = write_all_vectored(&mut *w, parts);
         if r.is_err() && !self.broken.swap(true, Ordering::SeqCst) {
             // Wake the reader: nothing more can be answered.
             let _ = w.shutdown(std::net::Shutdown::Both);
@@ -209,17 +230,18 @@ impl Conn<'_> {
                 offset,
                 len,
                 Box::new(move |r| {
-                    let reply = match r {
+                    let _ = match r {
                         Ok(data) if data.len() == len as usize => {
-                            let mut buf = vec![0u8; REPLY_LEN + data.len()];
-                            encode_simple_reply(&mut buf, 0, cookie);
-                            buf[REPLY_LEN..].copy_from_slice(&data);
-                            buf
+                            let mut header = [0u8; REPLY_LEN];
+                            encode_simple_reply(&mut header, 0, cookie);
+                            replies.send_parts(&mut [
+                                io::IoSlice::new(&header),
+                                io::IoSlice::new(&data),
+                            ])
                         }
-                        Ok(_) => error_reply(IoError::Io, cookie),
-                        Err(e) => error_reply(e, cookie),
+                        Ok(_) => replies.send(&error_reply(IoError::Io, cookie)),
+                        Err(e) => replies.send(&error_reply(e, cookie)),
                     };
-                    let _ = replies.send(&reply);
                     drop(_permits);
                     replies.done();
                 }),
@@ -238,6 +260,20 @@ impl Conn<'_> {
         }
         None
     }
+}
+
+/// `write_all` for several buffers: `writev` until every byte is out.
+fn write_all_vectored<W: Write>(w: &mut W, mut parts: &mut [io::IoSlice<'_>]) -> io::Result<()> {
+    io::IoSlice::advance_slices(&mut parts, 0);
+    while !parts.is_empty() {
+        match w.write_vectored(parts) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut parts, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn status_reply(r: Result<(), IoError>, cookie: u64) -> Vec<u8> {
