@@ -26,7 +26,7 @@ use zerocopy::{FromZeros, IntoBytes};
 
 use crate::channel::Device;
 use crate::disk::{Completion, DiskFile, DiskQueue, IoOp, Segment};
-use crate::scsi::{Action, DiskInfo, Fill, IoKind, Response, ScsiDisk};
+use crate::scsi::{Action, DiskInfo, Fill, IoKind, Response, ScsiDisk, UnmapRange};
 use crate::Error;
 
 /// Largest transfer the host accepts, reported in QUERY_PROPERTIES and VPD page 0xB0.
@@ -101,7 +101,11 @@ pub struct Storvsp {
     answers: VecDeque<(u64, VstorPacket)>,
     /// Ring bytes the first waiting answer needs.
     stalled: Option<u32>,
+    /// Scratch for the completions of one `poll` (reused, never shrunk).
     completions: Vec<Completion>,
+    /// Scratch for the buffer segments of the SRB being executed (reused, never shrunk): the
+    /// disk queue copies them into its own iovecs, so nothing is allocated per request.
+    segments: Vec<Segment>,
     /// Queues the controller may have (primary channel plus subchannels).
     queues: u16,
     /// Asks the session to offer subchannels (primary channel only).
@@ -192,6 +196,7 @@ impl Storvsp {
             answers: VecDeque::new(),
             stalled: None,
             completions: Vec::with_capacity(QUEUE_DEPTH as usize),
+            segments: Vec::with_capacity(MAX_BUFFER_PAGES as usize),
             queues: queues.max(1),
             request_subchannels: if subchannel {
                 None
@@ -290,20 +295,28 @@ impl Storvsp {
         self.answer(out, tx, reply)
     }
 
-    /// The data buffer of an SRB as guest-memory segments, or why it is unusable.
-    fn segments(&self, kind: &PacketKind<'_>) -> Result<(Vec<Segment>, u64), &'static str> {
-        let PacketKind::GpaDirect(ranges) = kind else {
-            return Ok((Vec::new(), 0));
-        };
-        buffer_segments(ranges)
-    }
-
+    /// Serves one EXECUTE_SRB, with the segment scratch lent to [`Storvsp::execute_with`].
     fn execute(
         &mut self,
         out: &mut OutgoingRing,
         tx: u64,
         req: &VstorPacket,
         kind: &PacketKind<'_>,
+    ) -> Result<(), Error> {
+        let mut segments = std::mem::take(&mut self.segments);
+        let result = self.execute_with(out, tx, req, kind, &mut segments);
+        self.segments = segments;
+        result
+    }
+
+    /// Serves one EXECUTE_SRB; `segments` is scratch for its buffer's segments.
+    fn execute_with(
+        &mut self,
+        out: &mut OutgoingRing,
+        tx: u64,
+        req: &VstorPacket,
+        kind: &PacketKind<'_>,
+        segments: &mut Vec<Segment>,
     ) -> Result<(), Error> {
         let mut srb: ScsiRequest = req.body();
         let fail = |mut srb: ScsiRequest, status: u8| {
@@ -320,8 +333,15 @@ impl Storvsp {
             let s = fail(srb, srb_status::INVALID_REQUEST);
             return self.complete(out, tx, s);
         }
-        let (segments, buffer_len) = match self.segments(kind) {
-            Ok(s) => s,
+        let buffer = match kind {
+            PacketKind::GpaDirect(ranges) => buffer_segments(ranges, segments),
+            _ => {
+                segments.clear();
+                Ok(0)
+            }
+        };
+        let buffer_len = match buffer {
+            Ok(n) => n,
             Err(why) => {
                 tracing::debug!(why, "SRB buffer refused");
                 let s = fail(srb, srb_status::INVALID_REQUEST);
@@ -334,7 +354,11 @@ impl Storvsp {
             let s = fail(srb, srb_status::INVALID_REQUEST);
             return self.complete(out, tx, s);
         }
-        let cdb = srb.cdb().to_vec();
+        // A copy, since the SRB is changed and moved while the CDB is still in use.
+        let mut cdb_bytes = [0u8; MAX_CDB_LEN];
+        let cdb_len = srb.cdb().len();
+        cdb_bytes[..cdb_len].copy_from_slice(srb.cdb());
+        let cdb = &cdb_bytes[..cdb_len];
         let lun_no = srb.lun;
         let present = srb.path_id == 0
             && srb.target_id == 0
@@ -344,45 +368,49 @@ impl Storvsp {
                 .is_some_and(|l| l.is_some());
         // REPORT LUNS is answered for the target, whatever LUN it is sent to.
         if srb.path_id == 0 && srb.target_id == 0 && cdb.first() == Some(&0xA0) {
-            let resp = crate::scsi::report_luns(&cdb, data_len, &self.lun_ids);
-            return self.respond_now(out, tx, srb, &segments, &resp, data_len);
+            let resp = crate::scsi::report_luns(cdb, data_len, &self.lun_ids);
+            return self.respond_now(out, tx, srb, segments, &resp, data_len);
         }
         if !present {
             let s = fail(srb, srb_status::INVALID_LUN);
             return self.complete(out, tx, s);
         }
         let lun = self.luns[usize::from(lun_no)].as_mut().expect("present");
-        let want = lun.scsi.data_out_len(&cdb).min(data_len as usize);
+        let want = lun.scsi.data_out_len(cdb).min(data_len as usize);
+        // Only parameter lists and WRITE SAME's block: empty (no allocation) for reads and
+        // writes, whose data stays in guest memory.
         let mut data_out = vec![0u8; want];
-        if want > 0 && copy_from_guest(&self.mem, &segments, &mut data_out).is_err() {
+        if want > 0 && copy_from_guest(&self.mem, segments, &mut data_out).is_err() {
             let s = fail(srb, srb_status::INVALID_REQUEST);
             return self.complete(out, tx, s);
         }
-        let action = lun.scsi.execute(lun_no, &cdb, data_len, &data_out);
+        let action = lun.scsi.execute(lun_no, cdb, data_len, &data_out);
         let bs = u64::from(lun.block_size);
-        let ops: Vec<IoOp> = match &action {
-            Action::Done(resp) => return self.respond_now(out, tx, srb, &segments, resp, data_len),
+        // The guest's block named once per block, for a WRITE SAME of a pattern (rare; reads
+        // and writes borrow `segments`).
+        let pattern: Vec<Segment>;
+        // What to queue: one operation, or one discard per UNMAP range.
+        let (op, unmap): (Option<IoOp<'_>>, &[UnmapRange]) = match &action {
+            Action::Done(resp) => return self.respond_now(out, tx, srb, segments, resp, data_len),
             Action::Read { lba, blocks, .. } => {
-                vec![IoOp::Read {
+                truncate_segments(segments, u64::from(*blocks) * bs);
+                let read = IoOp::Read {
                     offset: lba * bs,
-                    segments: prefix(&segments, u64::from(*blocks) * bs),
-                }]
+                    segments,
+                };
+                (Some(read), &[])
             }
             Action::Write { lba, blocks, fua } => {
-                vec![IoOp::Write {
+                truncate_segments(segments, u64::from(*blocks) * bs);
+                let write = IoOp::Write {
                     offset: lba * bs,
-                    segments: prefix(&segments, u64::from(*blocks) * bs),
+                    segments,
                     fua: *fua,
-                }]
+                };
+                (Some(write), &[])
             }
-            Action::Flush => vec![IoOp::Flush],
-            Action::Unmap(ranges) => ranges
-                .iter()
-                .map(|r| IoOp::Discard {
-                    offset: r.lba * bs,
-                    len: u64::from(r.blocks) * bs,
-                })
-                .collect(),
+            Action::Flush => (Some(IoOp::Flush), &[]),
+            Action::Unmap(ranges) => (None, ranges),
             Action::WriteSame { lba, blocks, fill } => {
                 let zeros = match fill {
                     Fill::Zeros { may_unmap } => Some(*may_unmap),
@@ -394,21 +422,26 @@ impl Storvsp {
                     Fill::Data => None,
                 };
                 match zeros {
-                    Some(unmap) => vec![IoOp::WriteZeroes {
-                        offset: lba * bs,
-                        len: u64::from(*blocks) * bs,
-                        unmap,
-                    }],
+                    Some(unmap) => {
+                        let zeroes = IoOp::WriteZeroes {
+                            offset: lba * bs,
+                            len: u64::from(*blocks) * bs,
+                            unmap,
+                        };
+                        (Some(zeroes), &[])
+                    }
                     // A pattern: the guest's own block, named once per block (zero copy).
                     None if *blocks <= 1024 => {
-                        let block = prefix(&segments, bs);
-                        let segs: Vec<Segment> =
-                            (0..*blocks).flat_map(|_| block.iter().copied()).collect();
-                        vec![IoOp::Write {
+                        truncate_segments(segments, bs);
+                        pattern = (0..*blocks)
+                            .flat_map(|_| segments.iter().copied())
+                            .collect();
+                        let write = IoOp::Write {
                             offset: lba * bs,
-                            segments: segs,
+                            segments: &pattern,
                             fua: false,
-                        }]
+                        };
+                        (Some(write), &[])
                     }
                     None => {
                         let resp = Response::check_condition(
@@ -435,7 +468,11 @@ impl Storvsp {
         let mut queued = 0u32;
         let mut error = None;
         let lun = self.luns[usize::from(lun_no)].as_mut().expect("present");
-        for op in ops {
+        let discards = unmap.iter().map(|r| IoOp::Discard {
+            offset: r.lba * bs,
+            len: u64::from(r.blocks) * bs,
+        });
+        for op in op.into_iter().chain(discards) {
             match lun.queue.queue(slot as u64, op) {
                 Ok(()) => queued += 1,
                 Err(e) => {
@@ -543,11 +580,12 @@ fn apply_response(srb: &mut ScsiRequest, resp: &Response, transferred: u32) {
     }
 }
 
-/// The GPA-direct ranges of a packet as page-bounded segments (adjacent pages merged), with the
-/// total length. Every page number is checked for overflow; guest memory bounds are checked
-/// when the segments are used.
-fn buffer_segments(ranges: &GpaRanges<'_>) -> Result<(Vec<Segment>, u64), &'static str> {
-    let mut segs: Vec<Segment> = Vec::new();
+/// The GPA-direct ranges of a packet as page-bounded segments (adjacent pages merged), in
+/// `segs` (cleared first; it needs no more than [`MAX_BUFFER_PAGES`] places); returns the total
+/// length. Every page number is checked for overflow; guest memory bounds are checked when the
+/// segments are used.
+fn buffer_segments(ranges: &GpaRanges<'_>, segs: &mut Vec<Segment>) -> Result<u64, &'static str> {
+    segs.clear();
     let mut total = 0u64;
     let mut pages = 0u64;
     for r in ranges.iter() {
@@ -579,25 +617,23 @@ fn buffer_segments(ranges: &GpaRanges<'_>) -> Result<(Vec<Segment>, u64), &'stat
             off = 0;
         }
     }
-    Ok((segs, total))
+    Ok(total)
 }
 
-/// The first `len` bytes of `segs`.
-fn prefix(segs: &[Segment], len: u64) -> Vec<Segment> {
+/// Cuts `segs` to its first `len` bytes (all of it if shorter), in place.
+fn truncate_segments(segs: &mut Vec<Segment>, len: u64) {
     let mut left = len;
-    let mut v = Vec::new();
-    for s in segs {
+    let mut keep = 0;
+    for s in segs.iter_mut() {
         if left == 0 {
             break;
         }
         let n = u64::from(s.len).min(left);
-        v.push(Segment {
-            gpa: s.gpa,
-            len: n as u32,
-        });
+        s.len = n as u32;
         left -= n;
+        keep += 1;
     }
-    v
+    segs.truncate(keep);
 }
 
 fn copy_from_guest(
@@ -691,5 +727,56 @@ impl Drop for Storvsp {
         for lun in self.luns.iter_mut().flatten() {
             let _ = lun.queue.wait(lun.queue.in_flight());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncate_segments_keeps_a_prefix_in_place() {
+        let segs = [
+            Segment {
+                gpa: 0x1000,
+                len: 4096,
+            },
+            Segment {
+                gpa: 0x8000,
+                len: 512,
+            },
+            Segment {
+                gpa: 0x9000,
+                len: 100,
+            },
+        ];
+        let cut = |len| {
+            let mut v = segs.to_vec();
+            let capacity = v.capacity();
+            truncate_segments(&mut v, len);
+            assert_eq!(v.capacity(), capacity, "cut in place");
+            v
+        };
+        assert_eq!(cut(0), []);
+        assert_eq!(
+            cut(1),
+            [Segment {
+                gpa: 0x1000,
+                len: 1
+            }]
+        );
+        assert_eq!(cut(4096), segs[..1]);
+        assert_eq!(
+            cut(4096 + 300),
+            [
+                segs[0],
+                Segment {
+                    gpa: 0x8000,
+                    len: 300
+                }
+            ]
+        );
+        assert_eq!(cut(4096 + 512 + 100), segs);
+        assert_eq!(cut(u64::MAX), segs, "shorter than asked: all of it");
     }
 }

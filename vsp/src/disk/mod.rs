@@ -214,22 +214,24 @@ pub struct Segment {
     pub len: u32,
 }
 
-/// An operation on a disk.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum IoOp {
+/// An operation on a disk. A read or write borrows its segments: [`DiskQueue::queue`] turns
+/// them into the request's own iovecs at once, so the caller may reuse its segment buffer as
+/// soon as `queue` returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoOp<'a> {
     /// Reads the disk from `offset` into the segments, in order.
     Read {
         /// Byte offset in the disk.
         offset: u64,
         /// Where the bytes go; their lengths add up to the length of the read.
-        segments: Vec<Segment>,
+        segments: &'a [Segment],
     },
     /// Writes the segments, in order, to the disk from `offset`.
     Write {
         /// Byte offset in the disk.
         offset: u64,
         /// Where the bytes come from; their lengths add up to the length of the write.
-        segments: Vec<Segment>,
+        segments: &'a [Segment],
         /// Force unit access: the write is durable when it completes (`RWF_DSYNC`).
         fua: bool,
     },

@@ -99,7 +99,7 @@ impl Rng {
 }
 
 /// Runs one operation to completion.
-fn run(q: &mut DiskQueue, op: IoOp) -> Result<u32, i32> {
+fn run(q: &mut DiskQueue, op: IoOp<'_>) -> Result<u32, i32> {
     q.queue(7, op).unwrap();
     q.submit().unwrap();
     q.wait(1).unwrap();
@@ -190,7 +190,7 @@ fn roundtrip(direct: bool, options: QueueOptions) {
             scatter(&mem, &segments, &data);
             let w = IoOp::Write {
                 offset,
-                segments: segments.clone(),
+                segments: &segments,
                 fua: false,
             };
             assert_eq!(run(&mut q, w), Ok(len), "write {len} at {offset}");
@@ -201,7 +201,7 @@ fn roundtrip(direct: bool, options: QueueOptions) {
             }
             let r = IoOp::Read {
                 offset,
-                segments: segments.clone(),
+                segments: &segments,
             };
             assert_eq!(run(&mut q, r), Ok(len), "read {len} at {offset}");
             assert!(gather(&mem, &segments) == data, "read back at {offset}");
@@ -300,7 +300,7 @@ fn random_qd256(direct: bool) {
             expect[b as usize * 4096..][..4096].copy_from_slice(&data);
             let op = IoOp::Write {
                 offset: b * 4096,
-                segments: vec![Segment { gpa, len: 4096 }],
+                segments: &[Segment { gpa, len: 4096 }],
                 fua: false,
             };
             q.queue(i as u64, op).unwrap();
@@ -325,7 +325,7 @@ fn random_qd256(direct: bool) {
         for (i, &b) in blocks.iter().enumerate() {
             let op = IoOp::Read {
                 offset: b * 4096,
-                segments: vec![Segment {
+                segments: &[Segment {
                     gpa: HIGH + i as u64 * 4096,
                     len: 4096,
                 }],
@@ -366,11 +366,11 @@ fn fua_write_and_flush() {
     let mem = guest_memory();
     let mut q = DiskQueue::new(disk, mem.clone(), 8).unwrap();
     mem.write(0, &[0x5a; 8192]).unwrap();
-    let seg = vec![Segment { gpa: 0, len: 8192 }];
+    let seg = [Segment { gpa: 0, len: 8192 }];
     for (offset, fua) in [(65536, true), (100, true), (200_000, false)] {
         let w = IoOp::Write {
             offset,
-            segments: seg.clone(),
+            segments: &seg,
             fua,
         };
         assert_eq!(run(&mut q, w), Ok(8192));
@@ -433,7 +433,7 @@ fn write_zeroes_in(dir: &Path) -> super::uring::Stats {
             mem.fill(0, n as usize, 0xee).unwrap();
             let read = IoOp::Read {
                 offset: at,
-                segments: vec![Segment { gpa: 0, len: n }],
+                segments: &[Segment { gpa: 0, len: n }],
             };
             assert_eq!(run(&mut q, read), Ok(n));
             let mut got = vec![1u8; n as usize];
@@ -469,10 +469,10 @@ fn readonly_refuses_writes() {
     assert!(disk.readonly() && !disk.supports_discard());
     let mem = guest_memory();
     let mut q = DiskQueue::new(disk, mem.clone(), 8).unwrap();
-    let seg = vec![Segment { gpa: 0, len: 4096 }];
+    let seg = [Segment { gpa: 0, len: 4096 }];
     let write = IoOp::Write {
         offset: 0,
-        segments: seg.clone(),
+        segments: &seg,
         fua: false,
     };
     assert!(matches!(q.queue(1, write), Err(Error::DiskReadOnly)));
@@ -490,7 +490,7 @@ fn readonly_refuses_writes() {
     assert_eq!(q.in_flight(), 0);
     let read = IoOp::Read {
         offset: 4096,
-        segments: seg,
+        segments: &seg,
     };
     assert_eq!(run(&mut q, read), Ok(4096));
     assert_eq!(run(&mut q, IoOp::Flush), Ok(0));
@@ -506,36 +506,40 @@ fn bad_requests_are_refused_without_io() {
     let disk = DiskFile::open(&img.0, false, false).unwrap();
     let mem = guest_memory();
     let mut q = DiskQueue::new(disk, mem, 4).unwrap();
-    let write = |offset, segments: Vec<Segment>| IoOp::Write {
+    let write = |offset, segments| IoOp::Write {
         offset,
         segments,
         fua: false,
     };
-    let seg = |gpa, len| vec![Segment { gpa, len }];
+    let seg = |gpa, len| [Segment { gpa, len }];
+    let (byte, page) = (seg(0, 1), seg(0, 4096));
+    let across_low_end = seg(REGION - 100, 4096);
+    let in_hole = seg(REGION, 4096);
+    let overflowing = seg(u64::MAX - 1, 4096);
+    let across_high_end = seg(HIGH + REGION - 1, 2);
+    let apart = [
+        Segment { gpa: 0, len: 512 },
+        Segment {
+            gpa: 1 << 40,
+            len: 512,
+        },
+    ];
+    let discontiguous: Vec<Segment> = (0..1025).map(|i| Segment { gpa: i * 2, len: 1 }).collect();
     let cases = [
-        write(1 << 20, seg(0, 1)),
-        write((1 << 20) - 4095, seg(0, 4096)),
-        write(u64::MAX - 10, seg(0, 4096)),
-        write(0, seg(REGION - 100, 4096)),
-        write(0, seg(REGION, 4096)),
-        write(0, seg(u64::MAX - 1, 4096)),
-        write(
-            0,
-            vec![
-                Segment { gpa: 0, len: 512 },
-                Segment {
-                    gpa: 1 << 40,
-                    len: 512,
-                },
-            ],
-        ),
+        write(1 << 20, &byte),
+        write((1 << 20) - 4095, &page),
+        write(u64::MAX - 10, &page),
+        write(0, &across_low_end),
+        write(0, &in_hole),
+        write(0, &overflowing),
+        write(0, &apart),
         IoOp::Read {
             offset: 4096,
-            segments: seg(HIGH + REGION - 1, 2),
+            segments: &across_high_end,
         },
         IoOp::Read {
             offset: (1 << 20) + 1,
-            segments: vec![],
+            segments: &[],
         },
         IoOp::Discard {
             offset: 4096,
@@ -547,20 +551,14 @@ fn bad_requests_are_refused_without_io() {
             unmap: true,
         },
         // 1025 discontiguous segments.
-        write(
-            0,
-            (0..1025).map(|i| Segment { gpa: i * 2, len: 1 }).collect(),
-        ),
+        write(0, &discontiguous),
         // Over 4 GiB in all (2 GiB of it twice).
         IoOp::Read {
             offset: 0,
-            segments: vec![
-                Segment {
-                    gpa: 0,
-                    len: 1 << 31
-                };
-                3
-            ],
+            segments: &[Segment {
+                gpa: 0,
+                len: 1 << 31,
+            }; 3],
         },
     ];
     for (i, op) in cases.into_iter().enumerate() {
@@ -581,13 +579,15 @@ fn bad_requests_are_refused_without_io() {
     // Adjacent segments are merged: 2048 contiguous ones are one iovec, and fine.
     let op = IoOp::Read {
         offset: 0,
-        segments: (0..2048).map(|i| Segment { gpa: i * 2, len: 2 }).collect(),
+        segments: &(0..2048)
+            .map(|i| Segment { gpa: i * 2, len: 2 })
+            .collect::<Vec<_>>(),
     };
     assert_eq!(run(&mut q, op), Ok(4096));
     // Zero-length operations complete at once.
     let empty = IoOp::Read {
         offset: 1 << 20,
-        segments: vec![Segment { gpa: 0, len: 0 }],
+        segments: &[Segment { gpa: 0, len: 0 }],
     };
     assert_eq!(run(&mut q, empty), Ok(0));
 }
@@ -607,12 +607,12 @@ fn a_disk_shrunk_behind_our_back_gives_short_reads() {
     // Straddles the new end: the first part comes back, the rest is reported short.
     let op = IoOp::Read {
         offset: 512 * 1024 - 4096,
-        segments: scattered_segments(8192, true),
+        segments: &scattered_segments(8192, true),
     };
     assert_eq!(run(&mut q, op), Ok(4096));
     let op = IoOp::Read {
         offset: 600 * 1024,
-        segments: vec![Segment { gpa: 0, len: 4096 }],
+        segments: &[Segment { gpa: 0, len: 4096 }],
     };
     assert_eq!(run(&mut q, op), Ok(0));
     assert_eq!(q.stats.short_resubmits, 1);
@@ -649,7 +649,7 @@ fn completion_event_wakes_a_poller() {
     assert!(!readable(&q, 0));
     let read = IoOp::Read {
         offset: 0,
-        segments: vec![Segment { gpa: 0, len: 4096 }],
+        segments: &[Segment { gpa: 0, len: 4096 }],
     };
     q.queue(1, read).unwrap();
     q.submit().unwrap();
@@ -668,19 +668,19 @@ fn dropping_a_queue_with_io_in_flight_is_safe() {
         let mem = guest_memory();
         let mut q = DiskQueue::new(disk.clone(), mem.clone(), 256).unwrap();
         for i in 0..256u64 {
-            let segments = vec![Segment {
+            let segments = [Segment {
                 gpa: (i % 64) * 32768,
                 len: 32768,
             }];
             let op = if i % 2 == 0 {
                 IoOp::Read {
                     offset: i * 65536,
-                    segments,
+                    segments: &segments,
                 }
             } else {
                 IoOp::Write {
                     offset: i * 65536,
-                    segments,
+                    segments: &segments,
                     fua: i % 4 == 1,
                 }
             };
@@ -790,7 +790,7 @@ fn block_device_with_4k_logical_blocks() {
         scatter(&mem, &segments, &data);
         let w = IoOp::Write {
             offset,
-            segments: segments.clone(),
+            segments: &segments,
             fua: true,
         };
         assert_eq!(run(&mut q, w), Ok(len));
@@ -800,7 +800,7 @@ fn block_device_with_4k_logical_blocks() {
         }
         let r = IoOp::Read {
             offset,
-            segments: segments.clone(),
+            segments: &segments,
         };
         assert_eq!(run(&mut q, r), Ok(len));
         assert!(gather(&mem, &segments) == data);

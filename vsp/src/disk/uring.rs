@@ -275,15 +275,17 @@ impl DiskQueue {
     /// segment outside guest memory (or across the end of a region), a total length over
     /// `u32::MAX`, more than 1024 discontiguous segments, a change to a read-only disk, a
     /// discard the disk cannot do, a discard or write-zeroes range of a block device not aligned
-    /// to its block size, and a full queue. Zero-length operations complete with 0.
-    pub fn queue(&mut self, tag: u64, op: IoOp) -> Result<(), Error> {
+    /// to its block size, and a full queue. Zero-length operations complete with 0. Nothing of
+    /// `op` is kept: the segments of a read or write become the slot's own iovecs (an array
+    /// reused from one request to the next), so queueing allocates nothing in the steady state.
+    pub fn queue(&mut self, tag: u64, op: IoOp<'_>) -> Result<(), Error> {
         let Some(&idx) = self.free.last() else {
             return Err(Error::DiskQueueFull);
         };
         let idx = idx as usize;
         let (readonly, discard) = (self.disk.readonly, self.disk.discard);
         let op = match op {
-            IoOp::Read { offset, segments } => self.prepare_rw(idx, false, offset, &segments)?,
+            IoOp::Read { offset, segments } => self.prepare_rw(idx, false, offset, segments)?,
             IoOp::Write {
                 offset,
                 segments,
@@ -292,7 +294,7 @@ impl DiskQueue {
                 if readonly {
                     return Err(Error::DiskReadOnly);
                 }
-                let mut op = self.prepare_rw(idx, true, offset, &segments)?;
+                let mut op = self.prepare_rw(idx, true, offset, segments)?;
                 if let Op::Rw(rw) = &mut op {
                     if fua {
                         rw.flags = ReadWriteFlags::DSYNC;
