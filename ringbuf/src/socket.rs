@@ -133,8 +133,9 @@ impl AsFd for SeqPacket {
 pub struct SeqPacketListener(OwnedFd);
 
 impl SeqPacketListener {
-    /// Binds to `path` (which must not exist) and listens. The socket file is made mode 0600 so
-    /// that only its owner can connect.
+    /// Binds to `path` and listens; a file already at `path` is replaced (callers check that no
+    /// live socket is there first). The socket file is made mode 0600 so that only its owner
+    /// can connect.
     pub fn bind(path: &Path) -> Result<Self, Error> {
         let fd = socket_with(
             AddressFamily::UNIX,
@@ -143,12 +144,26 @@ impl SeqPacketListener {
             None,
         )
         .map_err(Error::Socket)?;
-        let addr = SocketAddrUnix::new(path).map_err(Error::Socket)?;
-        // Bind under a restrictive umask-independent mode: fchmod does not apply to sockets, so
-        // chmod the path right after bind, before listen accepts anyone.
+        // Bind and listen under a temporary name in the same directory, then rename it into
+        // place: the path appears only once connections are accepted, so a client that waits
+        // for it never meets a bound socket that refuses connections.
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".{}.tmp", std::process::id()));
+        let tmp = std::path::PathBuf::from(tmp);
+        let _ = rustix::fs::unlink(&tmp);
+        let addr = SocketAddrUnix::new(&tmp).map_err(Error::Socket)?;
         bind(&fd, &addr).map_err(Error::Socket)?;
-        rustix::fs::chmod(path, rustix::fs::Mode::from_raw_mode(0o600)).map_err(Error::Socket)?;
-        listen(&fd, 64).map_err(Error::Socket)?;
+        let placed = (|| {
+            // Owner only: fchmod does not apply to sockets, so chmod the path, before anyone
+            // can find it under its real name.
+            rustix::fs::chmod(&tmp, rustix::fs::Mode::from_raw_mode(0o600))?;
+            listen(&fd, 64)?;
+            rustix::fs::rename(&tmp, path)
+        })();
+        if let Err(e) = placed {
+            let _ = rustix::fs::unlink(&tmp);
+            return Err(Error::Socket(e));
+        }
         Ok(Self(fd))
     }
 
