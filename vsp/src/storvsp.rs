@@ -691,9 +691,8 @@ impl Device for Storvsp {
                 lun.queue.submit()?;
                 lun.unsubmitted = false;
             }
-            if lun.queue.in_flight() > 0 {
-                lun.queue.reap(&mut done);
-            }
+            // Unconditionally: some requests complete when queued (inline buffered writes).
+            lun.queue.reap(&mut done);
         }
         for c in done.drain(..) {
             moved = true;

@@ -222,6 +222,12 @@ fn roundtrip(direct: bool, options: QueueOptions) {
     } else {
         assert_eq!(st.direct, 0);
     }
+    // Buffered writes (all of them, or the unaligned ones on a direct disk) are done inline
+    // when the option says so, else through io_uring.
+    assert_eq!(st.inline_writes > 0, options.inline_buffered_writes);
+    if !options.inline_buffered_writes {
+        assert_eq!(st.inline_writes, 0);
+    }
     if q.fixed_buffers() {
         assert!(st.fixed > 0);
         assert_eq!(st.vectored_fixed > 0, q.vectored_fixed_supported());
@@ -241,6 +247,18 @@ fn write_then_read_back_without_fixed_buffers() {
         false,
         QueueOptions {
             fixed_buffers: false,
+            inline_buffered_writes: false,
+        },
+    );
+}
+
+#[test]
+fn write_then_read_back_with_writes_through_io_uring() {
+    roundtrip(
+        false,
+        QueueOptions {
+            inline_buffered_writes: false,
+            ..QueueOptions::default()
         },
     );
 }
@@ -252,6 +270,7 @@ fn direct_aligned_and_unaligned_requests() {
         true,
         QueueOptions {
             fixed_buffers: false,
+            inline_buffered_writes: false,
         },
     );
 }
@@ -268,6 +287,7 @@ fn fixed_buffers_register_here() {
         8,
         QueueOptions {
             fixed_buffers: false,
+            ..QueueOptions::default()
         },
     )
     .unwrap();
@@ -280,7 +300,12 @@ fn random_qd256(direct: bool) {
     let img = Image::new(BLOCKS * 4096);
     let disk = DiskFile::open(&img.0, false, direct).unwrap();
     let mem = guest_memory();
-    let mut q = DiskQueue::new(disk, mem.clone(), 256).unwrap();
+    // Writes through io_uring, so that 256 of them are in flight at once.
+    let through_uring = QueueOptions {
+        inline_buffered_writes: false,
+        ..QueueOptions::default()
+    };
+    let mut q = DiskQueue::with_options(disk, mem.clone(), 256, through_uring).unwrap();
     assert_eq!(q.capacity(), 256);
     let mut rng = Rng(99);
     let mut expect = img.contents();
@@ -666,7 +691,12 @@ fn dropping_a_queue_with_io_in_flight_is_safe() {
     for direct in [false, true] {
         let disk = DiskFile::open(&img.0, false, direct).unwrap();
         let mem = guest_memory();
-        let mut q = DiskQueue::new(disk.clone(), mem.clone(), 256).unwrap();
+        // Writes through io_uring, so that they are in flight when the queue is dropped.
+        let through_uring = QueueOptions {
+            inline_buffered_writes: false,
+            ..QueueOptions::default()
+        };
+        let mut q = DiskQueue::with_options(disk.clone(), mem.clone(), 256, through_uring).unwrap();
         for i in 0..256u64 {
             let segments = [Segment {
                 gpa: (i % 64) * 32768,
