@@ -1,6 +1,6 @@
 //! The storvsc disks as NBD exports: [`crate::nbd::BlockDevice`] over [`Disk`].
 
-use crate::nbd::{BlockDevice, IoError as NbdError, ReadDone, WriteDone};
+use crate::nbd::{BatchFlush, BlockDevice, IoError as NbdError, ReadDone, WriteDone};
 use crate::storvsc::{Disk, DiskOp, IoError};
 
 /// How a SCSI failure reads to an NBD client.
@@ -56,6 +56,10 @@ impl BlockDevice for Disk {
             DiskOp::Write { offset, data, fua },
             Box::new(move |r| done(r.map(|_| ()).map_err(nbd_error))),
         );
+    }
+
+    fn batch_hook(&self, flush: BatchFlush) -> Option<Box<dyn std::any::Any + Send>> {
+        Some(Box::new(self.controller().add_batch_hook(flush)))
     }
 
     fn flush(&self) -> Result<(), NbdError> {

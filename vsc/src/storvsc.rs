@@ -293,6 +293,79 @@ pub type IoResult = Result<Vec<u8>, IoError>;
 /// A completion callback.
 pub type Callback = Box<dyn FnOnce(IoResult) + Send>;
 
+/// Runs on a queue thread after each batch of completion callbacks (see
+/// [`Controller::add_batch_hook`]).
+pub type BatchHook = Arc<dyn Fn() + Send + Sync>;
+
+/// Keeps a [`BatchHook`] registered; dropping it unregisters the hook (a queue thread may
+/// still call it once, for a batch already under way).
+pub struct BatchHookGuard {
+    ctl: Arc<Controller>,
+    id: u64,
+}
+
+impl Drop for BatchHookGuard {
+    fn drop(&mut self) {
+        for q in &self.ctl.queues {
+            q.shared.hooks.remove(self.id);
+        }
+    }
+}
+
+impl std::fmt::Debug for BatchHookGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchHookGuard")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+/// The batch hooks of a queue: changed rarely (under the lock), read by the queue thread
+/// through a copy it refreshes when `version` moves.
+#[derive(Default)]
+struct Hooks {
+    list: Mutex<Vec<(u64, BatchHook)>>,
+    version: AtomicU64,
+}
+
+impl Hooks {
+    fn add(&self, id: u64, hook: BatchHook) {
+        let mut l = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        l.push((id, hook));
+        // Release: the queue thread's acquire load of `version` then sees the new list (it
+        // also takes the lock to copy it).
+        self.version.fetch_add(1, Ordering::Release);
+    }
+
+    fn remove(&self, id: u64) {
+        let mut l = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        l.retain(|(i, _)| *i != id);
+        self.version.fetch_add(1, Ordering::Release);
+    }
+
+    /// Runs every hook (after callbacks that ran outside a batch: failed requests).
+    fn run_all(&self) {
+        let list: Vec<BatchHook> = {
+            let l = self.list.lock().unwrap_or_else(|e| e.into_inner());
+            l.iter().map(|(_, h)| h.clone()).collect()
+        };
+        for h in list {
+            h();
+        }
+    }
+
+    /// Refreshes `copy` if the list changed since `seen`.
+    fn refresh(&self, seen: &mut u64, copy: &mut Vec<BatchHook>) {
+        let v = self.version.load(Ordering::Acquire);
+        if v != *seen {
+            let l = self.list.lock().unwrap_or_else(|e| e.into_inner());
+            copy.clear();
+            copy.extend(l.iter().map(|(_, h)| h.clone()));
+            *seen = v;
+        }
+    }
+}
+
 struct Request {
     op: DiskOp,
     done: Callback,
@@ -394,6 +467,7 @@ impl Controller {
                 sleeping: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
                 wake: Event::new()?,
+                hooks: Hooks::default(),
             });
             let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let pages = front.alloc_pages(BOUNCE_BYTES / 4096)?;
@@ -437,6 +511,22 @@ impl Controller {
             next: std::sync::atomic::AtomicUsize::new(0),
             max_transfer,
         }))
+    }
+
+    /// Registers `hook` to run on every queue thread after each batch of completion callbacks
+    /// it ran: callbacks can leave their results for the hook to deliver together (for
+    /// example several replies in one socket write). The hook must not block for long: the
+    /// queue thread serves every disk of the controller.
+    pub fn add_batch_hook(self: &Arc<Self>, hook: BatchHook) -> BatchHookGuard {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        for q in &self.queues {
+            q.shared.hooks.add(id, hook.clone());
+        }
+        BatchHookGuard {
+            ctl: self.clone(),
+            id,
+        }
     }
 
     /// Number of queues (channels).
@@ -733,6 +823,7 @@ struct Shared {
     /// Set when the queue thread has stopped: submitters fail their requests themselves.
     closed: AtomicBool,
     wake: Event,
+    hooks: Hooks,
 }
 
 impl Shared {
@@ -752,8 +843,13 @@ impl Shared {
     }
 
     fn fail_queued(&self) {
+        let mut failed = false;
         while let Some(r) = self.requests.pop() {
             (r.done)(Err(IoError::Disconnected));
+            failed = true;
+        }
+        if failed {
+            self.hooks.run_all();
         }
     }
 }
@@ -810,6 +906,8 @@ impl Queue {
         for r in self.waiting.drain(..) {
             (r.done)(Err(IoError::Disconnected));
         }
+        // The callbacks above may have left results for the hooks to deliver.
+        self.shared.hooks.run_all();
         self.shared.closed.store(true, Ordering::Relaxed);
         // SeqCst fence: see `Shared::submit`.
         fence(Ordering::SeqCst);
@@ -826,6 +924,7 @@ impl Queue {
 
     fn serve(&mut self) -> Result<(), Error> {
         let mut poller = ringbuf::poller::Poller::default();
+        let (mut hooks_seen, mut hooks) = (0u64, Vec::new());
         loop {
             if self.stop.load(Ordering::Acquire) {
                 return Ok(());
@@ -850,13 +949,21 @@ impl Queue {
             self.st.ch.commit_out()?;
             // Completions.
             self.st.ch.inc.mask();
+            let mut completed = false;
             for _ in 0..COMPLETE_BATCH {
                 match self.complete_one()? {
-                    Some(n) => moved |= n,
+                    Some(n) => completed |= n,
                     None => break,
                 }
             }
             self.st.ch.commit_in()?;
+            if completed {
+                moved = true;
+                self.shared.hooks.refresh(&mut hooks_seen, &mut hooks);
+                for h in &hooks {
+                    h();
+                }
+            }
             if moved {
                 poller.busy();
                 continue;

@@ -92,6 +92,9 @@ impl From<std::io::Error> for IoError {
 pub type ReadDone = Box<dyn FnOnce(Result<Vec<u8>, IoError>) + Send>;
 /// Completion of [`BlockDevice::write_async`].
 pub type WriteDone = Box<dyn FnOnce(Result<(), IoError>) + Send>;
+/// What a device calls after a batch of asynchronous completions (see
+/// [`BlockDevice::batch_hook`]).
+pub type BatchFlush = std::sync::Arc<dyn Fn() + Send + Sync>;
 
 /// What an export serves. Implementations are called from several connection threads at once.
 ///
@@ -130,6 +133,14 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// of at most [`async_limit`](Self::async_limit) bytes.
     fn write_async(&self, offset: u64, data: Vec<u8>, fua: bool, done: WriteDone) {
         done(self.write(offset, &data, fua))
+    }
+    /// Asks the device to call `flush` after each batch of asynchronous completions, on the
+    /// thread that ran them, for as long as the returned guard lives: completions then leave
+    /// their replies for `flush` to send together. `None` (the default): no batches, each
+    /// completion sends its own reply.
+    fn batch_hook(&self, flush: BatchFlush) -> Option<Box<dyn std::any::Any + Send>> {
+        let _ = flush;
+        None
     }
     /// Whether [`trim`](Self::trim) does anything (advertised as `NBD_FLAG_SEND_TRIM`).
     fn supports_trim(&self) -> bool {

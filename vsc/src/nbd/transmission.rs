@@ -98,9 +98,13 @@ struct Job {
 }
 
 /// Where replies go: the socket (an owned clone, so asynchronous completions can write after
-/// the reader has moved on), written whole under a lock.
+/// the reader has moved on), written whole under a lock; with a batching device, the replies
+/// of asynchronous completions wait in `pending` for the device's batch hook to send them
+/// together.
 struct Replies {
-    writer: Mutex<UnixStream>,
+    writer: Mutex<Output>,
+    /// Asynchronous completions queue their replies (set once, before the first request).
+    batched: AtomicBool,
     /// Requests accepted and not yet answered.
     outstanding: AtomicUsize,
     /// A reply could not be written: the connection is over.
@@ -108,6 +112,12 @@ struct Replies {
     /// Signalled when `outstanding` drops to zero.
     idle: Condvar,
     idle_lock: Mutex<()>,
+}
+
+struct Output {
+    stream: UnixStream,
+    /// Whole replies not sent yet.
+    pending: Vec<u8>,
 }
 
 impl Replies {
@@ -119,11 +129,42 @@ impl Replies {
     /// Sends a reply made of several parts (a header and the data it precedes) in one piece,
     /// with one `writev` where the socket takes it all.
     fn send_parts(&self, parts: &mut [io::IoSlice<'_>]) -> io::Result<()> {
-        let mut w = lock(&self.writer);
-        let r = write_all_vectored(&mut *w, parts);
+        let mut out = lock(&self.writer);
+        let r = write_all_vectored(&mut out.stream, parts);
+        self.check(&out.stream, r)
+    }
+
+    /// The reply of an asynchronous completion: left for the batch hook when batched, else
+    /// sent now.
+    fn reply_async(&self, parts: &[&[u8]]) {
+        if self.batched.load(Ordering::Relaxed) {
+            let mut out = lock(&self.writer);
+            for p in parts {
+                out.pending.extend_from_slice(p);
+            }
+        } else {
+            let mut slices: Vec<io::IoSlice<'_>> =
+                parts.iter().map(|p| io::IoSlice::new(p)).collect();
+            let _ = self.send_parts(&mut slices);
+        }
+    }
+
+    /// Sends the replies left by asynchronous completions, in one write.
+    fn flush(&self) {
+        let mut out = lock(&self.writer);
+        if out.pending.is_empty() {
+            return;
+        }
+        let Output { stream, pending } = &mut *out;
+        let r = stream.write_all(pending);
+        pending.clear();
+        let _ = self.check(stream, r);
+    }
+
+    /// A failed write ends the connection: the reader is woken by the shutdown.
+    fn check(&self, stream: &UnixStream, r: io::Result<()>) -> io::Result<()> {
         if r.is_err() && !self.broken.swap(true, Ordering::SeqCst) {
-            // Wake the reader: nothing more can be answered.
-            let _ = w.shutdown(std::net::Shutdown::Both);
+            let _ = stream.shutdown(std::net::Shutdown::Both);
         }
         r
     }
@@ -230,18 +271,15 @@ impl Conn<'_> {
                 offset,
                 len,
                 Box::new(move |r| {
-                    let _ = match r {
+                    match r {
                         Ok(data) if data.len() == len as usize => {
                             let mut header = [0u8; REPLY_LEN];
                             encode_simple_reply(&mut header, 0, cookie);
-                            replies.send_parts(&mut [
-                                io::IoSlice::new(&header),
-                                io::IoSlice::new(&data),
-                            ])
+                            replies.reply_async(&[&header, &data]);
                         }
-                        Ok(_) => replies.send(&error_reply(IoError::Io, cookie)),
-                        Err(e) => replies.send(&error_reply(e, cookie)),
-                    };
+                        Ok(_) => replies.reply_async(&[&error_reply(IoError::Io, cookie)]),
+                        Err(e) => replies.reply_async(&[&error_reply(e, cookie)]),
+                    }
                     drop(_permits);
                     replies.done();
                 }),
@@ -251,7 +289,7 @@ impl Conn<'_> {
                 data,
                 fua,
                 Box::new(move |r| {
-                    let _ = replies.send(&status_reply(r, cookie));
+                    replies.reply_async(&[&status_reply(r, cookie)]);
                     drop(_permits);
                     replies.done();
                 }),
@@ -345,6 +383,34 @@ fn read_header<R: Read>(r: &mut R) -> io::Result<Option<[u8; REQUEST_LEN]>> {
     Ok(Some(b))
 }
 
+/// Spins between two looks at the socket while polling it.
+const SOCKET_POLL_EVERY: u32 = 8;
+
+/// Polls `stream` until it has bytes (or an error or end of stream) or `poller`'s window is
+/// spent; the caller then reads, blocking if need be.
+fn poll_socket(stream: &UnixStream, poller: &mut ringbuf::poller::Poller, busy: bool) {
+    use rustix::net::{recv, RecvFlags};
+    let mut b = [0u8; 1];
+    let mut spins = 0u32;
+    loop {
+        // A look at the socket is a system call: one per few spins.
+        if spins.is_multiple_of(SOCKET_POLL_EVERY) {
+            match recv(stream, &mut b, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+                Err(rustix::io::Errno::AGAIN) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                _ => {
+                    poller.busy();
+                    return;
+                }
+            }
+        }
+        spins = spins.wrapping_add(1);
+        if !poller.idle(busy) {
+            return;
+        }
+    }
+}
+
 /// Reads and throws away `n` bytes (the payload of a refused write).
 fn drain<R: Read>(r: &mut R, n: u64) -> io::Result<()> {
     let copied = io::copy(&mut r.take(n), &mut io::sink())?;
@@ -362,12 +428,21 @@ pub(crate) fn serve(
     global: &Arc<Budget>,
 ) -> io::Result<()> {
     let replies = Arc::new(Replies {
-        writer: Mutex::new(stream.try_clone()?),
+        writer: Mutex::new(Output {
+            stream: stream.try_clone()?,
+            pending: Vec::new(),
+        }),
+        batched: AtomicBool::new(false),
         outstanding: AtomicUsize::new(0),
         broken: AtomicBool::new(false),
         idle: Condvar::new(),
         idle_lock: Mutex::new(()),
     });
+    let for_hook = replies.clone();
+    let batch_guard = export.device.batch_hook(Arc::new(move || for_hook.flush()));
+    replies
+        .batched
+        .store(batch_guard.is_some(), Ordering::Relaxed);
     let conn = Conn {
         stream,
         replies: replies.clone(),
@@ -387,6 +462,9 @@ pub(crate) fn serve(
     });
     // Asynchronous completions may still be on their way: let them answer.
     replies.wait_idle(std::time::Duration::from_secs(60));
+    drop(batch_guard);
+    // Replies a batch left after its queue thread dropped the hook.
+    replies.flush();
     if replies.broken.load(Ordering::SeqCst) && result.is_ok() {
         return Err(io::Error::new(
             io::ErrorKind::BrokenPipe,
@@ -417,9 +495,17 @@ fn reader<'scope, 'env>(
 ) -> io::Result<()> {
     let mut input = BufReader::with_capacity(64 * 1024, conn.stream);
     let mut workers = 0usize;
+    let mut poller = ringbuf::poller::Poller::default();
     loop {
         if conn.replies.broken.load(Ordering::SeqCst) {
             return Ok(());
+        }
+        if input.buffer().is_empty() {
+            // With requests in flight the client's next one is due soon (it sends as replies
+            // come): poll the socket for a while before blocking in a read, which costs a
+            // wakeup per request at high queue depths.
+            let busy = conn.replies.outstanding.load(Ordering::Relaxed) > 0;
+            poll_socket(conn.stream, &mut poller, busy);
         }
         let Some(hdr) = read_header(&mut input)? else {
             return Ok(());
