@@ -54,7 +54,10 @@ impl BlockDevice for Disk {
     fn write_async(&self, offset: u64, data: Vec<u8>, fua: bool, done: WriteDone) {
         self.submit(
             DiskOp::Write { offset, data, fua },
-            Box::new(move |r| done(r.map(|_| ()).map_err(nbd_error))),
+            Box::new(move |r| match r {
+                Ok(buffer) => done(Ok(()), buffer),
+                Err(e) => done(Err(nbd_error(e)), Vec::new()),
+            }),
         );
     }
 

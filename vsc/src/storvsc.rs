@@ -287,7 +287,8 @@ impl IoError {
     }
 }
 
-/// The outcome of a request: data-in bytes (reads, raw commands) or nothing.
+/// The outcome of a request: data-in bytes (reads, raw commands), a write's own data buffer
+/// given back (to be reused), or nothing.
 pub type IoResult = Result<Vec<u8>, IoError>;
 
 /// A completion callback.
@@ -487,6 +488,7 @@ impl Controller {
                         done: None,
                         pages: Vec::new(),
                         data_in: 0,
+                        given_back: Vec::new(),
                     })
                     .collect(),
                 free_slots: (0..=(MAX_IN_FLIGHT - 1) as u8).rev().collect(),
@@ -812,6 +814,8 @@ struct InFlight {
     pages: Vec<u64>,
     /// Bytes to copy back (reads and data-in commands).
     data_in: u32,
+    /// A write's data buffer, given back in its result.
+    given_back: Vec<u8>,
 }
 
 /// What the queue thread shares with submitters.
@@ -1134,7 +1138,7 @@ impl Queue {
     /// Writes one request into the ring. `Ok(Err(..))` gives it back when there is no room
     /// (bounce pages, slots or ring space), with the ring bytes needed if the ring was full.
     #[allow(clippy::type_complexity)]
-    fn issue(&mut self, r: Request) -> Result<Result<(), (Request, Option<u32>)>, Error> {
+    fn issue(&mut self, mut r: Request) -> Result<Result<(), (Request, Option<u32>)>, Error> {
         let srb = match Self::srb_for(&r.op, r.block_size) {
             Ok(s) => s,
             Err(e) => {
@@ -1212,6 +1216,12 @@ impl Queue {
         self.seq = self.seq.wrapping_add(1);
         self.free_slots.pop();
         slot.tx = tx;
+        // A write's buffer goes back to its submitter with the completion: freed here, on
+        // another thread than the one that allocated it, it would cost an allocator lock.
+        slot.given_back = match &mut r.op {
+            DiskOp::Write { data, .. } => std::mem::take(data),
+            _ => Vec::new(),
+        };
         slot.done = Some(r.done);
         slot.data_in = data_in;
         Ok(Ok(()))
@@ -1256,6 +1266,8 @@ impl Queue {
             } else {
                 Err(IoError::Srb(srb.srb_status))
             }
+        } else if slot.data_in == 0 {
+            Ok(std::mem::take(&mut slot.given_back))
         } else {
             let n = srb.data_transfer_length.min(slot.data_in) as usize;
             let mut data = vec![0u8; n];

@@ -91,7 +91,8 @@ impl From<std::io::Error> for IoError {
 /// Completion of [`BlockDevice::read_async`]: the data, or the error.
 pub type ReadDone = Box<dyn FnOnce(Result<Vec<u8>, IoError>) + Send>;
 /// Completion of [`BlockDevice::write_async`].
-pub type WriteDone = Box<dyn FnOnce(Result<(), IoError>) + Send>;
+/// The write's data buffer comes back with the result, for reuse (or empty if the device kept it).
+pub type WriteDone = Box<dyn FnOnce(Result<(), IoError>, Vec<u8>) + Send>;
 /// What a device calls after a batch of asynchronous completions (see
 /// [`BlockDevice::batch_hook`]).
 pub type BatchFlush = std::sync::Arc<dyn Fn() + Send + Sync>;
@@ -132,7 +133,8 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Starts a write; `done` runs when it completes, on any thread. Only called for requests
     /// of at most [`async_limit`](Self::async_limit) bytes.
     fn write_async(&self, offset: u64, data: Vec<u8>, fua: bool, done: WriteDone) {
-        done(self.write(offset, &data, fua))
+        let r = self.write(offset, &data, fua);
+        done(r, data)
     }
     /// Asks the device to call `flush` after each batch of asynchronous completions, on the
     /// thread that ran them, for as long as the returned guard lives: completions then leave

@@ -731,3 +731,35 @@ fn magic_numbers_match_the_specification() {
     assert_eq!(REQUEST_MAGIC, 0x25609513);
     assert_eq!(SIMPLE_REPLY_MAGIC, 0x67446698);
 }
+
+#[test]
+fn a_budget_blocks_takers_until_bytes_are_given_back() {
+    let budget = Budget::new(10);
+    let first = budget.acquire(8);
+    // More than the whole budget takes all of it (else it could never be served).
+    let taken = Arc::new(AtomicUsize::new(0));
+    let waiter = {
+        let (budget, taken) = (budget.clone(), taken.clone());
+        std::thread::spawn(move || {
+            let p = budget.acquire(5);
+            taken.store(1, Ordering::SeqCst);
+            drop(p);
+            let all = budget.acquire(1 << 20);
+            taken.store(2, Ordering::SeqCst);
+            drop(all);
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        taken.load(Ordering::SeqCst),
+        0,
+        "8 + 5 bytes do not fit in 10"
+    );
+    // Zero bytes never wait.
+    drop(budget.acquire(0));
+    drop(first);
+    waiter.join().unwrap();
+    assert_eq!(taken.load(Ordering::SeqCst), 2);
+    // Everything was given back.
+    assert!(budget.try_take(10));
+}

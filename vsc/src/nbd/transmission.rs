@@ -4,10 +4,12 @@
 use std::io::{self, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, Scope};
+
+use crossbeam_queue::ArrayQueue;
 
 use super::proto::*;
 use super::{BlockDevice, Export, IoError, Limits};
@@ -17,40 +19,58 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A byte budget: bounds the request data held in memory.
+/// A byte budget: bounds the request data held in memory. Taking and giving back bytes is
+/// lock-free (the reader takes, completions give back, on other threads); only a taker that
+/// must wait for bytes to be freed takes the lock.
 pub(crate) struct Budget {
     cap: u64,
-    /// Bytes taken, and how many threads wait for some to be freed.
-    state: Mutex<BudgetState>,
+    used: AtomicU64,
+    /// Takers waiting (under `lock`) for bytes to be freed.
+    waiters: AtomicU32,
+    lock: Mutex<()>,
     freed: Condvar,
-}
-
-#[derive(Default)]
-struct BudgetState {
-    used: u64,
-    waiters: u32,
 }
 
 impl Budget {
     pub(crate) fn new(cap: u64) -> Arc<Self> {
         Arc::new(Self {
             cap: cap.max(1),
-            state: Mutex::new(BudgetState::default()),
+            used: AtomicU64::new(0),
+            waiters: AtomicU32::new(0),
+            lock: Mutex::new(()),
             freed: Condvar::new(),
         })
+    }
+
+    /// Takes `n` bytes if they are free now.
+    pub(crate) fn try_take(&self, n: u64) -> bool {
+        let mut cur = self.used.load(Ordering::Relaxed);
+        loop {
+            if cur + n > self.cap {
+                return false;
+            }
+            match self
+                .used
+                .compare_exchange_weak(cur, cur + n, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
     }
 
     /// Waits until `n` bytes (at most the whole budget) are free and takes them.
     pub(crate) fn acquire(self: &Arc<Self>, n: u64) -> Permit {
         let n = n.min(self.cap);
-        if n > 0 {
-            let mut s = lock(&self.state);
-            while s.used + n > self.cap {
-                s.waiters += 1;
-                s = self.freed.wait(s).unwrap_or_else(|e| e.into_inner());
-                s.waiters -= 1;
+        while n > 0 && !self.try_take(n) {
+            let mut g = lock(&self.lock);
+            // SeqCst: with the releaser's SeqCst subtraction and load of `waiters`, either it
+            // sees this waiter (and notifies under the lock), or the load below sees its bytes.
+            self.waiters.fetch_add(1, Ordering::SeqCst);
+            while self.used.load(Ordering::SeqCst) + n > self.cap {
+                g = self.freed.wait(g).unwrap_or_else(|e| e.into_inner());
             }
-            s.used += n;
+            self.waiters.fetch_sub(1, Ordering::SeqCst);
         }
         Permit {
             budget: Arc::clone(self),
@@ -68,11 +88,12 @@ pub(crate) struct Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if self.n > 0 {
-            let mut s = lock(&self.budget.state);
-            s.used -= self.n;
-            // Waking is a syscall: only when somebody waits (it waits under the same lock).
-            if s.waiters > 0 {
-                self.budget.freed.notify_all();
+            let b = &self.budget;
+            b.used.fetch_sub(self.n, Ordering::SeqCst);
+            // Waking is a system call: only when somebody waits (see `Budget::acquire`).
+            if b.waiters.load(Ordering::SeqCst) > 0 {
+                let _g = lock(&b.lock);
+                b.freed.notify_all();
             }
         }
     }
@@ -112,7 +133,16 @@ struct Replies {
     /// Signalled when `outstanding` drops to zero.
     idle: Condvar,
     idle_lock: Mutex<()>,
+    /// Write buffers given back by completions, for the reader's next writes: a buffer freed
+    /// on the completion's thread would take the allocator's lock against the reader's
+    /// allocations.
+    buffers: ArrayQueue<Vec<u8>>,
 }
+
+/// Write buffers kept for reuse per connection.
+const POOLED_BUFFERS: usize = 128;
+/// Largest write buffer kept for reuse.
+const POOLED_BUFFER_MAX: usize = 128 * 1024;
 
 struct Output {
     stream: UnixStream,
@@ -146,6 +176,13 @@ impl Replies {
             let mut slices: Vec<io::IoSlice<'_>> =
                 parts.iter().map(|p| io::IoSlice::new(p)).collect();
             let _ = self.send_parts(&mut slices);
+        }
+    }
+
+    /// Keeps a write's buffer for reuse (unless the pool is full or the buffer is big).
+    fn recycle(&self, buffer: Vec<u8>) {
+        if buffer.capacity() > 0 && buffer.capacity() <= POOLED_BUFFER_MAX {
+            let _ = self.buffers.push(buffer);
         }
     }
 
@@ -288,8 +325,9 @@ impl Conn<'_> {
                 offset,
                 data,
                 fua,
-                Box::new(move |r| {
+                Box::new(move |r, buffer| {
                     replies.reply_async(&[&status_reply(r, cookie)]);
+                    replies.recycle(buffer);
                     drop(_permits);
                     replies.done();
                 }),
@@ -384,7 +422,7 @@ fn read_header<R: Read>(r: &mut R) -> io::Result<Option<[u8; REQUEST_LEN]>> {
 }
 
 /// Spins between two looks at the socket while polling it.
-const SOCKET_POLL_EVERY: u32 = 8;
+const SOCKET_POLL_EVERY: u32 = 32;
 
 /// Polls `stream` until it has bytes (or an error or end of stream) or `poller`'s window is
 /// spent; the caller then reads, blocking if need be.
@@ -437,6 +475,7 @@ pub(crate) fn serve(
         broken: AtomicBool::new(false),
         idle: Condvar::new(),
         idle_lock: Mutex::new(()),
+        buffers: ArrayQueue::new(POOLED_BUFFERS),
     });
     let for_hook = replies.clone();
     let batch_guard = export.device.batch_hook(Arc::new(move || for_hook.flush()));
@@ -538,7 +577,9 @@ fn reader<'scope, 'env>(
         let op = match req.kind {
             CMD_READ => Op::Read,
             CMD_WRITE => {
-                let mut data = vec![0u8; req.len as usize];
+                let mut data = conn.replies.buffers.pop().unwrap_or_default();
+                data.clear();
+                data.resize(req.len as usize, 0);
                 input.read_exact(&mut data)?;
                 Op::Write(data)
             }
