@@ -686,7 +686,11 @@ impl Device for Storvsp {
     fn poll(&mut self, out: &mut OutgoingRing) -> Result<bool, Error> {
         let mut moved = self.flush_answers(out)?;
         let mut done = std::mem::take(&mut self.completions);
-        for lun in self.luns.iter_mut().flatten() {
+        // The LUNs present (not the whole table: this runs on every polling iteration).
+        for &id in &self.lun_ids {
+            let Some(lun) = self.luns.get_mut(usize::from(id)).and_then(Option::as_mut) else {
+                continue;
+            };
             if lun.unsubmitted {
                 lun.queue.submit()?;
                 lun.unsubmitted = false;
@@ -711,7 +715,8 @@ impl Device for Storvsp {
     }
 
     fn in_flight(&self) -> bool {
-        self.luns.iter().flatten().any(|l| l.queue.in_flight() > 0)
+        // An SRB holds a slot from its I/O's start to its answer.
+        self.free.len() < self.slots.len()
     }
 
     fn wake_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
