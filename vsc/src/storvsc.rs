@@ -1239,16 +1239,11 @@ impl Queue {
         let Ok((vp, _)) = VstorPacket::read_from_prefix(pkt.payload) else {
             return Err(Error::Protocol("short storvsc completion".into()));
         };
-        // The host names the request by its transaction id: it must be one in flight now.
-        let slot_no = (tx & 0xff) as u8;
-        let slot = self
-            .slots
-            .get_mut(usize::from(slot_no))
-            .filter(|s| s.done.is_some() && s.tx == tx);
-        let Some(slot) = slot else {
+        let Some(slot_no) = slot_of(&self.slots, tx) else {
             tracing::debug!(tx, op = ?{ vp.operation }, "completion for no request");
             return Ok(Some(false));
         };
+        let slot = &mut self.slots[usize::from(slot_no)];
         let done = slot.done.take().expect("checked above");
         let srb: ScsiRequest = vp.body();
         let result = if { vp.operation } != VstorOperation::COMPLETE_IO {
@@ -1285,6 +1280,16 @@ impl Queue {
     }
 }
 
+/// The slot of the request in flight whose transaction id the host names, if there is one
+/// (the host is not trusted: an id may be stale, forged or out of range).
+fn slot_of(slots: &[InFlight], tx: u64) -> Option<u8> {
+    let slot_no = (tx & 0xff) as u8;
+    slots
+        .get(usize::from(slot_no))
+        .filter(|s| s.done.is_some() && s.tx == tx)
+        .map(|_| slot_no)
+}
+
 /// Byte range to (LBA, blocks) for `bs`-byte blocks; unaligned ranges are invalid.
 fn blocks_of(bs: u32, offset: u64, len: u64) -> Result<(u64, u32), IoError> {
     let bs = u64::from(bs);
@@ -1303,4 +1308,47 @@ fn rw16(bs: u32, op: u8, offset: u64, len: u32, fua: bool) -> Result<([u8; 16], 
     cdb[2..10].copy_from_slice(&lba.to_be_bytes());
     cdb[10..14].copy_from_slice(&blocks.to_be_bytes());
     Ok((cdb, 16))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(tx: u64, busy: bool) -> InFlight {
+        InFlight {
+            tx,
+            done: busy.then(|| Box::new(|_| {}) as Callback),
+            pages: Vec::new(),
+            data_in: 0,
+            given_back: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn completions_match_only_requests_in_flight() {
+        // Slot 0 free (its last id 0x100), slot 1 busy with id 0x201, slot 2 busy with 0x302.
+        let slots = vec![slot(0x100, false), slot(0x201, true), slot(0x302, true)];
+        assert_eq!(slot_of(&slots, 0x201), Some(1));
+        assert_eq!(slot_of(&slots, 0x302), Some(2));
+        // A completion for a slot that is free: stale (answered already) or made up.
+        assert_eq!(slot_of(&slots, 0x100), None);
+        // The right slot, another sequence number: an earlier request of that slot.
+        assert_eq!(slot_of(&slots, 0x101), None);
+        assert_eq!(slot_of(&slots, 0x1201), None);
+        // A slot beyond the table, and a control request's id.
+        assert_eq!(slot_of(&slots, 0x2ff), None);
+        assert_eq!(slot_of(&slots, CONTROL_TX | 1), None);
+    }
+
+    #[test]
+    fn read_write_cdbs() {
+        let (cdb, len) = rw16(512, 0x88, 4096, 8192, false).unwrap();
+        assert_eq!(len, 16);
+        assert_eq!(cdb[0], 0x88);
+        assert_eq!(u64::from_be_bytes(cdb[2..10].try_into().unwrap()), 8);
+        assert_eq!(u32::from_be_bytes(cdb[10..14].try_into().unwrap()), 16);
+        let (cdb, _) = rw16(4096, 0x8a, 0, 4096, true).unwrap();
+        assert_eq!(cdb[1], 0x08, "FUA");
+        assert_eq!(rw16(512, 0x88, 100, 512, false), Err(IoError::Invalid));
+    }
 }
