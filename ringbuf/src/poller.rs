@@ -33,12 +33,17 @@ pub struct Poller {
     slept_at: Option<Instant>,
 }
 
+/// 10 us to 1 ms, and 1 ms while requests are in flight: a disk's completions come in bursts
+/// hundreds of microseconds apart at QD32, and a wakeup costs 30-40 us here; since the poller
+/// yields the core, polling costs little when nothing else wants it. Measured (O_DIRECT random
+/// writes at QD32): a 100 us floor let both sides fall asleep between bursts, 0.76-0.91 of raw
+/// io_uring; 1 ms, 1.03-1.29.
 impl Default for Poller {
     fn default() -> Self {
         Self::new(
             Duration::from_micros(10),
-            Duration::from_micros(200),
-            Duration::from_micros(100),
+            Duration::from_micros(1000),
+            Duration::from_micros(1000),
         )
     }
 }
