@@ -133,9 +133,8 @@ impl AsFd for SeqPacket {
 pub struct SeqPacketListener(OwnedFd);
 
 impl SeqPacketListener {
-    /// Binds to `path` and listens; a file already at `path` is replaced (callers check that no
-    /// live socket is there first). The socket file is made mode 0600 so that only its owner
-    /// can connect.
+    /// Binds to `path` (which must not exist: callers remove a stale socket file first) and
+    /// listens. The socket file is made mode 0600 so that only its owner can connect.
     pub fn bind(path: &Path) -> Result<Self, Error> {
         let fd = socket_with(
             AddressFamily::UNIX,
@@ -145,23 +144,40 @@ impl SeqPacketListener {
         )
         .map_err(Error::Socket)?;
         // Bind and listen under a temporary name in the same directory, then rename it into
-        // place: the path appears only once connections are accepted, so a client that waits
-        // for it never meets a bound socket that refuses connections.
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(format!(".{}.tmp", std::process::id()));
-        let tmp = std::path::PathBuf::from(tmp);
-        let _ = rustix::fs::unlink(&tmp);
-        let addr = SocketAddrUnix::new(&tmp).map_err(Error::Socket)?;
+        // place (refusing to replace anything there): the path appears only once connections
+        // are accepted, so a client that waits for it never meets a bound socket that refuses
+        // connections, and two daemons racing for one path cannot both have it. A temporary
+        // name too long for a socket address: bind in place instead.
+        let tmp = {
+            let mut t = path.as_os_str().to_owned();
+            t.push(format!(".{}~", std::process::id()));
+            std::path::PathBuf::from(t)
+        };
+        let staged = SocketAddrUnix::new(&tmp).is_ok();
+        let at = if staged { tmp.as_path() } else { path };
+        if staged {
+            let _ = rustix::fs::unlink(&tmp);
+        }
+        let addr = SocketAddrUnix::new(at).map_err(Error::Socket)?;
         bind(&fd, &addr).map_err(Error::Socket)?;
         let placed = (|| {
             // Owner only: fchmod does not apply to sockets, so chmod the path, before anyone
             // can find it under its real name.
-            rustix::fs::chmod(&tmp, rustix::fs::Mode::from_raw_mode(0o600))?;
+            rustix::fs::chmod(at, rustix::fs::Mode::from_raw_mode(0o600))?;
             listen(&fd, 64)?;
-            rustix::fs::rename(&tmp, path)
+            if staged {
+                rustix::fs::renameat_with(
+                    rustix::fs::CWD,
+                    &tmp,
+                    rustix::fs::CWD,
+                    path,
+                    rustix::fs::RenameFlags::NOREPLACE,
+                )?;
+            }
+            Ok(())
         })();
         if let Err(e) = placed {
-            let _ = rustix::fs::unlink(&tmp);
+            let _ = rustix::fs::unlink(at);
             return Err(Error::Socket(e));
         }
         Ok(Self(fd))
@@ -235,6 +251,39 @@ mod tests {
         c.send(b"ping", &[]).unwrap();
         let mut buf = [0u8; 8];
         assert_eq!(s.recv(&mut buf).unwrap().unwrap().len, 4);
+        // A second listener on the same path is refused, and the first keeps the path.
+        assert!(SeqPacketListener::bind(&dir).is_err());
+        let c2 = SeqPacket::connect(&dir).unwrap();
+        let s2 = l.accept().unwrap();
+        c2.send(b"pong", &[]).unwrap();
+        assert_eq!(s2.recv(&mut buf).unwrap().unwrap().len, 4);
+        // No temporary name is left behind.
+        let leftovers = std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.starts_with(&format!("seqpacket-test-{}.", std::process::id()))
+            })
+            .count();
+        assert_eq!(leftovers, 0);
         std::fs::remove_file(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_path_too_long_for_the_temporary_name_binds_in_place() {
+        // 107 bytes is the longest socket path; leave no room for the temporary suffix.
+        let base = std::env::temp_dir().join(format!("sp-{}-", std::process::id()));
+        let mut name = base.into_os_string().into_string().unwrap();
+        while name.len() < 105 {
+            name.push('x');
+        }
+        let path = std::path::PathBuf::from(name);
+        let _ = std::fs::remove_file(&path);
+        let l = SeqPacketListener::bind(&path).unwrap();
+        let c = SeqPacket::connect(&path).unwrap();
+        let _s = l.accept().unwrap();
+        drop(c);
+        std::fs::remove_file(&path).unwrap();
     }
 }
