@@ -494,6 +494,7 @@ impl Controller {
                 free_slots: (0..=(MAX_IN_FLIGHT - 1) as u8).rev().collect(),
                 seq: 1,
                 header: Vec::new(),
+                callbacks_ran: false,
                 completed: completed.clone(),
             };
             let thread = std::thread::Builder::new()
@@ -873,6 +874,8 @@ struct Queue {
     seq: u64,
     /// The GPA-direct header being built (kept to reuse its allocation).
     header: Vec<u8>,
+    /// Callbacks ran outside the completion loop (failed requests): the batch hooks are due.
+    callbacks_ran: bool,
     completed: Arc<AtomicU64>,
 }
 
@@ -961,7 +964,7 @@ impl Queue {
                 }
             }
             self.st.ch.commit_in()?;
-            if completed {
+            if completed || std::mem::take(&mut self.callbacks_ran) {
                 moved = true;
                 self.shared.hooks.refresh(&mut hooks_seen, &mut hooks);
                 for h in &hooks {
@@ -998,6 +1001,8 @@ impl Queue {
                 self.st.ch.out.clear_pending();
                 continue;
             }
+            // Drops the copies of hooks unregistered since the last batch.
+            self.shared.hooks.refresh(&mut hooks_seen, &mut hooks);
             poller.sleeping();
             self.sleep()?;
             poller.woke();
@@ -1142,11 +1147,13 @@ impl Queue {
         let srb = match Self::srb_for(&r.op, r.block_size) {
             Ok(s) => s,
             Err(e) => {
+                self.callbacks_ran = true;
                 (r.done)(Err(e));
                 return Ok(Ok(()));
             }
         };
         if srb.len > self.st.max_transfer.max(512) || srb.len as usize > BOUNCE_BYTES {
+            self.callbacks_ran = true;
             (r.done)(Err(IoError::Invalid));
             return Ok(Ok(()));
         }
@@ -1163,8 +1170,16 @@ impl Queue {
         slot.pages.extend(self.free_pages.drain(at..));
         if let Some(data) = &srb.data_out {
             let mem = self.front.memory();
-            for (i, chunk) in data.chunks(4096).enumerate() {
-                mem.write(slot.pages[i] * 4096, chunk)?;
+            let copied = data
+                .chunks(4096)
+                .enumerate()
+                .try_for_each(|(i, chunk)| mem.write(slot.pages[i] * 4096, chunk));
+            if let Err(e) = copied {
+                // Our own bounce pages are not guest memory: the channel is unusable.
+                self.free_pages.append(&mut slot.pages);
+                self.callbacks_ran = true;
+                (r.done)(Err(IoError::Disconnected));
+                return Err(e.into());
             }
         }
         let mut req = ScsiRequest::new_zeroed();
@@ -1211,7 +1226,12 @@ impl Queue {
                 self.free_pages.append(&mut slot.pages);
                 return Ok(Err((r, Some(needed))));
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                self.free_pages.append(&mut slot.pages);
+                self.callbacks_ran = true;
+                (r.done)(Err(IoError::Disconnected));
+                return Err(e.into());
+            }
         }
         self.seq = self.seq.wrapping_add(1);
         self.free_slots.pop();
@@ -1245,6 +1265,7 @@ impl Queue {
         };
         let slot = &mut self.slots[usize::from(slot_no)];
         let done = slot.done.take().expect("checked above");
+        let given_back = std::mem::take(&mut slot.given_back);
         let srb: ScsiRequest = vp.body();
         let result = if { vp.operation } != VstorOperation::COMPLETE_IO {
             Err(IoError::Srb(0))
@@ -1262,13 +1283,20 @@ impl Queue {
                 Err(IoError::Srb(srb.srb_status))
             }
         } else if slot.data_in == 0 {
-            Ok(std::mem::take(&mut slot.given_back))
+            Ok(given_back)
         } else {
             let n = srb.data_transfer_length.min(slot.data_in) as usize;
             let mut data = vec![0u8; n];
             let mem = self.front.memory();
-            for (i, chunk) in data.chunks_mut(4096).enumerate() {
-                mem.read(slot.pages[i] * 4096, chunk)?;
+            let copied = data
+                .chunks_mut(4096)
+                .enumerate()
+                .try_for_each(|(i, chunk)| mem.read(slot.pages[i] * 4096, chunk));
+            if let Err(e) = copied {
+                self.free_pages.append(&mut slot.pages);
+                self.free_slots.push(slot_no);
+                done(Err(IoError::Disconnected));
+                return Err(e.into());
             }
             Ok(data)
         };

@@ -4,7 +4,7 @@
 use std::io::{self, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, Scope};
@@ -123,7 +123,13 @@ struct Job {
 /// of asynchronous completions wait in `pending` for the device's batch hook to send them
 /// together.
 struct Replies {
+    /// The socket, held for writing.
     writer: Mutex<Output>,
+    /// Replies of asynchronous completions not sent yet (never held during I/O, so a
+    /// completion never waits for a socket write).
+    pending: Mutex<Pending>,
+    /// Whether `pending` may hold replies (see [`Replies::flush`]).
+    has_pending: AtomicBool,
     /// Asynchronous completions queue their replies (set once, before the first request).
     batched: AtomicBool,
     /// Requests accepted and not yet answered.
@@ -146,8 +152,18 @@ const POOLED_BUFFER_MAX: usize = 128 * 1024;
 
 struct Output {
     stream: UnixStream,
-    /// Whole replies not sent yet.
-    pending: Vec<u8>,
+    /// The pending replies being written (swapped with `Pending::bytes`).
+    bytes: Vec<u8>,
+    /// Their budget permits, released once they are written.
+    permits: Vec<(Permit, Permit)>,
+}
+
+/// Whole replies waiting to be written, and the budget bytes they hold: a client that does
+/// not read its replies makes the reader wait for budget, not this buffer grow.
+#[derive(Default)]
+struct Pending {
+    bytes: Vec<u8>,
+    permits: Vec<(Permit, Permit)>,
 }
 
 impl Replies {
@@ -157,25 +173,35 @@ impl Replies {
     }
 
     /// Sends a reply made of several parts (a header and the data it precedes) in one piece,
-    /// with one `writev` where the socket takes it all.
+    /// with one `writev` where the socket takes it all; then the pending replies a batch hook
+    /// left because this thread held the socket.
     fn send_parts(&self, parts: &mut [io::IoSlice<'_>]) -> io::Result<()> {
-        let mut out = lock(&self.writer);
-        let r = write_all_vectored(&mut out.stream, parts);
-        self.check(&out.stream, r)
+        let r = {
+            let mut out = lock(&self.writer);
+            let r = write_all_vectored(&mut out.stream, parts);
+            self.check(&out.stream, r)
+        };
+        self.flush();
+        r
     }
 
-    /// The reply of an asynchronous completion: left for the batch hook when batched, else
-    /// sent now.
-    fn reply_async(&self, parts: &[&[u8]]) {
+    /// The reply of an asynchronous completion (and the budget it holds): left for the batch
+    /// hook when batched, else sent now.
+    fn reply_async(&self, parts: &[&[u8]], permits: (Permit, Permit)) {
         if self.batched.load(Ordering::Relaxed) {
-            let mut out = lock(&self.writer);
-            for p in parts {
-                out.pending.extend_from_slice(p);
+            {
+                let mut p = lock(&self.pending);
+                for part in parts {
+                    p.bytes.extend_from_slice(part);
+                }
+                p.permits.push(permits);
             }
+            self.has_pending.store(true, Ordering::SeqCst);
         } else {
             let mut slices: Vec<io::IoSlice<'_>> =
                 parts.iter().map(|p| io::IoSlice::new(p)).collect();
             let _ = self.send_parts(&mut slices);
+            drop(permits);
         }
     }
 
@@ -186,16 +212,38 @@ impl Replies {
         }
     }
 
-    /// Sends the replies left by asynchronous completions, in one write.
+    /// Sends the replies left by asynchronous completions, in one write. Never waits for the
+    /// socket: if another thread holds it (a worker's reply, possibly blocked by a client that
+    /// does not read), that thread sends them when it lets go (`send_parts` flushes after
+    /// unlocking), so a storvsc queue thread running this hook is never held up by one
+    /// connection. SeqCst fences pair "set `has_pending`; try the lock" with "unlock; load
+    /// `has_pending`": either the lock is free to the one, or the other sees the flag.
     fn flush(&self) {
-        let mut out = lock(&self.writer);
-        if out.pending.is_empty() {
-            return;
+        loop {
+            fence(Ordering::SeqCst);
+            if !self.has_pending.load(Ordering::SeqCst) {
+                return;
+            }
+            let mut out = match self.writer.try_lock() {
+                Ok(g) => g,
+                Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return,
+            };
+            self.has_pending.store(false, Ordering::SeqCst);
+            {
+                let mut p = lock(&self.pending);
+                let out = &mut *out;
+                std::mem::swap(&mut p.bytes, &mut out.bytes);
+                std::mem::swap(&mut p.permits, &mut out.permits);
+            }
+            let out = &mut *out;
+            if !out.bytes.is_empty() {
+                let r = out.stream.write_all(&out.bytes);
+                let _ = self.check(&out.stream, r);
+                out.bytes.clear();
+            }
+            out.permits.clear();
         }
-        let Output { stream, pending } = &mut *out;
-        let r = stream.write_all(pending);
-        pending.clear();
-        let _ = self.check(stream, r);
     }
 
     /// A failed write ends the connection: the reader is woken by the shutdown.
@@ -312,12 +360,13 @@ impl Conn<'_> {
                         Ok(data) if data.len() == len as usize => {
                             let mut header = [0u8; REPLY_LEN];
                             encode_simple_reply(&mut header, 0, cookie);
-                            replies.reply_async(&[&header, &data]);
+                            replies.reply_async(&[&header, &data], _permits);
                         }
-                        Ok(_) => replies.reply_async(&[&error_reply(IoError::Io, cookie)]),
-                        Err(e) => replies.reply_async(&[&error_reply(e, cookie)]),
+                        Ok(_) => {
+                            replies.reply_async(&[&error_reply(IoError::Io, cookie)], _permits)
+                        }
+                        Err(e) => replies.reply_async(&[&error_reply(e, cookie)], _permits),
                     }
-                    drop(_permits);
                     replies.done();
                 }),
             ),
@@ -326,9 +375,8 @@ impl Conn<'_> {
                 data,
                 fua,
                 Box::new(move |r, buffer| {
-                    replies.reply_async(&[&status_reply(r, cookie)]);
                     replies.recycle(buffer);
-                    drop(_permits);
+                    replies.reply_async(&[&status_reply(r, cookie)], _permits);
                     replies.done();
                 }),
             ),
@@ -468,8 +516,11 @@ pub(crate) fn serve(
     let replies = Arc::new(Replies {
         writer: Mutex::new(Output {
             stream: stream.try_clone()?,
-            pending: Vec::new(),
+            bytes: Vec::new(),
+            permits: Vec::new(),
         }),
+        pending: Mutex::new(Pending::default()),
+        has_pending: AtomicBool::new(false),
         batched: AtomicBool::new(false),
         outstanding: AtomicUsize::new(0),
         broken: AtomicBool::new(false),
