@@ -1,7 +1,7 @@
 //! The transmission phase: requests decoded by the connection's thread, executed by a few worker
 //! threads, simple replies written under a lock on the socket.
 
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -469,31 +469,86 @@ fn read_header<R: Read>(r: &mut R) -> io::Result<Option<[u8; REQUEST_LEN]>> {
     Ok(Some(b))
 }
 
-/// Spins between two looks at the socket while polling it.
+/// Spins between two attempts to read the socket while polling it.
 const SOCKET_POLL_EVERY: u32 = 32;
+/// The reader's buffer.
+const READ_BUFFER: usize = 64 * 1024;
 
-/// Polls `stream` until it has bytes (or an error or end of stream) or `poller`'s window is
-/// spent; the caller then reads, blocking if need be.
-fn poll_socket(stream: &UnixStream, poller: &mut ringbuf::poller::Poller, busy: bool) {
-    use rustix::net::{recv, RecvFlags};
-    let mut b = [0u8; 1];
-    let mut spins = 0u32;
-    loop {
-        // A look at the socket is a system call: one per few spins.
-        if spins.is_multiple_of(SOCKET_POLL_EVERY) {
-            match recv(stream, &mut b, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
-                Err(rustix::io::Errno::AGAIN) => {}
-                Err(rustix::io::Errno::INTR) => continue,
-                _ => {
-                    poller.busy();
-                    return;
+/// The connection's input: a buffer filled by non-blocking reads while the poller's window
+/// lasts (each attempt that finds bytes is the read itself: no separate look), then by a
+/// blocking read. With requests in flight the client's next one is due soon (it sends as
+/// replies come), so polling saves a wakeup per request at high queue depths.
+struct Input<'a> {
+    stream: &'a UnixStream,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    poller: ringbuf::poller::Poller,
+    /// Requests of this connection not yet answered (polling is longer while there are).
+    outstanding: &'a AtomicUsize,
+}
+
+impl<'a> Input<'a> {
+    fn new(stream: &'a UnixStream, outstanding: &'a AtomicUsize) -> Self {
+        Self {
+            stream,
+            buf: vec![0u8; READ_BUFFER].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            poller: ringbuf::poller::Poller::default(),
+            outstanding,
+        }
+    }
+
+    /// Reads into `out`: polled non-blocking reads, then a blocking one.
+    fn recv_into(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        use rustix::net::{recv, RecvFlags};
+        let busy = self.outstanding.load(Ordering::Relaxed) > 0;
+        let mut spins = 0u32;
+        loop {
+            if spins.is_multiple_of(SOCKET_POLL_EVERY) {
+                match recv(self.stream, &mut *out, RecvFlags::DONTWAIT) {
+                    Ok((n, _)) => {
+                        self.poller.busy();
+                        return Ok(n);
+                    }
+                    Err(rustix::io::Errno::AGAIN) => {}
+                    Err(rustix::io::Errno::INTR) => continue,
+                    Err(e) => return Err(e.into()),
                 }
             }
+            spins = spins.wrapping_add(1);
+            if !self.poller.idle(busy) {
+                break;
+            }
         }
-        spins = spins.wrapping_add(1);
-        if !poller.idle(busy) {
-            return;
+        loop {
+            match recv(self.stream, &mut *out, RecvFlags::empty()) {
+                Ok((n, _)) => return Ok(n),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
+    }
+}
+
+impl Read for Input<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.start == self.end {
+            if out.len() >= self.buf.len() {
+                // A large payload: straight into its buffer.
+                return self.recv_into(out);
+            }
+            let mut buf = std::mem::take(&mut self.buf);
+            let got = self.recv_into(&mut buf);
+            self.buf = buf;
+            self.start = 0;
+            self.end = got?;
+        }
+        let n = out.len().min(self.end - self.start);
+        out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
+        self.start += n;
+        Ok(n)
     }
 }
 
@@ -583,19 +638,11 @@ fn reader<'scope, 'env>(
     local: &Arc<Budget>,
     global: &Arc<Budget>,
 ) -> io::Result<()> {
-    let mut input = BufReader::with_capacity(64 * 1024, conn.stream);
+    let mut input = Input::new(conn.stream, &conn.replies.outstanding);
     let mut workers = 0usize;
-    let mut poller = ringbuf::poller::Poller::default();
     loop {
         if conn.replies.broken.load(Ordering::SeqCst) {
             return Ok(());
-        }
-        if input.buffer().is_empty() {
-            // With requests in flight the client's next one is due soon (it sends as replies
-            // come): poll the socket for a while before blocking in a read, which costs a
-            // wakeup per request at high queue depths.
-            let busy = conn.replies.outstanding.load(Ordering::Relaxed) > 0;
-            poll_socket(conn.stream, &mut poller, busy);
         }
         let Some(hdr) = read_header(&mut input)? else {
             return Ok(());
