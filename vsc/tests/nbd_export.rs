@@ -8,13 +8,18 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rustix::fs::{fallocate, FallocateFlags};
 use vsc::nbd::{proto, BlockDevice, Export, IoError, NbdServer};
+
+mod common {
+    pub mod tools;
+}
+use common::tools::{have, have_qemu, run};
 
 /// A block device over a file: positioned reads and writes, fdatasync, and hole punching.
 struct FileDevice {
@@ -173,47 +178,6 @@ fn export(name: &str, dev: FileDevice) -> Export {
         description: format!("test disk {name}"),
         device: Arc::new(dev),
     }
-}
-
-/// Whether `tool` runs (checked with `args`). Missing: a failure under CI, a SKIP line elsewhere.
-fn have(tool: &str, args: &[&str], test: &str) -> bool {
-    let ok = Command::new(tool)
-        .args(args)
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        let msg = format!(
-            "{test}: `{tool} {}` does not run; install it with scripts/install-deps.sh",
-            args.join(" ")
-        );
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{msg}");
-        }
-        // Straight to the stderr stream: the test harness captures `eprintln!` of passing tests.
-        let _ = writeln!(std::io::stderr(), "SKIP {msg}");
-    }
-    ok
-}
-
-fn have_qemu(test: &str) -> bool {
-    have("qemu-img", &["--version"], test) && have("qemu-io", &["--version"], test)
-}
-
-/// Runs a command to completion; panics with its output unless it succeeds.
-fn run(cmd: &mut Command) -> Output {
-    let t = Instant::now();
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let text = format!(
-        "{cmd:?} ({:.2?}): {}\nstdout:\n{}\nstderr:\n{}",
-        t.elapsed(),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
-    eprintln!("{text}");
-    out
 }
 
 /// Deterministic bytes: a xorshift stream with runs of zeroes (so writes of zeroes happen too).

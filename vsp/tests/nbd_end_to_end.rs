@@ -29,6 +29,10 @@ use std::time::{Duration, Instant};
 use vsc::guest::StorageGuest;
 use vsc::nbd::{proto, BlockDevice, Export, NbdServer};
 use vsc::nbdclient::NbdClient;
+
+#[path = "../../vsc/tests/common/tools.rs"]
+mod tools;
+use tools::{have, have_qemu, run, text};
 use vsc::storvsc::Disk;
 
 /// A scratch directory, removed on drop.
@@ -220,50 +224,6 @@ impl Drop for Guest {
         let check = !std::thread::panicking();
         self.finish(check);
     }
-}
-
-/// Whether `tool` runs (checked with `args`). Missing: a failure under CI, a SKIP line elsewhere.
-fn have(tool: &str, args: &[&str], test: &str) -> bool {
-    let ok = Command::new(tool)
-        .args(args)
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        let msg = format!(
-            "{test}: `{tool} {}` does not run; install it with scripts/install-deps.sh",
-            args.join(" ")
-        );
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{msg}");
-        }
-        // Straight to the stderr stream: the test harness captures `eprintln!` of passing tests.
-        let _ = writeln!(std::io::stderr(), "SKIP {msg}");
-    }
-    ok
-}
-
-fn have_qemu(test: &str) -> bool {
-    have("qemu-img", &["--version"], test) && have("qemu-io", &["--version"], test)
-}
-
-fn text(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
-}
-
-/// Runs a command to completion; panics with its output unless it succeeds.
-fn run(cmd: &mut Command) -> Output {
-    let t = Instant::now();
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let report = format!(
-        "{cmd:?} ({:.2?}): {}\n{}",
-        t.elapsed(),
-        out.status,
-        text(&out)
-    );
-    assert!(out.status.success(), "{report}");
-    eprintln!("{report}");
-    out
 }
 
 /// qemu-io on `uri` with these commands; must exit 0 with no failure in its output.
