@@ -110,6 +110,21 @@ struct Rw {
     submitted_direct: bool,
 }
 
+impl Rw {
+    /// Accounts for `n` bytes transferred (at most what is left); returns whether the transfer
+    /// is complete, else moves past them in `iovecs` for the rest.
+    fn progress(&mut self, iovecs: &mut [RawIovec], n: u32) -> bool {
+        let n = n.min(self.total - self.done);
+        self.done += n;
+        self.offset += u64::from(n);
+        if self.done == self.total {
+            return true;
+        }
+        advance(iovecs, &mut self.first, n as usize);
+        false
+    }
+}
+
 /// What a slot of the in-flight table is doing.
 #[derive(Debug, Clone, Copy)]
 enum Op {
@@ -464,12 +479,7 @@ impl DiskQueue {
                 // As for a CQE of 0: the disk ended early; report what was done.
                 return Ok(rw.done);
             }
-            let n = u32::try_from(n).unwrap_or(u32::MAX).min(rw.total - rw.done);
-            rw.done += n;
-            rw.offset += u64::from(n);
-            if rw.done < rw.total {
-                advance(&mut slot.iovecs, &mut rw.first, n as usize);
-            }
+            rw.progress(&mut slot.iovecs, u32::try_from(n).unwrap_or(u32::MAX));
         }
         Ok(rw.total)
     }
@@ -505,15 +515,23 @@ impl DiskQueue {
             if self.done.len() >= min {
                 return Ok(());
             }
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
+            self.submit_and_wait_one().map_err(Error::Uring)?;
+        }
+    }
+
+    /// Submits what is queued and waits for a completion; a transient refusal (interrupted,
+    /// or the CQ momentarily busy) is not an error: the caller drains and looks again.
+    fn submit_and_wait_one(&mut self) -> std::io::Result<()> {
+        match self.ring.submit_and_wait(1) {
+            Err(e)
+                if !matches!(
+                    Errno::from_io_error(&e),
+                    Some(Errno::INTR | Errno::BUSY | Errno::AGAIN)
+                ) =>
+            {
                 Err(e)
-                    if matches!(
-                        Errno::from_io_error(&e),
-                        Some(Errno::INTR | Errno::BUSY | Errno::AGAIN)
-                    ) => {}
-                Err(e) => return Err(Error::Uring(e)),
             }
+            _ => Ok(()),
         }
     }
 
@@ -579,13 +597,9 @@ impl DiskQueue {
                     // The disk ended early (shrunk behind our back): report what was done.
                     Step::Done(Ok(rw.done))
                 } else {
-                    let n = (res as u32).min(rw.total - rw.done);
-                    rw.done += n;
-                    rw.offset += u64::from(n);
-                    if rw.done == rw.total {
+                    if rw.progress(&mut slot.iovecs, res as u32) {
                         Step::Done(Ok(rw.total))
                     } else {
-                        advance(&mut slot.iovecs, &mut rw.first, n as usize);
                         #[cfg(test)]
                         {
                             self.stats.short_resubmits += 1;
@@ -736,21 +750,13 @@ impl Drop for DiskQueue {
             if self.in_flight == 0 {
                 break;
             }
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        Errno::from_io_error(&e),
-                        Some(Errno::INTR | Errno::BUSY | Errno::AGAIN)
-                    ) => {}
-                Err(e) => {
-                    // The kernel may still use the iovecs and guest memory: leak them rather
-                    // than free memory that it could write into.
-                    tracing::error!(error = %e, in_flight = self.in_flight, "cannot wait for disk I/O in flight; leaking its buffers");
-                    std::mem::forget(Arc::clone(&self.mem));
-                    std::mem::forget(std::mem::take(&mut self.slots));
-                    return;
-                }
+            if let Err(e) = self.submit_and_wait_one() {
+                // The kernel may still use the iovecs and guest memory: leak them rather
+                // than free memory that it could write into.
+                tracing::error!(error = %e, in_flight = self.in_flight, "cannot wait for disk I/O in flight; leaking its buffers");
+                std::mem::forget(Arc::clone(&self.mem));
+                std::mem::forget(std::mem::take(&mut self.slots));
+                return;
             }
         }
     }
