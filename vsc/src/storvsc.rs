@@ -1140,6 +1140,13 @@ impl Queue {
         })
     }
 
+    /// Fails a request that did not reach the host: its callback now, the batch hooks after
+    /// (the loop runs them when `callbacks_ran` is set).
+    fn fail(&mut self, done: Callback, e: IoError) {
+        self.callbacks_ran = true;
+        done(Err(e));
+    }
+
     /// Writes one request into the ring. `Ok(Err(..))` gives it back when there is no room
     /// (bounce pages, slots or ring space), with the ring bytes needed if the ring was full.
     #[allow(clippy::type_complexity)]
@@ -1147,14 +1154,12 @@ impl Queue {
         let srb = match Self::srb_for(&r.op, r.block_size) {
             Ok(s) => s,
             Err(e) => {
-                self.callbacks_ran = true;
-                (r.done)(Err(e));
+                self.fail(r.done, e);
                 return Ok(Ok(()));
             }
         };
         if srb.len > self.st.max_transfer.max(512) || srb.len as usize > BOUNCE_BYTES {
-            self.callbacks_ran = true;
-            (r.done)(Err(IoError::Invalid));
+            self.fail(r.done, IoError::Invalid);
             return Ok(Ok(()));
         }
         let npages = (srb.len as usize).div_ceil(4096);
@@ -1177,8 +1182,7 @@ impl Queue {
             if let Err(e) = copied {
                 // Our own bounce pages are not guest memory: the channel is unusable.
                 self.free_pages.append(&mut slot.pages);
-                self.callbacks_ran = true;
-                (r.done)(Err(IoError::Disconnected));
+                self.fail(r.done, IoError::Disconnected);
                 return Err(e.into());
             }
         }
@@ -1228,8 +1232,7 @@ impl Queue {
             }
             Err(e) => {
                 self.free_pages.append(&mut slot.pages);
-                self.callbacks_ran = true;
-                (r.done)(Err(IoError::Disconnected));
+                self.fail(r.done, IoError::Disconnected);
                 return Err(e.into());
             }
         }

@@ -152,10 +152,9 @@ const POOLED_BUFFER_MAX: usize = 128 * 1024;
 
 struct Output {
     stream: UnixStream,
-    /// The pending replies being written (swapped with `Pending::bytes`).
-    bytes: Vec<u8>,
-    /// Their budget permits, released once they are written.
-    permits: Vec<(Permit, Permit)>,
+    /// The pending replies being written (swapped with `Replies::pending`, so both buffers
+    /// keep their allocations); their permits are released once they are written.
+    writing: Pending,
 }
 
 /// Whole replies waiting to be written, and the budget bytes they hold: a client that does
@@ -230,19 +229,14 @@ impl Replies {
                 Err(std::sync::TryLockError::WouldBlock) => return,
             };
             self.has_pending.store(false, Ordering::SeqCst);
-            {
-                let mut p = lock(&self.pending);
-                let out = &mut *out;
-                std::mem::swap(&mut p.bytes, &mut out.bytes);
-                std::mem::swap(&mut p.permits, &mut out.permits);
+            std::mem::swap(&mut *lock(&self.pending), &mut out.writing);
+            let Output { stream, writing } = &mut *out;
+            if !writing.bytes.is_empty() {
+                let r = stream.write_all(&writing.bytes);
+                let _ = self.check(stream, r);
+                writing.bytes.clear();
             }
-            let out = &mut *out;
-            if !out.bytes.is_empty() {
-                let r = out.stream.write_all(&out.bytes);
-                let _ = self.check(&out.stream, r);
-                out.bytes.clear();
-            }
-            out.permits.clear();
+            writing.permits.clear();
         }
     }
 
@@ -571,8 +565,7 @@ pub(crate) fn serve(
     let replies = Arc::new(Replies {
         writer: Mutex::new(Output {
             stream: stream.try_clone()?,
-            bytes: Vec::new(),
-            permits: Vec::new(),
+            writing: Pending::default(),
         }),
         pending: Mutex::new(Pending::default()),
         has_pending: AtomicBool::new(false),
