@@ -20,16 +20,9 @@ if [[ ${1:-} =~ ^[0-9]+$ ]]; then
     shift
 fi
 
-time_ns() { # function/parameter -> time per packet in ns (slope, else mean)
-    local f="$target/criterion/ring/$1/new/estimates.json"
-    if command -v jq >/dev/null; then
-        jq -r '(.slope // .mean).point_estimate' "$f"
-    else
-        python3 -c 'import json,sys; e=json.load(open(sys.argv[1])); print((e.get("slope") or e["mean"])["point_estimate"])' "$f"
-    fi
-}
-
-median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+# shellcheck source=benches/criterion-lib.sh
+source "$root/benches/criterion-lib.sh"
+time_ns() { criterion_ns ring "$1"; } # function/parameter -> time per packet in ns (slope, else mean)
 
 r64=() r4k=()
 cd "$root"
