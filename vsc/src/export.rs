@@ -65,6 +65,13 @@ impl BlockDevice for Disk {
         Some(Box::new(self.controller().add_batch_hook(flush)))
     }
 
+    fn attach_source(
+        &self,
+        source: Box<dyn crate::storvsc::QueueSource>,
+    ) -> Result<(), Box<dyn crate::storvsc::QueueSource>> {
+        self.controller().add_source(source)
+    }
+
     fn flush(&self) -> Result<(), NbdError> {
         self.call(DiskOp::Flush).map(|_| ()).map_err(nbd_error)
     }

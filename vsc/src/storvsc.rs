@@ -9,6 +9,7 @@
 //! batches with one signal, and completes requests from the host's completion packets.
 
 use std::collections::VecDeque;
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
@@ -298,6 +299,45 @@ pub type Callback = Box<dyn FnOnce(IoResult) + Send>;
 /// [`Controller::add_batch_hook`]).
 pub type BatchHook = Arc<dyn Fn() + Send + Sync>;
 
+/// What a [`QueueSource`] needs next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourcePoll {
+    /// It did some work: poll it again at once.
+    Progress,
+    /// Nothing to do until its file descriptor is readable.
+    Readable,
+    /// Waiting for something that has no file descriptor (memory budget, a full queue): poll
+    /// it again within a millisecond.
+    Soon,
+    /// Finished: the queue thread drops it.
+    Done,
+}
+
+/// Work a queue thread does between its batches, without a thread of its own: typically
+/// reading requests from a client's socket and submitting them, so that they reach the ring
+/// with no handoff between threads (see [`Controller::add_source`]). Requests a source submits
+/// on a controller's queue thread go to that queue.
+pub trait QueueSource: Send {
+    /// Does what can be done now. Must never block: the queue thread serves every disk of its
+    /// channel.
+    fn poll(&mut self) -> SourcePoll;
+    /// The descriptor whose readability [`SourcePoll::Readable`] waits for.
+    fn fd(&self) -> BorrowedFd<'_>;
+}
+
+/// Idle iterations of the queue loop between two polls of its sources (each poll is usually
+/// a system call).
+const SOURCE_POLL_EVERY: u32 = 32;
+
+/// How long a queue thread sleeps at most while a source waits for something other than its
+/// descriptor.
+const SOURCE_RETRY: Duration = Duration::from_millis(1);
+
+thread_local! {
+    /// The queue whose thread this is (null elsewhere): requests submitted here stay on it.
+    static ON_QUEUE: std::cell::Cell<*const Shared> = const { std::cell::Cell::new(std::ptr::null()) };
+}
+
 /// Keeps a [`BatchHook`] registered; dropping it unregisters the hook (a queue thread may
 /// still call it once, for a batch already under way).
 pub struct BatchHookGuard {
@@ -401,6 +441,8 @@ pub struct Controller {
     /// One per channel (the primary, then subchannels); requests go round-robin.
     queues: Vec<QueueHandle>,
     next: std::sync::atomic::AtomicUsize,
+    /// The queue the next source goes to (round-robin).
+    next_source: std::sync::atomic::AtomicUsize,
     max_transfer: u32,
 }
 
@@ -469,6 +511,8 @@ impl Controller {
                 closed: AtomicBool::new(false),
                 wake: Event::new()?,
                 hooks: Hooks::default(),
+                new_sources: Mutex::new(Vec::new()),
+                sources_added: AtomicBool::new(false),
             });
             let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let pages = front.alloc_pages(BOUNCE_BYTES / 4096)?;
@@ -496,6 +540,7 @@ impl Controller {
                 header: Vec::new(),
                 callbacks_ran: false,
                 completed: completed.clone(),
+                sources: Vec::new(),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("storvsc-{relid}"))
@@ -512,6 +557,7 @@ impl Controller {
         Ok(Arc::new(Self {
             queues,
             next: std::sync::atomic::AtomicUsize::new(0),
+            next_source: std::sync::atomic::AtomicUsize::new(0),
             max_transfer,
         }))
     }
@@ -532,13 +578,43 @@ impl Controller {
         }
     }
 
+    /// Runs `source` on one of the queue threads (round-robin), between its batches, until the
+    /// source says it is done or the controller stops (then the source is dropped). Gives the
+    /// source back if the controller has stopped.
+    pub fn add_source(&self, source: Box<dyn QueueSource>) -> Result<(), Box<dyn QueueSource>> {
+        let i = self.next_source.fetch_add(1, Ordering::Relaxed) % self.queues.len();
+        let shared = &self.queues[i].shared;
+        {
+            let mut l = shared.new_sources.lock().unwrap_or_else(|e| e.into_inner());
+            // Under the lock: the queue thread sets `closed` before it takes the lock to drop
+            // the sources left, so either this sees the flag or the thread sees the source.
+            if shared.closed.load(Ordering::Relaxed) {
+                return Err(source);
+            }
+            l.push(source);
+        }
+        // Release: the queue thread's acquire swap then finds the list changed.
+        shared.sources_added.store(true, Ordering::Release);
+        let _ = shared.wake.signal();
+        Ok(())
+    }
+
     /// Number of queues (channels).
     pub fn queue_count(&self) -> usize {
         self.queues.len()
     }
 
     fn submit(&self, lun: u8, block_size: u32, op: DiskOp, done: Callback) {
-        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.queues.len();
+        // On one of this controller's queue threads (a source's request): that queue.
+        let here = ON_QUEUE.with(|c| c.get());
+        let i = match self
+            .queues
+            .iter()
+            .position(|q| Arc::as_ptr(&q.shared) == here)
+        {
+            Some(i) => i,
+            None => self.next.fetch_add(1, Ordering::Relaxed) % self.queues.len(),
+        };
         // A busy queue thread finds the request without a wakeup: no eventfd write per request.
         self.queues[i].shared.submit(Request {
             op,
@@ -829,6 +905,9 @@ struct Shared {
     closed: AtomicBool,
     wake: Event,
     hooks: Hooks,
+    /// Sources added and not yet taken by the queue thread.
+    new_sources: Mutex<Vec<Box<dyn QueueSource>>>,
+    sources_added: AtomicBool,
 }
 
 impl Shared {
@@ -877,6 +956,8 @@ struct Queue {
     /// Callbacks ran outside the completion loop (failed requests): the batch hooks are due.
     callbacks_ran: bool,
     completed: Arc<AtomicU64>,
+    /// The sources this thread runs, with what each waits for.
+    sources: Vec<(Box<dyn QueueSource>, SourcePoll)>,
 }
 
 /// What an SRB needs: CDB, direction, bytes, and the data-out bytes (borrowed from the
@@ -918,6 +999,15 @@ impl Queue {
         self.shared.closed.store(true, Ordering::Relaxed);
         // SeqCst fence: see `Shared::submit`.
         fence(Ordering::SeqCst);
+        // The sources end with the queue (see `Controller::add_source` for the order).
+        self.sources.clear();
+        drop(std::mem::take(
+            &mut *self
+                .shared
+                .new_sources
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        ));
         self.shared.fail_queued();
         if let Err(e) = &result {
             tracing::warn!(error = %e, "storvsc queue stopped");
@@ -929,14 +1019,44 @@ impl Queue {
         MAX_IN_FLIGHT - self.free_slots.len()
     }
 
+    /// Polls the sources: whether any did some work.
+    fn poll_sources(&mut self) -> bool {
+        if self.shared.sources_added.swap(false, Ordering::Acquire) {
+            let mut l = self
+                .shared
+                .new_sources
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            self.sources
+                .extend(l.drain(..).map(|s| (s, SourcePoll::Progress)));
+        }
+        let mut moved = false;
+        self.sources.retain_mut(|(s, state)| {
+            *state = s.poll();
+            moved |= *state == SourcePoll::Progress;
+            *state != SourcePoll::Done
+        });
+        moved
+    }
+
     fn serve(&mut self) -> Result<(), Error> {
         let mut poller = ringbuf::poller::Poller::default();
         let (mut hooks_seen, mut hooks) = (0u64, Vec::new());
+        ON_QUEUE.with(|c| c.set(Arc::as_ptr(&self.shared)));
+        let (mut last_moved, mut idle_spins) = (true, 0u32);
         loop {
             if self.stop.load(Ordering::Acquire) {
                 return Ok(());
             }
             let mut moved = false;
+            // Sources: after work, and every few idle spins.
+            idle_spins = if last_moved { 0 } else { idle_spins + 1 };
+            if (last_moved || idle_spins.is_multiple_of(SOURCE_POLL_EVERY))
+                && (!self.sources.is_empty() || self.shared.sources_added.load(Ordering::Relaxed))
+            {
+                moved |= self.poll_sources();
+            }
+            last_moved = false;
             // New requests.
             while let Some(r) = self.shared.requests.pop() {
                 self.waiting.push_back(r);
@@ -973,6 +1093,7 @@ impl Queue {
             }
             if moved {
                 poller.busy();
+                last_moved = true;
                 continue;
             }
             // Poll before sleeping: a wakeup costs more. With requests in flight their
@@ -996,9 +1117,10 @@ impl Queue {
             // the flag (and signals) or its request is found here (see `Shared::submit`).
             self.shared.sleeping.store(true, Ordering::Relaxed);
             fence(Ordering::SeqCst);
-            if !self.shared.requests.is_empty() {
+            if !self.shared.requests.is_empty() || self.poll_sources() {
                 self.shared.sleeping.store(false, Ordering::Relaxed);
                 self.st.ch.out.clear_pending();
+                last_moved = true;
                 continue;
             }
             // Drops the copies of hooks unregistered since the last batch.
@@ -1006,6 +1128,7 @@ impl Queue {
             poller.sleeping();
             self.sleep()?;
             poller.woke();
+            last_moved = true;
             self.shared.sleeping.store(false, Ordering::Relaxed);
             self.st.ch.out.clear_pending();
             if !self.st.ch.host_alive() {
@@ -1015,15 +1138,31 @@ impl Queue {
         }
     }
 
+    /// Sleeps until the host interrupts, a submitter signals, a source's descriptor is
+    /// readable, or (a source waiting for something else) a millisecond passes.
     fn sleep(&self) -> Result<(), Error> {
         use rustix::event::{poll, PollFd, PollFlags, Timespec};
-        let mut fds = [
+        let mut fds = vec![
             PollFd::new(self.st.ch.interrupt(), PollFlags::IN),
             PollFd::new(&self.shared.wake, PollFlags::IN),
         ];
-        let ts = Timespec {
-            tv_sec: 1,
-            tv_nsec: 0,
+        let mut retry = false;
+        for (s, state) in &self.sources {
+            match state {
+                SourcePoll::Readable => fds.push(PollFd::from_borrowed_fd(s.fd(), PollFlags::IN)),
+                _ => retry = true,
+            }
+        }
+        let ts = if retry {
+            Timespec {
+                tv_sec: 0,
+                tv_nsec: SOURCE_RETRY.as_nanos() as i64,
+            }
+        } else {
+            Timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
+            }
         };
         match poll(&mut fds, Some(&ts)) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}

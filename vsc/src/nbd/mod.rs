@@ -12,9 +12,12 @@
 //! - commands `READ`, `WRITE`, `DISC`, `FLUSH`, `TRIM` (when the device supports it) and
 //!   `WRITE_ZEROES`, with `FUA` and `NO_HOLE`; anything else is answered `EINVAL`.
 //!
-//! Within a connection requests are pipelined: the connection's thread decodes requests and hands
-//! them to a few worker threads (started on demand) which call the [`BlockDevice`] and write their
-//! replies, out of order, under a lock on the socket. Everything a client sends is bounded: option
+//! Within a connection requests are pipelined. On a device with an event loop
+//! ([`BlockDevice::attach_source`]) the connection's requests are read without blocking on that
+//! loop's thread and reads and writes are started there; elsewhere the connection's thread decodes
+//! them. Reads and writes the device takes asynchronously are answered from its completions, in
+//! batches; the rest go to a few worker threads (started on demand) which call the
+//! [`BlockDevice`] and write their replies, out of order, under a lock on the socket. Everything a client sends is bounded: option
 //! data 64 KiB, names 4096 bytes, requests 32 MiB, in-flight request data per connection and for the
 //! whole server (see [`Limits`]). A client that breaks the framing (bad magic, oversized option) is
 //! disconnected; nothing else is affected.
@@ -143,6 +146,16 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn batch_hook(&self, flush: BatchFlush) -> Option<Box<dyn std::any::Any + Send>> {
         let _ = flush;
         None
+    }
+    /// Runs `source` on the thread that issues and completes this device's asynchronous
+    /// requests (an event loop), for as long as it wants; requests it submits from there skip
+    /// a handoff between threads. Gives it back if the device has no such thread (the
+    /// default). Only used together with [`batch_hook`](Self::batch_hook).
+    fn attach_source(
+        &self,
+        source: Box<dyn crate::storvsc::QueueSource>,
+    ) -> Result<(), Box<dyn crate::storvsc::QueueSource>> {
+        Err(source)
     }
     /// Whether [`trim`](Self::trim) does anything (advertised as `NBD_FLAG_SEND_TRIM`).
     fn supports_trim(&self) -> bool {

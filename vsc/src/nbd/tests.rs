@@ -14,8 +14,10 @@ use super::proto::*;
 use super::server::serve_connection;
 use super::transmission::Budget;
 use super::*;
+use crate::storvsc::{QueueSource, SourcePoll};
 
-/// A device in memory, optionally slow (to see requests overlap).
+/// A device in memory, optionally slow (to see requests overlap), optionally with an event
+/// loop (`event`: connections are then read by [`QueueSource`]s, as on a storvsc disk).
 struct MemDevice {
     data: Mutex<Vec<u8>>,
     ro: bool,
@@ -24,6 +26,50 @@ struct MemDevice {
     busy: AtomicUsize,
     max_busy: AtomicUsize,
     flushes: AtomicUsize,
+    event: bool,
+    hooks: Arc<Mutex<Vec<(usize, BatchFlush)>>>,
+    /// Sources attached (event mode).
+    sources: AtomicUsize,
+}
+
+/// Unregisters a [`MemDevice`] batch hook.
+struct HookGuard(Arc<Mutex<Vec<(usize, BatchFlush)>>>, usize);
+
+impl Drop for HookGuard {
+    fn drop(&mut self) {
+        self.0.lock().unwrap().retain(|(id, _)| *id != self.1);
+    }
+}
+
+/// The event loop of a [`MemDevice`]: a thread per source that polls it, then runs the batch
+/// hooks, and waits as a storvsc queue thread does (for the descriptor, or a millisecond).
+fn event_loop(mut source: Box<dyn QueueSource>, hooks: Arc<Mutex<Vec<(usize, BatchFlush)>>>) {
+    loop {
+        let state = source.poll();
+        let list: Vec<BatchFlush> = hooks
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, h)| h.clone())
+            .collect();
+        for h in list {
+            h();
+        }
+        match state {
+            SourcePoll::Done => return,
+            SourcePoll::Progress => {}
+            SourcePoll::Soon => std::thread::sleep(Duration::from_millis(1)),
+            SourcePoll::Readable => {
+                use rustix::event::{poll, PollFd, PollFlags, Timespec};
+                let mut fds = [PollFd::from_borrowed_fd(source.fd(), PollFlags::IN)];
+                let ts = Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 100_000_000,
+                };
+                let _ = poll(&mut fds, Some(&ts));
+            }
+        }
+    }
 }
 
 impl MemDevice {
@@ -36,7 +82,16 @@ impl MemDevice {
             busy: AtomicUsize::new(0),
             max_busy: AtomicUsize::new(0),
             flushes: AtomicUsize::new(0),
+            event: false,
+            hooks: Arc::default(),
+            sources: AtomicUsize::new(0),
         }
+    }
+
+    /// With an event loop (or not).
+    fn evented(mut self, event: bool) -> Self {
+        self.event = event;
+        self
     }
 
     fn enter(&self) {
@@ -82,6 +137,31 @@ impl BlockDevice for MemDevice {
         self.flushes.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
+    fn async_limit(&self) -> u32 {
+        if self.event {
+            MAX_REQUEST
+        } else {
+            0
+        }
+    }
+    fn batch_hook(&self, flush: BatchFlush) -> Option<Box<dyn std::any::Any + Send>> {
+        if !self.event {
+            return None;
+        }
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        self.hooks.lock().unwrap().push((id, flush));
+        Some(Box::new(HookGuard(self.hooks.clone(), id)))
+    }
+    fn attach_source(&self, source: Box<dyn QueueSource>) -> Result<(), Box<dyn QueueSource>> {
+        if !self.event {
+            return Err(source);
+        }
+        self.sources.fetch_add(1, Ordering::SeqCst);
+        let hooks = self.hooks.clone();
+        std::thread::spawn(move || event_loop(source, hooks));
+        Ok(())
+    }
 }
 
 fn export(name: &str, dev: MemDevice) -> Export {
@@ -94,12 +174,19 @@ fn export(name: &str, dev: MemDevice) -> Export {
 
 /// Serves one connection on a socketpair; returns the client end.
 fn connect(exports: Vec<Export>) -> (UnixStream, JoinHandle<std::io::Result<()>>) {
+    connect_with(exports, Limits::default())
+}
+
+/// [`connect`] with other limits.
+fn connect_with(
+    exports: Vec<Export>,
+    limits: Limits,
+) -> (UnixStream, JoinHandle<std::io::Result<()>>) {
     let (client, server) = UnixStream::pair().unwrap();
     client
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     let t = std::thread::spawn(move || {
-        let limits = Limits::default();
         let global = Budget::new(limits.server_budget);
         serve_connection(&server, &exports, &limits, &global)
     });
@@ -217,8 +304,17 @@ fn closed(s: &mut UnixStream) -> bool {
 }
 
 #[test]
-fn go_read_write_flush_disc() {
-    let dev = Arc::new(MemDevice::new(1 << 20));
+fn go_read_write_flush_disc_threaded() {
+    go_read_write_flush_disc(false);
+}
+
+#[test]
+fn go_read_write_flush_disc_on_an_event_loop() {
+    go_read_write_flush_disc(true);
+}
+
+fn go_read_write_flush_disc(event: bool) {
+    let dev = Arc::new(MemDevice::new(1 << 20).evented(event));
     let exports = vec![Export {
         name: "a".into(),
         description: String::new(),
@@ -266,8 +362,17 @@ fn go_read_write_flush_disc() {
 }
 
 #[test]
-fn refused_requests_keep_the_connection() {
-    let (mut s, t) = connect(vec![export("a", MemDevice::new(1 << 16))]);
+fn refused_requests_keep_the_connection_threaded() {
+    refused_requests_keep_the_connection(false);
+}
+
+#[test]
+fn refused_requests_keep_the_connection_on_an_event_loop() {
+    refused_requests_keep_the_connection(true);
+}
+
+fn refused_requests_keep_the_connection(event: bool) {
+    let (mut s, t) = connect(vec![export("a", MemDevice::new(1 << 16).evented(event))]);
     go(&mut s, "a");
     let cases: &[(u16, u16, u64, u32, u32)] = &[
         (CMD_READ, 0, 1 << 16, 1, EINVAL),               // past the end
@@ -301,8 +406,17 @@ fn refused_requests_keep_the_connection() {
 }
 
 #[test]
-fn read_only_export_refuses_writes() {
-    let mut dev = MemDevice::new(1 << 16);
+fn read_only_export_refuses_writes_threaded() {
+    read_only_export_refuses_writes(false);
+}
+
+#[test]
+fn read_only_export_refuses_writes_on_an_event_loop() {
+    read_only_export_refuses_writes(true);
+}
+
+fn read_only_export_refuses_writes(event: bool) {
+    let mut dev = MemDevice::new(1 << 16).evented(event);
     dev.ro = true;
     let (mut s, t) = connect(vec![export("ro", dev)]);
     let (_, flags, _) = go(&mut s, "ro");
@@ -325,8 +439,17 @@ fn read_only_export_refuses_writes() {
 }
 
 #[test]
-fn alignment_is_enforced() {
-    let mut dev = MemDevice::new(1 << 16);
+fn alignment_is_enforced_threaded() {
+    alignment_is_enforced(false);
+}
+
+#[test]
+fn alignment_is_enforced_on_an_event_loop() {
+    alignment_is_enforced(true);
+}
+
+fn alignment_is_enforced(event: bool) {
+    let mut dev = MemDevice::new(1 << 16).evented(event);
     dev.bs = 512;
     let (mut s, t) = connect(vec![export("a", dev)]);
     let (_, _, bs) = go(&mut s, "a");
@@ -344,8 +467,17 @@ fn alignment_is_enforced() {
 }
 
 #[test]
-fn bad_request_magic_disconnects() {
-    let (mut s, t) = connect(vec![export("a", MemDevice::new(4096))]);
+fn bad_request_magic_disconnects_threaded() {
+    bad_request_magic_disconnects(false);
+}
+
+#[test]
+fn bad_request_magic_disconnects_on_an_event_loop() {
+    bad_request_magic_disconnects(true);
+}
+
+fn bad_request_magic_disconnects(event: bool) {
+    let (mut s, t) = connect(vec![export("a", MemDevice::new(4096).evented(event))]);
     go(&mut s, "a");
     s.write_all(&[0x55; REQUEST_LEN]).unwrap();
     assert!(closed(&mut s));
@@ -592,8 +724,8 @@ fn hostile_session() -> impl Strategy<Value = Vec<u8>> {
 
 /// Feeds `input` to a server connection, closes the client's sending side and checks the server
 /// ends the connection without panicking.
-fn feed(input: &[u8]) {
-    let (mut s, t) = connect(vec![export("a", MemDevice::new(16384))]);
+fn feed(input: &[u8], event: bool) {
+    let (mut s, t) = connect(vec![export("a", MemDevice::new(16384).evented(event))]);
     let mut reader = s.try_clone().unwrap();
     let drain = std::thread::spawn(move || closed(&mut reader));
     // The server may close early: a failed write is fine.
@@ -612,12 +744,17 @@ proptest! {
 
     #[test]
     fn arbitrary_bytes_never_panic(input in prop::collection::vec(any::<u8>(), 0..512)) {
-        feed(&input);
+        feed(&input, false);
     }
 
     #[test]
     fn hostile_sessions_never_panic(input in hostile_session()) {
-        feed(&input);
+        feed(&input, false);
+    }
+
+    #[test]
+    fn hostile_sessions_never_panic_an_event_loop(input in hostile_session()) {
+        feed(&input, true);
     }
 }
 
@@ -762,4 +899,73 @@ fn a_budget_blocks_takers_until_bytes_are_given_back() {
     assert_eq!(taken.load(Ordering::SeqCst), 2);
     // Everything was given back.
     assert!(budget.try_take(10));
+}
+
+#[test]
+fn an_event_loop_connection_waits_for_budget_and_keeps_every_write() {
+    let dev = Arc::new(MemDevice::new(4 << 20).evented(true));
+    let exports = vec![Export {
+        name: "a".into(),
+        description: String::new(),
+        device: dev.clone(),
+    }];
+    // Two 4 KiB requests' worth of budget: the source has to wait for replies to go out.
+    let limits = Limits {
+        connection_budget: 8192,
+        ..Limits::default()
+    };
+    let (mut s, t) = connect_with(exports, limits);
+    go(&mut s, "a");
+    let block = |i: u64| -> Vec<u8> { (0..4096u64).map(|j| (i * 31 + j * 7) as u8).collect() };
+    // 64 pipelined writes, sent before any reply is read, in one stream.
+    let mut out = Vec::new();
+    for i in 0..64u64 {
+        out.extend_from_slice(&Request::encode(&Request {
+            flags: 0,
+            kind: CMD_WRITE,
+            cookie: i,
+            offset: i * 4096,
+            len: 4096,
+        }));
+        out.extend_from_slice(&block(i));
+    }
+    // A large write (over half the source's buffer: received straight into its buffer) and
+    // larger than the budget (which it then takes whole).
+    let big: Vec<u8> = (0..(1u32 << 20)).map(|j| (j % 253) as u8).collect();
+    out.extend_from_slice(&Request::encode(&Request {
+        flags: CMD_FLAG_FUA,
+        kind: CMD_WRITE,
+        cookie: 1000,
+        offset: 2 << 20,
+        len: big.len() as u32,
+    }));
+    out.extend_from_slice(&big);
+    let mut writer = s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || writer.write_all(&out).unwrap());
+    let mut cookies: Vec<u64> = (0..65)
+        .map(|_| {
+            let (err, cookie) = reply(&mut s);
+            assert_eq!(err, 0, "write {cookie} failed");
+            cookie
+        })
+        .collect();
+    sender.join().unwrap();
+    assert_eq!(dev.sources.load(Ordering::SeqCst), 1, "no event source");
+    cookies.sort();
+    let mut want: Vec<u64> = (0..64).collect();
+    want.push(1000);
+    assert_eq!(cookies, want);
+    // Everything acknowledged is in the device.
+    let d = dev.data.lock().unwrap();
+    for i in 0..64u64 {
+        assert_eq!(&d[i as usize * 4096..][..4096], &block(i)[..], "block {i}");
+    }
+    assert_eq!(&d[2 << 20..][..big.len()], &big[..]);
+    drop(d);
+    // Flushes go to the connection's workers; their replies come back in order here.
+    request(&mut s, CMD_FLUSH, 0, 2000, 0, 0);
+    assert_eq!(reply(&mut s), (0, 2000));
+    request(&mut s, CMD_DISC, 0, 2001, 0, 0);
+    assert!(closed(&mut s));
+    t.join().unwrap().unwrap();
 }

@@ -13,6 +13,7 @@ use crossbeam_queue::ArrayQueue;
 
 use super::proto::*;
 use super::{BlockDevice, Export, IoError, Limits};
+use crate::storvsc::{QueueSource, SourcePoll};
 
 /// Locks, ignoring poisoning (every critical section here leaves its data consistent).
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -57,6 +58,15 @@ impl Budget {
                 Err(now) => cur = now,
             }
         }
+    }
+
+    /// Takes `n` bytes (at most the whole budget) if they are free now.
+    pub(crate) fn try_acquire(self: &Arc<Self>, n: u64) -> Option<Permit> {
+        let n = n.min(self.cap);
+        (n == 0 || self.try_take(n)).then(|| Permit {
+            budget: Arc::clone(self),
+            n,
+        })
     }
 
     /// Waits until `n` bytes (at most the whole budget) are free and takes them.
@@ -204,6 +214,14 @@ impl Replies {
         }
     }
 
+    /// A buffer of `len` bytes for a write's payload (a reused one where there is one).
+    fn take_buffer(&self, len: u32) -> Vec<u8> {
+        let mut data = self.buffers.pop().unwrap_or_default();
+        data.clear();
+        data.resize(len as usize, 0);
+        data
+    }
+
     /// Keeps a write's buffer for reuse (unless the pool is full or the buffer is big).
     fn recycle(&self, buffer: Vec<u8>) {
         if buffer.capacity() > 0 && buffer.capacity() <= POOLED_BUFFER_MAX {
@@ -274,14 +292,14 @@ impl Replies {
     }
 }
 
-/// State shared by the connection's reader and its workers.
-struct Conn<'a> {
-    stream: &'a UnixStream,
+/// State shared by the connection's reader (or event source) and its workers.
+#[derive(Clone)]
+struct Conn {
     replies: Arc<Replies>,
-    device: &'a dyn BlockDevice,
+    device: Arc<dyn BlockDevice>,
 }
 
-impl Conn<'_> {
+impl Conn {
     /// Sends a reply (header, and data for a successful read) in one piece.
     fn send(&self, buf: &[u8]) -> io::Result<()> {
         self.replies.send(buf)
@@ -295,7 +313,7 @@ impl Conn<'_> {
 
     /// Executes a job and answers it.
     fn execute(&self, job: Job) {
-        let dev = self.device;
+        let dev = &*self.device;
         let (offset, len, fua) = (job.offset, job.len, job.fua);
         let reply = catch_unwind(AssertUnwindSafe(|| match job.op {
             Op::Read => {
@@ -556,6 +574,11 @@ fn drain<R: Read>(r: &mut R, n: u64) -> io::Result<()> {
 }
 
 /// Serves requests on `stream` for `export` until the client disconnects or breaks the protocol.
+///
+/// Where the device has an event loop (see [`BlockDevice::attach_source`]) the requests are read
+/// and started there, by an [`EventSource`], and this thread only runs what cannot be started
+/// without blocking (flushes, trims, zeroing, over-size requests) on its workers. Elsewhere this
+/// thread reads the requests itself.
 pub(crate) fn serve(
     stream: &UnixStream,
     export: &Export,
@@ -582,15 +605,56 @@ pub(crate) fn serve(
         .batched
         .store(batch_guard.is_some(), Ordering::Relaxed);
     let conn = Conn {
-        stream,
         replies: replies.clone(),
-        device: &*export.device,
+        device: export.device.clone(),
     };
     let local = Budget::new(limits.connection_budget);
     let (tx, rx) = sync_channel::<Job>(limits.queue_per_connection.max(1));
     let rx = Mutex::new(rx);
+    // The event loop: replies must be batched (an event source never writes to the socket
+    // itself, it leaves its replies for the batch hook).
+    let mut events = None;
+    if batch_guard.is_some() {
+        let (src_tx, src_rx) = sync_channel::<Job>(limits.queue_per_connection.max(1));
+        let outcome = Arc::new(Mutex::new(None));
+        let source = EventSource {
+            conn: conn.clone(),
+            stream: stream.try_clone()?,
+            local: local.clone(),
+            global: global.clone(),
+            jobs: src_tx,
+            buf: vec![0u8; READ_BUFFER].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            wait: Wait::Header,
+            outcome: outcome.clone(),
+        };
+        match export.device.attach_source(Box::new(source)) {
+            Ok(()) => events = Some((src_rx, outcome)),
+            Err(_) => tracing::debug!("NBD: no event loop; reading on the connection thread"),
+        }
+    }
     let result = thread::scope(|scope| {
-        let r = reader(scope, &conn, &rx, tx, limits, &local, global);
+        let mut workers = Workers {
+            scope,
+            conn: &conn,
+            rx: &rx,
+            tx,
+            count: 0,
+            max: limits.workers_per_connection.max(1),
+        };
+        let r = match &events {
+            // Until the source is done (it drops its sender).
+            Some((src_rx, outcome)) => {
+                while let Ok(job) = src_rx.recv() {
+                    if !workers.run(job) {
+                        break;
+                    }
+                }
+                lock(outcome).take().map_or(Ok(()), Err)
+            }
+            None => reader(&mut workers, stream, &local, global),
+        };
         if r.is_err() {
             // A broken stream or protocol: answers still pending would be sent into the void.
             let _ = stream.shutdown(std::net::Shutdown::Both);
@@ -612,7 +676,7 @@ pub(crate) fn serve(
     result
 }
 
-fn worker(conn: &Conn<'_>, rx: &Mutex<Receiver<Job>>) {
+fn worker(conn: &Conn, rx: &Mutex<Receiver<Job>>) {
     loop {
         let job = lock(rx).recv();
         match job {
@@ -622,17 +686,48 @@ fn worker(conn: &Conn<'_>, rx: &Mutex<Receiver<Job>>) {
     }
 }
 
-fn reader<'scope, 'env>(
+/// The connection's worker threads, started on demand, for the requests that block.
+struct Workers<'scope, 'env> {
     scope: &'scope Scope<'scope, 'env>,
-    conn: &'scope Conn<'env>,
+    conn: &'scope Conn,
     rx: &'scope Mutex<Receiver<Job>>,
     tx: SyncSender<Job>,
-    limits: &Limits,
+    count: usize,
+    max: usize,
+}
+
+impl Workers<'_, '_> {
+    /// Hands `job` (already counted in `outstanding`) to a worker, starting one if all may be
+    /// busy; runs it here if none can be started. False if the workers are gone.
+    fn run(&mut self, job: Job) -> bool {
+        let n = self.conn.replies.outstanding.load(Ordering::SeqCst);
+        if n > self.count && self.count < self.max {
+            let (conn, rx) = (self.conn, self.rx);
+            let spawned = thread::Builder::new()
+                .name("nbd-worker".into())
+                .spawn_scoped(self.scope, move || worker(conn, rx));
+            match spawned {
+                Ok(_) => self.count += 1,
+                Err(e) => tracing::warn!("cannot start an NBD worker thread: {e}"),
+            }
+        }
+        if self.count == 0 {
+            // No worker could be started: do it here.
+            self.conn.execute(job);
+            return true;
+        }
+        self.tx.send(job).is_ok()
+    }
+}
+
+fn reader(
+    workers: &mut Workers<'_, '_>,
+    stream: &UnixStream,
     local: &Arc<Budget>,
     global: &Arc<Budget>,
 ) -> io::Result<()> {
-    let mut input = Input::new(conn.stream, &conn.replies.outstanding);
-    let mut workers = 0usize;
+    let conn = workers.conn;
+    let mut input = Input::new(stream, &conn.replies.outstanding);
     loop {
         if conn.replies.broken.load(Ordering::SeqCst) {
             return Ok(());
@@ -641,16 +736,13 @@ fn reader<'scope, 'env>(
             return Ok(());
         };
         let Some(req) = Request::decode(&hdr) else {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "bad request magic",
-            ));
+            return Err(bad_magic());
         };
         if req.kind == CMD_DISC {
             tracing::debug!("NBD client disconnects");
             return Ok(());
         }
-        if let Err(errno) = check(&req, conn.device) {
+        if let Err(errno) = check(&req, &*conn.device) {
             tracing::debug!(?req, errno, "NBD request refused");
             if req.kind == CMD_WRITE {
                 drain(&mut input, u64::from(req.len))?;
@@ -658,22 +750,46 @@ fn reader<'scope, 'env>(
             conn.send_error(errno, req.cookie)?;
             continue;
         }
-        let data_len = match req.kind {
-            CMD_READ | CMD_WRITE => u64::from(req.len),
-            _ => 0,
-        };
+        let data_len = data_len(&req);
         // The connection's own budget first; the server-wide one only once a write's payload is
         // in, so that a client trickling its payload holds up no other connection.
         let local_permit = local.acquire(data_len);
+        let data = if req.kind == CMD_WRITE {
+            let mut data = conn.replies.take_buffer(req.len);
+            input.read_exact(&mut data)?;
+            data
+        } else {
+            Vec::new()
+        };
+        let job = Job::new(&req, data, (local_permit, global.acquire(data_len)));
+        conn.replies.outstanding.fetch_add(1, Ordering::SeqCst);
+        let Some(job) = conn.start_async(job) else {
+            continue;
+        };
+        if !workers.run(job) {
+            return Ok(());
+        }
+    }
+}
+
+fn bad_magic() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, "bad request magic")
+}
+
+/// Bytes of data a request holds in memory (its budget).
+fn data_len(req: &Request) -> u64 {
+    match req.kind {
+        CMD_READ | CMD_WRITE => u64::from(req.len),
+        _ => 0,
+    }
+}
+
+impl Job {
+    /// The job of a checked request (`data`: a write's payload).
+    fn new(req: &Request, data: Vec<u8>, permits: (Permit, Permit)) -> Self {
         let op = match req.kind {
             CMD_READ => Op::Read,
-            CMD_WRITE => {
-                let mut data = conn.replies.buffers.pop().unwrap_or_default();
-                data.clear();
-                data.resize(req.len as usize, 0);
-                input.read_exact(&mut data)?;
-                Op::Write(data)
-            }
+            CMD_WRITE => Op::Write(data),
             CMD_FLUSH => Op::Flush,
             CMD_TRIM => Op::Trim,
             CMD_WRITE_ZEROES => Op::WriteZeroes {
@@ -681,34 +797,320 @@ fn reader<'scope, 'env>(
             },
             _ => unreachable!("check() lets only known commands through"),
         };
-        let job = Job {
+        Job {
             op,
             cookie: req.cookie,
             offset: req.offset,
             len: req.len,
             fua: req.flags & CMD_FLAG_FUA != 0,
-            _permits: (local_permit, global.acquire(data_len)),
+            _permits: permits,
+        }
+    }
+}
+
+/// Requests an [`EventSource`] handles in one poll at most (the queue thread has other work).
+const EVENT_REQUESTS_PER_POLL: usize = 64;
+
+/// Budget an error reply holds until it is written: a client that sends refused requests and
+/// reads no replies is stopped by its budget, as one sending writes is.
+const ERROR_REPLY_BUDGET: u64 = 512;
+
+/// What an [`EventSource`] is in the middle of.
+enum Wait {
+    /// Between requests.
+    Header,
+    /// A checked request whose connection budget is not free yet.
+    Budget(Request),
+    /// A write's payload coming in.
+    Payload {
+        req: Request,
+        data: Vec<u8>,
+        got: usize,
+        local: Permit,
+    },
+    /// A request (with its payload) waiting for the server-wide budget.
+    Global {
+        req: Request,
+        data: Vec<u8>,
+        local: Permit,
+    },
+    /// A job for the connection's workers, whose queue is full.
+    Blocking(Job),
+    /// The payload of a refused write, thrown away before its error reply.
+    Drain { left: u64, errno: u32, cookie: u64 },
+    /// An error reply waiting for budget.
+    Error { errno: u32, cookie: u64 },
+}
+
+/// What one step of an [`EventSource`] came to.
+enum Step {
+    /// Something was done; go on.
+    Again,
+    /// More bytes from the client are needed.
+    Input,
+    /// Waiting for budget or the workers' queue.
+    Blocked,
+}
+
+/// A connection's requests read, checked and started on the device's event loop (a storvsc
+/// queue thread): non-blocking reads of many requests at once, reads and writes submitted to
+/// the device from the thread that issues them to the host, replies sent by its batch hook.
+/// What would block goes to the connection's thread (`jobs`).
+struct EventSource {
+    conn: Conn,
+    stream: UnixStream,
+    local: Arc<Budget>,
+    global: Arc<Budget>,
+    jobs: SyncSender<Job>,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    wait: Wait,
+    /// Why the source ended, if not a clean end (read by the connection's thread).
+    outcome: Arc<Mutex<Option<io::Error>>>,
+}
+
+impl EventSource {
+    /// Reads what the socket has (without waiting) after the buffered bytes: whether any came.
+    /// A clean end of stream between requests is `Ok(None)`.
+    fn fill(&mut self) -> io::Result<Option<bool>> {
+        use rustix::net::{recv, RecvFlags};
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        } else if self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
+        }
+        loop {
+            return match recv(&self.stream, &mut self.buf[self.end..], RecvFlags::DONTWAIT) {
+                Ok((0, _)) if self.start == self.end && matches!(self.wait, Wait::Header) => {
+                    Ok(None)
+                }
+                Ok((0, _)) => Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok((n, _)) => {
+                    self.end += n;
+                    Ok(Some(true))
+                }
+                Err(rustix::io::Errno::AGAIN) => Ok(Some(false)),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => Err(e.into()),
+            };
+        }
+    }
+
+    /// One step of the request at hand. `Ok(None)`: the client disconnects.
+    fn step(&mut self) -> io::Result<Option<Step>> {
+        let avail = self.end - self.start;
+        let step = match std::mem::replace(&mut self.wait, Wait::Header) {
+            Wait::Header => {
+                if avail < REQUEST_LEN {
+                    return Ok(Some(Step::Input));
+                }
+                let hdr: &[u8; REQUEST_LEN] = self.buf[self.start..self.start + REQUEST_LEN]
+                    .try_into()
+                    .expect("REQUEST_LEN bytes");
+                self.start += REQUEST_LEN;
+                let req = Request::decode(hdr).ok_or_else(bad_magic)?;
+                if req.kind == CMD_DISC {
+                    tracing::debug!("NBD client disconnects");
+                    return Ok(None);
+                }
+                self.wait = match check(&req, &*self.conn.device) {
+                    Err(errno) => {
+                        tracing::debug!(?req, errno, "NBD request refused");
+                        let left = if req.kind == CMD_WRITE {
+                            u64::from(req.len)
+                        } else {
+                            0
+                        };
+                        Wait::Drain {
+                            left,
+                            errno,
+                            cookie: req.cookie,
+                        }
+                    }
+                    Ok(()) => Wait::Budget(req),
+                };
+                Step::Again
+            }
+            Wait::Budget(req) => match self.local.try_acquire(data_len(&req)) {
+                None => {
+                    self.wait = Wait::Budget(req);
+                    Step::Blocked
+                }
+                Some(local) if req.kind == CMD_WRITE => {
+                    let data = self.conn.replies.take_buffer(req.len);
+                    self.wait = Wait::Payload {
+                        req,
+                        data,
+                        got: 0,
+                        local,
+                    };
+                    Step::Again
+                }
+                Some(local) => {
+                    self.wait = Wait::Global {
+                        req,
+                        data: Vec::new(),
+                        local,
+                    };
+                    Step::Again
+                }
+            },
+            Wait::Payload {
+                req,
+                mut data,
+                mut got,
+                local,
+            } => {
+                let n = avail.min(data.len() - got);
+                data[got..got + n].copy_from_slice(&self.buf[self.start..self.start + n]);
+                (self.start, got) = (self.start + n, got + n);
+                let left = data.len() - got;
+                if left > 0 && left >= self.buf.len() / 2 {
+                    // A large payload: straight into its buffer.
+                    use rustix::net::{recv, RecvFlags};
+                    match recv(&self.stream, &mut data[got..], RecvFlags::DONTWAIT) {
+                        Ok((0, _)) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                        Ok((n, _)) => got += n,
+                        Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                let done = got == data.len();
+                let step = if done { Step::Again } else { Step::Input };
+                self.wait = if done {
+                    Wait::Global { req, data, local }
+                } else {
+                    Wait::Payload {
+                        req,
+                        data,
+                        got,
+                        local,
+                    }
+                };
+                step
+            }
+            Wait::Global { req, data, local } => match self.global.try_acquire(data_len(&req)) {
+                None => {
+                    self.wait = Wait::Global { req, data, local };
+                    Step::Blocked
+                }
+                Some(global) => {
+                    let job = Job::new(&req, data, (local, global));
+                    let replies = &self.conn.replies;
+                    replies.outstanding.fetch_add(1, Ordering::SeqCst);
+                    if let Some(job) = self.conn.start_async(job) {
+                        // Counted again when it is queued.
+                        replies.outstanding.fetch_sub(1, Ordering::SeqCst);
+                        self.wait = Wait::Blocking(job);
+                    }
+                    Step::Again
+                }
+            },
+            Wait::Blocking(job) => {
+                let replies = &self.conn.replies;
+                replies.outstanding.fetch_add(1, Ordering::SeqCst);
+                match self.jobs.try_send(job) {
+                    Ok(()) => Step::Again,
+                    Err(std::sync::mpsc::TrySendError::Full(job)) => {
+                        replies.outstanding.fetch_sub(1, Ordering::SeqCst);
+                        self.wait = Wait::Blocking(job);
+                        Step::Blocked
+                    }
+                    // The connection's thread is gone.
+                    Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                        replies.outstanding.fetch_sub(1, Ordering::SeqCst);
+                        return Ok(None);
+                    }
+                }
+            }
+            Wait::Drain {
+                left,
+                errno,
+                cookie,
+            } => {
+                let n = (avail as u64).min(left);
+                self.start += n as usize;
+                if n < left {
+                    self.wait = Wait::Drain {
+                        left: left - n,
+                        errno,
+                        cookie,
+                    };
+                    Step::Input
+                } else {
+                    self.wait = Wait::Error { errno, cookie };
+                    Step::Again
+                }
+            }
+            Wait::Error { errno, cookie } => match self.local.try_acquire(ERROR_REPLY_BUDGET) {
+                None => {
+                    self.wait = Wait::Error { errno, cookie };
+                    Step::Blocked
+                }
+                Some(permit) => {
+                    let mut b = [0u8; REPLY_LEN];
+                    encode_simple_reply(&mut b, errno, cookie);
+                    let none = self.local.try_acquire(0).expect("0 bytes are always free");
+                    self.conn.replies.reply_async(&[&b], (permit, none));
+                    self.conn.replies.flush();
+                    Step::Again
+                }
+            },
         };
-        let n = conn.replies.outstanding.fetch_add(1, Ordering::SeqCst) + 1;
-        let Some(job) = conn.start_async(job) else {
-            continue;
-        };
-        if n > workers && workers < limits.workers_per_connection.max(1) {
-            let spawned = thread::Builder::new()
-                .name("nbd-worker".into())
-                .spawn_scoped(scope, move || worker(conn, rx));
-            match spawned {
-                Ok(_) => workers += 1,
-                Err(e) => tracing::warn!("cannot start an NBD worker thread: {e}"),
+        Ok(Some(step))
+    }
+
+    fn run(&mut self) -> io::Result<SourcePoll> {
+        let mut progress = false;
+        let mut requests = 0;
+        loop {
+            if self.conn.replies.broken.load(Ordering::SeqCst) {
+                return Ok(SourcePoll::Done);
+            }
+            let step = match self.step()? {
+                None => return Ok(SourcePoll::Done),
+                Some(s) => s,
+            };
+            match step {
+                Step::Again => {
+                    progress = true;
+                    if matches!(self.wait, Wait::Header) {
+                        requests += 1;
+                        if requests == EVENT_REQUESTS_PER_POLL {
+                            return Ok(SourcePoll::Progress);
+                        }
+                    }
+                }
+                Step::Blocked if progress => return Ok(SourcePoll::Progress),
+                Step::Blocked => return Ok(SourcePoll::Soon),
+                Step::Input => match self.fill()? {
+                    None => return Ok(SourcePoll::Done),
+                    Some(true) => progress = true,
+                    Some(false) if progress => return Ok(SourcePoll::Progress),
+                    Some(false) => return Ok(SourcePoll::Readable),
+                },
             }
         }
-        if workers == 0 {
-            // No worker could be started: do it here.
-            conn.execute(job);
-            continue;
+    }
+}
+
+impl QueueSource for EventSource {
+    fn poll(&mut self) -> SourcePoll {
+        match self.run() {
+            Ok(p) => p,
+            Err(e) => {
+                // A broken stream or protocol: end the connection (its thread reports it).
+                let _ = self.stream.shutdown(std::net::Shutdown::Both);
+                *lock(&self.outcome) = Some(e);
+                SourcePoll::Done
+            }
         }
-        if tx.send(job).is_err() {
-            return Ok(());
-        }
+    }
+
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.stream.as_fd()
     }
 }
