@@ -904,3 +904,55 @@ fn vscd_default_guest_memory_fits_two_disks() {
     assert_eq!(guest.disks.len(), 2);
     guest.detach().unwrap();
 }
+
+#[test]
+fn a_client_that_stops_reading_holds_up_no_other() {
+    let dir = Scratch::new("stall");
+    let _image = dir.sized("disk.img", 64 << 20);
+    let vspd = Vspd::start(&dir, &["path=disk.img"]);
+    let guest = Guest::attach(&vspd, &dir);
+
+    // 48 MiB of reads asked for on one connection, the replies never taken: far more than its
+    // socket buffer holds, so its replies stall on a socket that stays open.
+    let (mut stalled, _, _) = raw_connect(&guest.socket, "disk0");
+    for i in 0..48u64 {
+        stalled
+            .write_all(&request(proto::CMD_READ, 0, i, i << 20, 1 << 20))
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+
+    // Another client on the same disk (the same queue thread) is served all the while; a
+    // queue thread waiting on the stalled socket would hold it up for the 60 s reply timeout.
+    let socket = guest.socket.clone();
+    let rounds = within(20, "the other client", move || {
+        let mut c = NbdClient::connect(&socket, "disk0").unwrap();
+        for round in 0..50u64 {
+            let off = (32 << 20) + (round % 16) * (64 << 10);
+            let data = random_bytes(64 << 10, round + 7);
+            assert_eq!(c.write(off, &data, false).unwrap(), 0, "round {round}");
+            let mut back = vec![0u8; 64 << 10];
+            assert_eq!(c.read(off, &mut back).unwrap(), 0, "round {round}");
+            assert!(back == data, "round {round}: read back differs");
+        }
+        c.disconnect();
+        50
+    });
+    assert_eq!(rounds, 50);
+
+    // The stalled client, once it reads, gets every reply whole and in step.
+    let mut seen = Vec::new();
+    for _ in 0..48 {
+        let mut hdr = [0u8; 16];
+        stalled.read_exact(&mut hdr).unwrap();
+        assert_eq!(&hdr[..4], &proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(&hdr[4..8], &[0; 4], "a read failed");
+        seen.push(u64::from_be_bytes(hdr[8..16].try_into().unwrap()));
+        let mut data = vec![0u8; 1 << 20];
+        stalled.read_exact(&mut data).unwrap();
+    }
+    seen.sort();
+    assert_eq!(seen, (0..48).collect::<Vec<_>>());
+    drop(stalled);
+    guest.stop();
+}

@@ -165,6 +165,8 @@ struct Output {
     /// The pending replies being written (swapped with `Replies::pending`, so both buffers
     /// keep their allocations); their permits are released once they are written.
     writing: Pending,
+    /// Bytes of `writing` already sent (a flush stops where the socket is full).
+    written: usize,
 }
 
 /// Whole replies waiting to be written, and the budget bytes they hold: a client that does
@@ -187,6 +189,8 @@ impl Replies {
     fn send_parts(&self, parts: &mut [io::IoSlice<'_>]) -> io::Result<()> {
         let r = {
             let mut out = lock(&self.writer);
+            // What a flush left goes first: the stream stays in order.
+            self.write_out(&mut out, true);
             let r = write_all_vectored(&mut out.stream, parts);
             self.check(&out.stream, r)
         };
@@ -230,11 +234,17 @@ impl Replies {
     }
 
     /// Sends the replies left by asynchronous completions, in one write. Never waits for the
-    /// socket: if another thread holds it (a worker's reply, possibly blocked by a client that
-    /// does not read), that thread sends them when it lets go (`send_parts` flushes after
-    /// unlocking), so a storvsc queue thread running this hook is never held up by one
-    /// connection. SeqCst fences pair "set `has_pending`; try the lock" with "unlock; load
-    /// `has_pending`": either the lock is free to the one, or the other sees the flag.
+    /// socket, so a storvsc queue thread running this (as a batch hook, or an event source) is
+    /// never held up by one connection:
+    /// - if another thread holds it (a worker's reply, possibly blocked by a client that does
+    ///   not read), that thread sends them when it lets go (`send_parts` flushes after
+    ///   unlocking);
+    /// - if the socket is full (a client that does not read), the rest stays in `writing` with
+    ///   its budget, `has_pending` stays set, and a later flush sends it (the event source
+    ///   retries every millisecond meanwhile; see [`EventSource::run`]).
+    ///
+    /// SeqCst fences pair "set `has_pending`; try the lock" with "unlock; load `has_pending`":
+    /// either the lock is free to the one, or the other sees the flag.
     fn flush(&self) {
         loop {
             fence(Ordering::SeqCst);
@@ -247,14 +257,63 @@ impl Replies {
                 Err(std::sync::TryLockError::WouldBlock) => return,
             };
             self.has_pending.store(false, Ordering::SeqCst);
-            std::mem::swap(&mut *lock(&self.pending), &mut out.writing);
-            let Output { stream, writing } = &mut *out;
-            if !writing.bytes.is_empty() {
-                let r = stream.write_all(&writing.bytes);
-                let _ = self.check(stream, r);
-                writing.bytes.clear();
+            // What an earlier flush left goes first.
+            if self.write_out(&mut out, false) {
+                std::mem::swap(&mut *lock(&self.pending), &mut out.writing);
+                if self.write_out(&mut out, false) {
+                    continue;
+                }
             }
-            writing.permits.clear();
+            // The socket is full: keep the rest for a later flush.
+            self.has_pending.store(true, Ordering::SeqCst);
+            return;
+        }
+    }
+
+    /// Writes the rest of `out.writing` (waiting for the socket with `wait`, else only what it
+    /// takes now): true once it is all out (or the connection broke), and its permits are
+    /// released.
+    fn write_out(&self, out: &mut Output, wait: bool) -> bool {
+        use rustix::net::{send, SendFlags};
+        let Output {
+            stream,
+            writing,
+            written,
+        } = out;
+        while *written < writing.bytes.len() {
+            let rest = &writing.bytes[*written..];
+            let r = if wait {
+                stream.write(rest)
+            } else {
+                send(&*stream, rest, SendFlags::DONTWAIT | SendFlags::NOSIGNAL).map_err(Into::into)
+            };
+            match r {
+                Ok(0) => {
+                    let _ = self.check(stream, Err(io::ErrorKind::WriteZero.into()));
+                    break;
+                }
+                Ok(n) => *written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && !wait => return false,
+                Err(e) => {
+                    let _ = self.check(stream, Err(e));
+                    break;
+                }
+            }
+        }
+        writing.bytes.clear();
+        writing.permits.clear();
+        *written = 0;
+        true
+    }
+
+    /// Sends every pending reply, waiting for the socket (at the end of a connection).
+    fn flush_all(&self) {
+        let mut out = lock(&self.writer);
+        self.has_pending.store(false, Ordering::SeqCst);
+        if self.write_out(&mut out, true) {
+            std::mem::swap(&mut *lock(&self.pending), &mut out.writing);
+            self.write_out(&mut out, true);
         }
     }
 
@@ -589,6 +648,7 @@ pub(crate) fn serve(
         writer: Mutex::new(Output {
             stream: stream.try_clone()?,
             writing: Pending::default(),
+            written: 0,
         }),
         pending: Mutex::new(Pending::default()),
         has_pending: AtomicBool::new(false),
@@ -665,8 +725,8 @@ pub(crate) fn serve(
     // Asynchronous completions may still be on their way: let them answer.
     replies.wait_idle(std::time::Duration::from_secs(60));
     drop(batch_guard);
-    // Replies a batch left after its queue thread dropped the hook.
-    replies.flush();
+    // Replies a batch left after its queue thread dropped the hook, or left on a full socket.
+    replies.flush_all();
     if replies.broken.load(Ordering::SeqCst) && result.is_ok() {
         return Err(io::Error::new(
             io::ErrorKind::BrokenPipe,
@@ -1063,6 +1123,17 @@ impl EventSource {
     }
 
     fn run(&mut self) -> io::Result<SourcePoll> {
+        let replies = &self.conn.replies;
+        if replies.has_pending.load(Ordering::SeqCst) {
+            // Replies left on a full socket (or by a batch that found the socket taken).
+            replies.flush();
+        }
+        // Still some: the client is not reading; look again soon rather than wait for input.
+        let waiting = if replies.has_pending.load(Ordering::SeqCst) {
+            SourcePoll::Soon
+        } else {
+            SourcePoll::Readable
+        };
         let mut progress = false;
         let mut requests = 0;
         loop {
@@ -1089,7 +1160,7 @@ impl EventSource {
                     None => return Ok(SourcePoll::Done),
                     Some(true) => progress = true,
                     Some(false) if progress => return Ok(SourcePoll::Progress),
-                    Some(false) => return Ok(SourcePoll::Readable),
+                    Some(false) => return Ok(waiting),
                 },
             }
         }
