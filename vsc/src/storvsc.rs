@@ -9,7 +9,9 @@
 //! batches with one signal, and completes requests from the host's completion packets.
 
 use std::collections::VecDeque;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use rustix::event::epoll;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
@@ -333,6 +335,136 @@ const SOURCE_POLL_EVERY: u32 = 32;
 /// descriptor.
 const SOURCE_RETRY: Duration = Duration::from_millis(1);
 
+/// Up to this many sources are read directly on each poll (the read is the readiness check);
+/// with more, epoll is asked first which are readable, in one call.
+const DIRECT_SOURCES: usize = 2;
+
+/// A source on its queue thread.
+struct SourceSlot {
+    src: Box<dyn QueueSource>,
+    /// What its last poll said.
+    state: SourcePoll,
+    /// Its key in the epoll set.
+    id: u64,
+    /// In the epoll set (out of it while it waits for something else than input).
+    armed: bool,
+    /// Epoll said it is readable.
+    ready: bool,
+}
+
+/// The sources a queue thread runs, and the epoll set of their descriptors (level-triggered):
+/// one call says which of many are readable, and the thread sleeps on it.
+#[derive(Default)]
+struct Sources {
+    list: Vec<SourceSlot>,
+    epoll: Option<OwnedFd>,
+    next_id: u64,
+}
+
+impl Sources {
+    fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    fn add(&mut self, src: Box<dyn QueueSource>) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut slot = SourceSlot {
+            src,
+            state: SourcePoll::Progress,
+            id,
+            armed: false,
+            ready: false,
+        };
+        if let Err(e) = self.arm(&mut slot, true) {
+            // Dropping it ends it (its connection is closed).
+            tracing::warn!("cannot watch an I/O source: {e}");
+            return;
+        }
+        self.list.push(slot);
+    }
+
+    /// Puts `slot` in the epoll set or takes it out. Out rather than watching no events:
+    /// epoll reports a hang-up even then, and a source waiting for budget would wake the thread
+    /// at once.
+    fn arm(&mut self, slot: &mut SourceSlot, on: bool) -> rustix::io::Result<()> {
+        if slot.armed == on {
+            return Ok(());
+        }
+        let ep = match &self.epoll {
+            Some(ep) => ep,
+            None => self
+                .epoll
+                .insert(epoll::create(epoll::CreateFlags::CLOEXEC)?),
+        };
+        if on {
+            epoll::add(
+                ep,
+                slot.src.fd(),
+                epoll::EventData::new_u64(slot.id),
+                epoll::EventFlags::IN,
+            )?;
+        } else {
+            epoll::delete(ep, slot.src.fd())?;
+        }
+        slot.armed = on;
+        Ok(())
+    }
+
+    /// Polls the sources that may have work: whether any did some.
+    fn poll(&mut self) -> bool {
+        let ask = self.list.len() > DIRECT_SOURCES;
+        if ask {
+            if let Some(ep) = &self.epoll {
+                let mut events = [std::mem::MaybeUninit::<epoll::Event>::uninit(); 64];
+                let zero = rustix::event::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                if let Ok((events, _)) = epoll::wait(ep, &mut events, Some(&zero)) {
+                    for ev in events.iter() {
+                        let id = ev.data.u64();
+                        if let Some(slot) = self.list.iter_mut().find(|s| s.id == id) {
+                            slot.ready = true;
+                        }
+                    }
+                }
+            }
+        }
+        let mut moved = false;
+        let mut list = std::mem::take(&mut self.list);
+        list.retain_mut(|slot| {
+            if ask && !slot.ready && slot.state == SourcePoll::Readable {
+                return true;
+            }
+            slot.ready = false;
+            slot.state = slot.src.poll();
+            moved |= slot.state == SourcePoll::Progress;
+            let keep = slot.state != SourcePoll::Done;
+            // Watched unless it waits for something else (or is done).
+            let watch = keep && slot.state != SourcePoll::Soon;
+            if let Err(e) = self.arm(slot, watch) {
+                tracing::warn!("cannot watch an I/O source: {e}");
+                return false;
+            }
+            keep
+        });
+        self.list = list;
+        moved
+    }
+
+    /// What a sleep waits on: the epoll set if a source waits for input, and whether one waits
+    /// for something else (then the sleep is short).
+    fn sleep_set(&self) -> (Option<BorrowedFd<'_>>, bool) {
+        let watched = self.list.iter().any(|s| s.armed);
+        let retry = self.list.iter().any(|s| s.state != SourcePoll::Readable);
+        (
+            self.epoll.as_ref().filter(|_| watched).map(|e| e.as_fd()),
+            retry,
+        )
+    }
+}
+
 thread_local! {
     /// The queue whose thread this is (null elsewhere): requests submitted here stay on it.
     static ON_QUEUE: std::cell::Cell<*const Shared> = const { std::cell::Cell::new(std::ptr::null()) };
@@ -540,7 +672,7 @@ impl Controller {
                 header: Vec::new(),
                 callbacks_ran: false,
                 completed: completed.clone(),
-                sources: Vec::new(),
+                sources: Sources::default(),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("storvsc-{relid}"))
@@ -956,8 +1088,8 @@ struct Queue {
     /// Callbacks ran outside the completion loop (failed requests): the batch hooks are due.
     callbacks_ran: bool,
     completed: Arc<AtomicU64>,
-    /// The sources this thread runs, with what each waits for.
-    sources: Vec<(Box<dyn QueueSource>, SourcePoll)>,
+    /// The sources this thread runs.
+    sources: Sources,
 }
 
 /// What an SRB needs: CDB, direction, bytes, and the data-out bytes (borrowed from the
@@ -1000,7 +1132,7 @@ impl Queue {
         // SeqCst fence: see `Shared::submit`.
         fence(Ordering::SeqCst);
         // The sources end with the queue (see `Controller::add_source` for the order).
-        self.sources.clear();
+        self.sources = Sources::default();
         drop(std::mem::take(
             &mut *self
                 .shared
@@ -1027,16 +1159,11 @@ impl Queue {
                 .new_sources
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            self.sources
-                .extend(l.drain(..).map(|s| (s, SourcePoll::Progress)));
+            for src in l.drain(..) {
+                self.sources.add(src);
+            }
         }
-        let mut moved = false;
-        self.sources.retain_mut(|(s, state)| {
-            *state = s.poll();
-            moved |= *state == SourcePoll::Progress;
-            *state != SourcePoll::Done
-        });
-        moved
+        self.sources.poll()
     }
 
     fn serve(&mut self) -> Result<(), Error> {
@@ -1146,12 +1273,9 @@ impl Queue {
             PollFd::new(self.st.ch.interrupt(), PollFlags::IN),
             PollFd::new(&self.shared.wake, PollFlags::IN),
         ];
-        let mut retry = false;
-        for (s, state) in &self.sources {
-            match state {
-                SourcePoll::Readable => fds.push(PollFd::from_borrowed_fd(s.fd(), PollFlags::IN)),
-                _ => retry = true,
-            }
+        let (watched, retry) = self.sources.sleep_set();
+        if let Some(fd) = watched {
+            fds.push(PollFd::from_borrowed_fd(fd, PollFlags::IN));
         }
         let ts = if retry {
             Timespec {

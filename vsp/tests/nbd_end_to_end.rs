@@ -922,23 +922,31 @@ fn a_client_that_stops_reading_holds_up_no_other() {
     }
     std::thread::sleep(Duration::from_millis(200));
 
-    // Another client on the same disk (the same queue thread) is served all the while; a
-    // queue thread waiting on the stalled socket would hold it up for the 60 s reply timeout.
-    let socket = guest.socket.clone();
-    let rounds = within(20, "the other client", move || {
-        let mut c = NbdClient::connect(&socket, "disk0").unwrap();
-        for round in 0..50u64 {
-            let off = (32 << 20) + (round % 16) * (64 << 10);
-            let data = random_bytes(64 << 10, round + 7);
-            assert_eq!(c.write(off, &data, false).unwrap(), 0, "round {round}");
-            let mut back = vec![0u8; 64 << 10];
-            assert_eq!(c.read(off, &mut back).unwrap(), 0, "round {round}");
-            assert!(back == data, "round {round}: read back differs");
-        }
-        c.disconnect();
-        50
+    // Three other clients on the same disk (the same queue thread, which then asks epoll which
+    // connections are readable) are served all the while; a queue thread waiting on the
+    // stalled socket would hold them up for the 60 s reply timeout.
+    let clients: Vec<_> = (0..3u64)
+        .map(|k| {
+            let socket = guest.socket.clone();
+            std::thread::spawn(move || {
+                let mut c = NbdClient::connect(&socket, "disk0").unwrap();
+                for round in 0..50u64 {
+                    let off = (48 << 20) + k * (4 << 20) + (round % 16) * (64 << 10);
+                    let data = random_bytes(64 << 10, round * 3 + k + 7);
+                    assert_eq!(c.write(off, &data, false).unwrap(), 0, "round {round}");
+                    let mut back = vec![0u8; 64 << 10];
+                    assert_eq!(c.read(off, &mut back).unwrap(), 0, "round {round}");
+                    assert!(back == data, "client {k} round {round}: read back differs");
+                }
+                c.disconnect();
+                50
+            })
+        })
+        .collect();
+    let rounds = within(20, "the other clients", move || {
+        clients.into_iter().map(|c| c.join().unwrap()).sum::<u64>()
     });
-    assert_eq!(rounds, 50);
+    assert_eq!(rounds, 150);
 
     // The stalled client, once it reads, gets every reply whole and in step.
     let mut seen = Vec::new();
