@@ -2,8 +2,7 @@
 //! loopback guests (the `vsc` front end and client) connect over the partition socket.
 
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,46 +15,30 @@ use vsc::loopback::Loopback;
 use vsc::synic::{HostInterface, MessageStream};
 use zerocopy::{FromZeros, IntoBytes};
 
-/// A running `vspd`, killed on drop.
-struct Vspd {
-    child: Child,
-    dir: PathBuf,
-    socket: PathBuf,
+mod common;
+
+/// A running `vspd` with a TOML configuration (and two 16 MiB images, a.img and b.img, in its
+/// directory), killed on drop.
+struct Vspd(common::Daemon);
+
+impl std::ops::Deref for Vspd {
+    type Target = common::Daemon;
+    fn deref(&self) -> &common::Daemon {
+        &self.0
+    }
 }
 
 impl Vspd {
     fn start(name: &str, config: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("vspd-test-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = common::fresh_dir("vspd-test", name);
         for disk in ["a.img", "b.img"] {
             std::fs::File::create(dir.join(disk))
                 .unwrap()
                 .set_len(16 << 20)
                 .unwrap();
         }
-        let socket = dir.join("vspd.sock");
         std::fs::write(dir.join("vspd.toml"), config).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_vspd"))
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--config")
-            .arg(dir.join("vspd.toml"))
-            .current_dir(&dir)
-            .env("VSPD_LOG", "warn")
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "vspd did not create its socket");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Self { child, dir, socket }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
+        Self(common::Daemon::spawn(&dir, ["--config", "vspd.toml"]).owning_dir())
     }
 
     fn reconfigure(&self, config: &str) {
@@ -65,47 +48,6 @@ impl Vspd {
             rustix::process::Signal::HUP,
         )
         .unwrap();
-    }
-
-    fn fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-            .unwrap()
-            .count()
-    }
-
-    fn status_field(&self, field: &str) -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        let line = s.lines().find(|l| l.starts_with(field)).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
-    }
-
-    fn threads(&self) -> u64 {
-        self.status_field("Threads:")
-    }
-
-    /// Waits until `f` holds (the daemon tears down asynchronously).
-    fn eventually(&self, what: &str, mut f: impl FnMut(&Self) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !f(self) {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for: {what} (fds {:?}, threads {})",
-                std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-                    .unwrap()
-                    .map(|e| std::fs::read_link(e.unwrap().path()).unwrap_or_default())
-                    .collect::<Vec<_>>(),
-                self.threads()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Vspd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

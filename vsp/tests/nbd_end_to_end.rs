@@ -20,7 +20,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -75,58 +75,30 @@ impl Drop for Scratch {
     }
 }
 
+mod common;
+
 /// A running `vspd` (killed on drop), serving disks from a scratch directory.
-struct Vspd {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
+struct Vspd(common::Daemon);
+
+impl std::ops::Deref for Vspd {
+    type Target = common::Daemon;
+    fn deref(&self) -> &common::Daemon {
+        &self.0
+    }
 }
 
 impl Vspd {
     /// Starts `vspd` in `dir` with one `--disk` per spec (`path=FILE[,readonly=on]...`, the
     /// files relative to `dir`).
     fn start(dir: &Scratch, disks: &[&str]) -> Self {
-        let socket = dir.path("vspd.sock");
-        let log = dir.path("vspd.log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vspd"));
-        cmd.arg("--socket")
-            .arg(&socket)
-            .current_dir(&dir.0)
-            .env("VSPD_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        for d in disks {
-            cmd.arg("--disk").arg(d);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!(
-                    "vspd exited with {status}: {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            assert!(Instant::now() < deadline, "vspd did not create its socket");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Self { child, socket, log }
+        Self(common::Daemon::spawn(
+            &dir.0,
+            disks.iter().flat_map(|d| ["--disk", d]),
+        ))
     }
 
     fn pid(&self) -> rustix::process::Pid {
-        rustix::process::Pid::from_raw(self.child.id() as i32).unwrap()
-    }
-}
-
-impl Drop for Vspd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let _ = writeln!(std::io::stderr(), "vspd's log:\n{log}");
-        }
+        rustix::process::Pid::from_raw(self.0.pid() as i32).unwrap()
     }
 }
 
@@ -590,7 +562,7 @@ fn acknowledged_fua_writes_and_flushes_survive_kill_9_of_vspd() {
     // The first writer kills vspd; reap it.
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
-        if let Some(status) = vspd.child.try_wait().unwrap() {
+        if let Some(status) = vspd.0.try_wait() {
             break status;
         }
         assert!(Instant::now() < deadline, "vspd was not killed");

@@ -3,7 +3,6 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,50 +12,36 @@ use vsc::client::{Client, SUPPORTED_VERSIONS};
 use vsc::loopback::Loopback;
 use vsc::storvsc::{Disk, DiskOp, IoError, Storvsc};
 
-struct Vspd {
-    child: Child,
-    dir: PathBuf,
-    socket: PathBuf,
+mod common;
+
+/// A running `vspd` serving images it creates in its directory, killed on drop.
+struct Vspd(common::Daemon);
+
+impl std::ops::Deref for Vspd {
+    type Target = common::Daemon;
+    fn deref(&self) -> &common::Daemon {
+        &self.0
+    }
 }
 
 impl Vspd {
+    /// Starts `vspd` with a `--disk path=FILE,OPTS` per `(FILE, size, OPTS)`.
     fn start(name: &str, disks: &[(&str, u64, &str)]) -> Self {
-        let dir = std::env::temp_dir().join(format!("vspd-storage-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("vspd.sock");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vspd"));
-        cmd.arg("--socket")
-            .arg(&socket)
-            .current_dir(&dir)
-            .env("VSPD_LOG", "warn")
-            .stderr(Stdio::null());
+        let dir = common::fresh_dir("vspd-storage", name);
+        let mut args = Vec::new();
         for (file, size, opts) in disks {
             std::fs::File::create(dir.join(file))
                 .unwrap()
                 .set_len(*size)
                 .unwrap();
-            cmd.arg("--disk").arg(format!("path={file}{opts}"));
+            args.push("--disk".to_string());
+            args.push(format!("path={file}{opts}"));
         }
-        let child = cmd.spawn().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "vspd did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Self { child, dir, socket }
+        Self(common::Daemon::spawn(&dir, args).owning_dir())
     }
 
     fn image(&self, file: &str) -> PathBuf {
         self.dir.join(file)
-    }
-}
-
-impl Drop for Vspd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

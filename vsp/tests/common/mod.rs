@@ -1,0 +1,131 @@
+//! What vsp's cross-process tests share: a launcher for the real `vspd` binary.
+// Each test crate uses a different part of it.
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `vspd`, killed on drop (its log is printed if the test is failing).
+pub struct Daemon {
+    child: Child,
+    /// Its working directory.
+    pub dir: PathBuf,
+    /// Its partition socket.
+    pub socket: PathBuf,
+    log: PathBuf,
+    /// Remove `dir` once the daemon is gone.
+    owns_dir: bool,
+}
+
+impl Daemon {
+    /// Starts `vspd --socket DIR/vspd.sock ARGS...` in `dir` (relative paths in `args` are
+    /// relative to it), logging to `DIR/vspd.log`, and waits for its socket.
+    pub fn spawn<S: AsRef<OsStr>>(dir: &Path, args: impl IntoIterator<Item = S>) -> Self {
+        let socket = dir.join("vspd.sock");
+        let log = dir.join("vspd.log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vspd"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .current_dir(dir)
+            .env("VSPD_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "vspd exited with {status}: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "vspd did not create its socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self {
+            child,
+            dir: dir.to_owned(),
+            socket,
+            log,
+            owns_dir: false,
+        }
+    }
+
+    /// Removes its directory on drop, after the daemon has ended (and its log was printed).
+    pub fn owning_dir(mut self) -> Self {
+        self.owns_dir = true;
+        self
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its exit status, if it has ended.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
+    /// Its open file descriptors.
+    pub fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
+    }
+
+    /// A numeric field of `/proc/PID/status`.
+    pub fn status_field(&self, field: &str) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = s.lines().find(|l| l.starts_with(field)).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    pub fn threads(&self) -> u64 {
+        self.status_field("Threads:")
+    }
+
+    /// Waits until `f` holds (the daemon tears down asynchronously).
+    pub fn eventually(&self, what: &str, mut f: impl FnMut(&Self) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f(self) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for: {what} (fds {:?}, threads {})",
+                std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+                    .unwrap()
+                    .map(|e| std::fs::read_link(e.unwrap().path()).unwrap_or_default())
+                    .collect::<Vec<_>>(),
+                self.threads()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let _ = writeln!(std::io::stderr(), "vspd's log:\n{log}");
+        }
+        if self.owns_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A fresh directory for one test (removed by its owner).
+pub fn fresh_dir(prefix: &str, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
