@@ -13,7 +13,27 @@
 //! While the thread's own requests are in flight their completions are due soon, so the window
 //! is then at least [`Poller::in_flight_floor`].
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+/// The longest window of [`Poller::default`], in nanoseconds (see [`set_default_limit`]).
+static DEFAULT_LIMIT_NS: AtomicU64 = AtomicU64::new(1_000_000);
+
+/// Sets, for this process, how long a [`Poller::default`] polls at most (its largest window and
+/// its in-flight floor; its smallest is 10 us or this, whichever is less). Zero: a thread sleeps
+/// as soon as it finds nothing to do (after a few dozen spins), which suits hosts whose cores
+/// are shared: no core is kept busy waiting, at the cost of a wakeup per burst of work. Only
+/// pollers created afterwards follow it.
+pub fn set_default_limit(limit: Duration) {
+    let ns = u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX);
+    // Relaxed: a plain setting, read when pollers are created (threads started after it).
+    DEFAULT_LIMIT_NS.store(ns, Ordering::Relaxed);
+}
+
+/// The current [`set_default_limit`].
+pub fn default_limit() -> Duration {
+    Duration::from_nanos(DEFAULT_LIMIT_NS.load(Ordering::Relaxed))
+}
 
 /// Iterations between two reads of the clock (a clock read costs about as much as a few
 /// dozen spin iterations).
@@ -37,18 +57,20 @@ pub struct Poller {
 /// hundreds of microseconds apart at QD32, and a wakeup costs 30-40 us here; since the poller
 /// yields the core, polling costs little when nothing else wants it. Measured (O_DIRECT random
 /// writes at QD32): a 100 us floor let both sides fall asleep between bursts, 0.76-0.91 of raw
-/// io_uring; 1 ms, 1.03-1.29.
+/// io_uring; 1 ms, 1.03-1.29. [`set_default_limit`] changes the 1 ms.
 impl Default for Poller {
     fn default() -> Self {
-        Self::new(
-            Duration::from_micros(10),
-            Duration::from_micros(1000),
-            Duration::from_micros(1000),
-        )
+        Self::with_limit(default_limit())
     }
 }
 
 impl Poller {
+    /// A poller that polls at most `limit` (its largest window and in-flight floor), from a
+    /// smallest window of 10 us (or `limit`, if less).
+    pub fn with_limit(limit: Duration) -> Self {
+        Self::new(Duration::from_micros(10).min(limit), limit, limit)
+    }
+
     /// A poller whose window adapts between `min` and `max`, and is at least `in_flight_floor`
     /// (capped at `max`) while requests are in flight.
     pub fn new(min: Duration, max: Duration, in_flight_floor: Duration) -> Self {
@@ -211,6 +233,29 @@ mod tests {
             }
         }
         assert_eq!(p.window(), Duration::from_micros(10), "floored at min");
+    }
+
+    #[test]
+    fn a_zero_limit_gives_up_after_one_look_at_the_clock() {
+        let mut p = Poller::with_limit(Duration::ZERO);
+        let mut looks = 0;
+        while p.idle(true) {
+            looks += 1;
+            assert!(looks < 10 * CLOCK_EVERY, "still polling");
+        }
+        assert!(looks < CLOCK_EVERY);
+        // A sleep does not grow it.
+        p.sleeping();
+        p.woke();
+        assert_eq!(p.window(), Duration::ZERO);
+        assert_eq!(
+            Poller::with_limit(Duration::from_micros(500)).max(),
+            Duration::from_micros(500)
+        );
+        assert_eq!(
+            Poller::with_limit(Duration::from_micros(5)).min(),
+            Duration::from_micros(5)
+        );
     }
 
     #[test]

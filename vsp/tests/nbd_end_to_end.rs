@@ -936,3 +936,59 @@ fn a_client_that_stops_reading_holds_up_no_other() {
     drop(stalled);
     guest.stop();
 }
+
+#[test]
+fn with_polling_off_every_request_is_still_served() {
+    // vspd's channel workers and this guest's queue threads sleep as soon as they find nothing
+    // to do: every request then travels on wakeups alone.
+    ringbuf::poller::set_default_limit(Duration::ZERO);
+    let dir = Scratch::new("nopoll");
+    let image = dir.sized("disk.img", 16 << 20);
+    let vspd = Vspd(common::Daemon::spawn(
+        &dir.0,
+        ["--poll-us", "0", "--disk", "path=disk.img"],
+    ));
+    let guest = Guest::attach(&vspd, &dir);
+    let socket = guest.socket.clone();
+    let written = within(20, "the client", move || {
+        let mut c = NbdClient::connect(&socket, "disk0").unwrap();
+        let mut written = Vec::new();
+        for round in 0..200u64 {
+            let off = (round % 64) * (64 << 10);
+            let data = random_bytes(64 << 10, round + 11);
+            assert_eq!(c.write(off, &data, false).unwrap(), 0, "round {round}");
+            let mut back = vec![0u8; 64 << 10];
+            assert_eq!(c.read(off, &mut back).unwrap(), 0, "round {round}");
+            assert!(back == data, "round {round}: read back differs");
+            if round >= 200 - 64 {
+                written.push((off, data));
+            }
+        }
+        assert_eq!(c.flush().unwrap(), 0);
+        c.disconnect();
+        written
+    });
+    guest.stop();
+    let img = std::fs::read(&image).unwrap();
+    for (off, data) in written {
+        assert_same("the image", &img[off as usize..][..data.len()], &data);
+    }
+    ringbuf::poller::set_default_limit(Duration::from_millis(1));
+}
+
+#[test]
+fn vspd_refuses_a_bad_polling_limit() {
+    for bad in ["abc", "-1", "1000001"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_vspd"))
+            .args(["--socket", "/nonexistent/vspd.sock"])
+            .arg(format!("--poll-us={bad}"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "--poll-us {bad}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--poll-us"),
+            "--poll-us {bad}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -31,6 +31,12 @@ struct Args {
     /// command-line disks and NICs are added to the file's.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// How long, in microseconds, a channel worker keeps polling for work before it sleeps
+    /// (0-1000000). Polling saves a wakeup (30-40 us) per burst of guest requests; 0 sleeps at
+    /// once, for hosts whose cores are shared.
+    #[arg(long, value_name = "US", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    poll_us: u64,
 }
 
 fn main() -> ExitCode {
@@ -75,6 +81,7 @@ fn load(args: &Args) -> Result<Config, vsp::Error> {
 }
 
 fn run(args: Args) -> Result<(), vsp::Error> {
+    ringbuf::poller::set_default_limit(std::time::Duration::from_micros(args.poll_us));
     let config = load(&args)?;
     vsp::daemon::serve(config, || load(&args))
 }

@@ -1,0 +1,33 @@
+//! `vscd`'s command line: what it refuses before it connects anywhere.
+
+use std::process::Command;
+
+#[test]
+fn a_bad_polling_limit_is_refused_and_a_good_one_accepted() {
+    for bad in ["abc", "-1", "1000001"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_vscd"))
+            .args(["--connect", "/nonexistent/vspd.sock", "--list"])
+            .arg(format!("--poll-us={bad}"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "--poll-us {bad}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--poll-us"),
+            "--poll-us {bad}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Accepted: it gets as far as the (missing) daemon.
+    let out = Command::new(env!("CARGO_BIN_EXE_vscd"))
+        .args([
+            "--connect",
+            "/nonexistent/vspd.sock",
+            "--list",
+            "--poll-us",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("--poll-us"));
+}
