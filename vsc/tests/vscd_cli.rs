@@ -2,21 +2,19 @@
 
 use std::process::Command;
 
+mod common {
+    pub mod tools;
+}
+use common::tools::refuses_values;
+
 #[test]
 fn a_bad_polling_limit_is_refused_and_a_good_one_accepted() {
-    for bad in ["abc", "-1", "1000001"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_vscd"))
-            .args(["--connect", "/nonexistent/vspd.sock", "--list"])
-            .arg(format!("--poll-us={bad}"))
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(2), "--poll-us {bad}");
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("--poll-us"),
-            "--poll-us {bad}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    refuses_values(
+        env!("CARGO_BIN_EXE_vscd"),
+        &["--connect", "/nonexistent/vspd.sock", "--list"],
+        "--poll-us",
+        &["abc", "-1", "1000001"],
+    );
     // Accepted: it gets as far as the (missing) daemon.
     let out = Command::new(env!("CARGO_BIN_EXE_vscd"))
         .args([

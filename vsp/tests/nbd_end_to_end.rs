@@ -978,17 +978,10 @@ fn with_polling_off_every_request_is_still_served() {
 
 #[test]
 fn vspd_refuses_a_bad_polling_limit() {
-    for bad in ["abc", "-1", "1000001"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_vspd"))
-            .args(["--socket", "/nonexistent/vspd.sock"])
-            .arg(format!("--poll-us={bad}"))
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(2), "--poll-us {bad}");
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("--poll-us"),
-            "--poll-us {bad}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    tools::refuses_values(
+        env!("CARGO_BIN_EXE_vspd"),
+        &["--socket", "/nonexistent/vspd.sock"],
+        "--poll-us",
+        &["abc", "-1", "1000001"],
+    );
 }

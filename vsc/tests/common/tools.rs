@@ -1,6 +1,8 @@
 //! External tools the NBD tests drive (qemu-img, qemu-io, fio), shared by the vsc and vsp test
 //! suites (`vsp/tests/nbd_end_to_end.rs` includes this file by path): whether a tool runs,
 //! and running one to completion.
+// Each suite uses a different part of it.
+#![allow(dead_code)]
 
 use std::io::Write;
 use std::process::{Command, Output};
@@ -50,4 +52,19 @@ pub fn run(cmd: &mut Command) -> Output {
     assert!(out.status.success(), "{report}");
     eprintln!("{report}");
     out
+}
+
+/// Checks that `bin args... --OPTION=VALUE` is refused as a usage error (exit status 2, the
+/// message naming the option) for every value in `bad`.
+pub fn refuses_values(bin: &str, args: &[&str], option: &str, bad: &[&str]) {
+    for value in bad {
+        let out = Command::new(bin)
+            .args(args)
+            .arg(format!("{option}={value}"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{option}={value}: {err}");
+        assert!(err.contains(option), "{option}={value}: {err}");
+    }
 }
