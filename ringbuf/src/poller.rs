@@ -145,6 +145,13 @@ impl Poller {
         self.slept_at = Some(Instant::now());
     }
 
+    /// The sleep ended by a timeout the thread chose (a retry), not by work arriving: not a
+    /// wakeup longer polling would have saved, so the window stays as it is.
+    pub fn retried(&mut self) {
+        self.slept_at = None;
+        self.busy();
+    }
+
     /// The thread woke up: adapts the window to how long it slept.
     pub fn woke(&mut self) {
         let Some(at) = self.slept_at.take() else {
@@ -256,6 +263,21 @@ mod tests {
             Poller::with_limit(Duration::from_micros(5)).min(),
             Duration::from_micros(5)
         );
+    }
+
+    #[test]
+    fn a_retry_timeout_leaves_the_window_alone() {
+        let mut p = Poller::new(
+            Duration::from_micros(10),
+            Duration::from_millis(5),
+            Duration::ZERO,
+        );
+        for _ in 0..3 {
+            p.sleeping();
+            std::thread::sleep(Duration::from_millis(1));
+            p.retried();
+        }
+        assert_eq!(p.window(), Duration::from_micros(10));
     }
 
     #[test]

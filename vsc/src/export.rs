@@ -68,7 +68,7 @@ impl BlockDevice for Disk {
     fn attach_source(
         &self,
         source: Box<dyn crate::storvsc::QueueSource>,
-    ) -> Result<(), Box<dyn crate::storvsc::QueueSource>> {
+    ) -> Result<crate::storvsc::SourceWaker, Box<dyn crate::storvsc::QueueSource>> {
         self.controller().add_source(source)
     }
 

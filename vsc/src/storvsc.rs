@@ -323,9 +323,19 @@ pub trait QueueSource: Send {
     /// Does what can be done now. Must never block: the queue thread serves every disk of its
     /// channel.
     fn poll(&mut self) -> SourcePoll;
+    /// Whether it has work that does not wait for its descriptor (for example output to
+    /// retry), though its last poll said [`SourcePoll::Readable`]: it is then polled anyway,
+    /// and the queue thread sleeps at most a millisecond.
+    fn busy(&self) -> bool {
+        false
+    }
     /// The descriptor whose readability [`SourcePoll::Readable`] waits for.
     fn fd(&self) -> BorrowedFd<'_>;
 }
+
+/// Wakes the queue thread running a source (see [`Controller::add_source`]): for work the
+/// source has that its descriptor does not show ([`QueueSource::busy`]).
+pub type SourceWaker = Arc<dyn Fn() + Send + Sync>;
 
 /// Idle iterations of the queue loop between two polls of its sources (each poll is usually
 /// a system call).
@@ -434,7 +444,7 @@ impl Sources {
         let mut moved = false;
         let mut list = std::mem::take(&mut self.list);
         list.retain_mut(|slot| {
-            if ask && !slot.ready && slot.state == SourcePoll::Readable {
+            if ask && !slot.ready && slot.state == SourcePoll::Readable && !slot.src.busy() {
                 return true;
             }
             slot.ready = false;
@@ -457,7 +467,10 @@ impl Sources {
     /// for something else (then the sleep is short).
     fn sleep_set(&self) -> (Option<BorrowedFd<'_>>, bool) {
         let watched = self.list.iter().any(|s| s.armed);
-        let retry = self.list.iter().any(|s| s.state != SourcePoll::Readable);
+        let retry = self
+            .list
+            .iter()
+            .any(|s| s.state != SourcePoll::Readable || s.src.busy());
         (
             self.epoll.as_ref().filter(|_| watched).map(|e| e.as_fd()),
             retry,
@@ -713,7 +726,10 @@ impl Controller {
     /// Runs `source` on one of the queue threads (round-robin), between its batches, until the
     /// source says it is done or the controller stops (then the source is dropped). Gives the
     /// source back if the controller has stopped.
-    pub fn add_source(&self, source: Box<dyn QueueSource>) -> Result<(), Box<dyn QueueSource>> {
+    pub fn add_source(
+        &self,
+        source: Box<dyn QueueSource>,
+    ) -> Result<SourceWaker, Box<dyn QueueSource>> {
         let i = self.next_source.fetch_add(1, Ordering::Relaxed) % self.queues.len();
         let shared = &self.queues[i].shared;
         {
@@ -728,7 +744,10 @@ impl Controller {
         // Release: the queue thread's acquire swap then finds the list changed.
         shared.sources_added.store(true, Ordering::Release);
         let _ = shared.wake.signal();
-        Ok(())
+        let shared = shared.clone();
+        Ok(Arc::new(move || {
+            let _ = shared.wake.signal();
+        }))
     }
 
     /// Number of queues (channels).
@@ -1240,11 +1259,17 @@ impl Queue {
                 self.st.ch.out.clear_pending();
                 continue;
             }
+            // The sources once more (before the flag: their requests then need no signal).
+            if self.poll_sources() {
+                self.st.ch.out.clear_pending();
+                last_moved = true;
+                continue;
+            }
             // Announce the sleep, then look for requests once more: a submitter either sees
             // the flag (and signals) or its request is found here (see `Shared::submit`).
             self.shared.sleeping.store(true, Ordering::Relaxed);
             fence(Ordering::SeqCst);
-            if !self.shared.requests.is_empty() || self.poll_sources() {
+            if !self.shared.requests.is_empty() {
                 self.shared.sleeping.store(false, Ordering::Relaxed);
                 self.st.ch.out.clear_pending();
                 last_moved = true;
@@ -1253,8 +1278,12 @@ impl Queue {
             // Drops the copies of hooks unregistered since the last batch.
             self.shared.hooks.refresh(&mut hooks_seen, &mut hooks);
             poller.sleeping();
-            self.sleep()?;
-            poller.woke();
+            if self.sleep()? {
+                poller.woke();
+            } else {
+                // A source's retry timer, not a wakeup that polling would have saved.
+                poller.retried();
+            }
             last_moved = true;
             self.shared.sleeping.store(false, Ordering::Relaxed);
             self.st.ch.out.clear_pending();
@@ -1266,8 +1295,9 @@ impl Queue {
     }
 
     /// Sleeps until the host interrupts, a submitter signals, a source's descriptor is
-    /// readable, or (a source waiting for something else) a millisecond passes.
-    fn sleep(&self) -> Result<(), Error> {
+    /// readable, or (a source waiting for something else) a millisecond passes; false in that
+    /// last case.
+    fn sleep(&self) -> Result<bool, Error> {
         use rustix::event::{poll, PollFd, PollFlags, Timespec};
         let mut fds = vec![
             PollFd::new(self.st.ch.interrupt(), PollFlags::IN),
@@ -1288,17 +1318,18 @@ impl Queue {
                 tv_nsec: 0,
             }
         };
-        match poll(&mut fds, Some(&ts)) {
-            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+        let ready = match poll(&mut fds, Some(&ts)) {
+            Ok(n) => n > 0,
+            Err(rustix::io::Errno::INTR) => true,
             Err(e) => return Err(Error::Ring(ringbuf::Error::Event(e))),
-        }
+        };
         if !fds[0].revents().is_empty() {
             self.st.ch.take_interrupt()?;
         }
         if !fds[1].revents().is_empty() {
             self.shared.wake.wait()?;
         }
-        Ok(())
+        Ok(ready || !retry)
     }
 
     fn srb_for(op: &DiskOp, bs: u32) -> Result<Srb<'_>, IoError> {
@@ -1607,6 +1638,83 @@ fn rw16(bs: u32, op: u8, offset: u64, len: u32, fua: bool) -> Result<([u8; 16], 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A source over one end of a socketpair: it reads what is there, and counts its polls.
+    struct Probe {
+        sock: std::os::unix::net::UnixStream,
+        polls: Arc<AtomicU64>,
+        busy: Arc<AtomicBool>,
+    }
+
+    impl QueueSource for Probe {
+        fn poll(&mut self) -> SourcePoll {
+            use std::io::Read;
+            self.polls.fetch_add(1, Ordering::SeqCst);
+            self.sock.set_nonblocking(true).unwrap();
+            let mut b = [0u8; 64];
+            match self.sock.read(&mut b) {
+                Ok(0) => SourcePoll::Done,
+                Ok(_) => SourcePoll::Progress,
+                Err(_) => SourcePoll::Readable,
+            }
+        }
+        fn busy(&self) -> bool {
+            self.busy.load(Ordering::SeqCst)
+        }
+        fn fd(&self) -> BorrowedFd<'_> {
+            self.sock.as_fd()
+        }
+    }
+
+    #[test]
+    fn sources_are_polled_when_readable_or_busy_and_dropped_when_done() {
+        let mut sources = Sources::default();
+        let mut probes = Vec::new();
+        for _ in 0..4 {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+            let (polls, busy) = (
+                Arc::new(AtomicU64::new(0)),
+                Arc::new(AtomicBool::new(false)),
+            );
+            sources.add(Box::new(Probe {
+                sock: ours,
+                polls: polls.clone(),
+                busy: busy.clone(),
+            }));
+            probes.push((theirs, polls, busy));
+        }
+        // New sources are polled once; then, all quiet, none is (more than two: epoll decides).
+        assert!(!sources.poll());
+        assert!(!sources.poll());
+        let counts = |p: &Vec<(
+            std::os::unix::net::UnixStream,
+            Arc<AtomicU64>,
+            Arc<AtomicBool>,
+        )>| {
+            p.iter()
+                .map(|(_, n, _)| n.load(Ordering::SeqCst))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(counts(&probes), [1, 1, 1, 1]);
+        assert!(!sources.sleep_set().1, "nothing to retry");
+        assert!(sources.sleep_set().0.is_some(), "sleeps on the epoll set");
+        // Input on one: that one is polled (and again, having made progress).
+        std::io::Write::write_all(&mut probes[2].0, b"x").unwrap();
+        assert!(sources.poll());
+        assert!(!sources.poll());
+        assert_eq!(counts(&probes), [1, 1, 3, 1]);
+        // Busy with no input (replies waiting, say): polled anyway, and the sleep is short.
+        probes[1].2.store(true, Ordering::SeqCst);
+        assert!(sources.sleep_set().1, "a busy source makes the sleep short");
+        sources.poll();
+        sources.poll();
+        assert_eq!(counts(&probes), [1, 3, 3, 1]);
+        probes[1].2.store(false, Ordering::SeqCst);
+        // A hang-up ends that source, and the others stay.
+        drop(probes.remove(3).0);
+        sources.poll();
+        assert_eq!(sources.list.len(), 3);
+    }
 
     fn slot(tx: u64, busy: bool) -> InFlight {
         InFlight {

@@ -920,7 +920,13 @@ fn a_client_that_stops_reading_holds_up_no_other() {
     });
     assert_eq!(rounds, 150);
 
-    // The stalled client, once it reads, gets every reply whole and in step.
+    // The stalled client, once it reads, gets every reply whole and in step, while two idle
+    // connections keep the queue thread on its epoll set (an idle-looking source with
+    // replies waiting must still be retried).
+    let idle: Vec<NbdClient> = (0..2)
+        .map(|_| NbdClient::connect(&guest.socket, "disk0").unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
     let mut seen = Vec::new();
     for _ in 0..48 {
         let mut hdr = [0u8; 16];
@@ -934,6 +940,9 @@ fn a_client_that_stops_reading_holds_up_no_other() {
     seen.sort();
     assert_eq!(seen, (0..48).collect::<Vec<_>>());
     drop(stalled);
+    for c in idle {
+        c.disconnect();
+    }
     guest.stop();
 }
 

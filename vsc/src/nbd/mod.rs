@@ -149,12 +149,13 @@ pub trait BlockDevice: Send + Sync + 'static {
     }
     /// Runs `source` on the thread that issues and completes this device's asynchronous
     /// requests (an event loop), for as long as it wants; requests it submits from there skip
-    /// a handoff between threads. Gives it back if the device has no such thread (the
-    /// default). Only used together with [`batch_hook`](Self::batch_hook).
+    /// a handoff between threads. Returns what wakes that thread for the source's sake; gives
+    /// the source back if the device has no such thread (the default). Only used together
+    /// with [`batch_hook`](Self::batch_hook).
     fn attach_source(
         &self,
         source: Box<dyn crate::storvsc::QueueSource>,
-    ) -> Result<(), Box<dyn crate::storvsc::QueueSource>> {
+    ) -> Result<crate::storvsc::SourceWaker, Box<dyn crate::storvsc::QueueSource>> {
         Err(source)
     }
     /// Whether [`trim`](Self::trim) does anything (advertised as `NBD_FLAG_SEND_TRIM`).

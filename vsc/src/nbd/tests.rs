@@ -14,7 +14,7 @@ use super::proto::*;
 use super::server::serve_connection;
 use super::transmission::Budget;
 use super::*;
-use crate::storvsc::{QueueSource, SourcePoll};
+use crate::storvsc::{QueueSource, SourcePoll, SourceWaker};
 
 /// A device in memory, optionally slow (to see requests overlap), optionally with an event
 /// loop (`event`: connections are then read by [`QueueSource`]s, as on a storvsc disk).
@@ -59,6 +59,7 @@ fn event_loop(mut source: Box<dyn QueueSource>, hooks: Arc<Mutex<Vec<(usize, Bat
             SourcePoll::Done => return,
             SourcePoll::Progress => {}
             SourcePoll::Soon => std::thread::sleep(Duration::from_millis(1)),
+            SourcePoll::Readable if source.busy() => std::thread::sleep(Duration::from_millis(1)),
             SourcePoll::Readable => {
                 use rustix::event::{poll, PollFd, PollFlags, Timespec};
                 let mut fds = [PollFd::from_borrowed_fd(source.fd(), PollFlags::IN)];
@@ -153,14 +154,18 @@ impl BlockDevice for MemDevice {
         self.hooks.lock().unwrap().push((id, flush));
         Some(Box::new(HookGuard(self.hooks.clone(), id)))
     }
-    fn attach_source(&self, source: Box<dyn QueueSource>) -> Result<(), Box<dyn QueueSource>> {
+    fn attach_source(
+        &self,
+        source: Box<dyn QueueSource>,
+    ) -> Result<SourceWaker, Box<dyn QueueSource>> {
         if !self.event {
             return Err(source);
         }
         self.sources.fetch_add(1, Ordering::SeqCst);
         let hooks = self.hooks.clone();
         std::thread::spawn(move || event_loop(source, hooks));
-        Ok(())
+        // The loop looks at `busy` before it waits (and waits at most 100 ms).
+        Ok(Arc::new(|| {}))
     }
 }
 
@@ -968,4 +973,33 @@ fn an_event_loop_connection_waits_for_budget_and_keeps_every_write() {
     request(&mut s, CMD_DISC, 0, 2001, 0, 0);
     assert!(closed(&mut s));
     t.join().unwrap().unwrap();
+}
+
+#[test]
+fn an_event_loop_connection_whose_client_stops_reading_is_closed_after_the_reply_timeout() {
+    let dev = Arc::new(MemDevice::new(32 << 20).evented(true));
+    let exports = vec![Export {
+        name: "a".into(),
+        description: String::new(),
+        device: dev.clone(),
+    }];
+    let limits = Limits {
+        reply_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let (mut s, t) = connect_with(exports, limits);
+    go(&mut s, "a");
+    // 32 MiB of reads, far more than the socket holds; no reply is read.
+    for i in 0..32u64 {
+        request(&mut s, CMD_READ, 0, i, i << 20, 1 << 20);
+    }
+    let started = std::time::Instant::now();
+    // The connection ends by itself (its thread reports the broken reply stream)...
+    let r = t.join().unwrap();
+    assert!(r.is_err(), "the connection ended cleanly");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(300), "closed after {took:?}");
+    assert!(took < Duration::from_secs(15), "closed after {took:?}");
+    // ...and the client finds the stream closed after what was sent.
+    assert!(closed(&mut s));
 }

@@ -153,6 +153,9 @@ struct Replies {
     /// on the completion's thread would take the allocator's lock against the reader's
     /// allocations.
     buffers: ArrayQueue<Vec<u8>>,
+    /// Wakes the event loop running the connection's source (set once it is attached): a
+    /// flush that leaves replies on a full socket calls it, so the source retries them.
+    waker: std::sync::OnceLock<crate::storvsc::SourceWaker>,
 }
 
 /// Write buffers kept for reuse per connection.
@@ -167,6 +170,9 @@ struct Output {
     writing: Pending,
     /// Bytes of `writing` already sent (a flush stops where the socket is full).
     written: usize,
+    /// Since when the client has taken none of `writing` (a flush found the socket full and
+    /// it has not drained since): past the reply timeout the connection is ended.
+    stalled_since: Option<std::time::Instant>,
 }
 
 /// Whole replies waiting to be written, and the budget bytes they hold: a client that does
@@ -264,8 +270,13 @@ impl Replies {
                     continue;
                 }
             }
-            // The socket is full: keep the rest for a later flush.
+            // The socket is full: keep the rest for a later flush, by the source (which may be
+            // asleep if this is another thread).
             self.has_pending.store(true, Ordering::SeqCst);
+            drop(out);
+            if let Some(wake) = self.waker.get() {
+                wake();
+            }
             return;
         }
     }
@@ -279,7 +290,9 @@ impl Replies {
             stream,
             writing,
             written,
+            stalled_since,
         } = out;
+        let mut moved = false;
         while *written < writing.bytes.len() {
             let rest = &writing.bytes[*written..];
             let r = if wait {
@@ -292,9 +305,18 @@ impl Replies {
                     let _ = self.check(stream, Err(io::ErrorKind::WriteZero.into()));
                     break;
                 }
-                Ok(n) => *written += n,
+                Ok(n) => {
+                    *written += n;
+                    moved = true;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && !wait => return false,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && !wait => {
+                    // The stall starts now, or starts again if the client took some.
+                    if moved || stalled_since.is_none() {
+                        *stalled_since = Some(std::time::Instant::now());
+                    }
+                    return false;
+                }
                 Err(e) => {
                     let _ = self.check(stream, Err(e));
                     break;
@@ -304,7 +326,34 @@ impl Replies {
         writing.bytes.clear();
         writing.permits.clear();
         *written = 0;
+        *stalled_since = None;
         true
+    }
+
+    /// Ends the connection if its replies have waited on a full socket for longer than
+    /// `timeout` (a client that stopped reading: its budget is freed for the others). Never
+    /// waits for the lock: whoever holds it is writing.
+    fn expire_stall(&self, timeout: std::time::Duration) {
+        let Ok(mut out) = self.writer.try_lock() else {
+            return;
+        };
+        if out.stalled_since.is_some_and(|t| t.elapsed() >= timeout) {
+            let Output {
+                stream,
+                writing,
+                written,
+                stalled_since,
+            } = &mut *out;
+            tracing::info!("NBD client took no reply for {timeout:?}: closing the connection");
+            let _ = self.check(stream, Err(io::ErrorKind::TimedOut.into()));
+            writing.bytes.clear();
+            writing.permits.clear();
+            (*written, *stalled_since) = (0, None);
+            drop(out);
+            // The replies queued since are for a closed connection too.
+            *lock(&self.pending) = Pending::default();
+            self.has_pending.store(false, Ordering::SeqCst);
+        }
     }
 
     /// Sends every pending reply, waiting for the socket (at the end of a connection).
@@ -649,6 +698,7 @@ pub(crate) fn serve(
             stream: stream.try_clone()?,
             writing: Pending::default(),
             written: 0,
+            stalled_since: None,
         }),
         pending: Mutex::new(Pending::default()),
         has_pending: AtomicBool::new(false),
@@ -658,6 +708,7 @@ pub(crate) fn serve(
         idle: Condvar::new(),
         idle_lock: Mutex::new(()),
         buffers: ArrayQueue::new(POOLED_BUFFERS),
+        waker: std::sync::OnceLock::new(),
     });
     let for_hook = replies.clone();
     let batch_guard = export.device.batch_hook(Arc::new(move || for_hook.flush()));
@@ -688,9 +739,13 @@ pub(crate) fn serve(
             end: 0,
             wait: Wait::Header,
             outcome: outcome.clone(),
+            reply_timeout: limits.reply_timeout,
         };
         match export.device.attach_source(Box::new(source)) {
-            Ok(()) => events = Some((src_rx, outcome)),
+            Ok(waker) => {
+                let _ = replies.waker.set(waker);
+                events = Some((src_rx, outcome));
+            }
             Err(_) => tracing::debug!("NBD: no event loop; reading on the connection thread"),
         }
     }
@@ -871,6 +926,10 @@ impl Job {
 /// Requests an [`EventSource`] handles in one poll at most (the queue thread has other work).
 const EVENT_REQUESTS_PER_POLL: usize = 64;
 
+/// Reads of the socket an [`EventSource`] makes in one poll at most (each up to its 64 KiB
+/// buffer, or a large payload's rest).
+const EVENT_READS_PER_POLL: u32 = 8;
+
 /// Budget an error reply holds until it is written: a client that sends refused requests and
 /// reads no replies is stopped by its budget, as one sending writes is.
 const ERROR_REPLY_BUDGET: u64 = 512;
@@ -928,6 +987,8 @@ struct EventSource {
     wait: Wait,
     /// Why the source ended, if not a clean end (read by the connection's thread).
     outcome: Arc<Mutex<Option<io::Error>>>,
+    /// How long replies may wait for a client that does not read.
+    reply_timeout: std::time::Duration,
 }
 
 impl EventSource {
@@ -1122,11 +1183,23 @@ impl EventSource {
         Ok(Some(step))
     }
 
+    /// Whether the client has closed its end (or the server shut the connection down), seen
+    /// without taking any bytes: for a source that reads nothing while it waits for budget.
+    fn hung_up(&self) -> bool {
+        use rustix::net::{recv, RecvFlags};
+        let mut b = [0u8; 1];
+        matches!(
+            recv(&self.stream, &mut b, RecvFlags::PEEK | RecvFlags::DONTWAIT),
+            Ok((0, _))
+        )
+    }
+
     fn run(&mut self) -> io::Result<SourcePoll> {
         let replies = &self.conn.replies;
         if replies.has_pending.load(Ordering::SeqCst) {
             // Replies left on a full socket (or by a batch that found the socket taken).
             replies.flush();
+            replies.expire_stall(self.reply_timeout);
         }
         // Still some: the client is not reading; look again soon rather than wait for input.
         let waiting = if replies.has_pending.load(Ordering::SeqCst) {
@@ -1136,6 +1209,7 @@ impl EventSource {
         };
         let mut progress = false;
         let mut requests = 0;
+        let mut reads = 0;
         loop {
             if self.conn.replies.broken.load(Ordering::SeqCst) {
                 return Ok(SourcePoll::Done);
@@ -1155,13 +1229,22 @@ impl EventSource {
                     }
                 }
                 Step::Blocked if progress => return Ok(SourcePoll::Progress),
+                // Waiting for budget reads nothing: notice a hang-up (or the server's stop)
+                // another way.
+                Step::Blocked if self.hung_up() => return Ok(SourcePoll::Done),
                 Step::Blocked => return Ok(SourcePoll::Soon),
-                Step::Input => match self.fill()? {
-                    None => return Ok(SourcePoll::Done),
-                    Some(true) => progress = true,
-                    Some(false) if progress => return Ok(SourcePoll::Progress),
-                    Some(false) => return Ok(waiting),
-                },
+                // A bound on what one poll reads (a refused write's payload takes no budget):
+                // the queue thread has other work.
+                Step::Input if reads == EVENT_READS_PER_POLL => return Ok(SourcePoll::Progress),
+                Step::Input => {
+                    reads += 1;
+                    match self.fill()? {
+                        None => return Ok(SourcePoll::Done),
+                        Some(true) => progress = true,
+                        Some(false) if progress => return Ok(SourcePoll::Progress),
+                        Some(false) => return Ok(waiting),
+                    }
+                }
             }
         }
     }
@@ -1178,6 +1261,11 @@ impl QueueSource for EventSource {
                 SourcePoll::Done
             }
         }
+    }
+
+    fn busy(&self) -> bool {
+        // Replies waiting on a full socket: retried, whatever the input does.
+        self.conn.replies.has_pending.load(Ordering::SeqCst)
     }
 
     fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
