@@ -423,3 +423,203 @@ pub fn scsi_commands(data: &[u8]) {
         steps += 1;
     }
 }
+
+/// An in-memory disk for [`nbd_session`], with an event loop when `event` is set (a thread per
+/// source, polling it and running the batch hooks, as a storvsc queue thread does).
+struct FuzzDisk {
+    data: std::sync::Mutex<Vec<u8>>,
+    event: bool,
+    hooks: Arc<std::sync::Mutex<Vec<vsc::nbd::BatchFlush>>>,
+    /// The event-loop threads, joined at the end of the input.
+    loops: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+/// Unregisters a [`FuzzDisk`]'s batch hooks on drop.
+struct HooksGuard(Arc<std::sync::Mutex<Vec<vsc::nbd::BatchFlush>>>);
+
+impl Drop for HooksGuard {
+    fn drop(&mut self) {
+        self.0.lock().unwrap().clear();
+    }
+}
+
+impl vsc::nbd::BlockDevice for FuzzDisk {
+    fn size(&self) -> u64 {
+        self.data.lock().unwrap().len() as u64
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn block_size(&self) -> u32 {
+        512
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), vsc::nbd::IoError> {
+        let d = self.data.lock().unwrap();
+        let end = offset as usize + buf.len();
+        assert!(end <= d.len(), "a read beyond the checked size reached the device");
+        buf.copy_from_slice(&d[offset as usize..end]);
+        Ok(())
+    }
+    fn write(&self, offset: u64, data: &[u8], _fua: bool) -> Result<(), vsc::nbd::IoError> {
+        let mut d = self.data.lock().unwrap();
+        let end = offset as usize + data.len();
+        assert!(end <= d.len(), "a write beyond the checked size reached the device");
+        d[offset as usize..end].copy_from_slice(data);
+        Ok(())
+    }
+    fn flush(&self) -> Result<(), vsc::nbd::IoError> {
+        Ok(())
+    }
+    fn async_limit(&self) -> u32 {
+        if self.event {
+            1 << 20
+        } else {
+            0
+        }
+    }
+    fn batch_hook(&self, flush: vsc::nbd::BatchFlush) -> Option<Box<dyn std::any::Any + Send>> {
+        if !self.event {
+            return None;
+        }
+        self.hooks.lock().unwrap().push(flush);
+        // One connection per disk: its guard unregisters every hook (which hold its socket).
+        Some(Box::new(HooksGuard(self.hooks.clone())))
+    }
+    fn attach_source(
+        &self,
+        mut source: Box<dyn vsc::storvsc::QueueSource>,
+    ) -> Result<vsc::storvsc::SourceWaker, Box<dyn vsc::storvsc::QueueSource>> {
+        use vsc::storvsc::SourcePoll;
+        if !self.event {
+            return Err(source);
+        }
+        let hooks = self.hooks.clone();
+        let looping = std::thread::spawn(move || loop {
+            let state = source.poll();
+            let list: Vec<_> = hooks.lock().unwrap().clone();
+            for h in list {
+                h();
+            }
+            match state {
+                SourcePoll::Done => return,
+                SourcePoll::Progress => {}
+                _ => std::thread::sleep(std::time::Duration::from_micros(200)),
+            }
+        });
+        self.loops.lock().unwrap().push(looping);
+        Ok(Arc::new(|| {}))
+    }
+    fn supports_trim(&self) -> bool {
+        true
+    }
+    fn trim(&self, _offset: u64, _len: u64) -> Result<(), vsc::nbd::IoError> {
+        Ok(())
+    }
+}
+
+/// The client's bytes for [`nbd_session`]: with `handshake`, a valid fixed-newstyle handshake
+/// to export `a` (OPT_GO) comes first; with `records`, the rest is read as request records
+/// `(kind u8, flags u8, offset u16, len u16)` (offset and len in 256-byte units, plus 1 byte
+/// for an odd kind) made into requests with the right magic, a write's payload taken from the
+/// input after its record; otherwise the rest is sent as it is.
+fn nbd_client_bytes(rest: &[u8], handshake: bool, records: bool) -> Vec<u8> {
+    use vsc::nbd::proto::*;
+    let mut out = Vec::new();
+    if handshake {
+        out.extend_from_slice(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes());
+        out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        out.extend_from_slice(&OPT_GO.to_be_bytes());
+        out.extend_from_slice(&7u32.to_be_bytes()); // name length + name + info count
+        out.extend_from_slice(&1u32.to_be_bytes());
+        out.push(b'a');
+        out.extend_from_slice(&0u16.to_be_bytes());
+    }
+    if !records {
+        out.extend_from_slice(rest);
+        return out;
+    }
+    let mut rest = rest;
+    let mut cookie = 0u64;
+    while rest.len() >= 6 {
+        let kind = u16::from(rest[0] % 8);
+        let flags = u16::from(rest[1]);
+        let odd = u64::from(rest[0] >> 7);
+        let offset = u64::from(u16::from_le_bytes([rest[2], rest[3]])) * 256 + odd;
+        let len = u32::from(u16::from_le_bytes([rest[4], rest[5]])) * 256 + odd as u32;
+        rest = &rest[6..];
+        let req = Request {
+            flags,
+            kind,
+            cookie,
+            offset,
+            len,
+        };
+        cookie += 1;
+        out.extend_from_slice(&req.encode());
+        if kind == CMD_WRITE {
+            let n = (len as usize).min(rest.len());
+            out.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+        }
+    }
+    out
+}
+
+/// Feeds an NBD server connection (handshake, then transmission) a client's bytes, then
+/// shuts the client's sending side. Byte 0: bit 0 picks the event-loop path (the one `vscd`
+/// uses) or the threaded one; bits 1 and 2 make the bytes from the rest (see
+/// [`nbd_client_bytes`]). Invariants: no panic, the device is only asked for checked ranges,
+/// and the server ends the connection.
+pub fn nbd_session(data: &[u8]) {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    // A write to a closed socket must fail with EPIPE, not kill the process (a Rust main
+    // ignores SIGPIPE; libFuzzer's C main does not): any handler replaces the default action.
+    static SIGPIPE: std::sync::Once = std::sync::Once::new();
+    SIGPIPE.call_once(|| {
+        signal_hook::flag::register(
+            signal_hook::consts::SIGPIPE,
+            Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        )
+        .expect("SIGPIPE handler");
+    });
+    let mode = data.first().copied().unwrap_or(0);
+    let event = mode & 1 != 0;
+    let input = nbd_client_bytes(data.get(1..).unwrap_or_default(), mode & 2 != 0, mode & 4 != 0);
+    let disk = Arc::new(FuzzDisk {
+        data: std::sync::Mutex::new(vec![0u8; 1 << 20]),
+        event,
+        hooks: Arc::default(),
+        loops: std::sync::Mutex::default(),
+    });
+    let exports = vec![vsc::nbd::Export {
+        name: "a".into(),
+        description: String::new(),
+        device: disk.clone(),
+    }];
+    let (mut client, server) = UnixStream::pair().expect("socketpair");
+    let limits = vsc::nbd::Limits {
+        handshake_timeout: std::time::Duration::from_secs(5),
+        reply_timeout: std::time::Duration::from_secs(5),
+        workers_per_connection: 2,
+        ..vsc::nbd::Limits::default()
+    };
+    let served = std::thread::spawn(move || {
+        let _ = vsc::nbd::serve_stream(&server, &exports, &limits);
+    });
+    let mut reader = client.try_clone().expect("clone");
+    let drained = std::thread::spawn(move || {
+        let mut b = [0u8; 4096];
+        while matches!(reader.read(&mut b), Ok(n) if n > 0) {}
+    });
+    // The server may close early: a failed write is fine.
+    let _ = client.write_all(&input);
+    let _ = client.shutdown(std::net::Shutdown::Write);
+    served.join().expect("the connection's thread panicked");
+    drop(client);
+    drained.join().expect("reader");
+    // The event loop ends with its source (done before the connection's thread ends).
+    for t in std::mem::take(&mut *disk.loops.lock().unwrap()) {
+        t.join().expect("the event loop panicked");
+    }
+}

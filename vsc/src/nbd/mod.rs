@@ -29,7 +29,7 @@ mod transmission;
 
 use std::sync::Arc;
 
-pub use server::{Limits, NbdServer};
+pub use server::{serve_stream, Limits, NbdServer};
 
 /// What a device operation can fail with; each maps to one NBD error value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -316,6 +316,15 @@ impl Shared {
     }
 }
 
+/// Serves one client on a stream connected elsewhere (a socket passed in by a supervisor, a
+/// socketpair): the handshake, then transmission, until the client disconnects or breaks the
+/// protocol (an error). `limits.server_budget` applies to this connection alone;
+/// `max_connections` does not apply.
+pub fn serve_stream(stream: &UnixStream, exports: &[Export], limits: &Limits) -> io::Result<()> {
+    let global = Budget::new(limits.server_budget);
+    serve_connection(stream, exports, limits, &global)
+}
+
 /// Serves one connection: handshake, then transmission.
 pub(crate) fn serve_connection(
     stream: &UnixStream,
