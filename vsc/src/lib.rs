@@ -5,10 +5,16 @@
 //! - [`loopback`]: the loopback front end, a host process playing the guest on `vspd`'s
 //!   partition socket: guest RAM in a memfd, SIMP/SIEFP pages inside it, an eventfd as its
 //!   interrupt line.
-//! - The `vscd` binary: attaches to a running `vspd` and lists the offers it sees.
+//! - [`channel`]: the guest's end of an open channel; [`guest`]: a loopback guest with its
+//!   disks attached.
+//! - [`storvsc`]: the storvsc client: a `Controller` with a queue thread per channel (an event
+//!   loop that also runs [`storvsc::QueueSource`]s) and a `Disk` per LUN.
+//! - [`nbd`]: an NBD server; [`export`]: `Disk` as its block device; [`nbdclient`]: a small
+//!   NBD client for the demo and tests.
+//! - The `vscd` binary: attaches to a running `vspd`, lists the offers it sees (`--list`) or
+//!   exports every disk over NBD (`--nbd PATH`).
 //!
-//! Not filled in yet: the storvsc client with its NBD export and the netvsc client with its TAP
-//! export. See `docs/ARCHITECTURE.md`.
+//! Not filled in yet: the netvsc client with its TAP export. See `docs/ARCHITECTURE.md`.
 
 pub mod channel;
 pub mod client;

@@ -6,9 +6,12 @@
 //!   ([`synic`]), the server, and a worker thread per open channel ([`channel`]).
 //! - [`daemon`]: the listening socket and the session threads; [`config`]: what `vspd` offers.
 //!
-//! Not filled in yet: storvsp (a SCSI target on io_uring) and netvsp (NVSP and RNDIS on TAP);
-//! until they exist, their channels open and their packets are discarded with a warning. See
-//! `docs/ARCHITECTURE.md`.
+//! - [`storvsp`]: the storvsc protocol's host side, over [`scsi`] (the SCSI disk emulation) and
+//!   [`disk`] (io_uring on the image file or block device); [`devices`]: the device behind each
+//!   offer.
+//!
+//! Not filled in yet: netvsp (NVSP and RNDIS on TAP); until it exists, network channels open
+//! and their packets are discarded with a warning. See `docs/ARCHITECTURE.md`.
 
 pub mod channel;
 pub mod config;

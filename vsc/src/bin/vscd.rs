@@ -1,5 +1,6 @@
 //! `vscd`: the guest side as a host process. Attaches to a running `vspd` as a loopback guest
-//! and lists the channels it offers; the storage and network exports come later.
+//! and lists the channels it offers (`--list`), or exports every disk over NBD (`--nbd PATH`);
+//! the network export comes later.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
