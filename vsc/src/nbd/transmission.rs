@@ -175,6 +175,16 @@ struct Output {
     stalled_since: Option<std::time::Instant>,
 }
 
+impl Output {
+    /// Drops what is being written (sent, or given up) and its budget.
+    fn clear(&mut self) {
+        self.writing.bytes.clear();
+        self.writing.permits.clear();
+        self.written = 0;
+        self.stalled_since = None;
+    }
+}
+
 /// Whole replies waiting to be written, and the budget bytes they hold: a client that does
 /// not read its replies makes the reader wait for budget, not this buffer grow.
 #[derive(Default)]
@@ -263,12 +273,8 @@ impl Replies {
                 Err(std::sync::TryLockError::WouldBlock) => return,
             };
             self.has_pending.store(false, Ordering::SeqCst);
-            // What an earlier flush left goes first.
-            if self.write_out(&mut out, false) {
-                std::mem::swap(&mut *lock(&self.pending), &mut out.writing);
-                if self.write_out(&mut out, false) {
-                    continue;
-                }
+            if self.write_pending(&mut out, false) {
+                continue;
             }
             // The socket is full: keep the rest for a later flush, by the source (which may be
             // asleep if this is another thread).
@@ -281,6 +287,16 @@ impl Replies {
         }
     }
 
+    /// Writes what an earlier flush left, then the pending replies (see [`Self::write_out`]):
+    /// true once they are all out.
+    fn write_pending(&self, out: &mut Output, wait: bool) -> bool {
+        if !self.write_out(out, wait) {
+            return false;
+        }
+        std::mem::swap(&mut *lock(&self.pending), &mut out.writing);
+        self.write_out(out, wait)
+    }
+
     /// Writes the rest of `out.writing` (waiting for the socket with `wait`, else only what it
     /// takes now): true once it is all out (or the connection broke), and its permits are
     /// released.
@@ -291,7 +307,7 @@ impl Replies {
             writing,
             written,
             stalled_since,
-        } = out;
+        } = &mut *out;
         let mut moved = false;
         while *written < writing.bytes.len() {
             let rest = &writing.bytes[*written..];
@@ -323,10 +339,7 @@ impl Replies {
                 }
             }
         }
-        writing.bytes.clear();
-        writing.permits.clear();
-        *written = 0;
-        *stalled_since = None;
+        out.clear();
         true
     }
 
@@ -338,17 +351,9 @@ impl Replies {
             return;
         };
         if out.stalled_since.is_some_and(|t| t.elapsed() >= timeout) {
-            let Output {
-                stream,
-                writing,
-                written,
-                stalled_since,
-            } = &mut *out;
             tracing::info!("NBD client took no reply for {timeout:?}: closing the connection");
-            let _ = self.check(stream, Err(io::ErrorKind::TimedOut.into()));
-            writing.bytes.clear();
-            writing.permits.clear();
-            (*written, *stalled_since) = (0, None);
+            let _ = self.check(&out.stream, Err(io::ErrorKind::TimedOut.into()));
+            out.clear();
             drop(out);
             // The replies queued since are for a closed connection too.
             *lock(&self.pending) = Pending::default();
@@ -360,10 +365,7 @@ impl Replies {
     fn flush_all(&self) {
         let mut out = lock(&self.writer);
         self.has_pending.store(false, Ordering::SeqCst);
-        if self.write_out(&mut out, true) {
-            std::mem::swap(&mut *lock(&self.pending), &mut out.writing);
-            self.write_out(&mut out, true);
-        }
+        self.write_pending(&mut out, true);
     }
 
     /// A failed write ends the connection: the reader is woken by the shutdown.
