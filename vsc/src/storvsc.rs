@@ -10,8 +10,6 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-
-use rustix::event::epoll;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
@@ -21,6 +19,7 @@ use std::time::{Duration, Instant};
 use crossbeam_queue::SegQueue;
 use ringbuf::packet::{gpa_direct_header, OutgoingPacket, PacketKind};
 use ringbuf::Event;
+use rustix::event::epoll;
 use vmbus_proto::ring::PacketType;
 use vmbus_proto::storvsp::scsi::{self as scsi_proto, Opcode};
 use vmbus_proto::storvsp::{
@@ -358,8 +357,6 @@ struct SourceSlot {
     id: u64,
     /// In the epoll set (out of it while it waits for something else than input).
     armed: bool,
-    /// Epoll said it is readable.
-    ready: bool,
 }
 
 /// The sources a queue thread runs, and the epoll set of their descriptors (level-triggered):
@@ -384,7 +381,6 @@ impl Sources {
             state: SourcePoll::Progress,
             id,
             armed: false,
-            ready: false,
         };
         if let Err(e) = self.arm(&mut slot, true) {
             // Dropping it ends it (its connection is closed).
@@ -424,30 +420,23 @@ impl Sources {
     /// Polls the sources that may have work: whether any did some.
     fn poll(&mut self) -> bool {
         let ask = self.list.len() > DIRECT_SOURCES;
-        if ask {
-            if let Some(ep) = &self.epoll {
-                let mut events = [std::mem::MaybeUninit::<epoll::Event>::uninit(); 64];
-                let zero = rustix::event::Timespec {
-                    tv_sec: 0,
-                    tv_nsec: 0,
-                };
-                if let Ok((events, _)) = epoll::wait(ep, &mut events, Some(&zero)) {
-                    for ev in events.iter() {
-                        let id = ev.data.u64();
-                        if let Some(slot) = self.list.iter_mut().find(|s| s.id == id) {
-                            slot.ready = true;
-                        }
-                    }
-                }
+        // The ids epoll says are readable (up to 64 at a time; level-triggered, the rest are
+        // said again next time).
+        let mut events = [std::mem::MaybeUninit::<epoll::Event>::uninit(); 64];
+        let ready: &[epoll::Event] = match &self.epoll {
+            Some(ep) if ask => {
+                let zero = rustix::event::Timespec::default();
+                epoll::wait(ep, &mut events, Some(&zero)).map_or(&[], |(ready, _)| ready)
             }
-        }
+            _ => &[],
+        };
         let mut moved = false;
         let mut list = std::mem::take(&mut self.list);
         list.retain_mut(|slot| {
-            if ask && !slot.ready && slot.state == SourcePoll::Readable && !slot.src.busy() {
+            let readable = || ready.iter().any(|ev| ev.data.u64() == slot.id);
+            if ask && slot.state == SourcePoll::Readable && !slot.src.busy() && !readable() {
                 return true;
             }
-            slot.ready = false;
             slot.state = slot.src.poll();
             moved |= slot.state == SourcePoll::Progress;
             let keep = slot.state != SourcePoll::Done;
@@ -1307,17 +1296,12 @@ impl Queue {
         if let Some(fd) = watched {
             fds.push(PollFd::from_borrowed_fd(fd, PollFlags::IN));
         }
-        let ts = if retry {
-            Timespec {
-                tv_sec: 0,
-                tv_nsec: SOURCE_RETRY.as_nanos() as i64,
-            }
+        let ts = Timespec::try_from(if retry {
+            SOURCE_RETRY
         } else {
-            Timespec {
-                tv_sec: 1,
-                tv_nsec: 0,
-            }
-        };
+            Duration::from_secs(1)
+        })
+        .expect("a short timeout fits a timespec");
         let ready = match poll(&mut fds, Some(&ts)) {
             Ok(n) => n > 0,
             Err(rustix::io::Errno::INTR) => true,
