@@ -11,7 +11,6 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::proto::*;
-use super::server::serve_connection;
 use super::transmission::Budget;
 use super::*;
 use crate::storvsc::{QueueSource, SourcePoll, SourceWaker};
@@ -191,10 +190,7 @@ fn connect_with(
     client
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    let t = std::thread::spawn(move || {
-        let global = Budget::new(limits.server_budget);
-        serve_connection(&server, &exports, &limits, &global)
-    });
+    let t = std::thread::spawn(move || serve_stream(&server, &exports, &limits));
     (client, t)
 }
 
