@@ -236,6 +236,15 @@ fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
+/// Writes `data` at `offset` through `c`, reads it back and compares (`what` names the round in
+/// failures).
+fn write_read_back(c: &mut NbdClient, offset: u64, data: &[u8], what: &str) {
+    assert_eq!(c.write(offset, data, false).unwrap(), 0, "{what}: write");
+    let mut back = vec![0u8; data.len()];
+    assert_eq!(c.read(offset, &mut back).unwrap(), 0, "{what}: read");
+    assert!(back == data, "{what}: read back differs");
+}
+
 /// Asserts `got == want`, naming the first differing byte rather than dumping megabytes.
 fn assert_same(what: &str, got: &[u8], want: &[u8]) {
     assert_eq!(got.len(), want.len(), "{what}: lengths differ");
@@ -730,10 +739,7 @@ fn vanished_clients_do_not_disturb_the_others() {
             while stop.load(Ordering::SeqCst) == 0 || rounds < 20 {
                 let off = (rounds % 64) * (64 << 10);
                 let data = random_bytes(64 << 10, rounds + 1);
-                assert_eq!(c.write(off, &data, false).unwrap(), 0, "round {rounds}");
-                let mut back = vec![0u8; 64 << 10];
-                assert_eq!(c.read(off, &mut back).unwrap(), 0, "round {rounds}");
-                assert!(back == data, "round {rounds}: read back differs");
+                write_read_back(&mut c, off, &data, &format!("round {rounds}"));
                 rounds += 1;
             }
             assert_eq!(c.flush().unwrap(), 0);
@@ -905,10 +911,7 @@ fn a_client_that_stops_reading_holds_up_no_other() {
                 for round in 0..50u64 {
                     let off = (48 << 20) + k * (4 << 20) + (round % 16) * (64 << 10);
                     let data = random_bytes(64 << 10, round * 3 + k + 7);
-                    assert_eq!(c.write(off, &data, false).unwrap(), 0, "round {round}");
-                    let mut back = vec![0u8; 64 << 10];
-                    assert_eq!(c.read(off, &mut back).unwrap(), 0, "round {round}");
-                    assert!(back == data, "client {k} round {round}: read back differs");
+                    write_read_back(&mut c, off, &data, &format!("client {k} round {round}"));
                 }
                 c.disconnect();
                 50
@@ -965,10 +968,7 @@ fn with_polling_off_every_request_is_still_served() {
         for round in 0..200u64 {
             let off = (round % 64) * (64 << 10);
             let data = random_bytes(64 << 10, round + 11);
-            assert_eq!(c.write(off, &data, false).unwrap(), 0, "round {round}");
-            let mut back = vec![0u8; 64 << 10];
-            assert_eq!(c.read(off, &mut back).unwrap(), 0, "round {round}");
-            assert!(back == data, "round {round}: read back differs");
+            write_read_back(&mut c, off, &data, &format!("round {round}"));
             if round >= 200 - 64 {
                 written.push((off, data));
             }
