@@ -12,26 +12,44 @@ use std::time::Duration;
 
 use rustix::event::{poll, PollFd, PollFlags};
 
-use super::transmission::{self, Budget};
+use super::transmission::{self, Pool};
 use super::{handshake, proto, Export};
 use crate::Error;
 
 /// Bounds on what clients can make the server hold.
+///
+/// Memory: request data (reads and writes in flight, and their replies until the client takes
+/// them) is bounded per connection by `connection_budget`, and for the server by `server_budget`
+/// plus `connection_reserve` per connection. A connection takes a request's share of the server's
+/// memory from its own reserve first, so that however much the other connections hold (clients
+/// that ask for large reads and never take the replies hold their budget until the reply
+/// timeout closes them), small requests of every connection keep being served.
+///
+/// Threads: one per connection and at most `max_workers` worker threads for the requests that
+/// block (flush, trim, zeroing, large reads and writes); a connection that has none runs them
+/// on its own thread, and reads no further request meanwhile.
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Connections served at once; more are closed as soon as they are accepted.
     pub max_connections: usize,
     /// Worker threads per connection (requests of one connection in progress at once).
     pub workers_per_connection: usize,
+    /// Worker threads of the whole server.
+    pub max_workers: usize,
     /// Requests of one connection queued for a busy worker.
     pub queue_per_connection: usize,
     /// Request data (reads and writes) of one connection held in memory at once, in bytes.
+    /// Requests without data (flush, trim, write zeroes) count 4 KiB each.
     pub connection_budget: u64,
-    /// Request data held in memory by the whole server, in bytes.
+    /// Request data of each connection held in memory outside `server_budget`, in bytes: what
+    /// keeps a connection going when the others hold all of `server_budget` (0: none).
+    pub connection_reserve: u64,
+    /// Request data held in memory by all connections beyond their reserves, in bytes.
     pub server_budget: u64,
     /// The longest wait for a client's next handshake bytes; then the connection is closed.
     pub handshake_timeout: Duration,
-    /// The longest wait for a client to take a reply; then the connection is closed.
+    /// The longest a reply may wait for a client that takes none of it (the socket staying
+    /// full); then the connection is closed, freeing its budget.
     pub reply_timeout: Duration,
 }
 
@@ -39,9 +57,11 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: 64,
-            workers_per_connection: 64,
+            workers_per_connection: 16,
+            max_workers: 128,
             queue_per_connection: 64,
             connection_budget: 64 << 20,
+            connection_reserve: 1 << 20,
             server_budget: 512 << 20,
             handshake_timeout: Duration::from_secs(30),
             reply_timeout: Duration::from_secs(60),
@@ -157,7 +177,7 @@ impl NbdServer {
         let shared = Arc::new(Shared {
             exports: Arc::clone(&self.exports),
             limits: self.limits.clone(),
-            global: Budget::new(self.limits.server_budget),
+            pool: Pool::new(&self.limits),
             conns: Mutex::new(HashMap::new()),
         });
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
@@ -262,7 +282,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Shared {
     exports: Arc<[Export]>,
     limits: Limits,
-    global: Arc<Budget>,
+    pool: Arc<Pool>,
     /// The live connections, to end them on stop.
     conns: Mutex<HashMap<u64, UnixStream>>,
 }
@@ -300,7 +320,7 @@ impl Shared {
             .name(format!("nbd-conn-{id}"))
             .spawn(move || {
                 let _registered = Registered(&shared, id);
-                match serve_connection(&stream, &shared.exports, &shared.limits, &shared.global) {
+                match serve_connection(&stream, &shared.exports, &shared.limits, &shared.pool) {
                     Ok(()) => tracing::debug!(id, "NBD connection closed"),
                     Err(e) => tracing::info!(id, "NBD connection dropped: {e}"),
                 }
@@ -318,11 +338,10 @@ impl Shared {
 
 /// Serves one client on a stream connected elsewhere (a socket passed in by a supervisor, a
 /// socketpair): the handshake, then transmission, until the client disconnects or breaks the
-/// protocol (an error). `limits.server_budget` applies to this connection alone;
-/// `max_connections` does not apply.
+/// protocol (an error). `limits.server_budget` and `max_workers` apply to this connection
+/// alone; `max_connections` does not apply.
 pub fn serve_stream(stream: &UnixStream, exports: &[Export], limits: &Limits) -> io::Result<()> {
-    let global = Budget::new(limits.server_budget);
-    serve_connection(stream, exports, limits, &global)
+    serve_connection(stream, exports, limits, &Pool::new(limits))
 }
 
 /// Serves one connection: handshake, then transmission.
@@ -330,7 +349,7 @@ pub(crate) fn serve_connection(
     stream: &UnixStream,
     exports: &[Export],
     limits: &Limits,
-    global: &Arc<Budget>,
+    pool: &Arc<Pool>,
 ) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(limits.handshake_timeout))?;
@@ -342,5 +361,5 @@ pub(crate) fn serve_connection(
     let export = &exports[i];
     tracing::debug!(export = %export.name, "NBD transmission");
     stream.set_read_timeout(None)?;
-    transmission::serve(stream, export, limits, global)
+    transmission::serve(stream, export, limits, pool)
 }
