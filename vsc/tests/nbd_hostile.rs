@@ -1,6 +1,6 @@
 //! The NBD server against hostile clients written here on raw sockets: clients that ask for
-//! large reads and never take the replies, that pipeline thousands of flushes and trims. Each
-//! time a well-behaved client keeps
+//! large reads and never take the replies, that pipeline thousands of flushes and trims, that
+//! open connections and never finish their handshake. Each time a well-behaved client keeps
 //! being served (verified I/O, within a liveness timeout) and the server's threads stay
 //! bounded. The server runs in this process over a memory device.
 
@@ -9,7 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vsc::nbd::{proto, BlockDevice, Export, IoError, Limits, NbdServer};
 use vsc::nbdclient::NbdClient;
@@ -338,4 +338,98 @@ fn pipelined_flushes_and_trims_keep_threads_bounded_and_are_all_answered() {
         "{server_threads} server threads for {CONNECTIONS} connections"
     );
     good_client(&server.socket, 4, 10);
+}
+
+/// Connects and reads the greeting, then says nothing more.
+fn dawdle(socket: &Path) -> UnixStream {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    s
+}
+
+/// Whether the server closed `s` (end of stream, or a reset) within its read timeout.
+fn closed(s: &mut UnixStream) -> bool {
+    let mut b = [0u8; 64];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn handshakes_that_never_finish_hold_no_place_of_a_served_client() {
+    let limits = Limits {
+        max_connections: 4,
+        max_handshakes: 4,
+        handshake_timeout: Duration::from_secs(30),
+        ..Limits::default()
+    };
+    let server = Running::start("slowhs", MemDevice::new(1 << 20, Duration::ZERO), limits);
+    // As many dawdlers as there are connections (and handshakes) allowed.
+    let mut dawdlers: Vec<UnixStream> = (0..4).map(|_| dawdle(&server.socket)).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    // A good client is served at once: its handshake takes the oldest dawdler's place.
+    good_client(&server.socket, 4, 10);
+    dawdlers[0]
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert!(closed(&mut dawdlers[0]), "the oldest dawdler was kept");
+    // Served clients up to max_connections, with dawdlers about: all served.
+    let socket = server.socket.clone();
+    let served: Vec<NbdClient> = within(10, "four served clients", move || {
+        (0..4)
+            .map(|_| NbdClient::connect(&socket, "disk").unwrap())
+            .collect()
+    });
+    for mut c in served {
+        let mut b = vec![0u8; 4096];
+        assert_eq!(c.read(0, &mut b).unwrap(), 0);
+        c.disconnect();
+    }
+}
+
+#[test]
+fn a_handshake_that_trickles_is_closed_at_the_handshake_deadline() {
+    let limits = Limits {
+        handshake_timeout: Duration::from_secs(2),
+        ..Limits::default()
+    };
+    let server = Running::start("trickle", MemDevice::new(1 << 20, Duration::ZERO), limits);
+    let mut s = dawdle(&server.socket);
+    let start = Instant::now();
+    // The client flags and an NBD_OPT_LIST header, one byte every 300 ms: each byte well within
+    // any per-read timeout, the whole far beyond the deadline.
+    let mut bytes = (proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES)
+        .to_be_bytes()
+        .to_vec();
+    bytes.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+    bytes.extend_from_slice(&proto::OPT_LIST.to_be_bytes());
+    bytes.extend_from_slice(&0u32.to_be_bytes());
+    let mut refused = false;
+    for b in bytes {
+        if s.write_all(&[b]).is_err() {
+            refused = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        if start.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+    }
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(
+        refused || closed(&mut s),
+        "the trickling handshake was kept"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "closed only after {:?}",
+        start.elapsed()
+    );
 }

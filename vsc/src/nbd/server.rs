@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustix::event::{poll, PollFd, PollFlags};
 
@@ -16,7 +16,7 @@ use super::transmission::{self, Pool};
 use super::{handshake, proto, Export};
 use crate::Error;
 
-/// Bounds on what clients can make the server hold.
+/// Bounds on what clients can make the server hold. Each one is a `vscd --nbd-*` option.
 ///
 /// Memory: request data (reads and writes in flight, and their replies until the client takes
 /// them) is bounded per connection by `connection_budget`, and for the server by `server_budget`
@@ -25,13 +25,19 @@ use crate::Error;
 /// that ask for large reads and never take the replies hold their budget until the reply
 /// timeout closes them), small requests of every connection keep being served.
 ///
-/// Threads: one per connection and at most `max_workers` worker threads for the requests that
-/// block (flush, trim, zeroing, large reads and writes); a connection that has none runs them
-/// on its own thread, and reads no further request meanwhile.
+/// Threads: one per connection (handshakes included) and at most `max_workers` worker threads for
+/// the requests that block (flush, trim, zeroing, large reads and writes); a connection that has
+/// none runs them on its own thread, and reads no further request meanwhile.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Connections served at once; more are closed as soon as they are accepted.
+    /// Connections past their handshake served at once; more are closed as soon as they are
+    /// accepted (or, if the cap was reached meanwhile, once their handshake is done).
     pub max_connections: usize,
+    /// Connections in their handshake at once (they do not count against `max_connections`);
+    /// when a new one arrives with this many, the one that has been at it longest is closed.
+    pub max_handshakes: usize,
+    /// The longest a whole handshake may take; then the connection is closed.
+    pub handshake_timeout: Duration,
     /// Worker threads per connection (requests of one connection in progress at once).
     pub workers_per_connection: usize,
     /// Worker threads of the whole server.
@@ -46,8 +52,6 @@ pub struct Limits {
     pub connection_reserve: u64,
     /// Request data held in memory by all connections beyond their reserves, in bytes.
     pub server_budget: u64,
-    /// The longest wait for a client's next handshake bytes; then the connection is closed.
-    pub handshake_timeout: Duration,
     /// The longest a reply may wait for a client that takes none of it (the socket staying
     /// full); then the connection is closed, freeing its budget.
     pub reply_timeout: Duration,
@@ -57,13 +61,14 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: 64,
+            max_handshakes: 16,
+            handshake_timeout: Duration::from_secs(10),
             workers_per_connection: 16,
             max_workers: 128,
             queue_per_connection: 64,
             connection_budget: 64 << 20,
             connection_reserve: 1 << 20,
             server_budget: 512 << 20,
-            handshake_timeout: Duration::from_secs(30),
             reply_timeout: Duration::from_secs(60),
         }
     }
@@ -221,8 +226,8 @@ impl NbdServer {
             }
         }
         tracing::info!(path = %self.path.display(), "NBD server stopping");
-        for s in lock(&shared.conns).values() {
-            let _ = s.shutdown(std::net::Shutdown::Read);
+        for c in lock(&shared.conns).values() {
+            let _ = c.stream.shutdown(std::net::Shutdown::Read);
         }
         for t in threads {
             let _ = t.join();
@@ -283,8 +288,17 @@ struct Shared {
     exports: Arc<[Export]>,
     limits: Limits,
     pool: Arc<Pool>,
-    /// The live connections, to end them on stop.
-    conns: Mutex<HashMap<u64, UnixStream>>,
+    /// The live connections, to end them on stop (and handshakes that take too long).
+    conns: Mutex<HashMap<u64, Conn>>,
+}
+
+/// A live connection.
+struct Conn {
+    stream: UnixStream,
+    /// Since when it is in its handshake; `None` once served.
+    handshake: Option<Instant>,
+    /// Closed to make room for a newer handshake (its thread is ending).
+    evicted: bool,
 }
 
 /// Removes a connection from the registry when its thread ends.
@@ -297,17 +311,47 @@ impl Drop for Registered<'_> {
 }
 
 impl Shared {
-    /// Starts a thread for a new connection, or refuses it by closing.
+    /// Starts a thread for a new connection, or refuses it by closing. A connection in its
+    /// handshake takes one of `max_handshakes` places, the oldest one's if they are all taken
+    /// (a client that opens connections and dawdles cannot keep others from being served).
     fn start(this: &Arc<Self>, id: u64, stream: UnixStream) -> Option<JoinHandle<()>> {
         {
             let mut conns = lock(&this.conns);
-            if conns.len() >= this.limits.max_connections {
-                tracing::warn!("NBD: {} connections already, refusing another", conns.len());
+            let served = conns.values().filter(|c| c.handshake.is_none()).count();
+            if served >= this.limits.max_connections {
+                tracing::warn!("NBD: {served} connections already, refusing another");
                 return None;
+            }
+            // Evicted connections linger until their threads notice: bounded too.
+            let max_handshakes = this.limits.max_handshakes.max(1);
+            if conns.len() - served >= 2 * max_handshakes {
+                tracing::warn!("NBD: too many connections closing, refusing another");
+                return None;
+            }
+            let mut handshaking: Vec<(&u64, &mut Conn)> = conns
+                .iter_mut()
+                .filter(|(_, c)| c.handshake.is_some() && !c.evicted)
+                .collect();
+            if handshaking.len() >= max_handshakes {
+                handshaking.sort_by_key(|(_, c)| c.handshake);
+                let (old, c) = &mut handshaking[0];
+                tracing::info!(
+                    id = **old,
+                    "NBD: {max_handshakes} handshakes in progress; closing the oldest"
+                );
+                let _ = c.stream.shutdown(std::net::Shutdown::Both);
+                c.evicted = true;
             }
             match stream.try_clone() {
                 Ok(s) => {
-                    conns.insert(id, s);
+                    conns.insert(
+                        id,
+                        Conn {
+                            stream: s,
+                            handshake: Some(Instant::now()),
+                            evicted: false,
+                        },
+                    );
                 }
                 Err(e) => {
                     tracing::warn!("NBD: cannot register a connection: {e}");
@@ -320,7 +364,15 @@ impl Shared {
             .name(format!("nbd-conn-{id}"))
             .spawn(move || {
                 let _registered = Registered(&shared, id);
-                match serve_connection(&stream, &shared.exports, &shared.limits, &shared.pool) {
+                let ready = || shared.ready(id);
+                let r = serve_connection(
+                    &stream,
+                    &shared.exports,
+                    &shared.limits,
+                    &shared.pool,
+                    &ready,
+                );
+                match r {
                     Ok(()) => tracing::debug!(id, "NBD connection closed"),
                     Err(e) => tracing::info!(id, "NBD connection dropped: {e}"),
                 }
@@ -334,14 +386,71 @@ impl Shared {
             }
         }
     }
+
+    /// A connection's handshake is done: whether it may be served (it was not evicted, and
+    /// `max_connections` is not reached).
+    fn ready(&self, id: u64) -> bool {
+        let mut conns = lock(&self.conns);
+        let served = conns.values().filter(|c| c.handshake.is_none()).count();
+        match conns.get_mut(&id) {
+            Some(c) if !c.evicted && served < self.limits.max_connections => {
+                c.handshake = None;
+                true
+            }
+            _ => {
+                tracing::warn!(id, "NBD: no room left for a connection past its handshake");
+                false
+            }
+        }
+    }
 }
 
 /// Serves one client on a stream connected elsewhere (a socket passed in by a supervisor, a
 /// socketpair): the handshake, then transmission, until the client disconnects or breaks the
 /// protocol (an error). `limits.server_budget` and `max_workers` apply to this connection
-/// alone; `max_connections` does not apply.
+/// alone; `max_connections` and `max_handshakes` do not apply.
 pub fn serve_stream(stream: &UnixStream, exports: &[Export], limits: &Limits) -> io::Result<()> {
-    serve_connection(stream, exports, limits, &Pool::new(limits))
+    serve_connection(stream, exports, limits, &Pool::new(limits), &|| true)
+}
+
+/// The stream during the handshake: each read and write may wait only for what is left until
+/// the handshake's deadline, so that the whole handshake, not each step, is bounded.
+struct Deadline<'a> {
+    stream: &'a UnixStream,
+    deadline: Instant,
+}
+
+impl Deadline<'_> {
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "handshake not done within the handshake timeout",
+            ));
+        }
+        Ok(left)
+    }
+}
+
+impl io::Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.set_read_timeout(Some(self.left()?))?;
+        let mut s = self.stream;
+        s.read(buf)
+    }
+}
+
+impl io::Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stream.set_write_timeout(Some(self.left()?))?;
+        let mut s = self.stream;
+        s.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Serves one connection: handshake, then transmission.
@@ -350,16 +459,22 @@ pub(crate) fn serve_connection(
     exports: &[Export],
     limits: &Limits,
     pool: &Arc<Pool>,
+    ready: &dyn Fn() -> bool,
 ) -> io::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(limits.handshake_timeout))?;
-    stream.set_write_timeout(Some(limits.reply_timeout))?;
-    let mut s = stream;
+    let mut s = Deadline {
+        stream,
+        deadline: Instant::now() + limits.handshake_timeout,
+    };
     let Some(i) = handshake::negotiate(&mut s, exports)? else {
         return Ok(());
     };
+    if !ready() {
+        return Ok(());
+    }
     let export = &exports[i];
     tracing::debug!(export = %export.name, "NBD transmission");
     stream.set_read_timeout(None)?;
+    stream.set_write_timeout(None)?;
     transmission::serve(stream, export, limits, pool)
 }
