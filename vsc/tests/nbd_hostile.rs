@@ -5,6 +5,7 @@
 //! bounded. The server runs in this process over a memory device.
 
 use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -432,4 +433,55 @@ fn a_handshake_that_trickles_is_closed_at_the_handshake_deadline() {
         "closed only after {:?}",
         start.elapsed()
     );
+}
+
+#[test]
+fn the_socket_is_created_private_whatever_the_umask() {
+    // With a umask of 0 a socket bound and then chmod'ed is 0777 until the chmod. The server's
+    // file must have mode 0600 from the moment it exists: it is 0600 once bound, and no change
+    // of attributes (inotify's IN_ATTRIB, which a chmod raises) happened to any file in the
+    // directory since the watch began, so it never had another mode.
+    use rustix::fs::inotify;
+    let dir = TempDir::new("mode");
+    let socket = dir.0.join("nbd.sock");
+    let watch =
+        inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC).unwrap();
+    inotify::add_watch(
+        &watch,
+        &dir.0,
+        inotify::WatchFlags::CREATE | inotify::WatchFlags::ATTRIB | inotify::WatchFlags::MOVED_TO,
+    )
+    .unwrap();
+    let old = rustix::process::umask(rustix::fs::Mode::empty());
+    let export = Export {
+        name: "disk".into(),
+        description: String::new(),
+        device: MemDevice::new(1 << 20, Duration::ZERO),
+    };
+    let server = NbdServer::bind(&socket, vec![export]);
+    rustix::process::umask(old);
+    let server = server.unwrap();
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+    let mut buf = [std::mem::MaybeUninit::uninit(); 4096];
+    let mut events = inotify::Reader::new(&watch, &mut buf);
+    let mut created = 0;
+    loop {
+        match events.next() {
+            Ok(e) => {
+                let name = e.file_name().map(|n| n.to_string_lossy().into_owned());
+                assert!(
+                    !e.events().contains(inotify::ReadFlags::ATTRIB),
+                    "{name:?}: its attributes changed after it was created"
+                );
+                if e.events().contains(inotify::ReadFlags::CREATE) {
+                    created += 1;
+                }
+            }
+            Err(rustix::io::Errno::AGAIN) => break,
+            Err(e) => panic!("inotify: {e}"),
+        }
+    }
+    assert!(created > 0, "no file creation seen");
+    drop(server);
 }

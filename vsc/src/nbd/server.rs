@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -248,8 +248,9 @@ impl Drop for NbdServer {
     }
 }
 
-/// Binds at `path` with mode 0600 from the start: bound under a temporary name in the same
-/// directory, chmod'ed, then renamed over `path` (which also replaces a stale socket atomically).
+/// Binds at `path` with mode 0600 from the start (see [`listen_private`]): bound under a
+/// temporary name in the same directory, then renamed over `path` (which also replaces a stale
+/// socket atomically).
 fn bind_private(path: &Path) -> Result<UnixListener, Error> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -258,11 +259,9 @@ fn bind_private(path: &Path) -> Result<UnixListener, Error> {
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
-    let private = |p: &Path| std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600));
-    match UnixListener::bind(&tmp) {
+    match listen_private(&tmp) {
         Ok(l) => {
-            let r = private(&tmp).and_then(|()| std::fs::rename(&tmp, path));
-            if let Err(e) = r {
+            if let Err(e) = std::fs::rename(&tmp, path) {
                 let _ = std::fs::remove_file(&tmp);
                 return Err(io_err(format!("binding {}", path.display()))(e));
             }
@@ -271,12 +270,26 @@ fn bind_private(path: &Path) -> Result<UnixListener, Error> {
         Err(_) => {
             // The temporary name may not fit in a socket address: bind in place.
             let _ = std::fs::remove_file(path);
-            let l =
-                UnixListener::bind(path).map_err(io_err(format!("binding {}", path.display())))?;
-            private(path).map_err(io_err(format!("chmod {}", path.display())))?;
-            Ok(l)
+            listen_private(path).map_err(io_err(format!("binding {}", path.display())))
         }
     }
+}
+
+/// A listening Unix socket whose file at `path` has mode 0600 (less the umask) from the moment
+/// it exists: the mode is set on the socket before `bind`, which creates the file with the
+/// socket's mode (Linux), so no client can connect in a window before a `chmod`.
+pub(crate) fn listen_private(path: &Path) -> io::Result<UnixListener> {
+    use rustix::net::{bind, listen, socket_with, AddressFamily, SocketAddrUnix, SocketFlags};
+    let fd = socket_with(
+        AddressFamily::UNIX,
+        rustix::net::SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(0o600))?;
+    bind(&fd, &SocketAddrUnix::new(path)?)?;
+    listen(&fd, 128)?;
+    Ok(UnixListener::from(fd))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
