@@ -1030,6 +1030,20 @@ fn clients_that_never_read_their_large_reads_starve_no_other() {
         });
     }
     c.disconnect();
+    // And a real client: qemu-io writes, reads back and verifies a pattern, then flushes.
+    if have_qemu("clients_that_never_read_their_large_reads_starve_no_other") {
+        let uri = guest.uri("disk0");
+        within(10, "qemu-io", move || {
+            qemu_io(
+                &uri,
+                &[
+                    "write -P 0x5a 68m 4k".into(),
+                    "read -P 0x5a 68m 4k".into(),
+                    "flush".into(),
+                ],
+            )
+        });
+    }
     drop(hostile);
     guest.stop();
 }
