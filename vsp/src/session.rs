@@ -213,6 +213,9 @@ impl SessionHandle {
     }
 }
 
+/// Rate limit of the "front end dropped" warnings, across the daemon.
+static DROPPED_LOG: Mutex<LogLimit> = Mutex::new(LogLimit::new(10, Duration::from_secs(60)));
+
 /// Most guest memory regions a partition may register.
 pub const MAX_REGIONS: usize = 64;
 
@@ -266,7 +269,16 @@ impl Session {
         self.server.reset(&mut out);
         self.channels.clear();
         match &end {
-            End::Failed(e) => tracing::warn!(error = %e, "front end dropped"),
+            End::Failed(e) => {
+                // A front end can fail its session in a loop: rate-limited across the daemon.
+                let allowed = DROPPED_LOG
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .allow();
+                if let Some(suppressed) = allowed {
+                    tracing::warn!(error = %e, suppressed, "front end dropped");
+                }
+            }
             e => tracing::info!(end = ?e, "session ended"),
         }
         end
@@ -683,5 +695,107 @@ impl Partition {
         if let Some(m) = self.building.take() {
             self.mem = Arc::new(m);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(limits: SessionLimits) -> (Session, SessionHandle, SeqPacket, Arc<Event>) {
+        let (ours, theirs) = SeqPacket::pair().unwrap();
+        let stop = Arc::new(Event::new().unwrap());
+        let config = SessionConfig {
+            server: ServerConfig::default(),
+            limits,
+        };
+        let (s, h) =
+            Session::new(ours, stop.clone(), config, &[], unimplemented_devices()).unwrap();
+        (s, h, theirs, stop)
+    }
+
+    #[test]
+    fn requests_are_state_not_a_queue() {
+        let (s, h, _front, _stop) = session(SessionLimits::default());
+        let (a, b) = (Guid([1; 16]), Guid([2; 16]));
+        for i in 0..100_000u32 {
+            assert!(h.request_subchannels(a, (i % 3) as u16 + 1));
+        }
+        assert!(h.request_subchannels(b, 1));
+        for _ in 0..1000 {
+            assert!(h.set_offers(Vec::new()));
+        }
+        {
+            let w = s.wanted.state.lock().unwrap();
+            assert_eq!(w.subchannels, [(a, 3), (b, 1)]);
+            assert_eq!(w.offers.as_deref(), Some(&[][..]));
+        }
+        assert!(s.wanted.event.is_signalled());
+        drop(s);
+        assert!(!h.request_subchannels(a, 1), "the session is gone");
+        assert!(!h.set_offers(Vec::new()));
+    }
+
+    /// Sends HELLO, then requests that each get a reply, reading none, until the socket is
+    /// full; returns when the daemon's side stops reading.
+    fn flood_without_reading(front: &SeqPacket) {
+        let hello = wire::encode(
+            Kind::HELLO,
+            &wire::Hello {
+                version: wire::VERSION,
+                vp_count: 1,
+            },
+        );
+        front.send(&hello, &[]).unwrap();
+        let req = wire::encode(Kind::ADD_MEMORY, &wire::AddMemory::default());
+        let mut full = 0;
+        while full < 100 {
+            match front.try_send(&req, &[]) {
+                Ok(true) => full = 0,
+                Ok(false) => {
+                    full += 1;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    #[test]
+    fn a_front_end_that_reads_no_replies_is_dropped() {
+        let (s, _h, front, _stop) = session(SessionLimits {
+            reply_timeout: Duration::from_millis(200),
+            ..SessionLimits::default()
+        });
+        let t = std::thread::spawn(move || s.run());
+        flood_without_reading(&front);
+        let end = t.join().unwrap();
+        assert!(
+            matches!(end, End::Failed(SessionError::Stalled(_))),
+            "{end:?}"
+        );
+    }
+
+    #[test]
+    fn shutdown_ends_a_session_waiting_for_room() {
+        let (s, _h, front, stop) = session(SessionLimits {
+            reply_timeout: Duration::from_secs(3600),
+            ..SessionLimits::default()
+        });
+        let t = std::thread::spawn(move || s.run());
+        flood_without_reading(&front);
+        stop.signal().unwrap();
+        assert!(matches!(t.join().unwrap(), End::Shutdown));
+    }
+
+    #[test]
+    fn garbage_is_a_protocol_error() {
+        let (s, _h, front, _stop) = session(SessionLimits::default());
+        let t = std::thread::spawn(move || s.run());
+        front.send(b"\xff\xff\xff\xff\0\0\0\0", &[]).unwrap();
+        assert!(matches!(
+            t.join().unwrap(),
+            End::Failed(SessionError::Protocol(_))
+        ));
     }
 }
