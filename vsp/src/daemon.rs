@@ -185,7 +185,9 @@ impl Daemon {
             ) {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot start a session");
+                    if let Some(suppressed) = self.refusals.allow() {
+                        tracing::warn!(error = %e, suppressed, "cannot start a session");
+                    }
                     continue;
                 }
             };
@@ -195,7 +197,11 @@ impl Daemon {
                     session.run();
                 }) {
                 Ok(t) => sessions.push((t, handle)),
-                Err(e) => tracing::warn!(error = %e, "cannot start a session thread"),
+                Err(e) => {
+                    if let Some(suppressed) = self.refusals.allow() {
+                        tracing::warn!(error = %e, suppressed, "cannot start a session thread");
+                    }
+                }
             }
         };
         tracing::info!(sessions = sessions.len(), "shutting down");
