@@ -429,7 +429,8 @@ fn a_create_sub_channels_flood_stays_bounded() {
         peak < rss0 + 32 * 1024,
         "vspd grew from {rss0} to {peak} KiB"
     );
-    assert_eq!(threads1, threads0, "no thread per request");
+    // No thread per request (a few io-wq workers may come and go with the good guest's I/O).
+    assert!(threads1 <= threads0 + 8, "threads {threads0} -> {threads1}");
     // Each controller was offered subchannels 1 to 3, once each.
     let mut subs = Vec::new();
     while let Some(ev) = client.next_event(Duration::from_millis(500)).unwrap() {
