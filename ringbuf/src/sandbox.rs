@@ -43,6 +43,8 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_newfstatat,
     libc::SYS_statx,
     libc::SYS_lseek,
+    libc::SYS_readlink,
+    libc::SYS_readlinkat,
     libc::SYS_open,
     libc::SYS_openat,
     libc::SYS_unlink,
@@ -127,9 +129,33 @@ fn eq(arg: u8, len: SeccompCmpArgLen, value: u64) -> Result<SeccompRule, Error> 
     SeccompRule::new(vec![c]).map_err(|e| Error::Sandbox(e.to_string()))
 }
 
+/// What happens to a call the allowlist does not name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mismatch {
+    /// It fails with EPERM (the default: see the module's documentation).
+    Eperm,
+    /// The process is killed (SIGSYS). The test suites run the daemons so, through
+    /// [`MISMATCH_ENV`], so that a call the list misses fails a test loudly instead of
+    /// turning into an I/O error somebody might ignore.
+    Kill,
+}
+
+/// The environment variable that picks [`Mismatch`]: `kill`, or anything else for EPERM.
+pub const MISMATCH_ENV: &str = "VMBUS_SECCOMP_MISMATCH";
+
+impl Mismatch {
+    /// From [`MISMATCH_ENV`].
+    pub fn from_env() -> Self {
+        match std::env::var(MISMATCH_ENV).as_deref() {
+            Ok("kill") => Self::Kill,
+            _ => Self::Eperm,
+        }
+    }
+}
+
 /// The filter, compiled for this machine.
 #[allow(clippy::unnecessary_cast)]
-pub fn filter() -> Result<BpfProgram, Error> {
+pub fn filter(mismatch: Mismatch) -> Result<BpfProgram, Error> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         ALLOWED.iter().map(|&n| (n, Vec::new())).collect();
     rules.insert(
@@ -154,22 +180,21 @@ pub fn filter() -> Result<BpfProgram, Error> {
     let arch: TargetArch = std::env::consts::ARCH
         .try_into()
         .map_err(|_| Error::Sandbox(format!("no filter for {}", std::env::consts::ARCH)))?;
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Errno(libc::EPERM as u32),
-        SeccompAction::Allow,
-        arch,
-    )
-    .map_err(|e| Error::Sandbox(e.to_string()))?;
+    let on_mismatch = match mismatch {
+        Mismatch::Eperm => SeccompAction::Errno(libc::EPERM as u32),
+        Mismatch::Kill => SeccompAction::KillProcess,
+    };
+    let filter = SeccompFilter::new(rules, on_mismatch, SeccompAction::Allow, arch)
+        .map_err(|e| Error::Sandbox(e.to_string()))?;
     filter
         .try_into()
         .map_err(|e: seccompiler::BackendError| Error::Sandbox(e.to_string()))
 }
 
-/// Installs the filter on every thread of the process (and so on every thread started later).
-/// It cannot be removed.
+/// Installs the filter on every thread of the process (and so on every thread started later),
+/// with the [`Mismatch`] action [`MISMATCH_ENV`] names. It cannot be removed.
 pub fn install() -> Result<(), Error> {
-    let program = filter()?;
+    let program = filter(Mismatch::from_env())?;
     seccompiler::apply_filter_all_threads(&program).map_err(|e| Error::Sandbox(e.to_string()))
 }
 

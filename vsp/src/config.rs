@@ -85,6 +85,9 @@ pub struct Config {
     pub max_total_gpadl_bytes: Option<u64>,
     /// Most channel messages queued per VP for a guest that does not take them (default 1024).
     pub max_queued_messages: Option<usize>,
+    /// Run under the seccomp filter once set up (default true; `--no-seccomp` turns it off,
+    /// for debugging). See `ringbuf::sandbox`.
+    pub seccomp: Option<bool>,
 }
 
 impl Config {

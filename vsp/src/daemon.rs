@@ -276,6 +276,18 @@ pub fn serve(
             }
         })
         .map_err(Error::Thread)?;
+    // Everything that needs more than serving does (binding the socket, the signal handlers)
+    // is done: from here on every thread runs under the seccomp allowlist.
+    if config.seccomp.unwrap_or(true) {
+        if let Err(e) = ringbuf::sandbox::install() {
+            handle.close();
+            let _ = signal_thread.join();
+            return Err(e.into());
+        }
+        tracing::info!("seccomp filter installed");
+    } else {
+        tracing::warn!("running without the seccomp filter (--no-seccomp)");
+    }
     let result = daemon.run(|| registry.update(&reload()?));
     handle.close();
     let _ = signal_thread.join();

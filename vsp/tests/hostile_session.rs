@@ -606,3 +606,25 @@ fn only_allowed_uids_may_connect() {
     let g = guest(&d.socket);
     verified_io(&g.disk, 0);
 }
+
+#[test]
+fn vspd_serves_under_the_seccomp_filter_unless_told_not_to() {
+    // The launcher sets the filter to kill vspd on any call it does not allow, so every other
+    // test here also shows the allowlist covers what serving does.
+    let mut d = vspd("seccomp", "", &[]);
+    let g = guest(&d.socket);
+    verified_io(&g.disk, 1);
+    assert_eq!(d.status_field("Seccomp:"), 2, "vspd runs under a filter");
+    assert!(d.try_wait().is_none(), "vspd died");
+    drop(g);
+    stop_in_bounded_time(&mut d);
+
+    let d = vspd("no-seccomp", "", &["--no-seccomp"]);
+    let g = guest(&d.socket);
+    verified_io(&g.disk, 2);
+    assert_eq!(
+        d.status_field("Seccomp:"),
+        0,
+        "--no-seccomp installs no filter"
+    );
+}

@@ -50,6 +50,11 @@ struct Args {
     /// Most GPADLs one guest may hold (default 4096).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_gpadls: Option<u64>,
+    /// Run without the seccomp filter (for debugging: strace, gdb). By default, once the
+    /// socket is bound, every thread runs under an allowlist of the system calls serving
+    /// needs; anything else (running programs, network sockets, tracing) fails with EPERM.
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 fn main() -> ExitCode {
@@ -98,6 +103,9 @@ fn load(args: &Args) -> Result<Config, vsp::Error> {
     }
     if let Some(n) = args.max_gpadls {
         config.max_gpadls = Some(n as usize);
+    }
+    if args.no_seccomp {
+        config.seccomp = Some(false);
     }
     config.validate()?;
     Ok(config)
