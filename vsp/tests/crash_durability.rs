@@ -49,6 +49,9 @@ const BLOCKS: u64 = 2048;
 /// Client connections, each writing its own quarter of the image (so that the order of the
 /// versions of a block is known: one connection has one request in flight).
 const CLIENTS: u64 = 4;
+/// The blocks of a large write: 1.2 MiB, more than one request to the host
+/// (`vsc::storvsc::MAX_TRANSFER`), so that it travels as pieces in flight together.
+const LARGE: u64 = 300;
 /// Guest memory of the in-process guest: room for one disk's bounce pages.
 const GUEST_MEMORY: u64 = 64 << 20;
 /// "VSPCRASH": the start of every block the workload writes.
@@ -160,8 +163,8 @@ struct Shared {
 }
 
 /// Runs client `k`'s workload on a new connection until a request fails: writes of 1, 2 or 4
-/// blocks at random places of its region, a quarter of them FUA, and a FLUSH every eighth
-/// request on average. It says `ready` once connected, then waits for the round to start.
+/// blocks (and one in 32 of [`LARGE`] blocks) at random places of its region, a quarter of them
+/// FUA, and a FLUSH every eighth request on average. It says `ready` once connected, then waits for the round to start.
 fn client(
     socket: PathBuf,
     round: u32,
@@ -205,7 +208,11 @@ fn client(
             }
             ("flush", r)
         } else {
-            let blocks = [1, 1, 1, 1, 1, 2, 2, 4][rng.below(8) as usize];
+            let blocks = if rng.below(32) == 0 {
+                LARGE
+            } else {
+                [1, 1, 1, 1, 1, 2, 2, 4][rng.below(8) as usize]
+            };
             let first = lo + rng.below(hi - lo - blocks + 1);
             let fua = rng.below(4) == 0;
             seq += 1;
