@@ -142,8 +142,9 @@ struct ClientLog {
     flushes: Vec<u64>,
     /// How it stopped.
     end: String,
-    /// A request that failed while vspd was still meant to be alive.
-    early_error: Option<String>,
+    /// What went wrong: a request failed while vspd was still meant to be alive, or none
+    /// failed though it was killed.
+    fault: Option<String>,
 }
 
 /// The blocks client `k` writes.
@@ -164,7 +165,8 @@ struct Shared {
 
 /// Runs client `k`'s workload on a new connection until a request fails: writes of 1, 2 or 4
 /// blocks (and one in 32 of [`LARGE`] blocks) at random places of its region, a quarter of them
-/// FUA, and a FLUSH every eighth request on average. It says `ready` once connected, then waits for the round to start.
+/// FUA, and a FLUSH every eighth request on average. It says `ready` once connected, then
+/// waits for the round to start.
 fn client(
     socket: PathBuf,
     round: u32,
@@ -198,6 +200,7 @@ fn client(
     loop {
         if Instant::now() > deadline {
             log.end = "still running after 30 s".into();
+            log.fault = Some("no request failed within 30 s, though vspd was killed".into());
             break;
         }
         let (what, result) = if rng.below(8) == 0 {
@@ -244,7 +247,7 @@ fn client(
             Err(e) => format!("{what}: {e}"),
         };
         if !killed.load(Ordering::SeqCst) {
-            log.early_error = Some(failure.clone());
+            log.fault = Some(format!("failed before the kill: {failure}"));
         }
         log.end = failure;
         break;
@@ -515,9 +518,9 @@ fn round(t: &Target<'_>, r: u32, direct: bool, seed: u64, prior: &[u8]) -> Tally
     guest.stop(false);
     for (k, l) in logs.iter().enumerate() {
         assert!(
-            l.early_error.is_none(),
-            "round {r} (seed {seed:#x}): client {k} saw a request fail before the kill: {}",
-            l.early_error.as_deref().unwrap_or_default()
+            l.fault.is_none(),
+            "round {r} (seed {seed:#x}): client {k}: {}",
+            l.fault.as_deref().unwrap_or_default()
         );
     }
     let img = t.read();
