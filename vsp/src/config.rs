@@ -31,7 +31,42 @@ pub struct DiskConfig {
     /// The disk's LUN on its controller (0 to 63); by default the next free one.
     #[serde(default)]
     pub lun: Option<u8>,
+    /// The uids of the front ends this disk is offered to (`uids=1000:1001` on the command
+    /// line, `uids = [1000, 1001]` in the file); by default every front end that may connect.
+    /// A controller is offered to a front end only if every disk on it is.
+    #[serde(default)]
+    pub uids: Option<UidList>,
 }
+
+/// A list of uids: `1000`, `"1000:1001"` or `[1000, 1001]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UidList(pub Vec<u32>);
+
+impl<'de> Deserialize<'de> for UidList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            One(u32),
+            List(Vec<u32>),
+            Text(String),
+        }
+        match Form::deserialize(d)? {
+            Form::One(u) => Ok(Self(vec![u])),
+            Form::List(v) => Ok(Self(v)),
+            Form::Text(t) => t
+                .split(':')
+                .map(|u| u.trim().parse::<u32>())
+                .collect::<Result<_, _>>()
+                .map(Self)
+                .map_err(|_| serde::de::Error::custom(format!("`{t}` is not a list of uids"))),
+        }
+    }
+}
+
+/// Which front ends (by uid) each offer is visible to, by instance GUID; an offer not listed
+/// is visible to every front end that may connect.
+pub type Access = std::collections::HashMap<Guid, Vec<u32>>;
 
 /// Most LUNs on one controller.
 pub const MAX_LUNS: u8 = 64;
@@ -55,6 +90,10 @@ fn one() -> u16 {
 pub struct NicConfig {
     /// The TAP device's name.
     pub tap: String,
+    /// The uids of the front ends this NIC is offered to; by default every one (see
+    /// [`DiskConfig::uids`]).
+    #[serde(default)]
+    pub uids: Option<UidList>,
 }
 
 /// The whole configuration.
@@ -209,6 +248,30 @@ impl Config {
         Ok(())
     }
 
+    /// Which front ends each offer is for ([`DiskConfig::uids`], [`NicConfig::uids`]).
+    pub fn access(&self) -> Access {
+        let mut access = Access::new();
+        for c in self.controllers().unwrap_or_default() {
+            let mut lists = c.disks.iter().filter_map(|(_, d)| d.uids.as_ref());
+            if let Some(first) = lists.next() {
+                let mut allowed = first.0.clone();
+                for l in lists {
+                    allowed.retain(|u| l.0.contains(u));
+                }
+                access.insert(c.instance, allowed);
+            }
+        }
+        let mut seen: Vec<&str> = Vec::new();
+        for n in &self.nics {
+            let k = seen.iter().filter(|s| **s == n.tap).count();
+            seen.push(&n.tap);
+            if let Some(l) = &n.uids {
+                access.insert(instance(2, &n.tap, k), l.0.clone());
+            }
+        }
+        access
+    }
+
     /// The channel offers this configuration makes: one SCSI controller per disk, then one
     /// network channel per NIC. Instance GUIDs derive from the disk's path or the TAP's name
     /// (and which occurrence of it this is), so they are stable across restarts and reloads and
@@ -296,6 +359,7 @@ mod tests {
                 queues: 4,
                 controller: None,
                 lun: None,
+                uids: None,
             }
         );
         // Two disks on one controller, LUNs assigned and given; a taken LUN is refused.
@@ -358,6 +422,32 @@ mod tests {
     }
 
     #[test]
+    fn offers_can_be_limited_to_front_ends() {
+        let d: DiskConfig = parse_kv("disk", "path=a.img,uids=1000:1001").unwrap();
+        assert_eq!(d.uids, Some(UidList(vec![1000, 1001])));
+        let d: DiskConfig = parse_kv("disk", "path=a.img,uids=7").unwrap();
+        assert_eq!(d.uids, Some(UidList(vec![7])));
+        assert!(parse_kv::<DiskConfig>("disk", "path=a.img,uids=7:x").is_err());
+        let c: Config = toml::from_str(
+            "[[disk]]\npath = \"a.img\"\ncontroller = 1\nuids = [1, 2]\n\
+             [[disk]]\npath = \"b.img\"\ncontroller = 1\nuids = [2, 3]\n\
+             [[disk]]\npath = \"c.img\"\n\
+             [[nic]]\ntap = \"t0\"\nuids = 5\n",
+        )
+        .unwrap();
+        let offers = c.offers();
+        let access = c.access();
+        assert_eq!(access.len(), 2, "the open disk c.img is not listed");
+        assert_eq!(
+            access[&offers[0].interface_instance],
+            [2],
+            "a controller: every disk's uid"
+        );
+        assert!(!access.contains_key(&offers[1].interface_instance));
+        assert_eq!(access[&offers[2].interface_instance], [5]);
+    }
+
+    #[test]
     fn validation_reports_what_is_wrong() {
         let c = Config {
             disks: vec![DiskConfig {
@@ -367,6 +457,7 @@ mod tests {
                 queues: 1,
                 controller: None,
                 lun: None,
+                uids: None,
             }],
             ..Config::default()
         };
@@ -375,6 +466,7 @@ mod tests {
         let c = Config {
             nics: vec![NicConfig {
                 tap: "a-name-that-is-too-long".into(),
+                uids: None,
             }],
             ..Config::default()
         };

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use ringbuf::socket::SeqPacketListener;
 use ringbuf::Event;
 
+use crate::config::Access;
 use crate::server::OfferSpec;
 use crate::session::{DeviceFactory, Session, SessionConfig, SessionHandle};
 use crate::synic::LogLimit;
@@ -55,6 +56,8 @@ pub struct Daemon {
     reload: Arc<Event>,
     config: DaemonConfig,
     offers: Vec<OfferSpec>,
+    /// Which front ends (by uid) may see each offer.
+    access: Access,
     devices: DeviceFactory,
     /// Rate limit of the refused-connection log lines.
     refusals: LogLimit,
@@ -68,6 +71,7 @@ impl Daemon {
         path: &Path,
         config: DaemonConfig,
         offers: Vec<OfferSpec>,
+        access: Access,
         devices: DeviceFactory,
     ) -> Result<Self, Error> {
         if let Ok(meta) = std::fs::symlink_metadata(path) {
@@ -95,6 +99,7 @@ impl Daemon {
             reload: Arc::new(Event::new()?),
             config,
             offers,
+            access,
             devices,
             refusals: LogLimit::default(),
         })
@@ -116,11 +121,12 @@ impl Daemon {
     /// ones that disappeared (by instance GUID) are rescinded from every guest, new ones offered.
     pub fn run(
         mut self,
-        mut reload: impl FnMut() -> Result<Vec<OfferSpec>, Error>,
+        mut reload: impl FnMut() -> Result<(Vec<OfferSpec>, Access), Error>,
     ) -> Result<(), Error> {
         use rustix::event::{poll, PollFd, PollFlags};
         tracing::info!(socket = %self.path.display(), offers = self.offers.len(), "listening");
-        let mut sessions: Vec<(JoinHandle<()>, SessionHandle)> = Vec::new();
+        // Each session with its front end's uid.
+        let mut sessions: Vec<(JoinHandle<()>, SessionHandle, u32)> = Vec::new();
         let result = loop {
             let mut fds = [
                 PollFd::new(&self.listener, PollFlags::IN),
@@ -136,11 +142,11 @@ impl Daemon {
             if ready[1] {
                 break Ok(());
             }
-            sessions.retain(|(t, _)| !t.is_finished());
+            sessions.retain(|(t, ..)| !t.is_finished());
             if ready[2] {
                 let _ = self.reload.wait();
                 match reload() {
-                    Ok(new) => self.apply_offers(new, &sessions),
+                    Ok((offers, access)) => self.apply_offers(offers, access, &sessions),
                     Err(e) => tracing::warn!(error = %e, "reload failed; keeping the offers"),
                 }
             }
@@ -157,6 +163,7 @@ impl Daemon {
                 }
             };
             // Who is at the other end, before anything is read from it.
+            let uid = sock.peer_credentials().map(|c| c.uid.as_raw());
             let refusal = match sock.peer_credentials() {
                 Err(e) => Some(format!("no peer credentials: {e}")),
                 Ok(c) if !self.config.allowed_uids.contains(&c.uid.as_raw()) => Some(format!(
@@ -169,18 +176,22 @@ impl Daemon {
                 }
                 Ok(_) => None,
             };
-            if let Some(why) = refusal {
-                if let Some(suppressed) = self.refusals.allow() {
-                    tracing::warn!(reason = %why, suppressed, "connection refused");
+            let uid = match (refusal, uid) {
+                (None, Ok(uid)) => uid,
+                (why, _) => {
+                    if let Some(suppressed) = self.refusals.allow() {
+                        let why = why.unwrap_or_default();
+                        tracing::warn!(reason = %why, suppressed, "connection refused");
+                    }
+                    drop(sock);
+                    continue;
                 }
-                drop(sock);
-                continue;
-            }
+            };
             let (session, handle) = match Session::new(
                 sock,
                 self.stop.clone(),
                 self.config.session.clone(),
-                &self.offers,
+                &self.visible_to(uid, &self.offers),
                 self.devices.clone(),
             ) {
                 Ok(s) => s,
@@ -196,7 +207,7 @@ impl Daemon {
                 .spawn(move || {
                     session.run();
                 }) {
-                Ok(t) => sessions.push((t, handle)),
+                Ok(t) => sessions.push((t, handle, uid)),
                 Err(e) => {
                     if let Some(suppressed) = self.refusals.allow() {
                         tracing::warn!(error = %e, suppressed, "cannot start a session thread");
@@ -209,11 +220,11 @@ impl Daemon {
         // The socket goes first: nobody can connect to a daemon that is going away.
         let _ = std::fs::remove_file(&self.path);
         let deadline = Instant::now() + self.config.shutdown_timeout;
-        while sessions.iter().any(|(t, _)| !t.is_finished()) && Instant::now() < deadline {
+        while sessions.iter().any(|(t, ..)| !t.is_finished()) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
         let mut stuck = 0;
-        for (t, _) in sessions {
+        for (t, ..) in sessions {
             if t.is_finished() {
                 let _ = t.join();
             } else {
@@ -230,12 +241,32 @@ impl Daemon {
         result
     }
 
-    fn apply_offers(&mut self, new: Vec<OfferSpec>, sessions: &[(JoinHandle<()>, SessionHandle)]) {
+    fn apply_offers(
+        &mut self,
+        new: Vec<OfferSpec>,
+        access: Access,
+        sessions: &[(JoinHandle<()>, SessionHandle, u32)],
+    ) {
         tracing::info!(offers = new.len(), "configuration reloaded");
-        for (_, h) in sessions {
-            h.set_offers(new.clone());
-        }
         self.offers = new;
+        self.access = access;
+        for (_, h, uid) in sessions {
+            h.set_offers(self.visible_to(*uid, &self.offers));
+        }
+    }
+
+    /// The offers a front end of `uid` may see: a guest is never offered (so can never open)
+    /// a device configured for other front ends.
+    fn visible_to(&self, uid: u32, offers: &[OfferSpec]) -> Vec<OfferSpec> {
+        offers
+            .iter()
+            .filter(|o| {
+                self.access
+                    .get(&o.interface_instance)
+                    .is_none_or(|uids| uids.contains(&uid))
+            })
+            .cloned()
+            .collect()
     }
 }
 
@@ -257,7 +288,13 @@ pub fn serve(
     // Signal handlers first: once the socket exists, the daemon is fully set up.
     let mut signals =
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(Error::Thread)?;
-    let daemon = Daemon::bind(&socket, daemon_config, offers, registry.factory())?;
+    let daemon = Daemon::bind(
+        &socket,
+        daemon_config,
+        offers,
+        config.access(),
+        registry.factory(),
+    )?;
     let stop = daemon.stop_handle();
     let reload_event = daemon.reload_handle();
     let handle = signals.handle();
@@ -288,7 +325,10 @@ pub fn serve(
     } else {
         tracing::warn!("running without the seccomp filter (--no-seccomp)");
     }
-    let result = daemon.run(|| registry.update(&reload()?));
+    let result = daemon.run(|| {
+        let config = reload()?;
+        Ok((registry.update(&config)?, config.access()))
+    });
     handle.close();
     let _ = signal_thread.join();
     result

@@ -517,16 +517,29 @@ struct AsNobody {
 
 impl AsNobody {
     fn start(name: &str, extra: &[&str]) -> Self {
+        Self::start_with(name, &["a.img"], &["--disk", "path=a.img"], extra)
+    }
+
+    /// vspd as nobody, in a fresh directory holding the 1 MiB `images`, with `args` then
+    /// `extra`.
+    fn start_with(name: &str, images: &[&str], args: &[&str], extra: &[&str]) -> Self {
         use std::os::unix::process::CommandExt;
         let dir = common::fresh_dir("vspd-hostile", name);
-        // A copy of the binary nobody can run, wherever the build tree is.
+        // Copies of the binaries nobody can run, wherever the build tree is.
         let bin = dir.join("vspd");
         std::fs::copy(env!("CARGO_BIN_EXE_vspd"), &bin).unwrap();
-        std::fs::File::create(dir.join("a.img"))
-            .unwrap()
-            .set_len(1 << 20)
-            .unwrap();
-        for p in [&dir, &bin, &dir.join("a.img")] {
+        // And this test binary, for front ends that run as nobody (`as_nobody_list_offers`).
+        let tests = dir.join("tests");
+        std::fs::copy(std::env::current_exe().unwrap(), &tests).unwrap();
+        let mut owned = vec![dir.clone(), bin.clone(), tests];
+        for image in images {
+            std::fs::File::create(dir.join(image))
+                .unwrap()
+                .set_len(1 << 20)
+                .unwrap();
+            owned.push(dir.join(image));
+        }
+        for p in &owned {
             rustix::fs::chown(
                 p.as_path(),
                 Some(rustix::fs::Uid::from_raw(65534)),
@@ -538,7 +551,7 @@ impl AsNobody {
         let child = Command::new(&bin)
             .arg("--socket")
             .arg(&socket)
-            .args(["--disk", "path=a.img"])
+            .args(args)
             .args(extra)
             .current_dir(&dir)
             .uid(65534)
@@ -627,4 +640,117 @@ fn vspd_serves_under_the_seccomp_filter_unless_told_not_to() {
         0,
         "--no-seccomp installs no filter"
     );
+}
+
+const LIST_AS_NOBODY: &str = "VSPD_TEST_LIST_OFFERS_SOCKET";
+
+/// The offers a front end running as uid 65534 sees from `d`, by class: this test binary
+/// re-run as nobody (`as_nobody_list_offers`).
+fn offers_seen_by_nobody(d: &AsNobody) -> Vec<String> {
+    use std::os::unix::process::CommandExt;
+    let out = Command::new(d.dir.join("tests"))
+        .args([
+            "--exact",
+            "as_nobody_list_offers",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(LIST_AS_NOBODY, &d.socket)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("offers:"))
+        .unwrap_or_else(|| panic!("no offers line: {text}"));
+    line.split_whitespace().map(str::to_string).collect()
+}
+
+#[test]
+#[ignore = "run as another uid by each_front_end_sees_only_the_devices_configured_for_it"]
+fn as_nobody_list_offers() {
+    let Some(socket) = std::env::var_os(LIST_AS_NOBODY) else {
+        return;
+    };
+    println!(
+        "offers: {}",
+        offers_seen_by_root(Path::new(&socket)).join(" ")
+    );
+}
+
+/// The offers a front end of this process's uid sees, by class.
+fn offers_seen_by_root(socket: &Path) -> Vec<&'static str> {
+    let (front, messages) = Loopback::connect(socket, 8 << 20).unwrap();
+    let mut client = Client::connect(Arc::new(front), messages, 0, &SUPPORTED_VERSIONS).unwrap();
+    let mut classes: Vec<&str> = client
+        .request_offers()
+        .unwrap()
+        .iter()
+        .map(|o| o.class_name())
+        .collect();
+    classes.sort();
+    client.unload().unwrap();
+    classes
+}
+
+#[test]
+fn each_front_end_sees_only_the_devices_configured_for_it() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root to run front ends as two uids");
+        return;
+    }
+    // a.img for nobody only, b.img for everyone, the NIC for root only; both uids may connect.
+    let config = |b_uids: &str| {
+        format!(
+            "[[disk]]\npath = \"a.img\"\nuids = [65534]\n\
+             [[disk]]\npath = \"b.img\"\n{b_uids}\
+             [[nic]]\ntap = \"tap-acl0\"\nuids = [0]\n"
+        )
+    };
+    // The file lives outside the daemon's fresh directory, so it exists before the daemon
+    // reads it (readable by nobody, as the reload needs).
+    let cfg = std::env::temp_dir().join(format!("vspd-acl-{}.toml", std::process::id()));
+    std::fs::write(&cfg, config("")).unwrap();
+    let d = AsNobody::start_with(
+        "per-front-end",
+        &["a.img", "b.img"],
+        &["--config", cfg.to_str().unwrap(), "--allow-uid", "0"],
+        &[],
+    );
+    assert_eq!(offers_seen_by_root(&d.socket), ["network", "scsi"]);
+    assert_eq!(offers_seen_by_nobody(&d), ["scsi", "scsi"]);
+
+    // A root guest stays connected while b.img is restricted to nobody on reload: its offer is
+    // rescinded from that guest only.
+    let (front, messages) = Loopback::connect(&d.socket, 8 << 20).unwrap();
+    let mut root = Client::connect(Arc::new(front), messages, 0, &SUPPORTED_VERSIONS).unwrap();
+    let before = root.request_offers().unwrap();
+    let b = before
+        .iter()
+        .find(|o| o.class_name() == "scsi")
+        .unwrap()
+        .relid;
+    std::fs::write(&cfg, config("uids = [65534]\n")).unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(d.child.id() as i32).unwrap(),
+        rustix::process::Signal::HUP,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match root.next_event(Duration::from_millis(200)).unwrap() {
+            Some(Event::Rescinded(r)) if r == b => break,
+            _ => assert!(Instant::now() < deadline, "b.img was not rescinded"),
+        }
+    }
+    assert_eq!(offers_seen_by_root(&d.socket), ["network"]);
+    assert_eq!(offers_seen_by_nobody(&d), ["scsi", "scsi"]);
+    let _ = std::fs::remove_file(cfg);
 }

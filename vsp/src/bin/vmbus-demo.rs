@@ -120,6 +120,7 @@ fn run_daemon(socket: &Path, disk: Option<&Path>) -> Result<(), BoxError> {
                 queues: 1,
                 controller: None,
                 lun: None,
+                uids: None,
             })
             .into_iter()
             .collect(),
