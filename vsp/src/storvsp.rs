@@ -26,7 +26,7 @@ use zerocopy::{FromZeros, IntoBytes};
 
 use crate::channel::Device;
 use crate::disk::{Completion, DiskFile, DiskQueue, IoOp, Segment};
-use crate::scsi::{Action, DiskInfo, Fill, IoKind, Response, ScsiDisk, UnmapRange};
+use crate::scsi::{Action, DiskInfo, Fill, IoKind, LunState, Response, ScsiDisk, UnmapRange};
 use crate::Error;
 
 /// Largest transfer the host accepts, reported in QUERY_PROPERTIES and VPD page 0xB0.
@@ -63,7 +63,8 @@ struct Slot {
     error: Option<i32>,
 }
 
-/// One disk on a controller: its LUN, path (for its identity) and open file.
+/// One disk on a controller: its LUN, path (for its identity), open file, and the unit state
+/// that every channel (queue) of the controller serving it shares.
 #[derive(Debug, Clone)]
 pub struct LunSpec {
     /// The LUN (target 0).
@@ -72,6 +73,8 @@ pub struct LunSpec {
     pub path: std::path::PathBuf,
     /// The open disk.
     pub file: Arc<DiskFile>,
+    /// Write cache and write protection, shared by the primary channel and its subchannels.
+    pub state: Arc<LunState>,
 }
 
 /// A logical unit being served: its SCSI state and its io_uring.
@@ -110,6 +113,9 @@ pub struct Storvsp {
     queues: u16,
     /// Asks the session to offer subchannels (primary channel only).
     request_subchannels: Option<crate::session::SubchannelRequest>,
+    /// The disks this channel was opened with, shared with the other channels of its
+    /// controller (held so that subchannels find the same ones while any channel lives).
+    _disks: Arc<[LunSpec]>,
 }
 
 impl std::fmt::Debug for Storvsp {
@@ -135,7 +141,7 @@ impl Storvsp {
     /// (`subchannel` false) goes through the initialisation handshake and may create up to
     /// `queues - 1` subchannels through `request_subchannels`; a subchannel serves SRBs at once.
     pub fn new(
-        luns: &[LunSpec],
+        luns: Arc<[LunSpec]>,
         mem: Arc<GuestMemory>,
         queues: u16,
         subchannel: bool,
@@ -145,7 +151,7 @@ impl Storvsp {
         let wake = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(Error::Socket)?;
         let mut table: Vec<Option<Lun>> = (0..crate::config::MAX_LUNS).map(|_| None).collect();
         let mut lun_ids = Vec::new();
-        for l in luns {
+        for l in luns.iter() {
             let disk = &l.file;
             let block_size = disk.block_size();
             let id = disk_id(&l.path);
@@ -172,7 +178,7 @@ impl Storvsp {
                 .get_mut(usize::from(l.lun))
                 .ok_or(Error::Config(format!("LUN {} out of range", l.lun)))?;
             *slot = Some(Lun {
-                scsi: ScsiDisk::new(info),
+                scsi: ScsiDisk::with_state(info, l.state.clone()),
                 queue,
                 block_size,
                 unsubmitted: false,
@@ -203,6 +209,7 @@ impl Storvsp {
             } else {
                 request_subchannels
             },
+            _disks: luns,
         })
     }
 
@@ -411,7 +418,12 @@ impl Storvsp {
             }
             Action::Flush => (Some(IoOp::Flush), &[]),
             Action::Unmap(ranges) => (None, ranges),
-            Action::WriteSame { lba, blocks, fill } => {
+            Action::WriteSame {
+                lba,
+                blocks,
+                fill,
+                fua,
+            } => {
                 let zeros = match fill {
                     Fill::Zeros { may_unmap } => Some(*may_unmap),
                     Fill::Data
@@ -427,6 +439,7 @@ impl Storvsp {
                             offset: lba * bs,
                             len: u64::from(*blocks) * bs,
                             unmap,
+                            sync: *fua,
                         };
                         (Some(zeroes), &[])
                     }
@@ -439,7 +452,7 @@ impl Storvsp {
                         let write = IoOp::Write {
                             offset: lba * bs,
                             segments: &pattern,
-                            fua: false,
+                            fua: *fua,
                         };
                         (Some(write), &[])
                     }

@@ -253,6 +253,9 @@ pub enum IoOp<'a> {
         len: u64,
         /// Deallocate the range if possible.
         unmap: bool,
+        /// The zeros must be durable before completion (the write cache is off): the range is
+        /// followed by an `fdatasync`.
+        sync: bool,
     },
 }
 

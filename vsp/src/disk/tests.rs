@@ -449,7 +449,14 @@ fn write_zeroes_in(dir: &Path) -> super::uring::Stats {
         (4 << 20, (3 << 20) + 512, false),
         (123, 1_234_567, true),
     ] {
-        assert_eq!(run(&mut q, IoOp::WriteZeroes { offset, len, unmap }), Ok(0));
+        let sync = unmap;
+        let zero = IoOp::WriteZeroes {
+            offset,
+            len,
+            unmap,
+            sync,
+        };
+        assert_eq!(run(&mut q, zero), Ok(0));
         expect[offset as usize..][..len as usize].fill(0);
         assert!(img.contents() == expect, "zeroes at {offset}");
         // Read back through guest memory, 1 MiB at a time.
@@ -510,6 +517,7 @@ fn readonly_refuses_writes() {
         offset: 0,
         len: 4096,
         unmap: false,
+        sync: false,
     };
     assert!(matches!(q.queue(1, zero), Err(Error::DiskReadOnly)));
     assert_eq!(q.in_flight(), 0);
@@ -574,6 +582,7 @@ fn bad_requests_are_refused_without_io() {
             offset: u64::MAX,
             len: 2,
             unmap: true,
+            sync: false,
         },
         // 1025 discontiguous segments.
         write(0, &discontiguous),
@@ -843,6 +852,7 @@ fn block_device_with_4k_logical_blocks() {
         offset,
         len,
         unmap: false,
+        sync: false,
     };
     assert!(matches!(
         q.queue(1, zero(512, 4096)),

@@ -139,11 +139,15 @@ enum Op {
         mode: FallocateFlags,
         /// Write zeros if the file system cannot do `mode`.
         zero_fallback: bool,
+        /// Follow with an `fdatasync` before completing.
+        sync: bool,
     },
     /// Writing zeros from `ZEROS` over `offset .. end`.
     ZeroFill {
         offset: u64,
         end: u64,
+        /// Follow with an `fdatasync` before completing.
+        sync: bool,
     },
 }
 
@@ -347,10 +351,16 @@ impl DiskQueue {
                         len,
                         mode: FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
                         zero_fallback: false,
+                        sync: false,
                     }
                 }
             }
-            IoOp::WriteZeroes { offset, len, unmap } => {
+            IoOp::WriteZeroes {
+                offset,
+                len,
+                unmap,
+                sync,
+            } => {
                 if readonly {
                     return Err(Error::DiskReadOnly);
                 }
@@ -368,6 +378,7 @@ impl DiskQueue {
                         len,
                         mode,
                         zero_fallback: true,
+                        sync,
                     }
                 }
             }
@@ -612,14 +623,20 @@ impl DiskQueue {
                 offset,
                 len,
                 zero_fallback,
+                sync,
                 ..
             } => match errno {
+                None if *sync => {
+                    slot.op = Op::Flush;
+                    Step::Resubmit
+                }
                 None => Step::Done(Ok(0)),
                 Some(_) if transient => Step::Resubmit,
                 Some(Errno::OPNOTSUPP) if *zero_fallback => {
                     slot.op = Op::ZeroFill {
                         offset: *offset,
                         end: *offset + *len,
+                        sync: *sync,
                     };
                     #[cfg(test)]
                     {
@@ -629,13 +646,16 @@ impl DiskQueue {
                 }
                 Some(e) => Step::Done(Err(e.raw_os_error())),
             },
-            Op::ZeroFill { offset, end } => match errno {
+            Op::ZeroFill { offset, end, sync } => match errno {
                 Some(_) if transient => Step::Resubmit,
                 Some(e) => Step::Done(Err(e.raw_os_error())),
                 None if res == 0 => Step::Done(Err(Errno::IO.raw_os_error())),
                 None => {
                     *offset += res as u64;
-                    if *offset >= *end {
+                    if *offset >= *end && *sync {
+                        slot.op = Op::Flush;
+                        Step::Resubmit
+                    } else if *offset >= *end {
                         Step::Done(Ok(0))
                     } else {
                         Step::Resubmit
@@ -894,7 +914,7 @@ fn build_entry(
             .offset(*offset)
             .mode(mode.bits() as i32)
             .build(),
-        Op::ZeroFill { offset, end } => {
+        Op::ZeroFill { offset, end, .. } => {
             let iovecs = &mut slot.iovecs;
             iovecs.clear();
             let mut left = (*end - *offset).min(ZERO_FILL_CHUNK) as usize;
