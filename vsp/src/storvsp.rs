@@ -621,8 +621,11 @@ fn buffer_segments(ranges: &GpaRanges<'_>, segs: &mut Vec<Segment>) -> Result<u6
                 .and_then(|g| g.checked_add(off))
                 .ok_or("page number overflows")?;
             let len = left.min(4096 - off) as u32;
+            // A page at the top of the address space ends at 2^64: not adjacent to anything.
             match segs.last_mut() {
-                Some(last) if last.gpa + u64::from(last.len) == gpa => last.len += len,
+                Some(last) if last.gpa.checked_add(u64::from(last.len)) == Some(gpa) => {
+                    last.len += len
+                }
                 _ => segs.push(Segment { gpa, len }),
             }
             left -= u64::from(len);
@@ -747,9 +750,241 @@ impl Drop for Storvsp {
     }
 }
 
+pub mod harness {
+    //! A storvsp channel without a daemon: one [`Storvsp`] serving one disk as LUN 0, guest
+    //! memory in a memfd at guest-physical 0, and both rings of the channel in one process. The
+    //! caller plays the guest: it writes packets (in-band or GPA-direct, as hostile as it likes)
+    //! and reads the answers. For unit tests and fuzz targets.
+
+    use std::sync::Arc;
+
+    use ringbuf::guestmem::GuestMemory;
+    use ringbuf::packet::{gpa_direct_header, OutgoingPacket, PacketKind};
+    use ringbuf::pair::RingPair;
+    use ringbuf::{IncomingRing, OutgoingRing};
+    use vmbus_proto::ring::PacketType;
+    use vmbus_proto::storvsp::VstorPacket;
+    use zerocopy::FromBytes;
+
+    use super::{LunSpec, Storvsp};
+    use crate::channel::Device;
+    use crate::disk::DiskFile;
+    use crate::scsi::LunState;
+    use crate::Error;
+
+    /// Bytes of each ring's data area.
+    const RING_BYTES: usize = 256 << 10;
+
+    /// One channel's device, its guest memory and rings.
+    pub struct Harness {
+        /// The device under test.
+        pub device: Storvsp,
+        /// The guest's memory (`len` bytes at guest-physical 0).
+        pub mem: Arc<GuestMemory>,
+        guest_out: OutgoingRing,
+        guest_in: IncomingRing,
+        host_out: OutgoingRing,
+        host_in: IncomingRing,
+        _pair: RingPair,
+        header: Vec<u8>,
+        /// Answers read from the host-to-guest ring: transaction id and packet.
+        pub answers: Vec<(u64, VstorPacket)>,
+    }
+
+    impl std::fmt::Debug for Harness {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Harness")
+                .field("device", &self.device)
+                .finish_non_exhaustive()
+        }
+    }
+
+    impl Harness {
+        /// A channel serving `disk` as LUN 0 with `mem_bytes` (a multiple of 4096) of guest
+        /// memory; a subchannel (`subchannel`) serves SRBs without the handshake.
+        pub fn new(disk: Arc<DiskFile>, mem_bytes: u64, subchannel: bool) -> Result<Self, Error> {
+            let fd = ringbuf::shmem::create_memfd("storvsp-harness", mem_bytes)?;
+            let mut mem = GuestMemory::new();
+            mem.add_region(0, mem_bytes, fd, 0)?;
+            let mem = Arc::new(mem);
+            let luns: Arc<[LunSpec]> = Arc::new([LunSpec {
+                lun: 0,
+                path: "harness".into(),
+                file: disk,
+                state: LunState::new(),
+            }]);
+            let device = Storvsp::new(luns, mem.clone(), 1, subchannel, None)?;
+            let pair = RingPair::anonymous(RING_BYTES)?;
+            let (guest_out, guest_in) = pair.side_a()?;
+            let (host_out, host_in) = pair.side_b()?;
+            Ok(Self {
+                device,
+                mem,
+                guest_out,
+                guest_in,
+                host_out,
+                host_in,
+                _pair: pair,
+                header: Vec::new(),
+                answers: Vec::new(),
+            })
+        }
+
+        /// Sends one packet carrying `payload` (a VSTOR packet, or anything): in-band, or
+        /// GPA-direct with `ranges` (byte offset, byte count, page numbers). The device handles
+        /// it at once; then its I/O runs to completion ([`Harness::settle`]). A packet the ring
+        /// cannot carry (a malformed range list) is not sent: `Ok(false)`.
+        pub fn send(
+            &mut self,
+            tx: u64,
+            payload: &[u8],
+            ranges: Option<&[(u32, u32, &[u64])]>,
+        ) -> Result<bool, Error> {
+            let parts = [payload];
+            let written = match ranges {
+                Some(r) => {
+                    gpa_direct_header(&mut self.header, r);
+                    self.guest_out.write(&OutgoingPacket {
+                        packet_type: PacketType::DATA_USING_GPA_DIRECT,
+                        flags: 1,
+                        transaction_id: tx,
+                        header: &self.header,
+                        payload: &parts,
+                    })
+                }
+                None => self
+                    .guest_out
+                    .write(&OutgoingPacket::in_band(tx, true, &parts)),
+            };
+            if written.is_err() {
+                self.guest_out.rollback();
+                return Ok(false);
+            }
+            self.guest_out.commit();
+            loop {
+                match self.host_in.read() {
+                    Ok(Some(p)) => self.device.handle(&p, &mut self.host_out)?,
+                    Ok(None) => break,
+                    // A packet the reader refuses ends the channel in vspd; here, the test.
+                    Err(_) => {
+                        self.host_in.rollback();
+                        return Ok(false);
+                    }
+                }
+            }
+            self.host_in.commit();
+            self.settle()?;
+            Ok(true)
+        }
+
+        /// Polls the device until it has no I/O in flight and every answer is in the ring, then
+        /// reads the answers into [`Harness::answers`].
+        pub fn settle(&mut self) -> Result<(), Error> {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                self.device.poll(&mut self.host_out)?;
+                self.host_out.commit();
+                self.drain();
+                if !self.device.in_flight() && !self.device.busy() {
+                    return Ok(());
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(Error::DiskRequest("the device did not settle"));
+                }
+                std::thread::yield_now();
+            }
+        }
+
+        fn drain(&mut self) {
+            while let Ok(Some(p)) = self.guest_in.read() {
+                if let (PacketKind::Completion, Ok((v, _))) =
+                    (p.kind, VstorPacket::read_from_prefix(p.payload))
+                {
+                    self.answers.push((p.transaction_id, v));
+                }
+            }
+            self.guest_in.commit();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::harness::Harness;
     use super::*;
+    use vmbus_proto::storvsp::REQUEST_COMPLETION_FLAG;
+
+    /// A scratch image of `len` bytes, removed on drop.
+    struct Scratch(std::path::PathBuf);
+
+    impl Scratch {
+        fn new(name: &str, len: u64) -> Self {
+            let path =
+                std::env::temp_dir().join(format!("vsp-storvsp-{name}-{}.img", std::process::id()));
+            std::fs::File::create(&path).unwrap().set_len(len).unwrap();
+            Self(path)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    /// An EXECUTE_SRB packet for `cdb` with a data buffer of `transfer` bytes.
+    fn srb(cdb: &[u8], transfer: u32, read: bool) -> VstorPacket {
+        let mut r = ScsiRequest::new_zeroed();
+        r.length = 52;
+        r.cdb_length = cdb.len() as u8;
+        r.cdb_or_sense[..cdb.len()].copy_from_slice(cdb);
+        r.sense_info_length = 20;
+        r.data_in = if read {
+            vmbus_proto::storvsp::DataDirection::READ
+        } else {
+            vmbus_proto::storvsp::DataDirection::WRITE
+        };
+        r.data_transfer_length = transfer;
+        let mut p = VstorPacket::new(VstorOperation::EXECUTE_SRB, REQUEST_COMPLETION_FLAG, 0);
+        p.set_body(&r);
+        p
+    }
+
+    fn srb_status_of(h: &Harness, tx: u64) -> u8 {
+        let (_, p) = h
+            .answers
+            .iter()
+            .find(|(t, _)| *t == tx)
+            .unwrap_or_else(|| panic!("no answer for {tx}"));
+        let r: ScsiRequest = p.body();
+        r.srb_status & 0x3f
+    }
+
+    /// Issue 9, item 10: GPA-direct page numbers [2^52-1, 0] made `last.gpa + len` overflow
+    /// (a panic with overflow checks on, as in tests). Now the buffer is refused as outside
+    /// guest memory, and the channel serves on.
+    #[test]
+    fn page_numbers_at_the_top_of_the_address_space_do_not_overflow() {
+        let img = Scratch::new("overflow", 1 << 20);
+        let disk = DiskFile::open(&img.0, false, false).unwrap();
+        let mut h = Harness::new(disk, 1 << 20, true).unwrap();
+        let read10 = [0x28, 0, 0, 0, 0, 0, 0, 0, 16, 0];
+        let top = (1u64 << 52) - 1;
+        let p = srb(&read10, 8192, true);
+        for (tx, pfns) in [
+            (1, [top, 0]),
+            (2, [top, top]),
+            (3, [0, top]),
+            (4, [u64::MAX >> 12, 0]),
+        ] {
+            assert!(h.send(tx, p.as_bytes(), Some(&[(0, 8192, &pfns)])).unwrap());
+            assert_eq!(srb_status_of(&h, tx), srb_status::INVALID_REQUEST);
+        }
+        assert!(h
+            .send(5, p.as_bytes(), Some(&[(0, 8192, &[1, 2])]))
+            .unwrap());
+        assert_eq!(srb_status_of(&h, 5), srb_status::SUCCESS);
+    }
 
     #[test]
     fn truncate_segments_keeps_a_prefix_in_place() {
