@@ -100,16 +100,25 @@ impl Registry {
             }
             next.insert(c.instance, (luns, queues));
         }
-        // A disk no longer configured writable takes no more writes, on any open channel.
-        let writable = |path: &PathBuf| {
-            next.values()
+        // A disk now configured read-only (and nowhere writable) takes no more writes, on any
+        // open channel. (A disk that left the configuration is not touched: its controller is
+        // rescinded, or a channel that keeps it serves it until it closes.)
+        let read_only_now = |path: &PathBuf| {
+            let mut uses = next
+                .values()
                 .flat_map(|(l, _)| l)
-                .any(|l| l.path == *path && !l.file.readonly())
+                .filter(|l| l.path == *path);
+            let mut any = false;
+            let all_ro = uses.all(|l| {
+                any = true;
+                l.file.readonly()
+            });
+            any && all_ro
         };
         for disks in self.live_groups().iter() {
             for l in disks
                 .iter()
-                .filter(|l| !l.file.readonly() && !writable(&l.path))
+                .filter(|l| !l.file.readonly() && read_only_now(&l.path))
             {
                 tracing::info!(path = %l.path.display(), lun = l.lun,
                     "disk no longer writable: write-protected on open channels");

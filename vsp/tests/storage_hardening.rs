@@ -169,3 +169,135 @@ fn write_cache_off_on_one_queue_holds_for_every_queue() {
     );
     let _ = sense;
 }
+
+/// A `vspd` with a TOML configuration and images a.img and b.img (16 MiB each) in its
+/// directory; `reconfigure` rewrites the file and sends SIGHUP.
+fn start_with_config(name: &str, config: &str) -> common::Daemon {
+    let dir = common::fresh_dir("vspd-hardening", name);
+    for f in ["a.img", "b.img"] {
+        std::fs::File::create(dir.join(f))
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+    }
+    std::fs::write(dir.join("vspd.toml"), config).unwrap();
+    common::Daemon::spawn(&dir, ["--config", "vspd.toml"]).owning_dir()
+}
+
+fn reconfigure(d: &common::Daemon, config: &str) {
+    std::fs::write(d.dir.join("vspd.toml"), config).unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(d.pid() as i32).unwrap(),
+        rustix::process::Signal::HUP,
+    )
+    .unwrap();
+}
+
+fn image_at(d: &common::Daemon, file: &str, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut b = vec![0u8; len];
+    std::fs::File::open(d.dir.join(file))
+        .unwrap()
+        .read_exact_at(&mut b, offset)
+        .unwrap();
+    b
+}
+
+/// Waits (up to 10 s) until `f` holds.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Issue 9, item 7: a SIGHUP that makes a disk read-only reaches the channels already open:
+/// every queue of the open controller refuses writes from then on (DATA PROTECT / WRITE
+/// PROTECTED, and MODE SENSE says WP), and nothing more reaches the image.
+#[test]
+fn a_disk_made_read_only_on_reload_refuses_writes_on_open_channels() {
+    let d = start_with_config("reload-ro", "[[disk]]\npath = \"a.img\"\nqueues = 3\n");
+    let mut g = QueueGuest::connect(&d.socket, 64 << 20);
+    g.add_subchannels(2);
+    g.start();
+    for (i, q) in g.queues.iter().enumerate() {
+        q.write(i as u64 * 4096, &pattern(i as u64 + 1, 4096), false)
+            .unwrap();
+    }
+    reconfigure(
+        &d,
+        "[[disk]]\npath = \"a.img\"\nqueues = 3\nreadonly = true\n",
+    );
+    eventually("the open channel refuses writes", || {
+        g.queues[0]
+            .write(1 << 20, &pattern(9, 4096), false)
+            .is_err()
+    });
+    for (i, q) in g.queues.iter().enumerate() {
+        let e = q
+            .write(i as u64 * 4096, &pattern(100, 4096), true)
+            .unwrap_err();
+        assert_eq!(sense(e), (0x07, 0x27), "queue {i}");
+        let ms = q
+            .command(vec![0x1a, 0x08, 0x08, 0, 64, 0], vec![], 64)
+            .unwrap();
+        assert_eq!(ms[2] & 0x80, 0x80, "queue {i}: MODE SENSE WP");
+        // Reads still work, and the image holds what was written before.
+        let mut back = vec![0; 4096];
+        q.read(i as u64 * 4096, &mut back).unwrap();
+        assert_eq!(back, pattern(i as u64 + 1, 4096));
+        assert_eq!(
+            image_at(&d, "a.img", i as u64 * 4096, 4096),
+            pattern(i as u64 + 1, 4096)
+        );
+    }
+    // A new guest gets the disk read-only from the start.
+    let fresh = vsc::guest::StorageGuest::attach(&d.socket, 64 << 20).unwrap();
+    assert!(fresh.disks[0].1.geometry().read_only);
+}
+
+/// Issue 9, item 7: a disk swapped behind the same controller on reload does not split one
+/// guest's controller across two images: subchannels created after the reload serve the disk
+/// their primary channel was opened with, while a guest that opens the controller afterwards
+/// gets the new one.
+#[test]
+fn subchannels_opened_after_a_reload_serve_their_primarys_disk() {
+    let d = start_with_config(
+        "reload-swap",
+        "[[disk]]\npath = \"a.img\"\ncontroller = 1\nqueues = 3\n",
+    );
+    let mut g = QueueGuest::connect(&d.socket, 64 << 20);
+    reconfigure(
+        &d,
+        "[[disk]]\npath = \"b.img\"\ncontroller = 1\nqueues = 3\n",
+    );
+    // The reload is done once a new guest's writes land in b.img.
+    let marker = pattern(4242, 4096);
+    eventually("a new guest sees b.img", || {
+        let other = QueueGuest::connect(&d.socket, 16 << 20);
+        let mut other = other;
+        other.start();
+        other.queues[0].write(8 << 20, &marker, true).unwrap();
+        image_at(&d, "b.img", 8 << 20, 4096) == marker
+    });
+    g.add_subchannels(2);
+    g.start();
+    for (i, q) in g.queues.iter().enumerate() {
+        q.write(i as u64 * 4096, &pattern(i as u64 + 1, 4096), true)
+            .unwrap();
+    }
+    for i in 0..3u64 {
+        assert_eq!(
+            image_at(&d, "a.img", i * 4096, 4096),
+            pattern(i + 1, 4096),
+            "queue {i}'s write is in a.img"
+        );
+        assert!(
+            image_at(&d, "b.img", i * 4096, 4096)
+                .iter()
+                .all(|&b| b == 0),
+            "queue {i}'s write reached b.img"
+        );
+    }
+}
