@@ -11,8 +11,8 @@
 //!
 //! The kernel reads and writes guest memory through iovecs that point into the guest memory
 //! mappings (from [`GuestMemory::host_iovec`]); no Rust reference to guest memory is ever formed.
-//! When the ring accepts it, guest memory is also registered as io_uring fixed buffers, which
-//! saves pinning the guest pages on every request. The unsafe code lives in `uring.rs` alone.
+//! Guest memory is not registered as io_uring fixed buffers: that pins all of it, per ring
+//! (see [`QueueOptions`]). The unsafe code lives in `uring.rs` alone.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;

@@ -148,7 +148,7 @@ fn scattered_segments(total: u32, aligned: bool) -> Vec<Segment> {
         .collect()
 }
 
-/// As [`scattered_segments`], all in the high region (so one fixed buffer can take them).
+/// As [`scattered_segments`], all in the high region.
 fn scattered_in_one_region(total: u32, aligned: bool) -> Vec<Segment> {
     let mut v = scattered_segments(total, aligned);
     v[1].gpa += HIGH + (512 << 10);
@@ -209,7 +209,7 @@ fn roundtrip(direct: bool, options: QueueOptions) {
     }
     assert_eq!(q.in_flight(), 0);
     let st = q.stats;
-    eprintln!("direct={direct} fixed={}: {st:?}", q.fixed_buffers());
+    eprintln!("direct={direct}: {st:?}");
     if direct {
         assert!(
             st.direct > 0 && st.buffered > 0,
@@ -228,12 +228,6 @@ fn roundtrip(direct: bool, options: QueueOptions) {
     if !options.inline_buffered_writes {
         assert_eq!(st.inline_writes, 0);
     }
-    if q.fixed_buffers() {
-        assert!(st.fixed > 0);
-        assert_eq!(st.vectored_fixed > 0, q.vectored_fixed_supported());
-    } else {
-        assert_eq!(st.fixed + st.vectored_fixed, 0);
-    }
 }
 
 #[test]
@@ -242,23 +236,11 @@ fn write_then_read_back_scattered() {
 }
 
 #[test]
-fn write_then_read_back_without_fixed_buffers() {
-    roundtrip(
-        false,
-        QueueOptions {
-            fixed_buffers: false,
-            inline_buffered_writes: false,
-        },
-    );
-}
-
-#[test]
 fn write_then_read_back_with_writes_through_io_uring() {
     roundtrip(
         false,
         QueueOptions {
             inline_buffered_writes: false,
-            ..QueueOptions::default()
         },
     );
 }
@@ -269,29 +251,39 @@ fn direct_aligned_and_unaligned_requests() {
     roundtrip(
         true,
         QueueOptions {
-            fixed_buffers: false,
             inline_buffered_writes: false,
         },
     );
 }
 
+/// A queue pins no guest memory: opening it over a large guest memory that was never touched
+/// allocates none of it (fixed-buffer registration used to pin all of it, per queue).
 #[test]
-fn fixed_buffers_register_here() {
+fn a_queue_does_not_pin_guest_memory() {
+    const BIG: u64 = 1 << 30;
+    let rss = || {
+        let s = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            << 10
+    };
     let img = Image::new(1 << 20);
     let disk = DiskFile::open(&img.0, false, false).unwrap();
-    let q = DiskQueue::new(disk, guest_memory(), 8).unwrap();
-    eprintln!("fixed buffers registered: {}", q.fixed_buffers());
-    let q = DiskQueue::with_options(
-        q.disk().clone(),
-        guest_memory(),
-        8,
-        QueueOptions {
-            fixed_buffers: false,
-            ..QueueOptions::default()
-        },
-    )
-    .unwrap();
-    assert!(!q.fixed_buffers());
+    let mut mem = GuestMemory::new();
+    mem.add_region(0, BIG, create_memfd("disk-test-big", BIG).unwrap(), 0)
+        .unwrap();
+    let mem = Arc::new(mem);
+    let before = rss();
+    let queues: Vec<DiskQueue> = (0..4)
+        .map(|_| DiskQueue::new(disk.clone(), mem.clone(), 64).unwrap())
+        .collect();
+    let grown = rss().saturating_sub(before);
+    assert!(grown < 64 << 20, "4 queues took {grown} bytes of RSS");
+    drop(queues);
 }
 
 /// 256 random 4 KiB writes in flight at once (distinct blocks), then 256 reads of them.
@@ -303,7 +295,6 @@ fn random_qd256(direct: bool) {
     // Writes through io_uring, so that 256 of them are in flight at once.
     let through_uring = QueueOptions {
         inline_buffered_writes: false,
-        ..QueueOptions::default()
     };
     let mut q = DiskQueue::with_options(disk, mem.clone(), 256, through_uring).unwrap();
     assert_eq!(q.capacity(), 256);
@@ -703,7 +694,6 @@ fn dropping_a_queue_with_io_in_flight_is_safe() {
         // Writes through io_uring, so that they are in flight when the queue is dropped.
         let through_uring = QueueOptions {
             inline_buffered_writes: false,
-            ..QueueOptions::default()
         };
         let mut q = DiskQueue::with_options(disk.clone(), mem.clone(), 256, through_uring).unwrap();
         for i in 0..256u64 {
