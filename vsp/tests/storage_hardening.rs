@@ -341,3 +341,93 @@ fn a_large_guest_memory_is_not_pinned_by_its_queues() {
     disk.read(1 << 20, &mut back).unwrap();
     assert_eq!(back, pattern(99, 4096));
 }
+
+/// A loop device over a sparse file on a tiny tmpfs: writes land in the device's page cache,
+/// and writing them back fails once the tmpfs is full (a real writeback error). Torn down on
+/// drop. `None` (the test skips) without root, loop devices or tmpfs mounts.
+struct FailingDevice {
+    mount: std::path::PathBuf,
+    device: String,
+}
+
+impl FailingDevice {
+    fn new(dir: &Path) -> Option<Self> {
+        let run = |cmd: &str, args: &[&str]| -> Option<String> {
+            let out = std::process::Command::new(cmd).args(args).output().ok()?;
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        };
+        let mount = dir.join("tiny");
+        std::fs::create_dir_all(&mount).ok()?;
+        let m = mount.to_str()?;
+        run("mount", &["-t", "tmpfs", "-o", "size=256k", "tmpfs", m])?;
+        let backing = mount.join("backing");
+        let made = std::fs::File::create(&backing).and_then(|f| f.set_len(16 << 20));
+        let device = made
+            .ok()
+            .and_then(|_| run("losetup", &["-f", "--show", backing.to_str()?]));
+        let Some(device) = device else {
+            let _ = run("umount", &[m]);
+            return None;
+        };
+        Some(Self { mount, device })
+    }
+}
+
+impl Drop for FailingDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.device])
+            .status();
+        let _ = std::process::Command::new("umount")
+            .arg(&self.mount)
+            .status();
+    }
+}
+
+/// Issue 9, item 6, with a real writeback error: acknowledged writes that the kernel then
+/// fails to write back make the next flush fail, and every flush after it too (the kernel
+/// reports the error once per open file, and all queues share one); a second guest on the same
+/// disk cannot be told its writes are durable either.
+#[test]
+fn loop_device_writeback_error() {
+    let dir = common::fresh_dir("vspd-hardening", "wb-error");
+    let Some(dev) = FailingDevice::new(&dir) else {
+        eprintln!("SKIP: needs root, a loop device and a tmpfs mount");
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    };
+    let disk_arg = format!("path={},queues=2", dev.device);
+    let d = common::Daemon::spawn(&dir, ["--disk", disk_arg.as_str()]);
+    let mut g = QueueGuest::connect(&d.socket, 64 << 20);
+    g.add_subchannels(1);
+    g.start();
+    // 4 MiB acknowledged into the page cache; the tmpfs below holds 256 KiB.
+    for i in 0..4u64 {
+        g.queues[(i % 2) as usize]
+            .write(i << 20, &pattern(i + 1, 1 << 20), false)
+            .unwrap();
+    }
+    let first = g.queues[0].flush().unwrap_err();
+    eprintln!("first flush: {first:?}");
+    for (i, q) in g.queues.iter().enumerate() {
+        for _ in 0..2 {
+            let e = q.flush().unwrap_err();
+            assert_eq!(
+                sense(e),
+                (0x03, 0x0c),
+                "queue {i}: MEDIUM ERROR / WRITE ERROR"
+            );
+        }
+        let e = q.write(0, &pattern(7, 4096), true).unwrap_err();
+        assert_eq!(sense(e), (0x03, 0x0c), "queue {i}: a FUA write");
+    }
+    let mut other = QueueGuest::connect(&d.socket, 16 << 20);
+    other.start();
+    assert!(other.queues[0].flush().is_err(), "another guest's flush");
+    drop((g, other));
+    drop(d);
+    drop(dev);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -16,6 +16,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
 use rustix::fs::{AtFlags, FallocateFlags, FileType, Mode, OFlags, SeekFrom, StatxFlags};
@@ -51,6 +52,12 @@ pub struct DiskFile {
     readonly: bool,
     block_device: bool,
     discard: bool,
+    /// The first writeback error (an errno; 0: none) that a flush or a synchronous write
+    /// reported. The kernel reports a writeback error once per open file description, and
+    /// every queue and guest shares this one: the error is kept here so that every later
+    /// flush and synchronous write fails too (as QEMU does), never again claiming durability
+    /// for data the kernel dropped.
+    writeback_error: AtomicI32,
 }
 
 impl DiskFile {
@@ -148,6 +155,7 @@ impl DiskFile {
             readonly,
             block_device,
             discard,
+            writeback_error: AtomicI32::new(0),
         }))
     }
 
@@ -175,6 +183,38 @@ impl DiskFile {
     /// Whether aligned requests go through an `O_DIRECT` descriptor.
     pub fn is_direct(&self) -> bool {
         self.direct.is_some()
+    }
+
+    /// The writeback error recorded on this disk, if any (an errno): from then on every flush
+    /// and synchronous write fails (see [`DiskFile::record_writeback_error`]).
+    pub fn writeback_error(&self) -> Option<i32> {
+        // Acquire pairs with the Release of `record_writeback_error` (any queue's thread).
+        match self.writeback_error.load(Ordering::Acquire) {
+            0 => None,
+            e => Some(e),
+        }
+    }
+
+    /// Records that a flush or a synchronous write failed with `errno` (the first error is
+    /// kept): acknowledged writes may have been dropped from the page cache, so no later flush
+    /// of this disk can succeed (there is no way back but reopening the disk).
+    pub fn record_writeback_error(&self, errno: i32) {
+        let errno = if errno == 0 {
+            rustix::io::Errno::IO.raw_os_error()
+        } else {
+            errno
+        };
+        // Release pairs with the Acquire of `writeback_error`.
+        if self
+            .writeback_error
+            .compare_exchange(0, errno, Ordering::Release, Ordering::Relaxed)
+            .is_ok()
+        {
+            tracing::error!(
+                errno,
+                "writeback error: every later flush of this disk fails"
+            );
+        }
     }
 
     /// Whether the disk is a block device (rather than an image file).
@@ -235,7 +275,8 @@ pub enum IoOp<'a> {
         /// Force unit access: the write is durable when it completes (`RWF_DSYNC`).
         fua: bool,
     },
-    /// Makes every completed write durable (`fdatasync`).
+    /// Makes every completed write durable (`fdatasync`). Fails (EIO) without trying once a
+    /// flush or synchronous write of the disk has failed ([`DiskFile::writeback_error`]).
     Flush,
     /// Deallocates a range (`fallocate(PUNCH_HOLE | KEEP_SIZE)`): it reads as zeros afterwards.
     Discard {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use ringbuf::guestmem::GuestMemory;
 use ringbuf::shmem::create_memfd;
 use rustix::fs::{OFlags, SeekFrom};
+use rustix::io::Errno;
 
 use super::*;
 
@@ -875,4 +876,60 @@ fn block_device_with_4k_logical_blocks() {
     drop(disk);
     drop(dev);
     assert!(img.contents() == expect, "the image behind the device");
+}
+
+/// Issue 9, item 6: a writeback error is reported by the kernel once per open file, and every
+/// queue of a disk shares one. Once a flush or synchronous write failed, the disk keeps the
+/// error: every later flush, FUA write and synchronous zeroing fails on every queue (the data
+/// they would vouch for may be gone), while plain writes and reads go on.
+#[test]
+fn a_writeback_error_fails_every_later_flush_on_every_queue() {
+    let img = Image::new(1 << 20);
+    let disk = DiskFile::open(&img.0, false, false).unwrap();
+    let mem = guest_memory();
+    let mut q0 = DiskQueue::new(disk.clone(), mem.clone(), 8).unwrap();
+    let mut q1 = DiskQueue::new(disk.clone(), mem.clone(), 8).unwrap();
+    let seg = [Segment {
+        gpa: 8192,
+        len: 4096,
+    }];
+    let write = |fua| IoOp::Write {
+        offset: 0,
+        segments: &seg,
+        fua,
+    };
+    assert_eq!(run(&mut q0, IoOp::Flush), Ok(0));
+    assert_eq!(disk.writeback_error(), None);
+    // What a failed fdatasync records (see `loop_device_writeback_error` in
+    // tests/storage_hardening.rs for the kernel doing it).
+    disk.record_writeback_error(Errno::IO.raw_os_error());
+    disk.record_writeback_error(Errno::NOSPC.raw_os_error());
+    assert_eq!(
+        disk.writeback_error(),
+        Some(Errno::IO.raw_os_error()),
+        "the first is kept"
+    );
+    let eio = Err(Errno::IO.raw_os_error());
+    for q in [&mut q0, &mut q1] {
+        for _ in 0..3 {
+            assert_eq!(run(q, IoOp::Flush), eio);
+        }
+        assert_eq!(run(q, write(true)), eio);
+        let zero = IoOp::WriteZeroes {
+            offset: 0,
+            len: 4096,
+            unmap: false,
+            sync: true,
+        };
+        assert_eq!(run(q, zero), eio);
+        assert_eq!(run(q, write(false)), Ok(4096));
+        let read = IoOp::Read {
+            offset: 0,
+            segments: &seg,
+        };
+        assert_eq!(run(q, read), Ok(4096));
+    }
+    // A queue opened later on the same disk sees it too.
+    let mut q2 = DiskQueue::new(disk.clone(), mem, 8).unwrap();
+    assert_eq!(run(&mut q2, IoOp::Flush), eio);
 }

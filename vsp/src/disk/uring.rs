@@ -132,6 +132,28 @@ enum Op {
     },
 }
 
+impl Op {
+    /// Whether the operation's success would say data is durable: a flush, a synchronous
+    /// write, or zeroing followed by a flush.
+    fn is_durable(&self) -> bool {
+        match self {
+            Op::Fallocate { sync, .. } | Op::ZeroFill { sync, .. } => *sync,
+            _ => self.syncs(),
+        }
+    }
+
+    /// Whether the operation itself asks the kernel for durability (and may so consume a
+    /// writeback error the kernel reports once): a flush or a synchronous write. Any failure
+    /// of these is taken as a writeback error: the kernel does not say which part failed.
+    fn syncs(&self) -> bool {
+        match self {
+            Op::Flush => true,
+            Op::Rw(rw) => rw.write && rw.flags.contains(ReadWriteFlags::DSYNC),
+            _ => false,
+        }
+    }
+}
+
 /// One entry of the in-flight table.
 #[derive(Debug)]
 struct Slot {
@@ -340,7 +362,12 @@ impl DiskQueue {
                 }
             }
         };
-        let inline = self.inline_writes
+        // Once a writeback error is recorded, nothing can be made durable any more: refuse at
+        // once what would claim it (the data of a synchronous write may be on the disk, but
+        // the write must not be acknowledged as durable).
+        let refused = self.disk.writeback_error().is_some() && op.is_durable();
+        let inline = !refused
+            && self.inline_writes
             && match &op {
                 Op::Rw(rw) => {
                     let direct = self.disk.direct.is_some()
@@ -354,6 +381,10 @@ impl DiskQueue {
         let slot = &mut self.slots[idx];
         slot.tag = tag;
         slot.op = op;
+        if refused {
+            self.finish(idx, Err(Errno::IO.raw_os_error()));
+            return Ok(());
+        }
         if inline {
             let result = self.write_inline(idx);
             self.finish(idx, result);
@@ -635,8 +666,14 @@ impl DiskQueue {
         }
     }
 
-    /// Completes slot `idx` with `result` and frees it.
+    /// Completes slot `idx` with `result` and frees it. A failed flush or synchronous write
+    /// records a writeback error on the disk.
     fn finish(&mut self, idx: usize, result: Result<u32, i32>) {
+        if let Err(e) = result {
+            if self.slots[idx].op.syncs() {
+                self.disk.record_writeback_error(e);
+            }
+        }
         let tag = self.slots[idx].tag;
         self.done.push(Completion { tag, result });
         self.release(idx);
