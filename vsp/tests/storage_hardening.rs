@@ -431,3 +431,47 @@ fn loop_device_writeback_error() {
     drop(dev);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue 9, item 12: a TRIM over 2 GiB (one UNMAP descriptor of 6 Mi blocks, as the NBD
+/// export sends a 3 GiB NBD_CMD_TRIM) is done, not refused with EINVAL: the block limits page
+/// says there is no maximum unmap LBA count, since the backend punches a hole of any length.
+#[test]
+fn a_discard_over_2_gib_is_done() {
+    use vsc::storvsc::DiskOp;
+    const GIB: u64 = 1 << 30;
+    let dir = common::fresh_dir("vspd-hardening", "big-trim");
+    let img = dir.join("big.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(8 * GIB)
+        .unwrap();
+    let d = common::Daemon::spawn(&dir, ["--disk", "path=big.img"]).owning_dir();
+    let g = vsc::guest::StorageGuest::attach(&d.socket, 64 << 20).unwrap();
+    let disk = &g.disks[0].1;
+    if !disk.geometry().thin {
+        eprintln!("SKIP: the file system here cannot punch holes");
+        return;
+    }
+    // VPD page 0xB0: MAXIMUM UNMAP LBA COUNT is FFFFFFFFh.
+    let b0 = disk
+        .command(vec![0x12, 1, 0xb0, 0, 64, 0], vec![], 64)
+        .unwrap();
+    assert_eq!(b0[20..24], [0xff; 4]);
+    let at = [0, 2 * GIB + GIB / 2, 3 * GIB + GIB / 2];
+    for (i, &o) in at.iter().enumerate() {
+        disk.write(o, &pattern(i as u64 + 1, 4096), false).unwrap();
+    }
+    disk.call(DiskOp::Discard {
+        offset: 0,
+        len: 3 * GIB,
+    })
+    .unwrap();
+    let mut back = vec![0; 4096];
+    for &o in &at[..2] {
+        disk.read(o, &mut back).unwrap();
+        assert!(back.iter().all(|&b| b == 0), "discarded at {o}");
+    }
+    disk.read(at[2], &mut back).unwrap();
+    assert_eq!(back, pattern(3, 4096), "beyond the discard");
+    g.detach().unwrap();
+}

@@ -44,8 +44,12 @@ pub const PRODUCT_REVISION: [u8; 4] = *b"0001";
 
 /// Most block descriptors one UNMAP may carry (VPD page 0xB0).
 pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
-/// Most blocks one UNMAP may unmap, summed over its descriptors (VPD page 0xB0).
-pub const MAX_UNMAP_BLOCKS: u32 = 0x0040_0000;
+/// The MAXIMUM UNMAP LBA COUNT of VPD page 0xB0: `FFFFFFFFh`, no maximum. Deallocating is a
+/// hole punched per descriptor (`fallocate`), whatever its length, so the backend has no
+/// limit to report; each descriptor is still checked against the capacity, and their number
+/// against [`MAX_UNMAP_DESCRIPTORS`]. (A limit of 4 Mi blocks made a 3 GiB TRIM from a client
+/// that does not split by it fail with EINVAL.)
+pub const MAX_UNMAP_BLOCKS: u32 = u32::MAX;
 /// Most blocks one WRITE SAME may write (VPD page 0xB0).
 pub const MAX_WRITE_SAME_BLOCKS: u32 = 0x0040_0000;
 /// Longest UNMAP parameter list looked at: the header and [`MAX_UNMAP_DESCRIPTORS`] descriptors.
@@ -735,17 +739,12 @@ impl ScsiDisk {
         let (descriptors, _) = <[UnmapBlockDescriptor]>::ref_from_prefix_with_elems(rest, count)
             .map_err(|_| PARAMETER_LENGTH)?;
         let mut ranges = Vec::with_capacity(count);
-        let mut total = 0u64;
         for d in descriptors {
             let (lba, blocks) = (d.lba.get(), d.block_count.get());
             if blocks == 0 {
                 continue;
             }
             self.check_range(lba, blocks)?;
-            total += u64::from(blocks);
-            if total > u64::from(MAX_UNMAP_BLOCKS) {
-                return Err(INVALID_PARAMETER);
-            }
             ranges.push(UnmapRange { lba, blocks });
         }
         Ok(if ranges.is_empty() {
