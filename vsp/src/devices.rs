@@ -102,30 +102,24 @@ impl Registry {
         }
         // A disk now configured read-only (and nowhere writable) takes no more writes, on any
         // open channel. (A disk that left the configuration is not touched: its controller is
-        // rescinded, or a channel that keeps it serves it until it closes.)
-        let read_only_now = |path: &PathBuf| {
-            let mut uses = next
-                .values()
-                .flat_map(|(l, _)| l)
-                .filter(|l| l.path == *path);
-            let mut any = false;
-            let all_ro = uses.all(|l| {
-                any = true;
-                l.file.readonly()
-            });
-            any && all_ro
-        };
+        // rescinded, or a channel that keeps it serves it until it closes.) The new
+        // configuration is in place first, so a primary channel opening meanwhile either gets
+        // it or is among the groups below.
+        let mut read_only: HashMap<PathBuf, bool> = HashMap::new();
+        for l in next.values().flat_map(|(l, _)| l) {
+            *read_only.entry(l.path.clone()).or_insert(true) &= l.file.readonly();
+        }
+        *self.controllers.lock().unwrap_or_else(|e| e.into_inner()) = next;
         for disks in self.live_groups().iter() {
             for l in disks
                 .iter()
-                .filter(|l| !l.file.readonly() && read_only_now(&l.path))
+                .filter(|l| !l.file.readonly() && read_only.get(&l.path) == Some(&true))
             {
                 tracing::info!(path = %l.path.display(), lun = l.lun,
                     "disk no longer writable: write-protected on open channels");
                 l.state.write_protect();
             }
         }
-        *self.controllers.lock().unwrap_or_else(|e| e.into_inner()) = next;
         Ok(offers)
     }
 
