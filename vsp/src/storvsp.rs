@@ -38,15 +38,84 @@ pub const QUEUE_DEPTH: u32 = 256;
 /// Guest pages one SRB's buffer may name at most (the largest transfer, misaligned).
 const MAX_BUFFER_PAGES: u64 = (MAX_TRANSFER_BYTES as u64 / 4096) + 1;
 
-/// Protocol state of the channel.
+/// Protocol state of the channel: the handshake's order (begin, version, properties, end) is
+/// enforced; a request out of order is answered INVALID_DEVICE_STATE (an SRB, INVALID_REQUEST)
+/// and changes nothing.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
-enum State {
+enum Protocol {
     /// Before BEGIN_INITIALIZATION.
     Start,
-    /// Between begin and end.
-    Initializing,
-    /// Serving SRBs.
-    Ready,
+    /// After BEGIN_INITIALIZATION: the version, once one was accepted.
+    Initializing { version: Option<StorageVersion> },
+    /// After END_INITIALIZATION (a subchannel starts here): serving SRBs.
+    Ready { version: StorageVersion },
+}
+
+/// A guest packet, parsed once: what `handle` serves, with nothing left to check twice.
+#[derive(Debug, Clone, Copy)]
+enum Request<'a> {
+    BeginInitialization,
+    QueryProtocolVersion(ProtocolVersion),
+    QueryProperties,
+    EndInitialization,
+    CreateSubchannels(u16),
+    /// RESET_LUN, RESET_ADAPTER, RESET_BUS.
+    Reset,
+    ExecuteSrb {
+        srb: ScsiRequest,
+        /// The data buffer: the packet's GPA-direct ranges, if it has any.
+        buffer: Option<GpaRanges<'a>>,
+    },
+    /// Any other operation (answered INVALID_PARAMETER).
+    Unsupported(VstorOperation),
+}
+
+/// Why a guest packet is not a request (it is dropped, with a debug line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    /// Fewer bytes than a VSTOR packet header (operation, flags, status).
+    #[error("a packet of {0} bytes is shorter than a VSTOR header")]
+    TooShort(usize),
+    /// A completion (the host sends the guest no requests to complete).
+    #[error("an unexpected completion packet")]
+    Completion,
+}
+
+/// Bytes of a VSTOR packet's header: operation, flags, status.
+const VSTOR_HEADER_LEN: usize = 12;
+
+/// Parses a guest packet once (a short payload reads as zeros past its end, as a shorter
+/// packet of an older protocol version would).
+fn parse_packet<'a>(packet: &Packet<'a>) -> Result<Request<'a>, ParseError> {
+    if matches!(packet.kind, PacketKind::Completion) {
+        return Err(ParseError::Completion);
+    }
+    let n = packet.payload.len().min(size_of::<VstorPacket>());
+    if n < VSTOR_HEADER_LEN {
+        return Err(ParseError::TooShort(n));
+    }
+    let mut p = VstorPacket::new_zeroed();
+    p.as_mut_bytes()[..n].copy_from_slice(&packet.payload[..n]);
+    Ok(match p.operation {
+        VstorOperation::BEGIN_INITIALIZATION => Request::BeginInitialization,
+        VstorOperation::QUERY_PROTOCOL_VERSION => Request::QueryProtocolVersion(p.body()),
+        VstorOperation::QUERY_PROPERTIES => Request::QueryProperties,
+        VstorOperation::END_INITIALIZATION => Request::EndInitialization,
+        VstorOperation::CREATE_SUB_CHANNELS => {
+            Request::CreateSubchannels(p.body::<SubchannelCount>().count)
+        }
+        VstorOperation::RESET_LUN | VstorOperation::RESET_ADAPTER | VstorOperation::RESET_BUS => {
+            Request::Reset
+        }
+        VstorOperation::EXECUTE_SRB => Request::ExecuteSrb {
+            srb: p.body(),
+            buffer: match packet.kind {
+                PacketKind::GpaDirect(ranges) => Some(ranges),
+                _ => None,
+            },
+        },
+        other => Request::Unsupported(other),
+    })
 }
 
 /// One request being served.
@@ -95,9 +164,7 @@ pub struct Storvsp {
     lun_ids: Vec<u8>,
     /// Readable when any LUN's io_uring has completions (an epoll set of their eventfds).
     wake: std::os::fd::OwnedFd,
-    state: State,
-    /// Size of the SRB the guest uses (52 from WIN8).
-    version: StorageVersion,
+    protocol: Protocol,
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
     /// Answers that did not fit in the ring yet.
@@ -121,7 +188,7 @@ pub struct Storvsp {
 impl std::fmt::Debug for Storvsp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Storvsp")
-            .field("state", &self.state)
+            .field("protocol", &self.protocol)
             .field("luns", &self.lun_ids)
             .finish()
     }
@@ -191,12 +258,15 @@ impl Storvsp {
             luns: table,
             lun_ids,
             wake,
-            state: if subchannel {
-                State::Ready
+            // A subchannel serves at once; the version is its primary's (it changes nothing
+            // here: from WIN8 on every SRB has the same size).
+            protocol: if subchannel {
+                Protocol::Ready {
+                    version: StorageVersion::WIN8,
+                }
             } else {
-                State::Start
+                Protocol::Start
             },
-            version: StorageVersion::WIN8,
             slots: (0..QUEUE_DEPTH).map(|_| None).collect(),
             free: (0..QUEUE_DEPTH as usize).rev().collect(),
             answers: VecDeque::new(),
@@ -250,16 +320,36 @@ impl Storvsp {
         Ok(moved)
     }
 
-    fn control(&mut self, out: &mut OutgoingRing, tx: u64, req: &VstorPacket) -> Result<(), Error> {
+    /// Serves one request: the handshake and control operations here, in the order the
+    /// protocol state allows; SRBs by [`Storvsp::execute`].
+    fn serve(&mut self, out: &mut OutgoingRing, tx: u64, req: Request<'_>) -> Result<(), Error> {
         let mut reply = VstorPacket::new(VstorOperation::COMPLETE_IO, 0, vstor_status::SUCCESS);
-        let operation = req.operation;
-        match operation {
-            VstorOperation::BEGIN_INITIALIZATION => self.state = State::Initializing,
-            VstorOperation::QUERY_PROTOCOL_VERSION => {
-                let v: ProtocolVersion = req.body();
+        let state = self.protocol;
+        let out_of_order = || {
+            tracing::debug!(?req, ?state, "storvsc request out of order");
+            vstor_status::INVALID_DEVICE_STATE
+        };
+        match (req, state) {
+            (Request::ExecuteSrb { srb, buffer }, Protocol::Ready { .. }) => {
+                return self.execute(out, tx, srb, buffer.as_ref());
+            }
+            (Request::ExecuteSrb { mut srb, .. }, _) => {
+                tracing::debug!(?state, "SRB before the end of initialisation");
+                srb.srb_status = srb_status::INVALID_REQUEST;
+                srb.scsi_status = 0;
+                srb.data_transfer_length = 0;
+                return self.complete(out, tx, srb);
+            }
+            // A guest may begin again before it ends (a retry); not once it is serving.
+            (Request::BeginInitialization, Protocol::Start | Protocol::Initializing { .. }) => {
+                self.protocol = Protocol::Initializing { version: None };
+            }
+            (Request::QueryProtocolVersion(v), Protocol::Initializing { .. }) => {
                 match v.major_minor {
                     StorageVersion::WIN8 | StorageVersion::WIN8_1 | StorageVersion::WIN10 => {
-                        self.version = v.major_minor;
+                        self.protocol = Protocol::Initializing {
+                            version: Some(v.major_minor),
+                        };
                         reply.set_body(&v);
                     }
                     other => {
@@ -268,7 +358,10 @@ impl Storvsp {
                     }
                 }
             }
-            VstorOperation::QUERY_PROPERTIES => {
+            (
+                Request::QueryProperties,
+                Protocol::Initializing { version: Some(_) } | Protocol::Ready { .. },
+            ) => {
                 let mut p = ChannelProperties::new_zeroed();
                 p.max_transfer_bytes = MAX_TRANSFER_BYTES;
                 if self.queues > 1 && self.request_subchannels.is_some() {
@@ -277,27 +370,32 @@ impl Storvsp {
                 }
                 reply.set_body(&p);
             }
-            VstorOperation::CREATE_SUB_CHANNELS => {
-                let n: SubchannelCount = req.body();
-                let count = n.count;
+            (Request::EndInitialization, Protocol::Initializing { version: Some(v) }) => {
+                self.protocol = Protocol::Ready { version: v };
+            }
+            (Request::CreateSubchannels(count), Protocol::Ready { .. }) => {
                 let ok = count >= 1
                     && count < self.queues
-                    && self.state != State::Start
                     && self.request_subchannels.as_ref().is_some_and(|r| r(count));
                 if !ok {
                     tracing::debug!(count, queues = self.queues, "subchannel request refused");
                     reply.status = vstor_status::INVALID_PARAMETER;
                 }
             }
-            VstorOperation::END_INITIALIZATION => self.state = State::Ready,
             // In-flight I/O completes normally; nothing is queued elsewhere to abort.
-            VstorOperation::RESET_LUN
-            | VstorOperation::RESET_ADAPTER
-            | VstorOperation::RESET_BUS => {}
-            other => {
-                tracing::debug!(operation = ?other, "unsupported storvsc operation");
+            (Request::Reset, _) => {}
+            (Request::Unsupported(operation), _) => {
+                tracing::debug!(?operation, "unsupported storvsc operation");
                 reply.status = vstor_status::INVALID_PARAMETER;
             }
+            (
+                Request::BeginInitialization
+                | Request::QueryProtocolVersion(_)
+                | Request::QueryProperties
+                | Request::EndInitialization
+                | Request::CreateSubchannels(_),
+                _,
+            ) => reply.status = out_of_order(),
         }
         self.answer(out, tx, reply)
     }
@@ -307,11 +405,11 @@ impl Storvsp {
         &mut self,
         out: &mut OutgoingRing,
         tx: u64,
-        req: &VstorPacket,
-        kind: &PacketKind<'_>,
+        srb: ScsiRequest,
+        buffer: Option<&GpaRanges<'_>>,
     ) -> Result<(), Error> {
         let mut segments = std::mem::take(&mut self.segments);
-        let result = self.execute_with(out, tx, req, kind, &mut segments);
+        let result = self.execute_with(out, tx, srb, buffer, &mut segments);
         self.segments = segments;
         result
     }
@@ -321,28 +419,23 @@ impl Storvsp {
         &mut self,
         out: &mut OutgoingRing,
         tx: u64,
-        req: &VstorPacket,
-        kind: &PacketKind<'_>,
+        mut srb: ScsiRequest,
+        buffer: Option<&GpaRanges<'_>>,
         segments: &mut Vec<Segment>,
     ) -> Result<(), Error> {
-        let mut srb: ScsiRequest = req.body();
         let fail = |mut srb: ScsiRequest, status: u8| {
             srb.srb_status = status;
             srb.scsi_status = 0;
             srb.data_transfer_length = 0;
             srb
         };
-        if self.state != State::Ready && self.state != State::Initializing {
-            let s = fail(srb, srb_status::INVALID_REQUEST);
-            return self.complete(out, tx, s);
-        }
         if usize::from(srb.cdb_length) > MAX_CDB_LEN || srb.cdb_length == 0 {
             let s = fail(srb, srb_status::INVALID_REQUEST);
             return self.complete(out, tx, s);
         }
-        let buffer = match kind {
-            PacketKind::GpaDirect(ranges) => buffer_segments(ranges, segments),
-            _ => {
+        let buffer = match buffer {
+            Some(ranges) => buffer_segments(ranges, segments),
+            None => {
                 segments.clear();
                 Ok(0)
             }
@@ -684,18 +777,12 @@ fn copy_to_guest(mem: &GuestMemory, segs: &[Segment], src: &[u8]) -> Result<(), 
 
 impl Device for Storvsp {
     fn handle(&mut self, packet: &Packet<'_>, out: &mut OutgoingRing) -> Result<(), Error> {
-        let mut req = VstorPacket::new_zeroed();
-        let n = packet.payload.len().min(size_of::<VstorPacket>());
-        req.as_mut_bytes()[..n].copy_from_slice(&packet.payload[..n]);
-        if n < 12 {
-            tracing::debug!(len = n, "storvsc packet too short; ignored");
-            return Ok(());
-        }
-        let tx = packet.transaction_id;
-        if { req.operation } == VstorOperation::EXECUTE_SRB {
-            self.execute(out, tx, &req, &packet.kind)
-        } else {
-            self.control(out, tx, &req)
+        match parse_packet(packet) {
+            Ok(req) => self.serve(out, packet.transaction_id, req),
+            Err(e) => {
+                tracing::debug!(error = %e, "storvsc packet ignored");
+                Ok(())
+            }
         }
     }
 
@@ -958,6 +1045,108 @@ mod tests {
             .unwrap_or_else(|| panic!("no answer for {tx}"));
         let r: ScsiRequest = p.body();
         r.srb_status & 0x3f
+    }
+
+    fn control(op: VstorOperation) -> VstorPacket {
+        VstorPacket::new(op, REQUEST_COMPLETION_FLAG, 0)
+    }
+
+    fn status_of(h: &Harness, tx: u64) -> u32 {
+        let (_, p) = h
+            .answers
+            .iter()
+            .find(|(t, _)| *t == tx)
+            .unwrap_or_else(|| panic!("no answer for {tx}"));
+        p.status
+    }
+
+    /// The handshake in order (begin, version, properties, end) and nothing out of it: each
+    /// request out of order is refused and changes nothing; SRBs only once it ended.
+    #[test]
+    fn the_handshake_order_is_enforced() {
+        use vmbus_proto::storvsp::{status as st, ChannelProperties, ProtocolVersion};
+        let img = Scratch::new("handshake", 1 << 20);
+        let disk = DiskFile::open(&img.0, false, false).unwrap();
+        let mut h = Harness::new(disk, 1 << 20, false).unwrap();
+        let inquiry = srb(&[0x12, 0, 0, 0, 36, 0], 36, true);
+        let buf: &[(u32, u32, &[u64])] = &[(0, 36, &[3])];
+        let version = |v: StorageVersion| {
+            let mut p = control(VstorOperation::QUERY_PROTOCOL_VERSION);
+            p.set_body(&ProtocolVersion {
+                major_minor: v,
+                revision: 0,
+            });
+            p
+        };
+        let mut tx = 0;
+        let mut send = |h: &mut Harness, p: &VstorPacket, ranges| {
+            tx += 1;
+            assert!(h.send(tx, p.as_bytes(), ranges).unwrap());
+            tx
+        };
+        // Before BEGIN: nothing but BEGIN (and resets).
+        let t = send(&mut h, &inquiry, Some(buf));
+        assert_eq!(srb_status_of(&h, t), srb_status::INVALID_REQUEST);
+        for op in [
+            VstorOperation::QUERY_PROPERTIES,
+            VstorOperation::END_INITIALIZATION,
+            VstorOperation::CREATE_SUB_CHANNELS,
+        ] {
+            let t = send(&mut h, &control(op), None);
+            assert_eq!(status_of(&h, t), st::INVALID_DEVICE_STATE, "{op:?}");
+        }
+        let t = send(&mut h, &version(StorageVersion::WIN10), None);
+        assert_eq!(status_of(&h, t), st::INVALID_DEVICE_STATE);
+        let t = send(&mut h, &control(VstorOperation::BEGIN_INITIALIZATION), None);
+        assert_eq!(status_of(&h, t), st::SUCCESS);
+        // No version yet: no properties, no end.
+        for op in [
+            VstorOperation::QUERY_PROPERTIES,
+            VstorOperation::END_INITIALIZATION,
+        ] {
+            let t = send(&mut h, &control(op), None);
+            assert_eq!(status_of(&h, t), st::INVALID_DEVICE_STATE, "{op:?}");
+        }
+        let t = send(&mut h, &version(StorageVersion(0x0999)), None);
+        assert_eq!(status_of(&h, t), st::REVISION_MISMATCH);
+        let t = send(&mut h, &version(StorageVersion::WIN10), None);
+        assert_eq!(status_of(&h, t), st::SUCCESS);
+        let t = send(&mut h, &control(VstorOperation::QUERY_PROPERTIES), None);
+        assert_eq!(status_of(&h, t), st::SUCCESS);
+        let props: ChannelProperties = h.answers.last().unwrap().1.body();
+        assert_eq!({ props.max_transfer_bytes }, MAX_TRANSFER_BYTES);
+        // Still initialising: no SRB, no subchannels.
+        let t = send(&mut h, &inquiry, Some(buf));
+        assert_eq!(srb_status_of(&h, t), srb_status::INVALID_REQUEST);
+        let t = send(&mut h, &control(VstorOperation::END_INITIALIZATION), None);
+        assert_eq!(status_of(&h, t), st::SUCCESS);
+        let t = send(&mut h, &inquiry, Some(buf));
+        assert_eq!(srb_status_of(&h, t), srb_status::SUCCESS);
+        let mut data = [0u8; 36];
+        h.mem.read(3 * 4096, &mut data).unwrap();
+        assert_eq!(&data[8..16], crate::scsi::VENDOR_ID);
+        // Serving: no second handshake; one queue, so no subchannels; unknown operations.
+        for op in [
+            VstorOperation::BEGIN_INITIALIZATION,
+            VstorOperation::END_INITIALIZATION,
+        ] {
+            let t = send(&mut h, &control(op), None);
+            assert_eq!(status_of(&h, t), st::INVALID_DEVICE_STATE, "{op:?}");
+        }
+        let t = send(&mut h, &version(StorageVersion::WIN8), None);
+        assert_eq!(status_of(&h, t), st::INVALID_DEVICE_STATE);
+        let mut sub = control(VstorOperation::CREATE_SUB_CHANNELS);
+        sub.set_body(&SubchannelCount { count: 1 });
+        let t = send(&mut h, &sub, None);
+        assert_eq!(status_of(&h, t), st::INVALID_PARAMETER);
+        let t = send(&mut h, &control(VstorOperation(0x77)), None);
+        assert_eq!(status_of(&h, t), st::INVALID_PARAMETER);
+        // A packet shorter than a VSTOR header gets no answer; the channel goes on.
+        let before = h.answers.len();
+        assert!(h.send(1000, &[1, 0, 0, 0], None).unwrap());
+        assert_eq!(h.answers.len(), before);
+        let t = send(&mut h, &inquiry, Some(buf));
+        assert_eq!(srb_status_of(&h, t), srb_status::SUCCESS);
     }
 
     /// Issue 9, item 10: GPA-direct page numbers [2^52-1, 0] made `last.gpa + len` overflow
