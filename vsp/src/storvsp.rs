@@ -25,7 +25,7 @@ use vmbus_proto::storvsp::{
 use zerocopy::{FromZeros, IntoBytes};
 
 use crate::channel::Device;
-use crate::disk::{Completion, DiskFile, DiskQueue, IoOp, Segment};
+use crate::disk::{Completion, DiskFile, DiskQueue, IoOp, IoQueue, Segment};
 use crate::scsi::{Action, DiskInfo, Fill, IoKind, LunState, Response, ScsiDisk, UnmapRange};
 use crate::Error;
 
@@ -146,10 +146,13 @@ pub struct LunSpec {
     pub state: Arc<LunState>,
 }
 
+/// Makes the I/O engine of a LUN for [`Storvsp::with_engine`].
+pub type MakeEngine<'a> = dyn FnMut(&LunSpec) -> Result<Box<dyn IoQueue>, Error> + 'a;
+
 /// A logical unit being served: its SCSI state and its io_uring.
 struct Lun {
     scsi: ScsiDisk,
-    queue: DiskQueue,
+    queue: Box<dyn IoQueue>,
     block_size: u32,
     /// Operations queued since the last submit.
     unsubmitted: bool,
@@ -214,6 +217,31 @@ impl Storvsp {
         subchannel: bool,
         request_subchannels: Option<crate::session::SubchannelRequest>,
     ) -> Result<Self, Error> {
+        let engine_mem = mem.clone();
+        let mut io_uring = |l: &LunSpec| -> Result<Box<dyn IoQueue>, Error> {
+            let q = DiskQueue::new(l.file.clone(), engine_mem.clone(), QUEUE_DEPTH)?;
+            Ok(Box::new(q))
+        };
+        Self::with_engine(
+            luns,
+            mem,
+            queues,
+            subchannel,
+            request_subchannels,
+            &mut io_uring,
+        )
+    }
+
+    /// As [`Storvsp::new`], with each LUN's I/O engine made by `engine` (of [`QUEUE_DEPTH`]
+    /// requests at least) rather than an io_uring [`DiskQueue`].
+    pub fn with_engine(
+        luns: Arc<[LunSpec]>,
+        mem: Arc<GuestMemory>,
+        queues: u16,
+        subchannel: bool,
+        request_subchannels: Option<crate::session::SubchannelRequest>,
+        engine: &mut MakeEngine<'_>,
+    ) -> Result<Self, Error> {
         use rustix::event::epoll;
         let wake = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(Error::Socket)?;
         let mut table: Vec<Option<Lun>> = (0..crate::config::MAX_LUNS).map(|_| None).collect();
@@ -233,7 +261,7 @@ impl Storvsp {
                 optimal_io_blocks: 0,
                 rotational: false,
             };
-            let queue = DiskQueue::new(disk.clone(), mem.clone(), QUEUE_DEPTH)?;
+            let queue = engine(l)?;
             epoll::add(
                 &wake,
                 queue.completion_event(),
@@ -853,7 +881,7 @@ pub mod harness {
     use vmbus_proto::storvsp::VstorPacket;
     use zerocopy::FromBytes;
 
-    use super::{LunSpec, Storvsp};
+    use super::{LunSpec, MakeEngine, Storvsp};
     use crate::channel::Device;
     use crate::disk::DiskFile;
     use crate::scsi::LunState;
@@ -890,6 +918,26 @@ pub mod harness {
         /// A channel serving `disk` as LUN 0 with `mem_bytes` (a multiple of 4096) of guest
         /// memory; a subchannel (`subchannel`) serves SRBs without the handshake.
         pub fn new(disk: Arc<DiskFile>, mem_bytes: u64, subchannel: bool) -> Result<Self, Error> {
+            Self::build(disk, mem_bytes, subchannel, None)
+        }
+
+        /// As [`Harness::new`], with the LUN's I/O engine made by `engine` (a stand-in for
+        /// io_uring: see [`crate::disk::IoQueue`]); `disk` still gives the geometry.
+        pub fn with_engine(
+            disk: Arc<DiskFile>,
+            mem_bytes: u64,
+            subchannel: bool,
+            engine: &mut MakeEngine<'_>,
+        ) -> Result<Self, Error> {
+            Self::build(disk, mem_bytes, subchannel, Some(engine))
+        }
+
+        fn build(
+            disk: Arc<DiskFile>,
+            mem_bytes: u64,
+            subchannel: bool,
+            engine: Option<&mut MakeEngine<'_>>,
+        ) -> Result<Self, Error> {
             let fd = ringbuf::shmem::create_memfd("storvsp-harness", mem_bytes)?;
             let mut mem = GuestMemory::new();
             mem.add_region(0, mem_bytes, fd, 0)?;
@@ -900,7 +948,10 @@ pub mod harness {
                 file: disk,
                 state: LunState::new(),
             }]);
-            let device = Storvsp::new(luns, mem.clone(), 1, subchannel, None)?;
+            let device = match engine {
+                Some(e) => Storvsp::with_engine(luns, mem.clone(), 1, subchannel, None, e)?,
+                None => Storvsp::new(luns, mem.clone(), 1, subchannel, None)?,
+            };
             let pair = RingPair::anonymous(RING_BYTES)?;
             let (guest_out, guest_in) = pair.side_a()?;
             let (host_out, host_in) = pair.side_b()?;
@@ -1147,6 +1198,115 @@ mod tests {
         assert_eq!(h.answers.len(), before);
         let t = send(&mut h, &inquiry, Some(buf));
         assert_eq!(srb_status_of(&h, t), srb_status::SUCCESS);
+    }
+
+    /// An I/O engine that completes every operation at once with what `script` says, and
+    /// records what it was asked: storvsp's handling of I/O results without the kernel's I/O.
+    struct Scripted {
+        event: std::os::fd::OwnedFd,
+        done: Vec<Completion>,
+        script: fn(&IoOp<'_>) -> Result<u32, i32>,
+        asked: Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    impl IoQueue for Scripted {
+        fn queue(&mut self, tag: u64, op: IoOp<'_>) -> Result<(), Error> {
+            self.asked.lock().unwrap().push(format!("{op:?}"));
+            let result = (self.script)(&op);
+            self.done.push(Completion { tag, result });
+            Ok(())
+        }
+        fn submit(&mut self) -> Result<usize, Error> {
+            Ok(0)
+        }
+        fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
+            let n = self.done.len();
+            out.append(&mut self.done);
+            n
+        }
+        fn wait(&mut self, _min: usize) -> Result<(), Error> {
+            Ok(())
+        }
+        fn in_flight(&self) -> usize {
+            self.done.len()
+        }
+        fn completion_event(&self) -> std::os::fd::BorrowedFd<'_> {
+            use std::os::fd::AsFd;
+            self.event.as_fd()
+        }
+    }
+
+    fn scripted(
+        img: &Scratch,
+        script: fn(&IoOp<'_>) -> Result<u32, i32>,
+    ) -> (Harness, Arc<std::sync::Mutex<Vec<String>>>) {
+        let disk = DiskFile::open(&img.0, false, false).unwrap();
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = asked.clone();
+        let mut engine = move |_: &LunSpec| -> Result<Box<dyn IoQueue>, Error> {
+            let event = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
+            Ok(Box::new(Scripted {
+                event,
+                done: Vec::new(),
+                script,
+                asked: log.clone(),
+            }))
+        };
+        let h = Harness::with_engine(disk, 1 << 20, true, &mut engine).unwrap();
+        (h, asked)
+    }
+
+    /// The sense key and additional sense code of an answered SRB.
+    fn sense_of(h: &Harness, tx: u64) -> (u8, u8) {
+        let (_, p) = h.answers.iter().find(|(t, _)| *t == tx).unwrap();
+        let r: ScsiRequest = p.body();
+        assert_eq!(r.srb_status & 0x3f, srb_status::ERROR, "{r:?}");
+        (r.cdb_or_sense[2] & 0x0f, r.cdb_or_sense[12])
+    }
+
+    /// I/O results become the right SCSI answers (through the engine trait, no kernel I/O):
+    /// a failed flush a WRITE ERROR, a short read an UNRECOVERED READ ERROR, a full file
+    /// system SPACE ALLOCATION FAILED, an UNMAP the backend cannot do GOOD (it is advisory),
+    /// with one discard per descriptor.
+    #[test]
+    fn io_results_become_scsi_answers() {
+        let img = Scratch::new("scripted", 1 << 20);
+        let (mut h, asked) = scripted(&img, |op| match op {
+            IoOp::Flush => Err(rustix::io::Errno::IO.raw_os_error()),
+            IoOp::Read { segments, .. } => Ok(segments.iter().map(|s| s.len).sum::<u32>() / 2),
+            IoOp::Write { .. } => Err(rustix::io::Errno::NOSPC.raw_os_error()),
+            IoOp::Discard { offset, .. } if *offset == 0 => {
+                Err(rustix::io::Errno::OPNOTSUPP.raw_os_error())
+            }
+            _ => Ok(0),
+        });
+        let buf: &[(u32, u32, &[u64])] = &[(0, 4096, &[5])];
+        let sync = srb(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, false);
+        assert!(h.send(1, sync.as_bytes(), None).unwrap());
+        assert_eq!(sense_of(&h, 1), (0x03, 0x0c));
+        let read = srb(&[0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0], 4096, true);
+        assert!(h.send(2, read.as_bytes(), Some(buf)).unwrap());
+        assert_eq!(sense_of(&h, 2), (0x03, 0x11));
+        let write = srb(&[0x2a, 0, 0, 0, 0, 0, 0, 0, 8, 0], 4096, false);
+        assert!(h.send(3, write.as_bytes(), Some(buf)).unwrap());
+        assert_eq!(sense_of(&h, 3), (0x07, 0x27));
+        // UNMAP of three ranges; the first cannot be done.
+        let mut list = vec![0u8; 8 + 3 * 16];
+        list[1] = 6 + 48;
+        list[3] = 48;
+        for (i, lba) in [0u64, 64, 128].iter().enumerate() {
+            list[8 + 16 * i..][..8].copy_from_slice(&lba.to_be_bytes());
+            list[8 + 16 * i + 8..][..4].copy_from_slice(&8u32.to_be_bytes());
+        }
+        h.mem.write(6 * 4096, &list).unwrap();
+        let unmap = srb(&[0x42, 0, 0, 0, 0, 0, 0, 0, list.len() as u8, 0], 56, false);
+        assert!(h.send(4, unmap.as_bytes(), Some(&[(0, 56, &[6])])).unwrap());
+        let (_, p) = h.answers.iter().find(|(t, _)| *t == 4).unwrap();
+        let r: ScsiRequest = p.body();
+        assert_eq!(r.srb_status & 0x3f, srb_status::SUCCESS, "{r:?}");
+        let asked = asked.lock().unwrap();
+        let discards = asked.iter().filter(|a| a.starts_with("Discard")).count();
+        assert_eq!(discards, 3, "{asked:?}");
     }
 
     /// Issue 9, item 10: GPA-direct page numbers [2^52-1, 0] made `last.gpa + len` overflow

@@ -244,6 +244,46 @@ fn block_device_discards(major: u32, minor: u32) -> bool {
     })
 }
 
+/// The I/O engine of one queue of a disk, as a device drives it: validate and queue
+/// operations, submit them in a batch, reap their completions. [`DiskQueue`] (io_uring) is the
+/// one vspd uses; a stand-in (a scripted engine in tests) lets a device's protocol be tested
+/// without the kernel's I/O.
+pub trait IoQueue: Send {
+    /// Validates and queues `op` under `tag`; see [`DiskQueue::queue`].
+    fn queue(&mut self, tag: u64, op: IoOp<'_>) -> Result<(), Error>;
+    /// Hands what was queued to the engine; returns how many operations were submitted.
+    fn submit(&mut self) -> Result<usize, Error>;
+    /// Appends the completions that are ready to `out` without blocking; returns how many.
+    fn reap(&mut self, out: &mut Vec<Completion>) -> usize;
+    /// Blocks until at least `min` completions are ready (or nothing is in flight).
+    fn wait(&mut self, min: usize) -> Result<(), Error>;
+    /// Operations queued and not yet reaped.
+    fn in_flight(&self) -> usize;
+    /// Readable when completions may be ready (for the worker's epoll set).
+    fn completion_event(&self) -> BorrowedFd<'_>;
+}
+
+impl IoQueue for DiskQueue {
+    fn queue(&mut self, tag: u64, op: IoOp<'_>) -> Result<(), Error> {
+        DiskQueue::queue(self, tag, op)
+    }
+    fn submit(&mut self) -> Result<usize, Error> {
+        DiskQueue::submit(self)
+    }
+    fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
+        DiskQueue::reap(self, out)
+    }
+    fn wait(&mut self, min: usize) -> Result<(), Error> {
+        DiskQueue::wait(self, min)
+    }
+    fn in_flight(&self) -> usize {
+        DiskQueue::in_flight(self)
+    }
+    fn completion_event(&self) -> BorrowedFd<'_> {
+        DiskQueue::completion_event(self)
+    }
+}
+
 /// A guest-memory buffer segment of an I/O: `len` bytes at guest-physical `gpa`, inside one
 /// region of guest memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
