@@ -1309,6 +1309,59 @@ mod tests {
         assert_eq!(discards, 3, "{asked:?}");
     }
 
+    /// Issue 9, item 5, at the engine: once MODE SELECT turned the write cache off, every
+    /// write reaches the engine as FUA and WRITE SAME's zeroing as synchronous.
+    #[test]
+    fn with_the_write_cache_off_writes_reach_the_engine_durable() {
+        let img = Scratch::new("wce-engine", 1 << 20);
+        let (mut h, asked) = scripted(&img, |op| match op {
+            IoOp::Write { segments, .. } => Ok(segments.iter().map(|s| s.len).sum()),
+            _ => Ok(0),
+        });
+        let page = |h: &mut Harness, tx, p: VstorPacket, gpa_page: u64, len: u32| {
+            assert!(h
+                .send(tx, p.as_bytes(), Some(&[(0, len, &[gpa_page])]))
+                .unwrap());
+            assert_eq!(srb_status_of(h, tx), srb_status::SUCCESS);
+        };
+        let write10 = srb(&[0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0], 512, false);
+        page(&mut h, 1, write10, 5, 512);
+        // MODE SENSE (6), DBD, caching page, into page 7; then MODE SELECT with WCE off.
+        page(
+            &mut h,
+            2,
+            srb(&[0x1a, 0x08, 0x08, 0, 64, 0], 64, true),
+            7,
+            64,
+        );
+        let mut sense = [0u8; 24];
+        h.mem.read(7 * 4096, &mut sense).unwrap();
+        let mut list = vec![0, 0, 0, 0];
+        list.extend_from_slice(&sense[4..24]);
+        list[4] &= 0x7f;
+        list[6] &= !0x04;
+        h.mem.write(8 * 4096, &list).unwrap();
+        let n = list.len() as u8;
+        page(
+            &mut h,
+            3,
+            srb(&[0x15, 0x10, 0, 0, n, 0], n.into(), false),
+            8,
+            n.into(),
+        );
+        page(&mut h, 4, write10, 5, 512);
+        // WRITE SAME (10) of a zero block: zeroing, then a flush.
+        h.mem.fill(9 * 4096, 512, 0).unwrap();
+        let ws = srb(&[0x41, 0, 0, 0, 0, 16, 0, 0, 4, 0], 512, false);
+        page(&mut h, 5, ws, 9, 512);
+        let asked = asked.lock().unwrap();
+        let writes: Vec<&String> = asked.iter().filter(|a| a.starts_with("Write")).collect();
+        assert_eq!(writes.len(), 3, "{asked:?}");
+        assert!(writes[0].contains("fua: false"), "{asked:?}");
+        assert!(writes[1].contains("fua: true"), "{asked:?}");
+        assert!(writes[2].contains("sync: true"), "{asked:?}");
+    }
+
     /// Issue 9, item 10: GPA-direct page numbers [2^52-1, 0] made `last.gpa + len` overflow
     /// (a panic with overflow checks on, as in tests). Now the buffer is refused as outside
     /// guest memory, and the channel serves on.
