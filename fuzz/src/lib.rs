@@ -602,6 +602,7 @@ pub fn nbd_session(data: &[u8]) {
         )
         .expect("SIGPIPE handler");
     });
+    let threads_before = thread_count();
     let mode = data.first().copied().unwrap_or(0);
     let event = mode & 1 != 0;
     let input = nbd_client_bytes(
@@ -645,6 +646,18 @@ pub fn nbd_session(data: &[u8]) {
     for t in std::mem::take(&mut *disk.loops.lock().unwrap()) {
         t.join().expect("the event loop panicked");
     }
+    // A joined scoped thread (the connection's workers) may still be running its thread-local
+    // destructors; LeakSanitizer, which checks right after this returns, would report what
+    // they are about to free. Wait until the threads are really gone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while thread_count() > threads_before && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+}
+
+/// Threads of this process.
+fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
 }
 
 /// Guest memory of the [`storvsp_packets`] target: 1 MiB at guest-physical 0 (256 pages).
