@@ -1,8 +1,11 @@
 //! storvsp: the host side of VMBus synthetic SCSI, as Linux's hv_storvsc expects it.
 //!
 //! One [`Storvsp`] serves one controller channel: the initialisation handshake (begin, protocol
-//! version WIN8 / WIN8.1 / WIN10, properties, end), resets, and EXECUTE_SRB. An SRB's CDB goes to
-//! the [`ScsiDisk`] emulation; block I/O goes to the channel's own io_uring ([`DiskQueue`]),
+//! version WIN8 / WIN8.1 / WIN10, properties, end; in that order), resets, and EXECUTE_SRB. Each
+//! packet is parsed once into a typed request and served according to the protocol state. An
+//! SRB's CDB goes to the [`ScsiDisk`] emulation (whose unit state the controller's queues
+//! share); block I/O goes to the channel's own engine per LUN (an io_uring [`DiskQueue`], behind
+//! the [`IoQueue`] trait),
 //! zero copy from the GPA-direct ranges of the packet; the answer is a completion packet with
 //! the same transaction id carrying the updated SRB (statuses, sense, bytes transferred).
 //!
