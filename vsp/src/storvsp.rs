@@ -450,7 +450,7 @@ impl Storvsp {
         &mut self,
         out: &mut OutgoingRing,
         tx: u64,
-        mut srb: ScsiRequest,
+        srb: ScsiRequest,
         buffer: Option<&GpaRanges<'_>>,
         segments: &mut Vec<Segment>,
     ) -> Result<(), Error> {
@@ -517,9 +517,6 @@ impl Storvsp {
         }
         let action = lun.scsi.execute(lun_no, cdb, data_len, &data_out);
         let bs = u64::from(lun.block_size);
-        // The guest's block named once per block, for a WRITE SAME of a pattern (rare; reads
-        // and writes borrow `segments`).
-        let pattern: Vec<Segment>;
         // What to queue: one operation, or one discard per UNMAP range.
         let (op, unmap): (Option<IoOp<'_>>, &[UnmapRange]) = match &action {
             Action::Done(resp) => return self.respond_now(out, tx, srb, segments, resp, data_len),
@@ -567,26 +564,18 @@ impl Storvsp {
                         };
                         (Some(zeroes), &[])
                     }
-                    // A pattern: the guest's own block, named once per block (zero copy).
-                    None if *blocks <= 1024 => {
-                        truncate_segments(segments, bs);
-                        pattern = (0..*blocks)
-                            .flat_map(|_| segments.iter().copied())
-                            .collect();
-                        let write = IoOp::Write {
+                    // A pattern: the block (copied from the guest with the parameter data),
+                    // written over the whole range by the engine, up to the block limits
+                    // page's MAXIMUM WRITE SAME LENGTH as for zeros.
+                    None => {
+                        let block = data_out.get(..bs as usize).unwrap_or_default();
+                        let write = IoOp::WriteSame {
                             offset: lba * bs,
-                            segments: &pattern,
-                            fua: *fua,
+                            len: u64::from(*blocks) * bs,
+                            block,
+                            sync: *fua,
                         };
                         (Some(write), &[])
-                    }
-                    None => {
-                        let resp = Response::check_condition(
-                            vmbus_proto::storvsp::scsi::SenseKey::ILLEGAL_REQUEST,
-                            vmbus_proto::storvsp::scsi::asc::INVALID_FIELD_IN_CDB,
-                        );
-                        apply_response(&mut srb, &resp, 0);
-                        return self.complete(out, tx, srb);
                     }
                 }
             }
@@ -1363,6 +1352,31 @@ mod tests {
         assert!(writes[0].contains("fua: false"), "{asked:?}");
         assert!(writes[1].contains("fua: true"), "{asked:?}");
         assert!(writes[2].contains("sync: true"), "{asked:?}");
+    }
+
+    /// WRITE SAME of a pattern is served up to the MAXIMUM WRITE SAME LENGTH the block limits
+    /// page reports (it was refused beyond 1024 blocks), as the engine's repeated block.
+    #[test]
+    fn write_same_of_a_pattern_covers_the_whole_range() {
+        let img = Scratch::new("write-same", 8 << 20);
+        let disk = DiskFile::open(&img.0, false, false).unwrap();
+        let mut h = Harness::new(disk, 1 << 20, true).unwrap();
+        let block: Vec<u8> = (0..512u32).map(|i| (i * 7 + 3) as u8).collect();
+        h.mem.write(4 * 4096, &block).unwrap();
+        // WRITE SAME (16): LBA 100, 10000 blocks (about 5 MiB: several SQEs).
+        let mut cdb = [0u8; 16];
+        cdb[0] = 0x93;
+        cdb[2..10].copy_from_slice(&100u64.to_be_bytes());
+        cdb[10..14].copy_from_slice(&10_000u32.to_be_bytes());
+        let p = srb(&cdb, 512, false);
+        assert!(h.send(1, p.as_bytes(), Some(&[(0, 512, &[4])])).unwrap());
+        assert_eq!(srb_status_of(&h, 1), srb_status::SUCCESS);
+        let data = std::fs::read(&img.0).unwrap();
+        assert!(data[..100 * 512].iter().all(|&b| b == 0));
+        for (i, chunk) in data[100 * 512..10_100 * 512].chunks(512).enumerate() {
+            assert_eq!(chunk, &block[..], "block {i}");
+        }
+        assert!(data[10_100 * 512..].iter().all(|&b| b == 0));
     }
 
     /// Issue 9, item 10: GPA-direct page numbers [2^52-1, 0] made `last.gpa + len` overflow

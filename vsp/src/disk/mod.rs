@@ -338,6 +338,19 @@ pub enum IoOp<'a> {
         /// followed by an `fdatasync`.
         sync: bool,
     },
+    /// Writes `block` over and over, from `offset` for `len` bytes (WRITE SAME of a pattern):
+    /// `block`'s length is a power of two of at most 64 KiB that divides `len`. The queue keeps
+    /// its own copy, so the caller's buffer may go when `queue` returns.
+    WriteSame {
+        /// Byte offset in the disk.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+        /// The block repeated.
+        block: &'a [u8],
+        /// Durable before completion: followed by an `fdatasync`.
+        sync: bool,
+    },
 }
 
 /// The completion of one operation.

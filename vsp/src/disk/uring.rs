@@ -31,6 +31,8 @@ pub const MAX_DEPTH: u32 = 4096;
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 /// Bytes of zeros one SQE writes (as several iovecs over `ZEROS`).
 const ZERO_FILL_CHUNK: u64 = 16 * ZEROS.len() as u64;
+/// Bytes of a repeated block one iovec of a pattern fill covers.
+const PATTERN_SPAN: usize = 64 * 1024;
 
 /// One iovec as the kernel reads it: `struct iovec` (`void *iov_base; size_t iov_len`). The
 /// address is kept as an integer: the kernel is the only one that dereferences it, and it keeps
@@ -130,6 +132,17 @@ enum Op {
         /// Follow with an `fdatasync` before completing.
         sync: bool,
     },
+    /// Writing the slot's `pattern` (a block repeated) over `start .. end`; `offset` is how
+    /// far it got.
+    PatternFill {
+        start: u64,
+        offset: u64,
+        end: u64,
+        /// The block's length (a power of two, at most `PATTERN_SPAN`).
+        block: u32,
+        /// Follow with an `fdatasync` before completing.
+        sync: bool,
+    },
 }
 
 impl Op {
@@ -137,7 +150,9 @@ impl Op {
     /// write, or zeroing followed by a flush.
     fn is_durable(&self) -> bool {
         match self {
-            Op::Fallocate { sync, .. } | Op::ZeroFill { sync, .. } => *sync,
+            Op::Fallocate { sync, .. }
+            | Op::ZeroFill { sync, .. }
+            | Op::PatternFill { sync, .. } => *sync,
             _ => self.syncs(),
         }
     }
@@ -162,6 +177,9 @@ struct Slot {
     /// The request's iovecs; the kernel may read them (and the memory they point at) from the
     /// push of an SQE for this slot until its CQE is reaped.
     iovecs: Vec<RawIovec>,
+    /// For a `PatternFill`: its block repeated over `PATTERN_SPAN` bytes and one block more
+    /// (allocated once, on the slot's first one); the kernel reads it as `iovecs` say.
+    pattern: Vec<u8>,
 }
 
 /// What a CQE leads to.
@@ -241,6 +259,7 @@ impl DiskQueue {
                 tag: 0,
                 op: Op::Free,
                 iovecs: Vec::with_capacity(8),
+                pattern: Vec::new(),
             })
             .collect();
         Ok(Self {
@@ -357,6 +376,40 @@ impl DiskQueue {
                         len,
                         mode,
                         zero_fallback: true,
+                        sync,
+                    }
+                }
+            }
+            IoOp::WriteSame {
+                offset,
+                len,
+                block,
+                sync,
+            } => {
+                if readonly {
+                    return Err(Error::DiskReadOnly);
+                }
+                let n = block.len();
+                if !n.is_power_of_two() || n > PATTERN_SPAN || !len.is_multiple_of(n as u64) {
+                    return Err(Error::DiskRequest(
+                        "a write-same block must be a power of two up to 64 KiB dividing the range",
+                    ));
+                }
+                check_fallocate_range(&self.disk, offset, len)?;
+                if len == 0 {
+                    Op::Nop
+                } else {
+                    let pattern = &mut self.slots[idx].pattern;
+                    pattern.clear();
+                    pattern.reserve_exact(PATTERN_SPAN + n);
+                    while pattern.len() < PATTERN_SPAN + n {
+                        pattern.extend_from_slice(block);
+                    }
+                    Op::PatternFill {
+                        start: offset,
+                        offset,
+                        end: offset + len,
+                        block: n as u32,
                         sync,
                     }
                 }
@@ -634,7 +687,10 @@ impl DiskQueue {
                 }
                 Some(e) => Step::Done(Err(e.raw_os_error())),
             },
-            Op::ZeroFill { offset, end, sync } => match errno {
+            Op::ZeroFill { offset, end, sync }
+            | Op::PatternFill {
+                offset, end, sync, ..
+            } => match errno {
                 Some(_) if transient => Step::Resubmit,
                 Some(e) => Step::Done(Err(e.raw_os_error())),
                 None if res == 0 => Step::Done(Err(Errno::IO.raw_os_error())),
@@ -701,7 +757,10 @@ impl DiskQueue {
             // array), and `Drop` waits for every CQE before the table is freed. The buffers are
             // guest memory, kept mapped by `self.mem` (an `Arc` that this queue holds at least
             // as long as anything is in flight; its regions cannot be removed while shared), or
-            // the `'static` `ZEROS`. The descriptors are kept open by `self.disk`.
+            // the `'static` `ZEROS`, or the slot's own `pattern` (filled when the request was
+            // queued, not touched again before its final CQE; its `PATTERN_SPAN` bytes and one
+            // block more cover every iovec built over it). The descriptors are kept open by
+            // `self.disk`.
             let pushed = unsafe { self.ring.submission().push(&entry) };
             if pushed.is_ok() {
                 return Ok(());
@@ -822,6 +881,28 @@ fn build_entry(slot: &mut Slot, disk: &DiskFile) -> squeue::Entry {
             .offset(*offset)
             .mode(mode.bits() as i32)
             .build(),
+        Op::PatternFill {
+            start,
+            offset,
+            end,
+            block,
+            ..
+        } => {
+            // Resume mid-block after a short write: start that far into the pattern.
+            let phase = ((*offset - *start) % u64::from(*block)) as usize;
+            let base = slot.pattern.as_ptr() as usize + phase;
+            let iovecs = &mut slot.iovecs;
+            iovecs.clear();
+            let mut left = (*end - *offset).min(ZERO_FILL_CHUNK) as usize;
+            while left > 0 {
+                let n = left.min(PATTERN_SPAN);
+                iovecs.push(RawIovec { base, len: n });
+                left -= n;
+            }
+            opcode::Writev::new(buffered, iovecs.as_ptr().cast(), iovecs.len() as u32)
+                .offset(*offset)
+                .build()
+        }
         Op::ZeroFill { offset, end, .. } => {
             let iovecs = &mut slot.iovecs;
             iovecs.clear();
