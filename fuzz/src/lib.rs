@@ -331,7 +331,10 @@ pub fn vmbus_server(data: &[u8]) {
         };
     }
     MEM.with(|mem| {
-        let config = ServerConfig { max_gpadl_bytes: 256 << 10, ..ServerConfig::default() };
+        let config = ServerConfig {
+            max_gpadl_bytes: 256 << 10,
+            ..ServerConfig::default()
+        };
         let mut server = Server::new(config);
         let mut out = Vec::new();
         for i in 0..3u8 {
@@ -349,7 +352,12 @@ pub fn vmbus_server(data: &[u8]) {
         ic.header = MessageHeader::new(MessageType::INITIATE_CONTACT);
         ic.vmbus_version_requested = VmbusVersion::IRON.0;
         server.handle_message(mem, 4, ic.as_bytes(), &mut out);
-        server.handle_message(mem, 1, MessageHeader::new(MessageType::REQUEST_OFFERS).as_bytes(), &mut out);
+        server.handle_message(
+            mem,
+            1,
+            MessageHeader::new(MessageType::REQUEST_OFFERS).as_bytes(),
+            &mut out,
+        );
         let mut rest = data;
         let mut steps = 0;
         while rest.len() >= 2 && steps < MAX_STEPS {
@@ -367,7 +375,9 @@ pub fn vmbus_server(data: &[u8]) {
             server.handle_message(mem, conn, msg, &mut out);
             for o in out.drain(..) {
                 match o {
-                    Output::Message { bytes, .. } => assert!(bytes.len() <= 240, "message of {} bytes", bytes.len()),
+                    Output::Message { bytes, .. } => {
+                        assert!(bytes.len() <= 240, "message of {} bytes", bytes.len())
+                    }
                     Output::Open { relid, ring, .. } => {
                         assert!(ring.len() <= 1 << 20, "ring larger than guest memory");
                         let mut more = Vec::new();
@@ -407,7 +417,8 @@ pub fn scsi_commands(data: &[u8]) {
         let cdb_len = usize::from(rest[4]).min(rest.len() - 5).min(32);
         let cdb = &rest[5..5 + cdb_len];
         rest = &rest[5 + cdb_len..];
-        let out_len = usize::from(rest.first().copied().unwrap_or(0)).min(rest.len().saturating_sub(1));
+        let out_len =
+            usize::from(rest.first().copied().unwrap_or(0)).min(rest.len().saturating_sub(1));
         let data_out = rest.get(1..1 + out_len).unwrap_or_default();
         rest = rest.get(1 + out_len..).unwrap_or_default();
         match disk.execute(0, cdb, data_len, data_out) {
@@ -416,7 +427,9 @@ pub fn scsi_commands(data: &[u8]) {
                 assert!(lba + u64::from(blocks) <= 2048);
                 assert!(u64::from(blocks) * 512 <= u64::from(data_len));
             }
-            Action::Unmap(ranges) => assert!(ranges.iter().all(|r| r.lba + u64::from(r.blocks) <= 2048)),
+            Action::Unmap(ranges) => {
+                assert!(ranges.iter().all(|r| r.lba + u64::from(r.blocks) <= 2048))
+            }
             Action::WriteSame { lba, blocks, .. } => assert!(lba + u64::from(blocks) <= 2048),
             Action::Flush => {}
         }
@@ -456,14 +469,20 @@ impl vsc::nbd::BlockDevice for FuzzDisk {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), vsc::nbd::IoError> {
         let d = self.data.lock().unwrap();
         let end = offset as usize + buf.len();
-        assert!(end <= d.len(), "a read beyond the checked size reached the device");
+        assert!(
+            end <= d.len(),
+            "a read beyond the checked size reached the device"
+        );
         buf.copy_from_slice(&d[offset as usize..end]);
         Ok(())
     }
     fn write(&self, offset: u64, data: &[u8], _fua: bool) -> Result<(), vsc::nbd::IoError> {
         let mut d = self.data.lock().unwrap();
         let end = offset as usize + data.len();
-        assert!(end <= d.len(), "a write beyond the checked size reached the device");
+        assert!(
+            end <= d.len(),
+            "a write beyond the checked size reached the device"
+        );
         d[offset as usize..end].copy_from_slice(data);
         Ok(())
     }
@@ -586,7 +605,11 @@ pub fn nbd_session(data: &[u8]) {
     let threads_before = thread_count();
     let mode = data.first().copied().unwrap_or(0);
     let event = mode & 1 != 0;
-    let input = nbd_client_bytes(data.get(1..).unwrap_or_default(), mode & 2 != 0, mode & 4 != 0);
+    let input = nbd_client_bytes(
+        data.get(1..).unwrap_or_default(),
+        mode & 2 != 0,
+        mode & 4 != 0,
+    );
     let disk = Arc::new(FuzzDisk {
         data: std::sync::Mutex::new(vec![0u8; 1 << 20]),
         event,
@@ -796,4 +819,94 @@ fn ignore_sigpipe() {
         )
         .expect("SIGPIPE handler");
     });
+}
+
+/// Guest memory of the [`storvsp_packets`] target: 1 MiB at guest-physical 0 (256 pages).
+const STORVSP_MEMORY: u64 = 1 << 20;
+
+/// The disk the [`storvsp_packets`] target serves: a 1 MiB file opened once per process (its
+/// name removed at once; the descriptor keeps it).
+fn storvsp_disk() -> Arc<vsp::disk::DiskFile> {
+    static DISK: std::sync::OnceLock<Arc<vsp::disk::DiskFile>> = std::sync::OnceLock::new();
+    DISK.get_or_init(|| {
+        let path =
+            std::env::temp_dir().join(format!("vmbus-fuzz-storvsp-{}.img", std::process::id()));
+        std::fs::File::create(&path)
+            .expect("image")
+            .set_len(1 << 20)
+            .expect("size");
+        let disk = vsp::disk::DiskFile::open(&path, false, false).expect("open the image");
+        let _ = std::fs::remove_file(&path);
+        disk
+    })
+    .clone()
+}
+
+/// Drives a storvsp channel (`vsp::storvsp::Storvsp`, through `Device::handle` and `poll`, with
+/// its io_uring on a real file and 1 MiB of real guest memory) with hostile packets. Byte 0:
+/// bit 0 starts it as a subchannel (serving SRBs at once; otherwise the handshake comes first).
+/// Then records, each: `kind: u8` (bit 0: GPA-direct, else in-band; bit 1: the payload is an
+/// EXECUTE_SRB whose SRB is the record's bytes, else the bytes are the whole VSTOR packet),
+/// `len: u8`, `len` payload bytes, and for GPA-direct `ranges: u8` (at most 4) ranges of
+/// `offset: u16, count: u32, pages: u8` (at most 8) and the pages, each a selector byte
+/// (below 0xF0: that page of guest memory; else a raw little-endian u64 follows, so that
+/// numbers at the top of the address space come easily). Invariants: no panic (overflow
+/// checks are on), the device settles (its I/O completes), and every answer names a
+/// transaction that was sent.
+pub fn storvsp_packets(data: &[u8]) {
+    use vmbus_proto::storvsp::{VstorOperation, VstorPacket, REQUEST_COMPLETION_FLAG};
+    use zerocopy::IntoBytes;
+    let flags = data.first().copied().unwrap_or(0);
+    let mut h = vsp::storvsp::harness::Harness::new(storvsp_disk(), STORVSP_MEMORY, flags & 1 != 0)
+        .expect("a storvsp channel");
+    let mut rest = data.get(1..).unwrap_or_default();
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let (a, b) = (rest.get(..n)?, rest.get(n..)?);
+        rest = b;
+        Some(a)
+    };
+    let mut sent = 0u64;
+    for tx in 1..=64u64 {
+        let Some(&[kind, len]) = take(2) else { break };
+        let Some(body) = take(usize::from(len)) else {
+            break;
+        };
+        let payload = if kind & 2 != 0 {
+            let mut p = VstorPacket::new(VstorOperation::EXECUTE_SRB, REQUEST_COMPLETION_FLAG, 0);
+            let n = body.len().min(p.body.len());
+            p.body[..n].copy_from_slice(&body[..n]);
+            p.as_bytes().to_vec()
+        } else {
+            body.to_vec()
+        };
+        let mut ranges: Vec<(u32, u32, Vec<u64>)> = Vec::new();
+        if kind & 1 != 0 {
+            let Some(&[count]) = take(1) else { break };
+            for _ in 0..count.min(4) {
+                let Some(h) = take(7) else { break };
+                let offset = u32::from(u16::from_le_bytes([h[0], h[1]]));
+                let byte_count = u32::from_le_bytes([h[2], h[3], h[4], h[5]]);
+                let mut pfns = Vec::new();
+                for _ in 0..h[6].min(8) {
+                    let Some(&[sel]) = take(1) else { break };
+                    if sel < 0xF0 {
+                        pfns.push(u64::from(sel));
+                    } else if let Some(raw) = take(8) {
+                        pfns.push(u64::from_le_bytes(raw.try_into().expect("8 bytes")));
+                    }
+                }
+                ranges.push((offset, byte_count, pfns));
+            }
+        }
+        let borrowed: Vec<(u32, u32, &[u64])> =
+            ranges.iter().map(|(o, c, p)| (*o, *c, &p[..])).collect();
+        let ranges = (kind & 1 != 0).then_some(&borrowed[..]);
+        h.send(tx, &payload, ranges).expect("the device failed");
+        sent = tx;
+    }
+    h.settle().expect("the device did not settle");
+    assert!(
+        h.answers.iter().all(|(tx, _)| (1..=sent).contains(tx)),
+        "an answer to no request"
+    );
 }

@@ -1,26 +1,56 @@
 //! Which device serves which offer: the daemon's registry of SCSI controllers and their disks
 //! (opened once, shared by every guest's channels) and NICs, and the device factory sessions use
 //! when a channel opens.
+//!
+//! A controller's channels in one guest form a group: the primary channel takes the disks the
+//! configuration names when it opens, with a fresh unit state per LUN (write cache, write
+//! protection), and every subchannel of that primary serves the very same disks and states,
+//! whatever a reload changed in between. So a MODE SELECT on any queue holds for all of them,
+//! and one guest's writes never split across two images.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
+use ringbuf::guestmem::GuestMemory;
 use vmbus_proto::channel::Guid;
 
 use crate::channel::{Device, UnimplementedDevice};
 use crate::config::Config;
 use crate::disk::DiskFile;
+use crate::scsi::LunState;
 use crate::server::OfferSpec;
 use crate::session::{DeviceContext, DeviceFactory};
 use crate::storvsp::{LunSpec, Storvsp};
 use crate::Error;
 
+/// A disk of a controller as configured: its LUN, path and open file.
+#[derive(Debug, Clone)]
+struct LunConfig {
+    lun: u8,
+    path: PathBuf,
+    file: Arc<DiskFile>,
+}
+
+/// The channels of one controller in one guest: found by instance and guest memory (each
+/// session has its own), holding the disks its primary channel opened with.
+struct Group {
+    instance: Guid,
+    /// The session's guest memory. A `Weak` keeps the allocation, so no other session's memory
+    /// can have the same address while this entry exists.
+    mem: Weak<GuestMemory>,
+    /// Alive while any channel of the group is (each `Storvsp` holds it).
+    disks: Weak<[LunSpec]>,
+    queues: u16,
+}
+
 /// The devices behind the offers, by instance GUID.
 #[derive(Default)]
 pub struct Registry {
     /// Per controller: its disks and how many queues it may have.
-    controllers: Mutex<HashMap<Guid, (Vec<LunSpec>, u16)>>,
+    controllers: Mutex<HashMap<Guid, (Vec<LunConfig>, u16)>>,
+    /// Controllers whose primary channel is open in some guest.
+    groups: Mutex<Vec<Group>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -62,7 +92,7 @@ impl Registry {
                         f
                     }
                 };
-                luns.push(LunSpec {
+                luns.push(LunConfig {
                     lun,
                     path: d.path,
                     file,
@@ -70,8 +100,86 @@ impl Registry {
             }
             next.insert(c.instance, (luns, queues));
         }
+        // A disk now configured read-only (and nowhere writable) takes no more writes, on any
+        // open channel. (A disk that left the configuration is not touched: its controller is
+        // rescinded, or a channel that keeps it serves it until it closes.) The new
+        // configuration is in place first, so a primary channel opening meanwhile either gets
+        // it or is among the groups below.
+        let mut read_only: HashMap<PathBuf, bool> = HashMap::new();
+        for l in next.values().flat_map(|(l, _)| l) {
+            *read_only.entry(l.path.clone()).or_insert(true) &= l.file.readonly();
+        }
         *self.controllers.lock().unwrap_or_else(|e| e.into_inner()) = next;
+        for disks in self.live_groups().iter() {
+            for l in disks
+                .iter()
+                .filter(|l| !l.file.readonly() && read_only.get(&l.path) == Some(&true))
+            {
+                tracing::info!(path = %l.path.display(), lun = l.lun,
+                    "disk no longer writable: write-protected on open channels");
+                l.state.write_protect();
+            }
+        }
         Ok(offers)
+    }
+
+    /// The disks of every group with a channel still open (forgetting the others).
+    fn live_groups(&self) -> Vec<Arc<[LunSpec]>> {
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        groups.retain(|g| g.disks.strong_count() > 0 && g.mem.strong_count() > 0);
+        groups.iter().filter_map(|g| g.disks.upgrade()).collect()
+    }
+
+    /// The disks and queue count for a channel of controller `instance` in the guest whose
+    /// memory is `mem`: a primary channel (`subchannel` false) takes what the configuration
+    /// names now, with fresh unit states, and starts a group; a subchannel joins its primary's
+    /// group (refused if there is none: the primary closed).
+    fn disks_for(
+        &self,
+        instance: Guid,
+        mem: &Arc<GuestMemory>,
+        subchannel: bool,
+    ) -> Result<(Arc<[LunSpec]>, u16), Error> {
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        groups.retain(|g| g.disks.strong_count() > 0 && g.mem.strong_count() > 0);
+        let mine =
+            |g: &Group| g.instance == instance && std::ptr::eq(g.mem.as_ptr(), Arc::as_ptr(mem));
+        if subchannel {
+            return groups
+                .iter()
+                .find(|g| mine(g))
+                .and_then(|g| Some((g.disks.upgrade()?, g.queues)))
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "subchannel of {instance} without its primary channel"
+                    ))
+                });
+        }
+        let (luns, queues) = self
+            .controllers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&instance)
+            .cloned()
+            .ok_or_else(|| Error::Config(format!("no disk for {instance}")))?;
+        let disks: Arc<[LunSpec]> = luns
+            .into_iter()
+            .map(|l| LunSpec {
+                lun: l.lun,
+                path: l.path,
+                file: l.file,
+                state: LunState::new(),
+            })
+            .collect();
+        // A reopened primary replaces the group of the previous one.
+        groups.retain(|g| !mine(g));
+        groups.push(Group {
+            instance,
+            mem: Arc::downgrade(mem),
+            disks: Arc::downgrade(&disks),
+            queues,
+        });
+        Ok((disks, queues))
     }
 
     /// The factory sessions call when a channel opens.
@@ -80,20 +188,14 @@ impl Registry {
         Arc::new(
             move |ctx: &DeviceContext<'_>| -> Result<Box<dyn Device>, Error> {
                 if ctx.interface_type == Guid::SCSI {
-                    let (luns, queues) = me
-                        .controllers
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get(&ctx.interface_instance)
-                        .cloned()
-                        .ok_or_else(|| {
-                            Error::Config(format!("no disk for {}", ctx.interface_instance))
-                        })?;
+                    let subchannel = ctx.subchannel_index != 0;
+                    let (luns, queues) =
+                        me.disks_for(ctx.interface_instance, ctx.mem, subchannel)?;
                     return Ok(Box::new(Storvsp::new(
-                        &luns,
+                        luns,
                         ctx.mem.clone(),
                         queues,
-                        ctx.subchannel_index != 0,
+                        subchannel,
                         Some(ctx.request_subchannels.clone()),
                     )?));
                 }

@@ -11,11 +11,12 @@
 //!
 //! The kernel reads and writes guest memory through iovecs that point into the guest memory
 //! mappings (from [`GuestMemory::host_iovec`]); no Rust reference to guest memory is ever formed.
-//! When the ring accepts it, guest memory is also registered as io_uring fixed buffers, which
-//! saves pinning the guest pages on every request. The unsafe code lives in `uring.rs` alone.
+//! Guest memory is not registered as io_uring fixed buffers: that pins all of it, per ring
+//! (see [`QueueOptions`]). The unsafe code lives in `uring.rs` alone.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
 use rustix::fs::{AtFlags, FallocateFlags, FileType, Mode, OFlags, SeekFrom, StatxFlags};
@@ -51,6 +52,12 @@ pub struct DiskFile {
     readonly: bool,
     block_device: bool,
     discard: bool,
+    /// The first writeback error (an errno; 0: none) that a flush or a synchronous write
+    /// reported. The kernel reports a writeback error once per open file description, and
+    /// every queue and guest shares this one: the error is kept here so that every later
+    /// flush and synchronous write fails too (as QEMU does), never again claiming durability
+    /// for data the kernel dropped.
+    writeback_error: AtomicI32,
 }
 
 impl DiskFile {
@@ -148,6 +155,7 @@ impl DiskFile {
             readonly,
             block_device,
             discard,
+            writeback_error: AtomicI32::new(0),
         }))
     }
 
@@ -177,6 +185,38 @@ impl DiskFile {
         self.direct.is_some()
     }
 
+    /// The writeback error recorded on this disk, if any (an errno): from then on every flush
+    /// and synchronous write fails (see [`DiskFile::record_writeback_error`]).
+    pub fn writeback_error(&self) -> Option<i32> {
+        // Acquire pairs with the Release of `record_writeback_error` (any queue's thread).
+        match self.writeback_error.load(Ordering::Acquire) {
+            0 => None,
+            e => Some(e),
+        }
+    }
+
+    /// Records that a flush or a synchronous write failed with `errno` (the first error is
+    /// kept): acknowledged writes may have been dropped from the page cache, so no later flush
+    /// of this disk can succeed (there is no way back but reopening the disk).
+    pub fn record_writeback_error(&self, errno: i32) {
+        let errno = if errno == 0 {
+            rustix::io::Errno::IO.raw_os_error()
+        } else {
+            errno
+        };
+        // Release pairs with the Acquire of `writeback_error`.
+        if self
+            .writeback_error
+            .compare_exchange(0, errno, Ordering::Release, Ordering::Relaxed)
+            .is_ok()
+        {
+            tracing::error!(
+                errno,
+                "writeback error: every later flush of this disk fails"
+            );
+        }
+    }
+
     /// Whether the disk is a block device (rather than an image file).
     pub fn is_block_device(&self) -> bool {
         self.block_device
@@ -202,6 +242,46 @@ fn block_device_discards(major: u32, minor: u32) -> bool {
         .and_then(|s| s.trim().parse::<u64>().ok())
         .is_some_and(|n| n > 0)
     })
+}
+
+/// The I/O engine of one queue of a disk, as a device drives it: validate and queue
+/// operations, submit them in a batch, reap their completions. [`DiskQueue`] (io_uring) is the
+/// one vspd uses; a stand-in (a scripted engine in tests) lets a device's protocol be tested
+/// without the kernel's I/O.
+pub trait IoQueue: Send {
+    /// Validates and queues `op` under `tag`; see [`DiskQueue::queue`].
+    fn queue(&mut self, tag: u64, op: IoOp<'_>) -> Result<(), Error>;
+    /// Hands what was queued to the engine; returns how many operations were submitted.
+    fn submit(&mut self) -> Result<usize, Error>;
+    /// Appends the completions that are ready to `out` without blocking; returns how many.
+    fn reap(&mut self, out: &mut Vec<Completion>) -> usize;
+    /// Blocks until at least `min` completions are ready (or nothing is in flight).
+    fn wait(&mut self, min: usize) -> Result<(), Error>;
+    /// Operations queued and not yet reaped.
+    fn in_flight(&self) -> usize;
+    /// Readable when completions may be ready (for the worker's epoll set).
+    fn completion_event(&self) -> BorrowedFd<'_>;
+}
+
+impl IoQueue for DiskQueue {
+    fn queue(&mut self, tag: u64, op: IoOp<'_>) -> Result<(), Error> {
+        DiskQueue::queue(self, tag, op)
+    }
+    fn submit(&mut self) -> Result<usize, Error> {
+        DiskQueue::submit(self)
+    }
+    fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
+        DiskQueue::reap(self, out)
+    }
+    fn wait(&mut self, min: usize) -> Result<(), Error> {
+        DiskQueue::wait(self, min)
+    }
+    fn in_flight(&self) -> usize {
+        DiskQueue::in_flight(self)
+    }
+    fn completion_event(&self) -> BorrowedFd<'_> {
+        DiskQueue::completion_event(self)
+    }
 }
 
 /// A guest-memory buffer segment of an I/O: `len` bytes at guest-physical `gpa`, inside one
@@ -235,7 +315,8 @@ pub enum IoOp<'a> {
         /// Force unit access: the write is durable when it completes (`RWF_DSYNC`).
         fua: bool,
     },
-    /// Makes every completed write durable (`fdatasync`).
+    /// Makes every completed write durable (`fdatasync`). Fails (EIO) without trying once a
+    /// flush or synchronous write of the disk has failed ([`DiskFile::writeback_error`]).
     Flush,
     /// Deallocates a range (`fallocate(PUNCH_HOLE | KEEP_SIZE)`): it reads as zeros afterwards.
     Discard {
@@ -253,6 +334,22 @@ pub enum IoOp<'a> {
         len: u64,
         /// Deallocate the range if possible.
         unmap: bool,
+        /// The zeros must be durable before completion (the write cache is off): the range is
+        /// followed by an `fdatasync`.
+        sync: bool,
+    },
+    /// Writes `block` over and over, from `offset` for `len` bytes (WRITE SAME of a pattern):
+    /// `block`'s length is a power of two of at most 64 KiB that divides `len`. The queue keeps
+    /// its own copy, so the caller's buffer may go when `queue` returns.
+    WriteSame {
+        /// Byte offset in the disk.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+        /// The block repeated.
+        block: &'a [u8],
+        /// Durable before completion: followed by an `fdatasync`.
+        sync: bool,
     },
 }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use ringbuf::guestmem::GuestMemory;
 use ringbuf::shmem::create_memfd;
 use rustix::fs::{OFlags, SeekFrom};
+use rustix::io::Errno;
 
 use super::*;
 
@@ -148,7 +149,7 @@ fn scattered_segments(total: u32, aligned: bool) -> Vec<Segment> {
         .collect()
 }
 
-/// As [`scattered_segments`], all in the high region (so one fixed buffer can take them).
+/// As [`scattered_segments`], all in the high region.
 fn scattered_in_one_region(total: u32, aligned: bool) -> Vec<Segment> {
     let mut v = scattered_segments(total, aligned);
     v[1].gpa += HIGH + (512 << 10);
@@ -209,7 +210,7 @@ fn roundtrip(direct: bool, options: QueueOptions) {
     }
     assert_eq!(q.in_flight(), 0);
     let st = q.stats;
-    eprintln!("direct={direct} fixed={}: {st:?}", q.fixed_buffers());
+    eprintln!("direct={direct}: {st:?}");
     if direct {
         assert!(
             st.direct > 0 && st.buffered > 0,
@@ -228,12 +229,6 @@ fn roundtrip(direct: bool, options: QueueOptions) {
     if !options.inline_buffered_writes {
         assert_eq!(st.inline_writes, 0);
     }
-    if q.fixed_buffers() {
-        assert!(st.fixed > 0);
-        assert_eq!(st.vectored_fixed > 0, q.vectored_fixed_supported());
-    } else {
-        assert_eq!(st.fixed + st.vectored_fixed, 0);
-    }
 }
 
 #[test]
@@ -242,23 +237,11 @@ fn write_then_read_back_scattered() {
 }
 
 #[test]
-fn write_then_read_back_without_fixed_buffers() {
-    roundtrip(
-        false,
-        QueueOptions {
-            fixed_buffers: false,
-            inline_buffered_writes: false,
-        },
-    );
-}
-
-#[test]
 fn write_then_read_back_with_writes_through_io_uring() {
     roundtrip(
         false,
         QueueOptions {
             inline_buffered_writes: false,
-            ..QueueOptions::default()
         },
     );
 }
@@ -269,29 +252,39 @@ fn direct_aligned_and_unaligned_requests() {
     roundtrip(
         true,
         QueueOptions {
-            fixed_buffers: false,
             inline_buffered_writes: false,
         },
     );
 }
 
+/// A queue pins no guest memory: opening it over a large guest memory that was never touched
+/// allocates none of it (fixed-buffer registration used to pin all of it, per queue).
 #[test]
-fn fixed_buffers_register_here() {
+fn a_queue_does_not_pin_guest_memory() {
+    const BIG: u64 = 1 << 30;
+    let rss = || {
+        let s = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            << 10
+    };
     let img = Image::new(1 << 20);
     let disk = DiskFile::open(&img.0, false, false).unwrap();
-    let q = DiskQueue::new(disk, guest_memory(), 8).unwrap();
-    eprintln!("fixed buffers registered: {}", q.fixed_buffers());
-    let q = DiskQueue::with_options(
-        q.disk().clone(),
-        guest_memory(),
-        8,
-        QueueOptions {
-            fixed_buffers: false,
-            ..QueueOptions::default()
-        },
-    )
-    .unwrap();
-    assert!(!q.fixed_buffers());
+    let mut mem = GuestMemory::new();
+    mem.add_region(0, BIG, create_memfd("disk-test-big", BIG).unwrap(), 0)
+        .unwrap();
+    let mem = Arc::new(mem);
+    let before = rss();
+    let queues: Vec<DiskQueue> = (0..4)
+        .map(|_| DiskQueue::new(disk.clone(), mem.clone(), 64).unwrap())
+        .collect();
+    let grown = rss().saturating_sub(before);
+    assert!(grown < 64 << 20, "4 queues took {grown} bytes of RSS");
+    drop(queues);
 }
 
 /// 256 random 4 KiB writes in flight at once (distinct blocks), then 256 reads of them.
@@ -303,7 +296,6 @@ fn random_qd256(direct: bool) {
     // Writes through io_uring, so that 256 of them are in flight at once.
     let through_uring = QueueOptions {
         inline_buffered_writes: false,
-        ..QueueOptions::default()
     };
     let mut q = DiskQueue::with_options(disk, mem.clone(), 256, through_uring).unwrap();
     assert_eq!(q.capacity(), 256);
@@ -449,7 +441,14 @@ fn write_zeroes_in(dir: &Path) -> super::uring::Stats {
         (4 << 20, (3 << 20) + 512, false),
         (123, 1_234_567, true),
     ] {
-        assert_eq!(run(&mut q, IoOp::WriteZeroes { offset, len, unmap }), Ok(0));
+        let sync = unmap;
+        let zero = IoOp::WriteZeroes {
+            offset,
+            len,
+            unmap,
+            sync,
+        };
+        assert_eq!(run(&mut q, zero), Ok(0));
         expect[offset as usize..][..len as usize].fill(0);
         assert!(img.contents() == expect, "zeroes at {offset}");
         // Read back through guest memory, 1 MiB at a time.
@@ -510,6 +509,7 @@ fn readonly_refuses_writes() {
         offset: 0,
         len: 4096,
         unmap: false,
+        sync: false,
     };
     assert!(matches!(q.queue(1, zero), Err(Error::DiskReadOnly)));
     assert_eq!(q.in_flight(), 0);
@@ -574,6 +574,7 @@ fn bad_requests_are_refused_without_io() {
             offset: u64::MAX,
             len: 2,
             unmap: true,
+            sync: false,
         },
         // 1025 discontiguous segments.
         write(0, &discontiguous),
@@ -694,7 +695,6 @@ fn dropping_a_queue_with_io_in_flight_is_safe() {
         // Writes through io_uring, so that they are in flight when the queue is dropped.
         let through_uring = QueueOptions {
             inline_buffered_writes: false,
-            ..QueueOptions::default()
         };
         let mut q = DiskQueue::with_options(disk.clone(), mem.clone(), 256, through_uring).unwrap();
         for i in 0..256u64 {
@@ -843,6 +843,7 @@ fn block_device_with_4k_logical_blocks() {
         offset,
         len,
         unmap: false,
+        sync: false,
     };
     assert!(matches!(
         q.queue(1, zero(512, 4096)),
@@ -875,4 +876,100 @@ fn block_device_with_4k_logical_blocks() {
     drop(disk);
     drop(dev);
     assert!(img.contents() == expect, "the image behind the device");
+}
+
+/// Issue 9, item 6: a writeback error is reported by the kernel once per open file, and every
+/// queue of a disk shares one. Once a flush or synchronous write failed, the disk keeps the
+/// error: every later flush, FUA write and synchronous zeroing fails on every queue (the data
+/// they would vouch for may be gone), while plain writes and reads go on.
+#[test]
+fn a_writeback_error_fails_every_later_flush_on_every_queue() {
+    let img = Image::new(1 << 20);
+    let disk = DiskFile::open(&img.0, false, false).unwrap();
+    let mem = guest_memory();
+    let mut q0 = DiskQueue::new(disk.clone(), mem.clone(), 8).unwrap();
+    let mut q1 = DiskQueue::new(disk.clone(), mem.clone(), 8).unwrap();
+    let seg = [Segment {
+        gpa: 8192,
+        len: 4096,
+    }];
+    let write = |fua| IoOp::Write {
+        offset: 0,
+        segments: &seg,
+        fua,
+    };
+    assert_eq!(run(&mut q0, IoOp::Flush), Ok(0));
+    assert_eq!(disk.writeback_error(), None);
+    // What a failed fdatasync records (see `loop_device_writeback_error` in
+    // tests/storage_hardening.rs for the kernel doing it).
+    disk.record_writeback_error(Errno::IO.raw_os_error());
+    disk.record_writeback_error(Errno::NOSPC.raw_os_error());
+    assert_eq!(
+        disk.writeback_error(),
+        Some(Errno::IO.raw_os_error()),
+        "the first is kept"
+    );
+    let eio = Err(Errno::IO.raw_os_error());
+    for q in [&mut q0, &mut q1] {
+        for _ in 0..3 {
+            assert_eq!(run(q, IoOp::Flush), eio);
+        }
+        assert_eq!(run(q, write(true)), eio);
+        let zero = IoOp::WriteZeroes {
+            offset: 0,
+            len: 4096,
+            unmap: false,
+            sync: true,
+        };
+        assert_eq!(run(q, zero), eio);
+        assert_eq!(run(q, write(false)), Ok(4096));
+        let read = IoOp::Read {
+            offset: 0,
+            segments: &seg,
+        };
+        assert_eq!(run(q, read), Ok(4096));
+    }
+    // A queue opened later on the same disk sees it too.
+    let mut q2 = DiskQueue::new(disk.clone(), mem, 8).unwrap();
+    assert_eq!(run(&mut q2, IoOp::Flush), eio);
+}
+
+/// WRITE SAME's engine: a block repeated over a range (longer than one SQE's worth), on a
+/// buffered and on a direct disk, with 512-byte and 4 KiB blocks; then synchronously.
+#[test]
+fn write_same_repeats_its_block() {
+    for direct in [false, true] {
+        let img = Image::new(8 << 20);
+        let disk = DiskFile::open(&img.0, false, direct).unwrap();
+        let mut q = DiskQueue::new(disk, guest_memory(), 8).unwrap();
+        let mut expect = img.contents();
+        for (offset, len, bs, sync) in [
+            (4096u64, (3 << 20) + 4096, 4096usize, false),
+            (512 * 7, 512 * 3001, 512, true),
+        ] {
+            let block: Vec<u8> = (0..bs).map(|i| (i * 31 + bs) as u8).collect();
+            let op = IoOp::WriteSame {
+                offset,
+                len,
+                block: &block,
+                sync,
+            };
+            assert_eq!(run(&mut q, op), Ok(0));
+            for at in (offset..offset + len).step_by(bs) {
+                expect[at as usize..][..bs].copy_from_slice(&block);
+            }
+            assert!(img.contents() == expect, "direct={direct} bs={bs}");
+        }
+        // A block that does not divide the range, or is not a power of two, is refused.
+        for (len, n) in [(1000u64, 512usize), (1536, 768)] {
+            let block = vec![1u8; n];
+            let op = IoOp::WriteSame {
+                offset: 0,
+                len,
+                block: &block,
+                sync: false,
+            };
+            assert!(matches!(q.queue(1, op), Err(Error::DiskRequest(_))));
+        }
+    }
 }

@@ -6,16 +6,15 @@
 //! kernel may read it, and is reused (not freed) for the slot's next request, so the fast path
 //! allocates nothing. Short transfers are resubmitted for the remainder from the same slot.
 
-// io_uring takes raw pointers (iovec arrays, buffers, registered buffers) that the kernel uses
+// io_uring takes raw pointers (iovec arrays and the buffers they point at) that the kernel uses
 // after the call that hands them over has returned; pushing such SQEs is unsafe, and this module
 // is where the in-flight table keeps every one of those pointers valid until its completion.
 #![allow(unsafe_code)]
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use io_uring::{opcode, squeue, types, IoUring, Probe};
+use io_uring::{opcode, squeue, types, IoUring};
 use ringbuf::guestmem::GuestMemory;
 use rustix::event::EventfdFlags;
 use rustix::fs::FallocateFlags;
@@ -28,17 +27,12 @@ use crate::Error;
 const IOV_MAX: usize = 1024;
 /// Deepest queue accepted by [`DiskQueue::new`].
 pub const MAX_DEPTH: u32 = 4096;
-/// Largest buffer io_uring registers (`SZ_1G`); larger regions are registered in pieces.
-const FIXED_BUFFER_MAX: usize = 1 << 30;
-/// Most buffers io_uring registers (`IORING_MAX_REG_BUFFERS`); buffer indexes are `u16`.
-const FIXED_BUFFERS_MAX: usize = 1 << 14;
 /// Source of the zeros written where the file system cannot zero a range itself.
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 /// Bytes of zeros one SQE writes (as several iovecs over `ZEROS`).
 const ZERO_FILL_CHUNK: u64 = 16 * ZEROS.len() as u64;
-/// Whether the fall-back from fixed buffers was logged (only dedups a log line: `Relaxed`,
-/// pairs with nothing).
-static FIXED_FALLBACK_LOGGED: AtomicBool = AtomicBool::new(false);
+/// Bytes of a repeated block one iovec of a pattern fill covers.
+const PATTERN_SPAN: usize = 64 * 1024;
 
 /// One iovec as the kernel reads it: `struct iovec` (`void *iov_base; size_t iov_len`). The
 /// address is kept as an integer: the kernel is the only one that dereferences it, and it keeps
@@ -50,31 +44,21 @@ struct RawIovec {
     len: usize,
 }
 
-// `struct iovec` is a pointer and a `size_t` on every Linux target; checked because
-// `register_buffers` reinterprets a slice of these.
+// `struct iovec` is a pointer and a `size_t` on every Linux target; checked because `pwritev`
+// reinterprets a slice of these.
 const _: () = assert!(
     size_of::<RawIovec>() == 2 * size_of::<usize>()
         && align_of::<RawIovec>() == align_of::<usize>()
 );
 
-/// A registered buffer: host addresses `start .. end`, buffer index `index`.
-#[derive(Debug, Clone, Copy)]
-struct FixedBuffer {
-    start: usize,
-    end: usize,
-    index: u16,
-}
-
 /// Options of a [`DiskQueue`].
+///
+/// Guest memory is never registered with io_uring as fixed buffers: registration pins, and so
+/// allocates, every page of it, per ring (a 1 GiB memfd took vspd from 4 MB to 1.05 GB of RSS
+/// in 0.8 s, on the session thread), whatever the guest actually uses for I/O. Each request
+/// pins only its own pages, for its duration.
 #[derive(Debug, Clone, Copy)]
 pub struct QueueOptions {
-    /// Try to register guest memory as io_uring fixed buffers (the default), which saves
-    /// pinning the buffer pages on every request. Registration pins, and so allocates, every
-    /// page of guest memory: for a 1 GiB memfd never touched before, 2.7 s and 1 GiB of RAM on
-    /// the first queue (28 ms on the next ones). If the kernel refuses it (for example
-    /// `RLIMIT_MEMLOCK` without `CAP_IPC_LOCK`), a line is logged once and plain readv/writev
-    /// are used instead.
-    pub fixed_buffers: bool,
     /// Do buffered writes (not `O_DIRECT`, not FUA) at once with `pwritev` on the queue's
     /// thread (the default) instead of through io_uring. File systems that cannot write to the
     /// page cache without blocking (ext4 refuses `RWF_NOWAIT` buffered writes) make io_uring
@@ -88,7 +72,6 @@ pub struct QueueOptions {
 impl Default for QueueOptions {
     fn default() -> Self {
         Self {
-            fixed_buffers: true,
             inline_buffered_writes: true,
         }
     }
@@ -139,12 +122,51 @@ enum Op {
         mode: FallocateFlags,
         /// Write zeros if the file system cannot do `mode`.
         zero_fallback: bool,
+        /// Follow with an `fdatasync` before completing.
+        sync: bool,
     },
     /// Writing zeros from `ZEROS` over `offset .. end`.
     ZeroFill {
         offset: u64,
         end: u64,
+        /// Follow with an `fdatasync` before completing.
+        sync: bool,
     },
+    /// Writing the slot's `pattern` (a block repeated) over `start .. end`; `offset` is how
+    /// far it got.
+    PatternFill {
+        start: u64,
+        offset: u64,
+        end: u64,
+        /// The block's length (a power of two, at most `PATTERN_SPAN`).
+        block: u32,
+        /// Follow with an `fdatasync` before completing.
+        sync: bool,
+    },
+}
+
+impl Op {
+    /// Whether the operation's success would say data is durable: a flush, a synchronous
+    /// write, or zeroing followed by a flush.
+    fn is_durable(&self) -> bool {
+        match self {
+            Op::Fallocate { sync, .. }
+            | Op::ZeroFill { sync, .. }
+            | Op::PatternFill { sync, .. } => *sync,
+            _ => self.syncs(),
+        }
+    }
+
+    /// Whether the operation itself asks the kernel for durability (and may so consume a
+    /// writeback error the kernel reports once): a flush or a synchronous write. Any failure
+    /// of these is taken as a writeback error: the kernel does not say which part failed.
+    fn syncs(&self) -> bool {
+        match self {
+            Op::Flush => true,
+            Op::Rw(rw) => rw.write && rw.flags.contains(ReadWriteFlags::DSYNC),
+            _ => false,
+        }
+    }
 }
 
 /// One entry of the in-flight table.
@@ -155,6 +177,9 @@ struct Slot {
     /// The request's iovecs; the kernel may read them (and the memory they point at) from the
     /// push of an SQE for this slot until its CQE is reaped.
     iovecs: Vec<RawIovec>,
+    /// For a `PatternFill`: its block repeated over `PATTERN_SPAN` bytes and one block more
+    /// (allocated once, on the slot's first one); the kernel reads it as `iovecs` say.
+    pattern: Vec<u8>,
 }
 
 /// What a CQE leads to.
@@ -182,10 +207,6 @@ pub struct DiskQueue {
     done: Vec<Completion>,
     /// Scratch for draining the completion queue (reused, never shrunk).
     cqes: Vec<(u64, i32)>,
-    /// The registered buffers, sorted by host address.
-    fixed: Vec<FixedBuffer>,
-    /// Whether the kernel has READV_FIXED and WRITEV_FIXED (Linux 6.15 on).
-    vectored_fixed: bool,
     /// See [`QueueOptions::inline_buffered_writes`].
     inline_writes: bool,
     /// Which paths the requests took, for the tests to check.
@@ -199,9 +220,6 @@ pub struct DiskQueue {
 pub(super) struct Stats {
     pub direct: u64,
     pub buffered: u64,
-    pub fixed: u64,
-    pub vectored_fixed: u64,
-    pub vectored: u64,
     pub short_resubmits: u64,
     pub direct_refused: u64,
     pub inline_writes: u64,
@@ -209,8 +227,7 @@ pub(super) struct Stats {
 }
 
 impl DiskQueue {
-    /// A queue of `depth` requests (1 to 4096) on `disk`, with buffers in `mem`, registering
-    /// guest memory as fixed buffers if the kernel lets it.
+    /// A queue of `depth` requests (1 to 4096) on `disk`, with buffers in `mem`.
     pub fn new(disk: Arc<DiskFile>, mem: Arc<GuestMemory>, depth: u32) -> Result<Self, Error> {
         Self::with_options(disk, mem, depth, QueueOptions::default())
     }
@@ -237,20 +254,12 @@ impl DiskQueue {
         ring.submitter()
             .register_eventfd(event.as_raw_fd())
             .map_err(Error::Uring)?;
-        let mut probe = Probe::new();
-        let vectored_fixed = ring.submitter().register_probe(&mut probe).is_ok()
-            && probe.is_supported(opcode::ReadvFixed::CODE)
-            && probe.is_supported(opcode::WritevFixed::CODE);
-        let fixed = if options.fixed_buffers {
-            register_guest_memory(&ring, &mem)
-        } else {
-            Vec::new()
-        };
         let slots = (0..depth)
             .map(|_| Slot {
                 tag: 0,
                 op: Op::Free,
                 iovecs: Vec::with_capacity(8),
+                pattern: Vec::new(),
             })
             .collect();
         Ok(Self {
@@ -263,8 +272,6 @@ impl DiskQueue {
             free: (0..depth).rev().collect(),
             in_flight: 0,
             done: Vec::with_capacity(depth as usize),
-            fixed,
-            vectored_fixed,
             inline_writes: options.inline_buffered_writes,
             #[cfg(test)]
             stats: Stats::default(),
@@ -274,11 +281,6 @@ impl DiskQueue {
     /// The disk.
     pub fn disk(&self) -> &Arc<DiskFile> {
         &self.disk
-    }
-
-    /// Whether guest memory is registered as fixed buffers.
-    pub fn fixed_buffers(&self) -> bool {
-        !self.fixed.is_empty()
     }
 
     /// Requests queued and not yet completed (their completions not yet drained from the ring).
@@ -347,10 +349,16 @@ impl DiskQueue {
                         len,
                         mode: FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
                         zero_fallback: false,
+                        sync: false,
                     }
                 }
             }
-            IoOp::WriteZeroes { offset, len, unmap } => {
+            IoOp::WriteZeroes {
+                offset,
+                len,
+                unmap,
+                sync,
+            } => {
                 if readonly {
                     return Err(Error::DiskReadOnly);
                 }
@@ -368,11 +376,51 @@ impl DiskQueue {
                         len,
                         mode,
                         zero_fallback: true,
+                        sync,
+                    }
+                }
+            }
+            IoOp::WriteSame {
+                offset,
+                len,
+                block,
+                sync,
+            } => {
+                if readonly {
+                    return Err(Error::DiskReadOnly);
+                }
+                let n = block.len();
+                if !n.is_power_of_two() || n > PATTERN_SPAN || !len.is_multiple_of(n as u64) {
+                    return Err(Error::DiskRequest(
+                        "a write-same block must be a power of two up to 64 KiB dividing the range",
+                    ));
+                }
+                check_fallocate_range(&self.disk, offset, len)?;
+                if len == 0 {
+                    Op::Nop
+                } else {
+                    let pattern = &mut self.slots[idx].pattern;
+                    pattern.clear();
+                    pattern.reserve_exact(PATTERN_SPAN + n);
+                    while pattern.len() < PATTERN_SPAN + n {
+                        pattern.extend_from_slice(block);
+                    }
+                    Op::PatternFill {
+                        start: offset,
+                        offset,
+                        end: offset + len,
+                        block: n as u32,
+                        sync,
                     }
                 }
             }
         };
-        let inline = self.inline_writes
+        // Once a writeback error is recorded, nothing can be made durable any more: refuse at
+        // once what would claim it (the data of a synchronous write may be on the disk, but
+        // the write must not be acknowledged as durable).
+        let refused = self.disk.writeback_error().is_some() && op.is_durable();
+        let inline = !refused
+            && self.inline_writes
             && match &op {
                 Op::Rw(rw) => {
                     let direct = self.disk.direct.is_some()
@@ -386,6 +434,10 @@ impl DiskQueue {
         let slot = &mut self.slots[idx];
         slot.tag = tag;
         slot.op = op;
+        if refused {
+            self.finish(idx, Err(Errno::IO.raw_os_error()));
+            return Ok(());
+        }
         if inline {
             let result = self.write_inline(idx);
             self.finish(idx, result);
@@ -612,14 +664,20 @@ impl DiskQueue {
                 offset,
                 len,
                 zero_fallback,
+                sync,
                 ..
             } => match errno {
+                None if *sync => {
+                    slot.op = Op::Flush;
+                    Step::Resubmit
+                }
                 None => Step::Done(Ok(0)),
                 Some(_) if transient => Step::Resubmit,
                 Some(Errno::OPNOTSUPP) if *zero_fallback => {
                     slot.op = Op::ZeroFill {
                         offset: *offset,
                         end: *offset + *len,
+                        sync: *sync,
                     };
                     #[cfg(test)]
                     {
@@ -629,13 +687,19 @@ impl DiskQueue {
                 }
                 Some(e) => Step::Done(Err(e.raw_os_error())),
             },
-            Op::ZeroFill { offset, end } => match errno {
+            Op::ZeroFill { offset, end, sync }
+            | Op::PatternFill {
+                offset, end, sync, ..
+            } => match errno {
                 Some(_) if transient => Step::Resubmit,
                 Some(e) => Step::Done(Err(e.raw_os_error())),
                 None if res == 0 => Step::Done(Err(Errno::IO.raw_os_error())),
                 None => {
                     *offset += res as u64;
-                    if *offset >= *end {
+                    if *offset >= *end && *sync {
+                        slot.op = Op::Flush;
+                        Step::Resubmit
+                    } else if *offset >= *end {
                         Step::Done(Ok(0))
                     } else {
                         Step::Resubmit
@@ -658,8 +722,14 @@ impl DiskQueue {
         }
     }
 
-    /// Completes slot `idx` with `result` and frees it.
+    /// Completes slot `idx` with `result` and frees it. A failed flush or synchronous write
+    /// records a writeback error on the disk.
     fn finish(&mut self, idx: usize, result: Result<u32, i32>) {
+        if let Err(e) = result {
+            if self.slots[idx].op.syncs() {
+                self.disk.record_writeback_error(e);
+            }
+        }
         let tag = self.slots[idx].tag;
         self.done.push(Completion { tag, result });
         self.release(idx);
@@ -676,13 +746,7 @@ impl DiskQueue {
 
     /// Pushes the SQE for the current state of slot `idx`.
     fn push(&mut self, idx: usize) -> Result<(), Errno> {
-        let entry = build_entry(
-            &mut self.slots[idx],
-            &self.disk,
-            &self.fixed,
-            self.vectored_fixed,
-        )
-        .user_data(idx as u64);
+        let entry = build_entry(&mut self.slots[idx], &self.disk).user_data(idx as u64);
         #[cfg(test)]
         self.count(idx);
         for _ in 0..2 {
@@ -693,7 +757,10 @@ impl DiskQueue {
             // array), and `Drop` waits for every CQE before the table is freed. The buffers are
             // guest memory, kept mapped by `self.mem` (an `Arc` that this queue holds at least
             // as long as anything is in flight; its regions cannot be removed while shared), or
-            // the `'static` `ZEROS`. The descriptors are kept open by `self.disk`.
+            // the `'static` `ZEROS`, or the slot's own `pattern` (filled when the request was
+            // queued, not touched again before its final CQE; its `PATTERN_SPAN` bytes and one
+            // block more cover every iovec built over it). The descriptors are kept open by
+            // `self.disk`.
             let pushed = unsafe { self.ring.submission().push(&entry) };
             if pushed.is_ok() {
                 return Ok(());
@@ -707,26 +774,13 @@ impl DiskQueue {
 
 #[cfg(test)]
 impl DiskQueue {
-    /// Whether the kernel has READV_FIXED and WRITEV_FIXED.
-    pub(super) fn vectored_fixed_supported(&self) -> bool {
-        self.vectored_fixed
-    }
-
     /// Counts the SQE just built for slot `idx`.
     fn count(&mut self, idx: usize) {
-        let slot = &self.slots[idx];
-        if let Op::Rw(rw) = slot.op {
-            let iov = &slot.iovecs[rw.first..];
-            let st = &mut self.stats;
+        if let Op::Rw(rw) = self.slots[idx].op {
             if rw.submitted_direct {
-                st.direct += 1;
+                self.stats.direct += 1;
             } else {
-                st.buffered += 1;
-            }
-            match (fixed_index(&self.fixed, iov), iov.len()) {
-                (Some(_), 1) => st.fixed += 1,
-                (Some(_), _) if self.vectored_fixed => st.vectored_fixed += 1,
-                _ => st.vectored += 1,
+                self.stats.buffered += 1;
             }
         }
     }
@@ -738,7 +792,6 @@ impl std::fmt::Debug for DiskQueue {
             .field("disk", &self.disk)
             .field("depth", &self.slots.len())
             .field("in_flight", &self.in_flight)
-            .field("fixed_buffers", &self.fixed.len())
             .finish_non_exhaustive()
     }
 }
@@ -758,56 +811,6 @@ impl Drop for DiskQueue {
                 std::mem::forget(std::mem::take(&mut self.slots));
                 return;
             }
-        }
-    }
-}
-
-/// Registers guest memory with the ring as fixed buffers (regions over 1 GiB in pieces);
-/// returns them sorted by host address (which need not follow guest addresses), or nothing if
-/// the kernel refused.
-fn register_guest_memory(ring: &IoUring, mem: &GuestMemory) -> Vec<FixedBuffer> {
-    let mut bufs = Vec::new();
-    for (_, ptr, len) in mem.host_regions() {
-        let base = ptr.as_ptr() as usize;
-        let mut at = 0;
-        while at < len {
-            let n = (len - at).min(FIXED_BUFFER_MAX);
-            bufs.push(RawIovec {
-                base: base + at,
-                len: n,
-            });
-            at += n;
-        }
-    }
-    if bufs.is_empty() || bufs.len() > FIXED_BUFFERS_MAX {
-        return Vec::new();
-    }
-    // SAFETY: `RawIovec` has the layout of `struct iovec` (`repr(C)`, a pointer-sized address
-    // and length; asserted above), so the slice reinterprets `bufs` as it is, for the duration
-    // of the call. The registered ranges are guest memory mappings, which the queue keeps mapped
-    // (its `Arc<GuestMemory>`) for as long as the ring, its first field, lives.
-    let registered = unsafe {
-        ring.submitter()
-            .register_buffers(std::slice::from_raw_parts(bufs.as_ptr().cast(), bufs.len()))
-    };
-    match registered {
-        Ok(()) => {
-            let mut fixed: Vec<FixedBuffer> = (0u16..)
-                .zip(&bufs)
-                .map(|(index, b)| FixedBuffer {
-                    start: b.base,
-                    end: b.base + b.len,
-                    index,
-                })
-                .collect();
-            fixed.sort_unstable_by_key(|b| b.start);
-            fixed
-        }
-        Err(e) => {
-            if !FIXED_FALLBACK_LOGGED.swap(true, Ordering::Relaxed) {
-                tracing::warn!(error = %e, "cannot register guest memory with io_uring; using readv/writev");
-            }
-            Vec::new()
         }
     }
 }
@@ -853,17 +856,6 @@ fn advance(iovecs: &mut [RawIovec], first: &mut usize, mut n: usize) {
     }
 }
 
-/// The index of the registered buffer holding all of `iovecs`, if one does.
-fn fixed_index(fixed: &[FixedBuffer], iovecs: &[RawIovec]) -> Option<u16> {
-    let first = iovecs.first()?;
-    let i = fixed.partition_point(|b| b.end <= first.base);
-    let b = fixed.get(i)?;
-    let inside = iovecs
-        .iter()
-        .all(|v| v.base >= b.start && v.base + v.len <= b.end);
-    inside.then_some(b.index)
-}
-
 /// Whether `O_DIRECT` can take this transfer.
 fn direct_aligned(disk: &DiskFile, offset: u64, iovecs: &[RawIovec]) -> bool {
     let oa = disk.dio_offset_align as usize;
@@ -876,12 +868,7 @@ fn direct_aligned(disk: &DiskFile, offset: u64, iovecs: &[RawIovec]) -> bool {
 
 /// The SQE for the current state of `slot` (without its `user_data`). Records in the slot
 /// which descriptor a read or write goes through.
-fn build_entry(
-    slot: &mut Slot,
-    disk: &DiskFile,
-    fixed: &[FixedBuffer],
-    vectored_fixed: bool,
-) -> squeue::Entry {
+fn build_entry(slot: &mut Slot, disk: &DiskFile) -> squeue::Entry {
     let buffered = types::Fd(disk.fd(false).as_raw_fd());
     match &mut slot.op {
         Op::Free | Op::Nop => opcode::Nop::new().build(),
@@ -894,7 +881,29 @@ fn build_entry(
             .offset(*offset)
             .mode(mode.bits() as i32)
             .build(),
-        Op::ZeroFill { offset, end } => {
+        Op::PatternFill {
+            start,
+            offset,
+            end,
+            block,
+            ..
+        } => {
+            // Resume mid-block after a short write: start that far into the pattern.
+            let phase = ((*offset - *start) % u64::from(*block)) as usize;
+            let base = slot.pattern.as_ptr() as usize + phase;
+            let iovecs = &mut slot.iovecs;
+            iovecs.clear();
+            let mut left = (*end - *offset).min(ZERO_FILL_CHUNK) as usize;
+            while left > 0 {
+                let n = left.min(PATTERN_SPAN);
+                iovecs.push(RawIovec { base, len: n });
+                left -= n;
+            }
+            opcode::Writev::new(buffered, iovecs.as_ptr().cast(), iovecs.len() as u32)
+                .offset(*offset)
+                .build()
+        }
+        Op::ZeroFill { offset, end, .. } => {
             let iovecs = &mut slot.iovecs;
             iovecs.clear();
             let mut left = (*end - *offset).min(ZERO_FILL_CHUNK) as usize;
@@ -918,40 +927,16 @@ fn build_entry(
             let fd = types::Fd(disk.fd(direct).as_raw_fd());
             let flags = rw.flags.bits() as i32;
             let (ptr, n) = (iov.as_ptr().cast(), iov.len() as u32);
-            let single = iov.first().filter(|_| n == 1);
-            match (fixed_index(fixed, iov), single, rw.write) {
-                (Some(buf), Some(v), false) => {
-                    opcode::ReadFixed::new(fd, v.base as *mut u8, v.len as u32, buf)
-                        .offset(rw.offset)
-                        .rw_flags(flags)
-                        .build()
-                }
-                (Some(buf), Some(v), true) => {
-                    opcode::WriteFixed::new(fd, v.base as *const u8, v.len as u32, buf)
-                        .offset(rw.offset)
-                        .rw_flags(flags)
-                        .build()
-                }
-                (Some(buf), None, false) if vectored_fixed => {
-                    opcode::ReadvFixed::new(fd, ptr, n, buf)
-                        .offset(rw.offset)
-                        .rw_flags(flags)
-                        .build()
-                }
-                (Some(buf), None, true) if vectored_fixed => {
-                    opcode::WritevFixed::new(fd, ptr, n, buf)
-                        .offset(rw.offset)
-                        .rw_flags(flags)
-                        .build()
-                }
-                (_, _, false) => opcode::Readv::new(fd, ptr, n)
+            if rw.write {
+                opcode::Writev::new(fd, ptr, n)
                     .offset(rw.offset)
                     .rw_flags(flags)
-                    .build(),
-                (_, _, true) => opcode::Writev::new(fd, ptr, n)
+                    .build()
+            } else {
+                opcode::Readv::new(fd, ptr, n)
                     .offset(rw.offset)
                     .rw_flags(flags)
-                    .build(),
+                    .build()
             }
         }
     }

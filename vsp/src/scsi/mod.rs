@@ -21,11 +21,14 @@ mod mode;
 #[cfg(test)]
 mod tests;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use vmbus_proto::storvsp::scsi::{
     asc, service_action, status, AdditionalSense, Cdb10, Cdb12, Cdb16, Cdb6, InquiryCdb, Opcode,
     ReadCapacity10Data, ReadCapacity16Data, ReportLunsHeader, SenseData, SenseKey,
     UnmapBlockDescriptor, UnmapListHeader, CDB_FUA, PERIPHERAL_NOT_CONNECTED, READ_CAPACITY_LBPME,
 };
+
 use zerocopy::byteorder::big_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
@@ -41,8 +44,12 @@ pub const PRODUCT_REVISION: [u8; 4] = *b"0001";
 
 /// Most block descriptors one UNMAP may carry (VPD page 0xB0).
 pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
-/// Most blocks one UNMAP may unmap, summed over its descriptors (VPD page 0xB0).
-pub const MAX_UNMAP_BLOCKS: u32 = 0x0040_0000;
+/// The MAXIMUM UNMAP LBA COUNT of VPD page 0xB0: `FFFFFFFFh`, no maximum. Deallocating is a
+/// hole punched per descriptor (`fallocate`), whatever its length, so the backend has no
+/// limit to report; each descriptor is still checked against the capacity, and their number
+/// against [`MAX_UNMAP_DESCRIPTORS`]. (A limit of 4 Mi blocks made a 3 GiB TRIM from a client
+/// that does not split by it fail with EINVAL.)
+pub const MAX_UNMAP_BLOCKS: u32 = u32::MAX;
 /// Most blocks one WRITE SAME may write (VPD page 0xB0).
 pub const MAX_WRITE_SAME_BLOCKS: u32 = 0x0040_0000;
 /// Longest UNMAP parameter list looked at: the header and [`MAX_UNMAP_DESCRIPTORS`] descriptors.
@@ -193,6 +200,8 @@ pub enum Action {
         blocks: u32,
         /// What to write.
         fill: Fill,
+        /// The range must be durable before completion (the write cache is disabled).
+        fua: bool,
     },
 }
 
@@ -277,12 +286,66 @@ fn truncated(mut data: Vec<u8>, alloc_len: usize, data_len: u32) -> Vec<u8> {
     data
 }
 
-/// One SCSI disk (a logical unit): its [`DiskInfo`] and the state commands change.
+/// The state of a logical unit that every queue serving it shares: each channel of a
+/// multi-queue controller has its own [`ScsiDisk`], and what one of them changes (MODE SELECT)
+/// or what the host changes (write protection on reload) must hold for all of them at once.
+#[derive(Debug)]
+pub struct LunState {
+    /// WCE of the caching mode page: writes may complete before they are durable.
+    write_cache: AtomicBool,
+    /// Writes are refused (DATA PROTECT / WRITE PROTECTED) whatever [`DiskInfo::readonly`]
+    /// says: set by the host when the disk's configuration became read-only.
+    write_protected: AtomicBool,
+}
+
+impl Default for LunState {
+    fn default() -> Self {
+        Self {
+            write_cache: AtomicBool::new(true),
+            write_protected: AtomicBool::new(false),
+        }
+    }
+}
+
+impl LunState {
+    /// The state of a new logical unit: write cache enabled, not write protected.
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// Whether the write cache is enabled.
+    pub fn write_cache(&self) -> bool {
+        // Acquire pairs with the Release in `set_write_cache`: a command that the initiator
+        // sends after seeing MODE SELECT complete (on any queue) sees its setting. (The ring
+        // and the eventfd between the two already order them; this says so locally.)
+        self.write_cache.load(Ordering::Acquire)
+    }
+
+    /// Enables or disables the write cache (MODE SELECT, caching page).
+    pub fn set_write_cache(&self, on: bool) {
+        self.write_cache.store(on, Ordering::Release);
+    }
+
+    /// Whether the host write-protected the unit.
+    pub fn write_protected(&self) -> bool {
+        // Acquire pairs with the Release in `write_protect`.
+        self.write_protected.load(Ordering::Acquire)
+    }
+
+    /// Refuses every later write, UNMAP and WRITE SAME of every queue (there is no way back:
+    /// a disk made writable again is a new logical unit).
+    pub fn write_protect(&self) {
+        self.write_protected.store(true, Ordering::Release);
+    }
+}
+
+/// One SCSI disk (a logical unit) as one queue sees it: its [`DiskInfo`], the [`LunState`] it
+/// shares with the other queues of the unit, and this queue's own state.
 #[derive(Debug)]
 pub struct ScsiDisk {
     info: DiskInfo,
-    /// WCE of the caching mode page: writes may complete before they are durable.
-    write_cache: bool,
+    /// Shared by every queue of the unit.
+    state: Arc<LunState>,
     /// A unit attention condition to report on the next command (other than INQUIRY, REPORT
     /// LUNS, REQUEST SENSE).
     unit_attention: Option<AdditionalSense>,
@@ -292,9 +355,16 @@ pub struct ScsiDisk {
 }
 
 impl ScsiDisk {
-    /// A disk with the write cache enabled and no pending unit attention. The serial number is
-    /// cut to 20 printable ASCII bytes. A disk of 0 blocks refuses every block command.
-    pub fn new(mut info: DiskInfo) -> Self {
+    /// A disk with the write cache enabled and no pending unit attention, whose state no other
+    /// queue shares. The serial number is cut to 20 printable ASCII bytes. A disk of 0 blocks
+    /// refuses every block command.
+    pub fn new(info: DiskInfo) -> Self {
+        Self::with_state(info, LunState::new())
+    }
+
+    /// A disk whose unit state (write cache, write protection) is `state`, shared with the
+    /// other queues of the same unit.
+    pub fn with_state(mut info: DiskInfo, state: Arc<LunState>) -> Self {
         debug_assert!(
             info.block_size.is_power_of_two() && info.block_size >= 512,
             "block size {} is not a power of two of at least 512",
@@ -308,7 +378,7 @@ impl ScsiDisk {
             .collect();
         Self {
             info,
-            write_cache: true,
+            state,
             unit_attention: None,
             last_sense: None,
         }
@@ -322,7 +392,17 @@ impl ScsiDisk {
     /// Whether the write cache is enabled (WCE, changed by MODE SELECT). When it is not, every
     /// [`Action::Write`] has `fua` set.
     pub fn write_cache_enabled(&self) -> bool {
-        self.write_cache
+        self.state.write_cache()
+    }
+
+    /// The unit state this queue shares with the others.
+    pub fn state(&self) -> &Arc<LunState> {
+        &self.state
+    }
+
+    /// Whether changes are refused: a read-only disk, or one the host write-protected since.
+    pub fn readonly(&self) -> bool {
+        self.info.readonly || self.state.write_protected()
     }
 
     /// Changes the capacity (the backing file grew) and posts a unit attention CAPACITY DATA
@@ -531,7 +611,7 @@ impl ScsiDisk {
             return Err(INVALID_FIELD);
         }
         self.check_range(lba, blocks)?;
-        if write && self.info.readonly {
+        if write && self.readonly() {
             return Err(WRITE_PROTECTED);
         }
         if blocks == 0 {
@@ -546,7 +626,7 @@ impl ScsiDisk {
             Action::Write {
                 lba,
                 blocks,
-                fua: fua || !self.write_cache,
+                fua: fua || !self.state.write_cache(),
             }
         } else {
             Action::Read { lba, blocks, fua }
@@ -591,13 +671,19 @@ impl ScsiDisk {
             return Err(INVALID_FIELD);
         }
         self.check_range(lba, blocks)?;
-        if self.info.readonly {
+        if self.readonly() {
             return Err(WRITE_PROTECTED);
         }
+        let fua = !self.state.write_cache();
         let may_unmap = flags & CDB_UNMAP != 0 && self.info.discard;
         if flags & CDB_NDOB != 0 {
             let fill = Fill::Zeros { may_unmap };
-            return Ok(Action::WriteSame { lba, blocks, fill });
+            return Ok(Action::WriteSame {
+                lba,
+                blocks,
+                fill,
+                fua,
+            });
         }
         let block_size = self.info.block_size as usize;
         if (data_len as usize) < block_size {
@@ -609,7 +695,12 @@ impl ScsiDisk {
         } else {
             Fill::Data
         };
-        Ok(Action::WriteSame { lba, blocks, fill })
+        Ok(Action::WriteSame {
+            lba,
+            blocks,
+            fill,
+            fua,
+        })
     }
 
     fn unmap(&self, cdb: &[u8], data_len: u32, data_out: &[u8]) -> Result<Action, Check> {
@@ -620,7 +711,7 @@ impl ScsiDisk {
         if c[1] & CDB_ANCHOR_UNMAP != 0 {
             return Err(INVALID_FIELD);
         }
-        if self.info.readonly {
+        if self.readonly() {
             return Err(WRITE_PROTECTED);
         }
         let len = be16(&c[7..]);
@@ -648,17 +739,12 @@ impl ScsiDisk {
         let (descriptors, _) = <[UnmapBlockDescriptor]>::ref_from_prefix_with_elems(rest, count)
             .map_err(|_| PARAMETER_LENGTH)?;
         let mut ranges = Vec::with_capacity(count);
-        let mut total = 0u64;
         for d in descriptors {
             let (lba, blocks) = (d.lba.get(), d.block_count.get());
             if blocks == 0 {
                 continue;
             }
             self.check_range(lba, blocks)?;
-            total += u64::from(blocks);
-            if total > u64::from(MAX_UNMAP_BLOCKS) {
-                return Err(INVALID_PARAMETER);
-            }
             ranges.push(UnmapRange { lba, blocks });
         }
         Ok(if ranges.is_empty() {

@@ -38,7 +38,7 @@ impl ScsiDisk {
     /// The caching page with values of page control `pc` (not saved).
     fn caching_page(&self, pc: u8) -> CachingModePage {
         let wce = match pc {
-            mode_page::PC_CURRENT => self.write_cache,
+            mode_page::PC_CURRENT => self.state.write_cache(),
             _ => true, // default: enabled; changeable: the WCE bit
         };
         CachingModePage {
@@ -66,7 +66,7 @@ impl ScsiDisk {
     /// The device-specific parameter of the mode parameter header: WP when read-only, and
     /// DPOFUA (FUA is honoured).
     fn device_specific(&self) -> u8 {
-        let wp = if self.info.readonly {
+        let wp = if self.readonly() {
             mode_page::DEVICE_SPECIFIC_WP
         } else {
             0
@@ -203,7 +203,7 @@ impl ScsiDisk {
         let descriptors = rest.get(..descriptors_len).ok_or(PARAMETER_LENGTH)?;
         self.check_block_descriptors(descriptors, long)?;
 
-        let mut write_cache = self.write_cache;
+        let mut write_cache = self.state.write_cache();
         let mut pages = &rest[descriptors_len..];
         while !pages.is_empty() {
             if pages.len() < 2 {
@@ -244,7 +244,7 @@ impl ScsiDisk {
             }
             pages = &pages[page.len()..];
         }
-        self.write_cache = write_cache;
+        self.state.set_write_cache(write_cache);
         Ok(Response::good())
     }
 

@@ -195,7 +195,7 @@ fn vpd_block_limits() {
     assert_eq!(d[4], 1, "WSNZ");
     assert_eq!(be32(&d[8..]), 2048, "maximum transfer length");
     assert_eq!(be32(&d[12..]), 8, "optimal transfer length");
-    assert_eq!(be32(&d[20..]), MAX_UNMAP_BLOCKS);
+    assert_eq!(be32(&d[20..]), 0xFFFF_FFFF, "no maximum unmap LBA count");
     assert_eq!(be32(&d[24..]), MAX_UNMAP_DESCRIPTORS);
     assert_eq!(be32(&d[28..]), 8, "4 KiB unmap granularity");
     assert_eq!(
@@ -633,6 +633,74 @@ fn disabled_write_cache_makes_writes_fua() {
     );
 }
 
+/// The write cache is a property of the unit, not of the queue: MODE SELECT on one queue of a
+/// multi-queue controller holds for every other queue sharing its state.
+#[test]
+fn write_cache_setting_is_shared_by_every_queue_of_the_unit() {
+    let state = LunState::new();
+    let mut q0 = ScsiDisk::with_state(info(), state.clone());
+    let mut q1 = ScsiDisk::with_state(info(), state.clone());
+    let alone = disk();
+    set_wce(&mut q0, false);
+    assert!(!q1.write_cache_enabled() && !state.write_cache());
+    assert!(alone.write_cache_enabled(), "another unit keeps its cache");
+    assert_eq!(
+        exec(&mut q1, &cdb10(Opcode::WRITE_10, 0, 0, 1)),
+        Action::Write {
+            lba: 0,
+            blocks: 1,
+            fua: true
+        }
+    );
+    assert_eq!(mode_sense6(&mut q1, true, 0x08)[6], 0, "WCE off seen on q1");
+    set_wce(&mut q1, true);
+    assert!(q0.write_cache_enabled());
+}
+
+#[test]
+fn write_same_is_durable_when_the_write_cache_is_off() {
+    let mut d = disk();
+    set_wce(&mut d, false);
+    let mut data = [0u8; 512];
+    data[0] = 1;
+    for (cdb, block) in [
+        (cdb10(Opcode::WRITE_SAME_10, 0, 10, 4), data),
+        (cdb10(Opcode::WRITE_SAME_10, 0, 10, 4), [0; 512]),
+    ] {
+        let a = d.execute(0, &cdb, 512, &block);
+        assert!(matches!(a, Action::WriteSame { fua: true, .. }), "{a:?}");
+    }
+    let ndob = cdb16(Opcode::WRITE_SAME_16, 0x09, 0, 1);
+    assert!(matches!(
+        d.execute(0, &ndob, 0, &[]),
+        Action::WriteSame { fua: true, .. }
+    ));
+}
+
+/// A unit the host write-protects (a reload made its disk read-only) refuses changes on every
+/// queue at once, and says so in MODE SENSE.
+#[test]
+fn host_write_protection_applies_to_every_queue_at_once() {
+    let state = LunState::new();
+    let mut q0 = ScsiDisk::with_state(info(), state.clone());
+    let mut q1 = ScsiDisk::with_state(info(), state.clone());
+    assert!(matches!(
+        exec(&mut q1, &cdb10(Opcode::WRITE_10, 0, 0, 1)),
+        Action::Write { .. }
+    ));
+    state.write_protect();
+    for q in [&mut q0, &mut q1] {
+        assert!(q.readonly());
+        let r = done(q.execute(0, &cdb10(Opcode::WRITE_10, 0, 0, 1), 512, &[]));
+        assert_check(&r, 0x07, asc::WRITE_PROTECTED);
+        assert_eq!(mode_sense6(q, true, 0x08)[2] & 0x80, 0x80, "WP bit");
+        assert!(matches!(
+            exec(q, &cdb10(Opcode::READ_10, 0, 0, 1)),
+            Action::Read { .. }
+        ));
+    }
+}
+
 // ---- SYNCHRONIZE CACHE, VERIFY ----
 
 #[test]
@@ -766,12 +834,10 @@ fn unmap_descriptor_validation() {
     );
     let max: Vec<_> = (0..MAX_UNMAP_DESCRIPTORS as u64).map(|i| (i, 1)).collect();
     assert!(matches!(unmap(&mut big, &unmap_list(&max)), Action::Unmap(r) if r.len() == 256));
-    let too_long = [(0, MAX_UNMAP_BLOCKS), (1 << 30, 1)];
-    unmap_check(
-        &mut big,
-        &unmap_list(&too_long),
-        asc::INVALID_FIELD_IN_PARAMETER_LIST,
-    );
+    // No maximum LBA count (VPD 0xB0 says FFFFFFFFh): descriptors as long as a u32 allows,
+    // together well over 2^32 blocks.
+    let long: Vec<_> = (0..4u64).map(|i| (i << 32, u32::MAX)).collect();
+    assert!(matches!(unmap(&mut big, &unmap_list(&long)), Action::Unmap(r) if r.len() == 4));
 }
 
 #[test]
@@ -819,7 +885,8 @@ fn write_same_fills() {
         Action::WriteSame {
             lba: 10,
             blocks: 100,
-            fill: Fill::Data
+            fill: Fill::Data,
+            fua: false,
         }
     );
     let a = d.execute(0, &ws10, 512, &zeros);
@@ -828,7 +895,8 @@ fn write_same_fills() {
         Action::WriteSame {
             lba: 10,
             blocks: 100,
-            fill: Fill::Zeros { may_unmap: false }
+            fill: Fill::Zeros { may_unmap: false },
+            fua: false,
         }
     );
     let ws16 = cdb16(Opcode::WRITE_SAME_16, 0x08, 10, 100);
@@ -838,7 +906,8 @@ fn write_same_fills() {
         Action::WriteSame {
             lba: 10,
             blocks: 100,
-            fill: Fill::Zeros { may_unmap: true }
+            fill: Fill::Zeros { may_unmap: true },
+            fua: false,
         }
     );
     // UNMAP with non-zero data must write the data.
@@ -859,7 +928,8 @@ fn write_same_fills() {
         Action::WriteSame {
             lba: 0,
             blocks: 1,
-            fill: Fill::Zeros { may_unmap: true }
+            fill: Fill::Zeros { may_unmap: true },
+            fua: false,
         }
     );
     // Without discard the UNMAP bit is ignored.
@@ -1423,13 +1493,13 @@ proptest! {
                     prop_assert!(!info.readonly && info.discard);
                     prop_assert!(!ranges.is_empty());
                     prop_assert!(ranges.len() <= MAX_UNMAP_DESCRIPTORS as usize);
-                    let total: u64 = ranges.iter().map(|r| u64::from(r.blocks)).sum();
-                    prop_assert!(total <= u64::from(MAX_UNMAP_BLOCKS));
                     for r in ranges {
                         prop_assert!(in_range(r.lba, r.blocks));
                     }
                 }
-                Action::WriteSame { lba, blocks, fill } => {
+                Action::WriteSame {
+                    lba, blocks, fill, ..
+                } => {
                     prop_assert!(!info.readonly);
                     prop_assert!(in_range(lba, blocks));
                     prop_assert!(blocks <= MAX_WRITE_SAME_BLOCKS);
