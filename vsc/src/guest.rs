@@ -22,6 +22,7 @@ use crate::channel::GuestChannel;
 use crate::client::{Client, Event, Offer, SUPPORTED_VERSIONS};
 use crate::loopback::Loopback;
 use crate::storvsc::{Controller, Disk, Storvsc};
+use crate::synic::HostInterface;
 use crate::Error;
 
 /// Ring pages each way of a storage channel (control page included): 256 KiB of data.
@@ -265,9 +266,16 @@ impl StorageGuest {
         }
     }
 
-    /// Flushes every disk, closes the channels and disconnects.
+    /// Flushes every disk, closes the channels and disconnects. With the daemon away (and so
+    /// no flush possible) it stops the queues, failing what they hold.
     pub fn detach(mut self) -> Result<(), Error> {
         self.stop_supervisor();
+        if !self.front.host_alive() {
+            for (_, d) in std::mem::take(&mut self.disks) {
+                d.shutdown()?;
+            }
+            return Err(Error::Disconnected);
+        }
         for (_, d) in &self.disks {
             let _ = d.flush();
         }
@@ -333,7 +341,9 @@ impl Supervisor {
                     Ok(()) => break,
                     Err(e) => {
                         if attempts == 1 || attempts.is_multiple_of(50) {
-                            tracing::info!(attempts, "reconnection failed: {e}");
+                            let cause = std::error::Error::source(&e)
+                                .map_or_else(String::new, |c| format!(": {c}"));
+                            tracing::info!(attempts, "reconnection failed: {e}{cause}");
                         }
                     }
                 }

@@ -550,3 +550,18 @@ impl Shared {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rustix::fs::{fcntl_get_seals, ftruncate, SealFlags};
+
+    #[test]
+    fn guest_memory_cannot_shrink_or_grow() {
+        let fd = super::sealed_memfd("test-guest-ram", 1 << 20).unwrap();
+        let seals = fcntl_get_seals(&fd).unwrap();
+        assert!(seals.contains(SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL));
+        assert!(ftruncate(&fd, 4096).is_err(), "shrunk");
+        assert!(ftruncate(&fd, 2 << 20).is_err(), "grown");
+        assert!(ftruncate(&fd, 1 << 20).is_ok(), "same size");
+    }
+}

@@ -29,3 +29,18 @@ fn a_bad_polling_limit_is_refused_and_a_good_one_accepted() {
     assert_eq!(out.status.code(), Some(1));
     assert!(!String::from_utf8_lossy(&out.stderr).contains("--poll-us"));
 }
+
+#[test]
+fn a_bad_reconnect_timeout_is_refused() {
+    refuses_values(
+        env!("CARGO_BIN_EXE_vscd"),
+        &[
+            "--connect",
+            "/nonexistent/vspd.sock",
+            "--nbd",
+            "/nonexistent/nbd.sock",
+        ],
+        "--reconnect-timeout",
+        &["abc", "-1", "86401"],
+    );
+}

@@ -12,6 +12,9 @@
 //!   flushes, and plain writes while vspd is SIGKILLed at random points, `VSP_RESTART_KILLS`
 //!   times (default 10): every write acknowledged as durable (FUA, or followed by an
 //!   acknowledged flush) is in the image after each kill, and no writer ever sees an error.
+//! - `held_requests_fail_after_the_hold_time_and_service_resumes`: with the daemon gone for
+//!   good, a request fails (EIO) once the hold time is over, and later ones at once; when a
+//!   daemon is back, the same NBD connection is served again.
 //!
 //! The guest side is the library rather than the `vscd` binary for the reason given in
 //! `nbd_end_to_end.rs` (cargo builds only this package's binaries for its tests); the daemon,
@@ -44,12 +47,13 @@ struct Guest {
 }
 
 impl Guest {
-    fn attach(vspd_socket: &Path, dir: &Path) -> Self {
+    /// Attaches, holding requests for `hold` while the daemon is away.
+    fn attach(vspd_socket: &Path, dir: &Path, hold: Duration) -> Self {
         let config = GuestConfig {
             memory_bytes: 128 << 20,
             queues: 2,
             reconnect: Some(Reconnect {
-                hold: Duration::from_secs(60),
+                hold,
                 retry: Duration::from_millis(50),
             }),
         };
@@ -220,7 +224,7 @@ fn fio_verify_jobs_ride_out_vspd_restarts() {
     // Two queues: the subchannel is reopened too.
     let disk = ["--disk", "path=disk.img,queues=2"];
     let mut vspd = common::Daemon::spawn(&dir, disk);
-    let guest = Guest::attach(&vspd.socket, &dir);
+    let guest = Guest::attach(&vspd.socket, &dir, Duration::from_secs(60));
 
     // The reader's region, written once (fio's verify headers in every block).
     let reader = job("r", "write", "64k", 8, "192m", "32m");
@@ -455,7 +459,7 @@ fn acknowledged_writes_survive_repeated_kill_9() {
         .unwrap();
     let disk = ["--disk", "path=disk.img,queues=2"];
     let mut vspd = common::Daemon::spawn(&dir, disk);
-    let guest = Guest::attach(&vspd.socket, &dir);
+    let guest = Guest::attach(&vspd.socket, &dir, Duration::from_secs(60));
     let seed = fresh_seed();
     eprintln!("seed {seed:#x}, {kills} kills");
     let modes = [Mode::Fua, Mode::FlushEvery(4), Mode::Plain];
@@ -547,6 +551,62 @@ fn acknowledged_writes_survive_repeated_kill_9() {
         guest.reconnects()
     );
     assert!(checked[0] > 0 && checked[1] > 0, "not vacuous");
+    guest.stop();
+    drop(vspd);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// With the daemon gone longer than the hold time, held requests fail with EIO, then new ones
+/// at once; the guest keeps trying, and once a daemon is back the same NBD connection works.
+#[test]
+fn held_requests_fail_after_the_hold_time_and_service_resumes() {
+    log_guest();
+    let dir = common::fresh_dir("restart", "hold");
+    std::fs::File::create(dir.join("disk.img"))
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let disk = ["--disk", "path=disk.img"];
+    let mut vspd = common::Daemon::spawn(&dir, disk);
+    let hold = Duration::from_secs(1);
+    let guest = Guest::attach(&vspd.socket, &dir, hold);
+    let mut c = NbdClient::connect(&guest.socket, "disk0").unwrap();
+    let data = Written {
+        offset: 1 << 20,
+        len: 64 << 10,
+        seed: fresh_seed(),
+    };
+    assert_eq!(c.write(data.offset, &data.data(), true).unwrap(), 0);
+
+    stop_daemon(&mut vspd, rustix::process::Signal::KILL);
+    let mut buf = vec![0u8; data.len];
+    let t = Instant::now();
+    let errno = c.read(data.offset, &mut buf).unwrap();
+    let held = t.elapsed();
+    assert_eq!(
+        errno, 5,
+        "a held read fails with EIO once the hold time is over"
+    );
+    assert!(held >= hold / 2, "the read was held only {held:?}");
+    assert_eq!(
+        c.write(0, &[0u8; 4096], false).unwrap(),
+        5,
+        "after the hold: EIO"
+    );
+    assert_eq!(c.flush().unwrap(), 5);
+    eprintln!("held {held:?} before EIO");
+
+    drop(vspd);
+    let vspd = common::Daemon::spawn(&dir, disk);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while guest.reconnects() < 1 {
+        assert!(Instant::now() < deadline, "the guest did not reconnect");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(c.read(data.offset, &mut buf).unwrap(), 0);
+    assert!(buf == data.data(), "the data written before the crash");
+    assert_eq!(c.flush().unwrap(), 0);
+    c.disconnect();
     guest.stop();
     drop(vspd);
     let _ = std::fs::remove_dir_all(&dir);
