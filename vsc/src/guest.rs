@@ -284,7 +284,13 @@ impl StorageGuest {
         for (_, d) in std::mem::take(&mut self.disks) {
             // Subchannels close before their primary (it comes first in the list).
             for st in d.shutdown()?.into_iter().rev() {
-                st.into_channel().close(&mut client, &self.front)?;
+                let ch = st.into_channel();
+                if ch.host_alive() {
+                    ch.close(&mut client, &self.front)?;
+                } else {
+                    // Opened in a session that is over (the reconnection had not reached it).
+                    ch.abandon(&self.front);
+                }
             }
         }
         client.unload()

@@ -629,6 +629,8 @@ pub struct DiskStats {
     pub signals: u64,
     /// Interrupts the guest took.
     pub interrupts: u64,
+    /// Requests written again on a channel reopened after the host went away.
+    pub resent: u64,
 }
 
 impl std::fmt::Debug for Disk {
@@ -665,6 +667,7 @@ impl Controller {
                 sources_added: AtomicBool::new(false),
                 replacement: Mutex::new(None),
                 hold_ms: AtomicU64::new(0),
+                resent: AtomicU64::new(0),
             });
             let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let pages = front.alloc_pages(BOUNCE_BYTES / 4096)?;
@@ -785,10 +788,12 @@ impl Controller {
 
     /// Gives each queue, in order, its channel reopened (and initialised) on a new host
     /// session: the queue drops its dead channel, writes its requests in flight again on the
-    /// new one and carries on. Returns the channels beyond the queue count; queues beyond the
-    /// channels given stay without a host.
+    /// new one and carries on. Returns the channels no queue takes, for the caller to abandon:
+    /// those beyond the queue count, and earlier ones a queue had not taken yet. Queues beyond
+    /// the channels given stay without a host.
     pub fn replace_channels(&self, channels: Vec<Storvsc>) -> Vec<Storvsc> {
         let mut channels = channels.into_iter();
+        let mut left = Vec::new();
         for q in &self.queues {
             let Some(st) = channels.next() else { break };
             let old = q
@@ -797,12 +802,11 @@ impl Controller {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .replace(st);
-            if old.is_some() {
-                tracing::debug!("a reopened channel replaced before its queue took it");
-            }
+            left.extend(old);
             let _ = q.shared.wake.signal();
         }
-        channels.collect()
+        left.extend(channels);
+        left
     }
 
     fn submit(&self, lun: u8, block_size: u32, op: DiskOp, done: Callback) {
@@ -883,6 +887,7 @@ impl Controller {
         let mut d = DiskStats::default();
         for q in &self.queues {
             d.completed += q.completed.load(Relaxed);
+            d.resent += q.shared.resent.load(Relaxed);
             d.signals += q.stats.signals.load(Relaxed);
             d.interrupts += q.stats.interrupts.load(Relaxed);
         }
@@ -1116,6 +1121,8 @@ struct Shared {
     replacement: Mutex<Option<Storvsc>>,
     /// How long requests are held while the host is away, in milliseconds.
     hold_ms: AtomicU64,
+    /// Requests written again on reopened channels (a counter for [`DiskStats`]).
+    resent: AtomicU64,
 }
 
 impl Shared {
@@ -1750,6 +1757,9 @@ impl Queue {
             .collect();
         busy.sort_unstable();
         self.resend = busy.into_iter().map(|(_, i)| i).collect();
+        self.shared
+            .resent
+            .fetch_add(self.resend.len() as u64, Ordering::Relaxed);
         tracing::warn!(
             relid = self.st.ch.relid,
             resend = self.resend.len(),

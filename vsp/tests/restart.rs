@@ -88,6 +88,15 @@ impl Guest {
         self.guest.as_ref().map_or(0, |g| g.reconnects())
     }
 
+    /// Requests sent again after a reconnection.
+    fn resent(&self) -> u64 {
+        self.guest.as_ref().map_or(0, |g| {
+            g.disks
+                .first()
+                .map_or(0, |(_, d)| d.controller().stats().resent)
+        })
+    }
+
     fn stop(mut self) {
         let _ = self.stop.signal();
         self.server.take().unwrap().join().unwrap().unwrap();
@@ -302,8 +311,10 @@ fn fio_verify_jobs_ride_out_vspd_restarts() {
         );
         assert!(!runs.is_empty(), "{name}: no run");
     }
-    // Not vacuous: the daemon went away under running jobs.
+    // Not vacuous: the daemon went away under running jobs, with requests in flight.
     assert!(spanning >= 2, "no fio run spanned the restarts");
+    eprintln!("{} requests sent again", guest.resent());
+    assert!(guest.resent() > 0, "no request was in flight at a restart");
     guest.stop();
 
     // The image file itself holds what the writers' last runs wrote (same jobs, reads only,
@@ -545,11 +556,13 @@ fn acknowledged_writes_survive_repeated_kill_9() {
         .collect();
     eprintln!(
         "{kills} kills in {:.1?}: {} acknowledged writes, durable ones checked per writer {checked:?}; \
-         {} reconnections",
+         {} reconnections, {} requests sent again",
         started.elapsed(),
         acks(),
-        guest.reconnects()
+        guest.reconnects(),
+        guest.resent()
     );
+    assert!(guest.resent() > 0, "no request was in flight at a kill");
     assert!(checked[0] > 0 && checked[1] > 0, "not vacuous");
     guest.stop();
     drop(vspd);
