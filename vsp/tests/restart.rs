@@ -88,6 +88,11 @@ impl Guest {
         self.guest.as_ref().map_or(0, |g| g.reconnects())
     }
 
+    /// Free pages of the guest's memory.
+    fn free_pages(&self) -> usize {
+        self.guest.as_ref().map_or(0, |g| g.front.free_page_count())
+    }
+
     /// Requests sent again after a reconnection.
     fn resent(&self) -> u64 {
         self.guest.as_ref().map_or(0, |g| {
@@ -119,6 +124,20 @@ fn log_guest() {
             .with_writer(std::io::stderr)
             .try_init();
     }
+}
+
+/// This process's open descriptors and threads.
+fn own_fds_and_threads() -> (usize, u64) {
+    let fds = std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let threads = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    (fds, threads)
 }
 
 fn pid_of(d: &common::Daemon) -> rustix::process::Pid {
@@ -500,6 +519,16 @@ fn acknowledged_writes_survive_repeated_kill_9() {
     };
     let mut rng = seed;
     let started = Instant::now();
+    // Once the writers are connected: what the guest holds with every channel open.
+    while progress.iter().any(|p| p.acks.load(Ordering::SeqCst) == 0) {
+        assert!(errors().is_empty(), "{:?}", errors());
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no writer started"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (pages, (fds, threads)) = (guest.free_pages(), own_fds_and_threads());
     for k in 0..kills {
         // Kill at a random point: after 10 to 300 more acknowledgements, and a few of each
         // writer's (the workload runs on the new daemon: every writer got through the restart).
@@ -539,16 +568,37 @@ fn acknowledged_writes_survive_repeated_kill_9() {
         drop(vspd);
         vspd = common::Daemon::spawn(&dir, disk);
     }
-    stop.store(true, Ordering::SeqCst);
-    for w in writers {
-        w.join().unwrap();
-    }
-    assert!(errors().is_empty(), "{:?}", errors());
     let deadline = Instant::now() + Duration::from_secs(30);
     while guest.reconnects() < kills as u64 {
         assert!(Instant::now() < deadline, "the guest did not reconnect");
         std::thread::sleep(Duration::from_millis(10));
     }
+    // Each session's rings, descriptors and front-end thread went with it (the queues take
+    // their new channels, and free the old rings, asynchronously: wait for that).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while guest.free_pages() != pages {
+        assert!(
+            Instant::now() < deadline,
+            "guest pages leaked: {} free, {pages} before the kills",
+            guest.free_pages()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (fds_after, threads_after) = own_fds_and_threads();
+    eprintln!(
+        "before the kills: {fds} fds, {threads} threads, {pages} free guest pages; \
+         after: {fds_after} fds, {threads_after} threads"
+    );
+    assert!(fds_after <= fds, "descriptors leaked: {fds} -> {fds_after}");
+    assert!(
+        threads_after <= threads,
+        "threads leaked: {threads} -> {threads_after}"
+    );
+    stop.store(true, Ordering::SeqCst);
+    for w in writers {
+        w.join().unwrap();
+    }
+    assert!(errors().is_empty(), "{:?}", errors());
     let checked: Vec<usize> = progress
         .iter()
         .enumerate()
