@@ -772,10 +772,13 @@ impl Controller {
     /// once). Requests in flight and submitted meanwhile wait for
     /// [`replace_channels`](Self::replace_channels); after `hold` without it they fail with
     /// [`IoError::Disconnected`], as do new ones until the channels come back.
+    /// A queue holding requests already applies the new time at once (counted from when its
+    /// host went away).
     pub fn set_hold(&self, hold: Duration) {
         let ms = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX);
         for q in &self.queues {
             q.shared.hold_ms.store(ms, Ordering::Relaxed);
+            let _ = q.shared.wake.signal();
         }
     }
 
@@ -1664,14 +1667,15 @@ impl Queue {
         while let Ok(Some(_)) = self.complete_one() {}
         let _ = self.st.ch.commit_in();
         self.callbacks_ran = true;
-        let hold = Duration::from_millis(self.shared.hold_ms.load(Ordering::Relaxed));
-        let deadline = Instant::now() + hold;
+        let shared = self.shared.clone();
+        let hold = move || Duration::from_millis(shared.hold_ms.load(Ordering::Relaxed));
+        let since = Instant::now();
         let mut failing = false;
         tracing::warn!(
             relid = self.st.ch.relid,
             in_flight = self.in_flight(),
             waiting = self.waiting.len(),
-            ?hold,
+            hold = ?hold(),
             "storvsc: the host went away; holding requests"
         );
         loop {
@@ -1691,12 +1695,17 @@ impl Queue {
             while let Some(r) = self.shared.requests.pop() {
                 self.waiting.push_back(r);
             }
+            // Read each time: the owner may shorten it (to stop).
+            let deadline = since
+                .checked_add(hold())
+                .unwrap_or(since + Duration::from_secs(86_400));
             if !failing && Instant::now() >= deadline {
                 failing = true;
                 if self.in_flight() + self.waiting.len() > 0 {
                     tracing::warn!(
                         relid = self.st.ch.relid,
-                        "storvsc: no host after {hold:?}: failing the requests held"
+                        "storvsc: no host after {:?}: failing the requests held",
+                        since.elapsed()
                     );
                 }
                 self.fail_in_flight();

@@ -147,9 +147,19 @@ fn export(args: &Args, path: &std::path::Path) -> Result<(), vsc::Error> {
         signal_hook::consts::SIGINT,
     ])
     .map_err(vsc::Error::Thread)?;
+    // Stopping while the daemon is away: what the disks hold fails now, not after the hold
+    // time (the NBD server waits for its connections' requests).
+    let controllers: Vec<_> = guest
+        .disks
+        .iter()
+        .map(|(_, d)| d.controller().clone())
+        .collect();
     std::thread::spawn(move || {
         if signals.forever().next().is_some() {
             let _ = s.signal();
+            for c in &controllers {
+                c.set_hold(std::time::Duration::ZERO);
+            }
         }
     });
     eprintln!(
