@@ -80,8 +80,18 @@ impl Guest {
         }
     }
 
-    fn uri(&self) -> String {
-        format!("nbd+unix:///disk0?socket={}", self.socket.display())
+    /// The URI of export `disk{i}`.
+    fn uri_of(&self, i: usize) -> String {
+        format!("nbd+unix:///disk{i}?socket={}", self.socket.display())
+    }
+
+    /// The export whose disk has `size` bytes.
+    fn export_of_size(&self, size: u64) -> usize {
+        let g = self.guest.as_ref().unwrap();
+        g.disks
+            .iter()
+            .position(|(_, d)| d.geometry().size() == size)
+            .expect("a disk of that size")
     }
 
     fn reconnects(&self) -> u64 {
@@ -93,12 +103,13 @@ impl Guest {
         self.guest.as_ref().map_or(0, |g| g.front.free_page_count())
     }
 
-    /// Requests sent again after a reconnection.
+    /// Requests sent again after a reconnection (each disk here is a controller of its own).
     fn resent(&self) -> u64 {
         self.guest.as_ref().map_or(0, |g| {
             g.disks
-                .first()
-                .map_or(0, |(_, d)| d.controller().stats().resent)
+                .iter()
+                .map(|(_, d)| d.controller().stats().resent)
+                .sum()
         })
     }
 
@@ -249,43 +260,58 @@ fn fio_verify_jobs_ride_out_vspd_restarts() {
         .unwrap()
         .set_len(256 << 20)
         .unwrap();
-    // Two queues: the subchannel is reopened too.
-    let disk = ["--disk", "path=disk.img,queues=2"];
-    let mut vspd = common::Daemon::spawn(&dir, disk);
+    std::fs::File::create(dir.join("reader.img"))
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    // Two controllers, the writers' with two queues (the subchannel is reopened too). The
+    // restarted daemons list them in the other order and back: the guest must find each by
+    // its instance id, not its place (a mix-up would fail the verification).
+    let writers_disk = "path=disk.img,queues=2";
+    let orders = [
+        ["--disk", writers_disk, "--disk", "path=reader.img"],
+        ["--disk", "path=reader.img", "--disk", writers_disk],
+    ];
+    let mut vspd = common::Daemon::spawn(&dir, orders[0]);
     let guest = Guest::attach(&vspd.socket, &dir, Duration::from_secs(60));
+    let (writers_uri, reader_uri) = (
+        guest.uri_of(guest.export_of_size(256 << 20)),
+        guest.uri_of(guest.export_of_size(64 << 20)),
+    );
 
-    // The reader's region, written once (fio's verify headers in every block).
-    let reader = job("r", "write", "64k", 8, "192m", "32m");
+    // The reader's disk, written once (fio's verify headers in every block).
+    let reader = job("r", "write", "64k", 8, "0", "32m");
     let out = tools::run(
         Command::new("fio")
             .arg("--ioengine=nbd")
-            .arg(format!("--uri={}", guest.uri()))
+            .arg(format!("--uri={reader_uri}"))
             .args(&reader)
             .current_dir(&dir),
     );
     assert!(text(&out).contains("err= 0"));
 
-    // Random 4 KiB writes at depth 32; sequential 1 MiB writes (more than the ring holds in
-    // flight: the resend waits for ring space); the reader, verifying the region written above
-    // with reads only.
+    // Random 4 KiB writes at depth 32; sequential 1 MiB writes (each a transfer of the
+    // largest size); the reader, verifying its disk with reads only.
     let mut jobs = vec![
         (
             "random writer",
             job("rw", "randwrite", "4k", 32, "0", "24m"),
+            writers_uri.clone(),
         ),
         (
             "sequential writer",
             job("sw", "write", "1m", 8, "64m", "64m"),
+            writers_uri,
         ),
     ];
     let mut read_only = reader.clone();
     read_only.push("--verify_only=1".into());
-    jobs.push(("reader", read_only));
+    jobs.push(("reader", read_only, reader_uri));
     let stop = Arc::new(AtomicBool::new(false));
     let loops: Vec<_> = jobs
         .iter()
-        .map(|(_, args)| {
-            let (uri, dir, args, stop) = (guest.uri(), dir.clone(), args.clone(), stop.clone());
+        .map(|(_, args, uri)| {
+            let (uri, dir, args, stop) = (uri.clone(), dir.clone(), args.clone(), stop.clone());
             std::thread::spawn(move || fio_loop(uri, dir, args, stop))
         })
         .collect();
@@ -299,7 +325,7 @@ fn fio_verify_jobs_ride_out_vspd_restarts() {
         // Away for a while: the clients must wait, not fail.
         std::thread::sleep(Duration::from_millis(500));
         drop(vspd);
-        vspd = common::Daemon::spawn(&dir, disk);
+        vspd = common::Daemon::spawn(&dir, orders[(restarts.len() + 1) % 2]);
         let up = Instant::now();
         let want = restarts.len() as u64 + 1;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -315,7 +341,7 @@ fn fio_verify_jobs_ride_out_vspd_restarts() {
     let results: Vec<Vec<Run>> = loops.into_iter().map(|l| l.join().unwrap()).collect();
 
     let mut spanning = 0;
-    for ((name, _), runs) in jobs.iter().zip(&results) {
+    for ((name, _, _), runs) in jobs.iter().zip(&results) {
         for r in runs {
             assert!(r.ok, "a {name} fio run failed:\n{}", r.output);
         }
@@ -330,15 +356,16 @@ fn fio_verify_jobs_ride_out_vspd_restarts() {
         );
         assert!(!runs.is_empty(), "{name}: no run");
     }
-    // Not vacuous: the daemon went away under running jobs, with requests in flight.
+    // Not vacuous: the daemon went away under running jobs. (Whether requests were in flight
+    // at the host then is up to chance: vspd answers buffered writes at once, and a SIGTERM
+    // lets it finish what it has; the kill test below checks the resend.)
     assert!(spanning >= 2, "no fio run spanned the restarts");
     eprintln!("{} requests sent again", guest.resent());
-    assert!(guest.resent() > 0, "no request was in flight at a restart");
     guest.stop();
 
     // The image file itself holds what the writers' last runs wrote (same jobs, reads only,
     // on the file).
-    for ((name, args), runs) in jobs.iter().zip(&results).take(2) {
+    for ((name, args, _), runs) in jobs.iter().zip(&results).take(2) {
         assert!(!runs.is_empty());
         let out = tools::run(
             Command::new("fio")
@@ -519,8 +546,9 @@ fn acknowledged_writes_survive_repeated_kill_9() {
     };
     let mut rng = seed;
     let started = Instant::now();
-    // Once the writers are connected: what the guest holds with every channel open.
-    while progress.iter().any(|p| p.acks.load(Ordering::SeqCst) == 0) {
+    // Once the writers are under way (the flushing one has flushed: the NBD connection's
+    // worker thread is there): what the guest holds with every channel open.
+    while progress.iter().any(|p| p.acks.load(Ordering::SeqCst) < 8) {
         assert!(errors().is_empty(), "{:?}", errors());
         assert!(
             started.elapsed() < Duration::from_secs(30),
@@ -589,9 +617,14 @@ fn acknowledged_writes_survive_repeated_kill_9() {
         "before the kills: {fds} fds, {threads} threads, {pages} free guest pages; \
          after: {fds_after} fds, {threads_after} threads"
     );
-    assert!(fds_after <= fds, "descriptors leaked: {fds} -> {fds_after}");
+    // A leak per session would grow them by the number of kills; a little slack for an NBD
+    // connection's on-demand worker started meanwhile.
     assert!(
-        threads_after <= threads,
+        fds_after <= fds + 2,
+        "descriptors leaked: {fds} -> {fds_after}"
+    );
+    assert!(
+        threads_after <= threads + 2,
         "threads leaked: {threads} -> {threads_after}"
     );
     stop.store(true, Ordering::SeqCst);
