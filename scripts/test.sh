@@ -7,6 +7,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
-scripts/fuzz-smoke.sh "${FUZZ_SECONDS:-15}"
+scripts/fuzz.sh "${FUZZ_SECONDS:-15}"
 cargo nextest run --workspace --no-fail-fast
 cargo test --workspace --doc

@@ -583,6 +583,7 @@ pub fn nbd_session(data: &[u8]) {
         )
         .expect("SIGPIPE handler");
     });
+    let threads_before = thread_count();
     let mode = data.first().copied().unwrap_or(0);
     let event = mode & 1 != 0;
     let input = nbd_client_bytes(data.get(1..).unwrap_or_default(), mode & 2 != 0, mode & 4 != 0);
@@ -622,4 +623,177 @@ pub fn nbd_session(data: &[u8]) {
     for t in std::mem::take(&mut *disk.loops.lock().unwrap()) {
         t.join().expect("the event loop panicked");
     }
+    // A joined scoped thread (the connection's workers) may still be running its thread-local
+    // destructors; LeakSanitizer, which checks right after this returns, would report what
+    // they are about to free. Wait until the threads are really gone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while thread_count() > threads_before && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+}
+
+/// Threads of this process.
+fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+}
+
+/// A descriptor a hostile front end may attach to a partition message.
+fn hostile_fd(sel: u8) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::AsFd;
+    match sel % 8 {
+        1 => ringbuf::shmem::create_memfd("fuzz-mem", 1 << 20).ok(),
+        2 => {
+            // Right size, but no seal: the daemon must refuse it.
+            let fd = rustix::fs::memfd_create("fuzz-loose", rustix::fs::MemfdFlags::CLOEXEC).ok()?;
+            rustix::fs::ftruncate(&fd, 1 << 20).ok()?;
+            Some(fd)
+        }
+        3 => ringbuf::shmem::create_memfd("fuzz-empty", 0).ok(),
+        4 => ringbuf::Event::new().ok().and_then(|e| e.as_fd().try_clone_to_owned().ok()),
+        5 => {
+            // An eventfd one below its maximum count: a blocking write would hang.
+            let e = ringbuf::Event::new().ok()?;
+            let fd = e.as_fd().try_clone_to_owned().ok()?;
+            let _ = rustix::io::write(&fd, &0xffff_ffff_ffff_fffeu64.to_ne_bytes());
+            Some(fd)
+        }
+        6 => std::fs::File::open("/dev/null").ok().map(Into::into),
+        _ => None,
+    }
+}
+
+/// Fuzz target `partition_session`: a hostile front end's partition-socket messages, with
+/// descriptors, to a real session (`vsp::session::Session`, run on its own thread over a
+/// socketpair, with channels that open onto discarding devices).
+///
+/// Input: byte 0 bit 0 asks for a valid prologue (HELLO, a sealed 1 MiB ADD_MEMORY, SET_VP with
+/// an eventfd) so most inputs reach the running partition; then records of
+/// `(kind selector, fd selector, length, body)`. The kind selector's values 0-5 are HELLO,
+/// ADD_MEMORY, SET_VP, POST_MESSAGE (body bytes become the VMBus message, with a valid message
+/// type, on connection id 1, 4 or one from the body), EOM, SIGNAL_EVENT; others are taken as a
+/// raw kind. The fd selector attaches nothing, a sealed memfd, an unsealed one, an empty one, an
+/// eventfd, a saturated eventfd, /dev/null, or two descriptors. Invariants: no panic, and the
+/// session ends (its thread is joined) once the front end closes, whatever came before.
+pub fn partition_session(data: &[u8]) {
+    use std::os::fd::AsFd;
+    use vmbus_proto::partition::{self as wire, Kind};
+    use vmbus_proto::synic::{HvPostMessageInput, MESSAGE_PAYLOAD_SIZE, VMBUS_POST_MESSAGE_TYPE};
+    use zerocopy::FromZeros;
+
+    ignore_sigpipe();
+    let Ok((ours, theirs)) = ringbuf::socket::SeqPacket::pair() else { return };
+    let Ok(stop) = ringbuf::Event::new() else { return };
+    let stop = Arc::new(stop);
+    let offers: Vec<vsp::server::OfferSpec> = [vmbus_proto::channel::Guid::SCSI, vmbus_proto::channel::Guid::NETWORK]
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| vsp::server::OfferSpec {
+            interface_type: t,
+            interface_instance: vmbus_proto::channel::Guid([i as u8 + 1; 16]),
+            subchannel_index: 0,
+            mmio_megabytes: 0,
+            flags: 0,
+            user_defined: [0; 120],
+        })
+        .collect();
+    let mut config = vsp::session::SessionConfig::default();
+    config.limits.reply_timeout = std::time::Duration::from_millis(200);
+    let Ok((session, _handle)) =
+        vsp::session::Session::new(theirs, stop, config, &offers, vsp::session::unimplemented_devices())
+    else {
+        return;
+    };
+    let served = std::thread::spawn(move || session.run());
+
+    let send = |kind: Kind, body: &[u8], fds: &[std::os::fd::OwnedFd]| {
+        // The header: kind and body length, little-endian u32s.
+        let mut bytes = kind.0.to_le_bytes().to_vec();
+        bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(body);
+        let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+        // Drain replies as we go, so the session never waits for room.
+        let _ = ours.try_send(&bytes, &borrowed);
+    };
+    if data.first().is_some_and(|b| b & 1 != 0) {
+        use zerocopy::IntoBytes;
+        let hello = wire::Hello { version: wire::VERSION, vp_count: 2 };
+        send(Kind::HELLO, hello.as_bytes(), &[]);
+        let add = wire::AddMemory { gpa: 0, len: 1 << 20, fd_offset: 0 };
+        send(Kind::ADD_MEMORY, add.as_bytes(), &hostile_fd(1).into_iter().collect::<Vec<_>>());
+        let vp = wire::SetVp {
+            vp: 0,
+            flags: wire::vp_flags::SIMP_ENABLED | wire::vp_flags::SIEFP_ENABLED,
+            simp_gpa: 0,
+            siefp_gpa: 4096,
+        };
+        send(Kind::SET_VP, vp.as_bytes(), &hostile_fd(4).into_iter().collect::<Vec<_>>());
+    }
+    let mut rest = data.get(1..).unwrap_or_default();
+    let mut steps = 0;
+    while rest.len() >= 3 && steps < 64 {
+        steps += 1;
+        let (kind_sel, fd_sel, len) = (rest[0], rest[1], usize::from(rest[2]));
+        rest = &rest[3..];
+        let len = len.min(rest.len());
+        let (body, tail) = rest.split_at(len);
+        rest = tail;
+        let mut fds: Vec<_> = hostile_fd(fd_sel).into_iter().collect();
+        if fd_sel % 8 == 7 {
+            fds.extend(hostile_fd(1));
+            fds.extend(hostile_fd(4));
+        }
+        let kind = match kind_sel {
+            0 => Kind::HELLO,
+            1 => Kind::ADD_MEMORY,
+            2 => Kind::SET_VP,
+            3 => {
+                use zerocopy::IntoBytes;
+                let mut input = HvPostMessageInput::new_zeroed();
+                let payload = body.get(1..).unwrap_or_default();
+                let size = payload.len().min(MESSAGE_PAYLOAD_SIZE);
+                input.connection_id = match body.first().copied().unwrap_or(0) % 3 {
+                    0 => 1,
+                    1 => 4,
+                    _ => u32::from(body.first().copied().unwrap_or(0)),
+                };
+                input.message_type = VMBUS_POST_MESSAGE_TYPE;
+                input.payload_size = size as u32;
+                input.payload[..size].copy_from_slice(&payload[..size]);
+                let m = wire::PostMessage { vp: u32::from(fd_sel >> 6), reserved: 0, input };
+                send(Kind::POST_MESSAGE, m.as_bytes(), &fds);
+                continue;
+            }
+            4 => Kind::EOM,
+            5 => Kind::SIGNAL_EVENT,
+            k => Kind(u32::from(k)),
+        };
+        send(kind, body, &fds);
+        // Take whatever the session answered, so its replies never wait for room.
+        let mut buf = [0u8; wire::MAX_MESSAGE_SIZE];
+        while let Ok(true) = rustix::event::poll(
+            &mut [rustix::event::PollFd::new(&ours, rustix::event::PollFlags::IN)],
+            Some(&rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 }),
+        )
+        .map(|n| n > 0)
+        {
+            if !matches!(ours.recv(&mut buf), Ok(Some(_))) {
+                break;
+            }
+        }
+    }
+    drop(ours);
+    served.join().expect("the session's thread panicked");
+}
+
+/// A write to a closed socket must fail with EPIPE, not kill the process (a Rust main ignores
+/// SIGPIPE; libFuzzer's C main does not): any handler replaces the default action.
+fn ignore_sigpipe() {
+    static SIGPIPE: std::sync::Once = std::sync::Once::new();
+    SIGPIPE.call_once(|| {
+        signal_hook::flag::register(
+            signal_hook::consts::SIGPIPE,
+            Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        )
+        .expect("SIGPIPE handler");
+    });
 }

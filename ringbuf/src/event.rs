@@ -8,48 +8,135 @@ use crate::Error;
 
 /// An eventfd used as a wakeup line: `signal` from any thread or process, `wait` to sleep until
 /// at least one signal arrived since the last wait.
+///
+/// Signalling never blocks. An eventfd's write blocks when its counter would pass
+/// `u64::MAX - 1`, and a peer that shares the eventfd can put it there; so events are
+/// non-blocking (`EFD_NONBLOCK`), and a saturated counter (`EAGAIN`) means a signal is pending
+/// anyway: the signal is dropped, which loses nothing. An eventfd received from a peer
+/// ([`from_untrusted_fd`](Self::from_untrusted_fd)) shares its file status flags with that peer,
+/// which could clear `O_NONBLOCK` again at any time: `O_NONBLOCK` is set anew before each write.
 #[derive(Debug)]
-pub struct Event(OwnedFd);
+pub struct Event {
+    fd: OwnedFd,
+    /// The peer shares the open file description (and its `O_NONBLOCK`).
+    untrusted: bool,
+}
 
 impl Event {
     /// A new, unsignalled event.
     pub fn new() -> Result<Self, Error> {
-        eventfd(0, EventfdFlags::CLOEXEC)
-            .map(Self)
+        eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+            .map(|fd| Self {
+                fd,
+                untrusted: false,
+            })
             .map_err(Error::Event)
     }
 
-    /// Wraps an eventfd received from elsewhere (for example inherited by a child process).
+    /// Wraps an eventfd received from a trusted party (for example inherited by a child process
+    /// from its parent). [`wait`](Self::wait) works whether or not it is non-blocking;
+    /// [`signal`](Self::signal) blocks if it is blocking and saturated.
     pub fn from_fd(fd: OwnedFd) -> Self {
-        Self(fd)
+        Self {
+            fd,
+            untrusted: false,
+        }
     }
 
-    /// Signals the event.
+    /// Wraps a descriptor a peer sent as an eventfd: refuses anything that is not an eventfd
+    /// (a pipe, socket or file could block a write, or be something else entirely), and makes
+    /// every [`signal`](Self::signal) non-blocking whatever the peer does to the descriptor's
+    /// flags. Fails with `Error::Event(EINVAL)` if `fd` is not an eventfd.
+    pub fn from_untrusted_fd(fd: OwnedFd) -> Result<Self, Error> {
+        if !is_eventfd(&fd) {
+            return Err(Error::Event(rustix::io::Errno::INVAL));
+        }
+        set_nonblocking(&fd)?;
+        Ok(Self {
+            fd,
+            untrusted: true,
+        })
+    }
+
+    /// Signals the event. Never blocks: on a saturated counter the signal is dropped (one is
+    /// pending anyway).
     pub fn signal(&self) -> Result<(), Error> {
-        match rustix::io::write(&self.0, &1u64.to_ne_bytes()) {
-            Ok(_) => Ok(()),
-            // The counter is saturated: a signal is pending anyway.
-            Err(rustix::io::Errno::AGAIN) => Ok(()),
-            Err(e) => Err(Error::Event(e)),
+        self.try_signal().map(|_| ())
+    }
+
+    /// Like [`signal`](Self::signal), and tells whether the counter was incremented (`false`:
+    /// saturated, the signal dropped).
+    pub fn try_signal(&self) -> Result<bool, Error> {
+        if self.untrusted {
+            // The peer may have cleared O_NONBLOCK on the shared description since.
+            set_nonblocking(&self.fd)?;
+        }
+        loop {
+            match rustix::io::write(&self.fd, &1u64.to_ne_bytes()) {
+                Ok(_) => return Ok(true),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(rustix::io::Errno::AGAIN) => return Ok(false),
+                Err(e) => return Err(Error::Event(e)),
+            }
         }
     }
 
     /// Sleeps until the event is signalled and resets it. Returns the number of signals.
     pub fn wait(&self) -> Result<u64, Error> {
+        use rustix::event::{poll, PollFd, PollFlags};
         let mut buf = [0u8; 8];
         loop {
-            match rustix::io::read(&self.0, &mut buf) {
+            match rustix::io::read(&self.fd, &mut buf) {
                 Ok(_) => return Ok(u64::from_ne_bytes(buf)),
                 Err(rustix::io::Errno::INTR) => continue,
+                // Non-blocking and not signalled: sleep until it is.
+                Err(rustix::io::Errno::AGAIN) => {
+                    let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
+                    match poll(&mut fds, None) {
+                        Ok(_) | Err(rustix::io::Errno::INTR) => continue,
+                        Err(e) => return Err(Error::Event(e)),
+                    }
+                }
                 Err(e) => return Err(Error::Event(e)),
             }
+        }
+    }
+
+    /// Whether the event is signalled now (it is not reset: every waiter still sees it).
+    pub fn is_signalled(&self) -> bool {
+        let mut fds = [rustix::event::PollFd::new(
+            &self.fd,
+            rustix::event::PollFlags::IN,
+        )];
+        rustix::event::poll(&mut fds, Some(&rustix::event::Timespec::default()))
+            .is_ok_and(|n| n > 0)
+    }
+
+    /// Resets the event without sleeping; returns the number of signals (0 if none).
+    pub fn try_wait(&self) -> Result<u64, Error> {
+        let mut fds = [rustix::event::PollFd::new(
+            &self.fd,
+            rustix::event::PollFlags::IN,
+        )];
+        match rustix::event::poll(&mut fds, Some(&rustix::event::Timespec::default())) {
+            Ok(0) | Err(rustix::io::Errno::INTR) => Ok(0),
+            Ok(_) => {
+                set_nonblocking(&self.fd)?;
+                let mut buf = [0u8; 8];
+                match rustix::io::read(&self.fd, &mut buf) {
+                    Ok(_) => Ok(u64::from_ne_bytes(buf)),
+                    Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => Ok(0),
+                    Err(e) => Err(Error::Event(e)),
+                }
+            }
+            Err(e) => Err(Error::Event(e)),
         }
     }
 
     /// Like [`wait`](Self::wait) but gives up after `timeout_ms` (returns 0 then).
     pub fn wait_timeout(&self, timeout_ms: i32) -> Result<u64, Error> {
         use rustix::event::{poll, PollFd, PollFlags, Timespec};
-        let mut fds = [PollFd::new(&self.0, PollFlags::IN)];
+        let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
         let ts = Timespec {
             tv_sec: i64::from(timeout_ms / 1000),
             tv_nsec: i64::from(timeout_ms % 1000) * 1_000_000,
@@ -65,6 +152,71 @@ impl Event {
 
 impl AsFd for Event {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.0.as_fd()
+        self.fd.as_fd()
+    }
+}
+
+/// Whether `fd` is an eventfd (its `/proc/self/fd` link names the eventfd anonymous inode).
+fn is_eventfd(fd: &OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .is_ok_and(|l| l.as_os_str() == "anon_inode:[eventfd]")
+}
+
+/// Sets `O_NONBLOCK` (an eventfd has no other status flag that matters).
+fn set_nonblocking(fd: &OwnedFd) -> Result<(), Error> {
+    rustix::fs::fcntl_setfl(fd, rustix::fs::OFlags::NONBLOCK).map_err(Error::Event)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A blocking eventfd whose counter is one below its maximum: any write of 1 would block.
+    fn saturated_blocking() -> OwnedFd {
+        let fd = eventfd(0, EventfdFlags::CLOEXEC).unwrap();
+        rustix::io::write(&fd, &0xffff_ffff_ffff_fffeu64.to_ne_bytes()).unwrap();
+        fd
+    }
+
+    #[test]
+    fn a_saturated_peer_eventfd_never_blocks_a_signal() {
+        let fd = saturated_blocking();
+        let peer = fd.try_clone().unwrap();
+        let ev = Event::from_untrusted_fd(fd).unwrap();
+        assert!(
+            !ev.try_signal().unwrap(),
+            "dropped: an interrupt is pending"
+        );
+        // The peer clears O_NONBLOCK on the shared description: still no block.
+        rustix::fs::fcntl_setfl(&peer, rustix::fs::OFlags::empty()).unwrap();
+        assert!(!ev.try_signal().unwrap());
+        assert_eq!(ev.wait().unwrap(), 0xffff_ffff_ffff_fffe);
+        assert!(ev.try_signal().unwrap());
+        assert!(ev.is_signalled() && ev.is_signalled());
+        assert_eq!(ev.try_wait().unwrap(), 1);
+        assert!(!ev.is_signalled());
+        assert_eq!(ev.try_wait().unwrap(), 0);
+    }
+
+    #[test]
+    fn only_eventfds_are_taken_from_a_peer() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(Event::from_untrusted_fd(a.into()).is_err());
+        let file = std::fs::File::open("/proc/self/status").unwrap();
+        assert!(Event::from_untrusted_fd(file.into()).is_err());
+    }
+
+    #[test]
+    fn own_events_never_block_and_wait_sleeps() {
+        let ev = std::sync::Arc::new(Event::new().unwrap());
+        rustix::io::write(&ev.fd, &0xffff_ffff_ffff_fffeu64.to_ne_bytes()).unwrap();
+        assert!(!ev.try_signal().unwrap());
+        assert_eq!(ev.wait().unwrap(), 0xffff_ffff_ffff_fffe);
+        let e2 = ev.clone();
+        let t = std::thread::spawn(move || e2.wait().unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        ev.signal().unwrap();
+        assert_eq!(t.join().unwrap(), 1);
     }
 }

@@ -7,7 +7,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::sync::Arc;
 
-use crate::shmem::Mapping;
+use crate::shmem::{MapBudget, Mapping};
 use crate::Error;
 
 /// Size of a guest page.
@@ -24,11 +24,24 @@ struct Region {
     map: Mapping,
 }
 
+/// The most separate kernel mappings [`GuestMemory::map_pages`] may hold at once for one
+/// guest, by default: a ring GPADL of contiguous pages costs one, a scattered one a mapping per
+/// run of consecutive pages. Linux guests allocate their rings contiguously.
+pub const DEFAULT_MAX_MAPPED_PIECES: usize = 4096;
+
 /// A guest's memory, as the host (or the loopback guest itself) sees it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct GuestMemory {
     /// Sorted by `gpa`, non-overlapping.
     regions: Vec<Region>,
+    /// What the views made by `map_pages` may cost in kernel mappings.
+    budget: Arc<MapBudget>,
+}
+
+impl Default for GuestMemory {
+    fn default() -> Self {
+        Self::with_map_limit(DEFAULT_MAX_MAPPED_PIECES)
+    }
 }
 
 impl GuestMemory {
@@ -37,8 +50,25 @@ impl GuestMemory {
         Self::default()
     }
 
+    /// No memory yet; the views [`GuestMemory::map_pages`] makes may hold at most `pieces`
+    /// kernel mappings at once (besides the process-wide [`MapBudget::process`]).
+    pub fn with_map_limit(pieces: usize) -> Self {
+        Self {
+            regions: Vec::new(),
+            budget: MapBudget::new(pieces),
+        }
+    }
+
+    /// The mapping budget of the views [`GuestMemory::map_pages`] makes.
+    pub fn map_budget(&self) -> &Arc<MapBudget> {
+        &self.budget
+    }
+
     /// Adds `len` bytes at guest-physical `gpa`, backed by `fd` from `fd_offset`. Addresses,
-    /// offsets and lengths must be page aligned; regions may not overlap.
+    /// offsets and lengths must be page aligned; regions may not overlap. The file must be a
+    /// memfd sealed against shrinking and long enough for the range (see
+    /// [`Mapping::from_shared_file`]): the peer that handed it over can then never make an
+    /// access to guest memory fault.
     pub fn add_region(
         &mut self,
         gpa: u64,
@@ -65,7 +95,7 @@ impl GuestMemory {
         {
             return Err(bad);
         }
-        let map = Mapping::from_fd(fd.as_fd(), fd_offset, len as usize)?;
+        let map = Mapping::from_shared_file(fd.as_fd(), fd_offset, len as usize)?;
         let at = self.regions.partition_point(|r| r.gpa < gpa);
         self.regions.insert(
             at,
@@ -139,7 +169,8 @@ impl GuestMemory {
     }
 
     /// Maps the guest pages `pfns`, in order, as one contiguous view (runs of consecutive pages
-    /// become one mapping each). Fails if any page is not guest memory.
+    /// become one mapping each, charged to this memory's budget until the view is dropped).
+    /// Fails if any page is not guest memory or the budget is spent.
     pub fn map_pages(&self, pfns: &[u64]) -> Result<Mapping, Error> {
         let mut runs: Vec<(&Region, u64, usize)> = Vec::new();
         for &pfn in pfns {
@@ -161,7 +192,7 @@ impl GuestMemory {
             .iter()
             .map(|(r, off, len)| (r.fd.as_fd(), *off, *len))
             .collect();
-        Mapping::from_pieces(&pieces)
+        Mapping::from_pieces_charged(&pieces, Some(&self.budget))
     }
 }
 
@@ -255,6 +286,41 @@ mod tests {
         }
         assert!(m.map_pages(&[5, 16]).is_err(), "page 16 is a hole");
         assert!(m.map_pages(&[u64::MAX]).is_err());
+    }
+
+    #[test]
+    fn scattered_views_are_bounded_by_the_budget() {
+        let mut m = GuestMemory::with_map_limit(10);
+        let fd = create_memfd("guest", 64 * 4096).unwrap();
+        m.add_region(0, 64 * 4096, fd, 0).unwrap();
+        // Every other page: eight runs of one page each.
+        let scattered: Vec<u64> = (0..8).map(|i| i * 2).collect();
+        let view = m.map_pages(&scattered).unwrap();
+        assert_eq!(m.map_budget().used(), 8);
+        assert!(matches!(
+            m.map_pages(&scattered),
+            Err(Error::MapBudget { .. })
+        ));
+        // Contiguous pages are one run, whatever their number.
+        let contiguous: Vec<u64> = (20..60).collect();
+        let ring = m.map_pages(&contiguous).unwrap();
+        assert_eq!(m.map_budget().used(), 9);
+        drop((view, ring));
+        assert_eq!(m.map_budget().used(), 0);
+    }
+
+    #[test]
+    fn unsealed_or_short_files_are_not_guest_memory() {
+        let mut m = GuestMemory::new();
+        let short = create_memfd("short", 4096).unwrap();
+        assert!(matches!(
+            m.add_region(0, 1 << 20, short, 0),
+            Err(Error::UnsafeSharedFile(_))
+        ));
+        let loose = rustix::fs::memfd_create("loose", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&loose, 1 << 20).unwrap();
+        assert!(m.add_region(0, 1 << 20, loose, 0).is_err());
+        assert_eq!(m.regions_len(), 0);
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod packet;
 pub mod pair;
 pub mod poller;
 pub mod ring;
+pub mod sandbox;
 pub mod shmem;
 pub mod signal;
 pub mod socket;
@@ -122,4 +123,21 @@ pub enum Error {
     /// An eventfd operation failed.
     #[error("eventfd operation failed")]
     Event(#[source] rustix::io::Errno),
+    /// A descriptor offered as shared memory that could shrink or vanish under the mapping
+    /// (not a regular file, too short for the range, or a memfd without `F_SEAL_SHRINK`):
+    /// mapping it would let the peer turn our accesses into SIGBUS.
+    #[error("shared memory refused: {0}")]
+    UnsafeSharedFile(&'static str),
+    /// The seccomp filter could not be built or installed.
+    #[error("installing the seccomp filter failed: {0}")]
+    Sandbox(String),
+    /// Mapping these pages would exceed the mapping budget (the kernel's `vm.max_map_count` is
+    /// shared by the whole process, so a peer's scattered pages are paid for from a budget).
+    #[error("mapping {wanted} pieces exceeds the budget ({available} left)")]
+    MapBudget {
+        /// Pieces (separate kernel mappings) the request needs.
+        wanted: usize,
+        /// Pieces still available.
+        available: usize,
+    },
 }

@@ -45,7 +45,11 @@ impl RingPair {
 
     /// Maps the two rings another process created in `fd`.
     pub fn open(fd: BorrowedFd<'_>, data_len: usize) -> Result<Self, Error> {
-        let mem = Arc::new(Mapping::from_fd(fd, 0, Self::memory_len(data_len))?);
+        let mem = Arc::new(Mapping::from_shared_file(
+            fd,
+            0,
+            Self::memory_len(data_len),
+        )?);
         let pair = Self {
             mem,
             ring_len: CONTROL_SIZE + data_len,

@@ -14,9 +14,11 @@
 
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
-use rustix::fs::{ftruncate, memfd_create, MemfdFlags};
+use rustix::fs::{fcntl_add_seals, fcntl_get_seals, fstat, ftruncate, memfd_create, FileType};
+use rustix::fs::{MemfdFlags, SealFlags};
 use rustix::mm::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
 
 use crate::Error;
@@ -29,6 +31,8 @@ use crate::Error;
 pub struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
+    /// What this mapping took from mapping budgets, given back on drop.
+    charge: Option<Charge>,
 }
 
 // SAFETY: the mapping is plain memory with no thread affinity; all access goes through copies
@@ -81,11 +85,32 @@ impl Mapping {
         Ok(Self::from_raw(ptr, len))
     }
 
+    /// Maps `len` bytes of a file a peer handed us, from `offset`, after checking that the peer
+    /// cannot make the mapping fault later: the file must be a regular file (a memfd) at least
+    /// `offset + len` bytes long and sealed against shrinking (`F_SEAL_SHRINK`). Without the
+    /// seal the peer could truncate it at any moment and every access to the missing pages
+    /// would kill this process with SIGBUS; with it, the size checked here holds for as long as
+    /// the file exists.
+    pub fn from_shared_file(fd: BorrowedFd<'_>, offset: u64, len: usize) -> Result<Self, Error> {
+        check_shared_file(fd, offset, len)?;
+        Self::from_fd(fd, offset, len)
+    }
+
     /// Maps several pieces of files back to back into one contiguous mapping: piece `i` is
     /// `len` bytes of `fd` from `offset`, placed right after piece `i - 1`. This is how a ring
     /// whose pages are scattered through guest memory (a GPADL) becomes one contiguous view.
-    /// Every offset and length must be a multiple of 4096.
+    /// Every offset and length must be a multiple of 4096. Each piece is a mapping of its own
+    /// in the kernel: the pieces are charged to the process's budget (see [`MapBudget`]).
     pub fn from_pieces(pieces: &[(BorrowedFd<'_>, u64, usize)]) -> Result<Self, Error> {
+        Self::from_pieces_charged(pieces, None)
+    }
+
+    /// [`Mapping::from_pieces`], charging the pieces to `budget` as well as to the process's
+    /// budget; both are given back when the mapping is dropped.
+    pub fn from_pieces_charged(
+        pieces: &[(BorrowedFd<'_>, u64, usize)],
+        budget: Option<&Arc<MapBudget>>,
+    ) -> Result<Self, Error> {
         let mut total = 0usize;
         for &(_, offset, len) in pieces {
             if len == 0 || len % 4096 != 0 || offset % 4096 != 0 {
@@ -101,6 +126,12 @@ impl Mapping {
         if total == 0 {
             return Err(Error::EmptyMapping);
         }
+        // Pay before mapping anything: a refused charge costs the kernel nothing.
+        let mut charge = Charge::default();
+        charge.take(MapBudget::process(), pieces.len())?;
+        if let Some(b) = budget {
+            charge.take(b, pieces.len())?;
+        }
         // Reserve the whole range first (inaccessible), so that the fixed mappings below replace
         // only memory this function owns.
         // SAFETY: a null hint lets the kernel choose a fresh range; nothing is replaced.
@@ -113,7 +144,8 @@ impl Mapping {
             )
         }
         .map_err(Error::Map)?;
-        let mapping = Self::from_raw(base, total);
+        let mut mapping = Self::from_raw(base, total);
+        mapping.charge = Some(charge);
         let mut at = 0usize;
         for &(fd, offset, len) in pieces {
             // SAFETY: `at .. at + len` lies inside the reservation made above, which `mapping`
@@ -137,7 +169,11 @@ impl Mapping {
 
     fn from_raw(ptr: *mut std::ffi::c_void, len: usize) -> Self {
         let ptr = NonNull::new(ptr.cast::<u8>()).expect("mmap never returns null on success");
-        Self { ptr, len }
+        Self {
+            ptr,
+            len,
+            charge: None,
+        }
     }
 
     /// The length of the mapping in bytes.
@@ -233,11 +269,129 @@ impl Drop for Mapping {
     }
 }
 
-/// Creates a memfd of `len` bytes (zero-filled) for sharing with another process.
+/// Creates a memfd of `len` bytes (zero-filled) for sharing with another process, sealed
+/// against shrinking (`F_SEAL_SHRINK`), as [`Mapping::from_shared_file`] requires of memory a
+/// peer hands over: neither side can truncate it under the other's mappings.
 pub fn create_memfd(name: &str, len: u64) -> Result<OwnedFd, Error> {
-    let fd = memfd_create(name, MemfdFlags::CLOEXEC).map_err(Error::Map)?;
+    let fd =
+        memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).map_err(Error::Map)?;
     ftruncate(fd.as_fd(), len).map_err(Error::Map)?;
+    fcntl_add_seals(fd.as_fd(), SealFlags::SHRINK).map_err(Error::Map)?;
     Ok(fd)
+}
+
+/// Checks that `offset .. offset + len` of `fd` can be mapped without the peer being able to
+/// make an access fault: see [`Mapping::from_shared_file`].
+pub fn check_shared_file(fd: BorrowedFd<'_>, offset: u64, len: usize) -> Result<(), Error> {
+    // Seals first: once SHRINK is set, the size read afterwards can only grow.
+    let seals = fcntl_get_seals(fd).map_err(|_| Error::UnsafeSharedFile("not a memfd"))?;
+    if !seals.contains(SealFlags::SHRINK) {
+        return Err(Error::UnsafeSharedFile(
+            "memfd not sealed with F_SEAL_SHRINK",
+        ));
+    }
+    let st = fstat(fd).map_err(Error::Map)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return Err(Error::UnsafeSharedFile("not a regular file"));
+    }
+    let size = u64::try_from(st.st_size).unwrap_or(0);
+    if offset.checked_add(len as u64).is_none_or(|end| end > size) {
+        return Err(Error::UnsafeSharedFile(
+            "file shorter than the declared range",
+        ));
+    }
+    Ok(())
+}
+
+/// A budget of kernel mappings. Every separate mapping costs one of the process's
+/// `vm.max_map_count` entries, and when they run out every allocation in the process fails; so
+/// a peer that describes memory as many scattered pieces (a ring GPADL of discontiguous pages)
+/// pays for them from a budget and is refused once it is spent, instead of exhausting the
+/// kernel's limit for everyone. There is one budget for the whole process
+/// ([`MapBudget::process`]) and callers may add their own (one per guest, for example).
+#[derive(Debug)]
+pub struct MapBudget {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl MapBudget {
+    /// A budget of `limit` pieces.
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            used: AtomicUsize::new(0),
+            limit,
+        })
+    }
+
+    /// The process-wide budget: half the kernel's `vm.max_map_count` (the other half is left for
+    /// the allocator, thread stacks, io_uring rings, libraries and whole-region mappings).
+    pub fn process() -> &'static Arc<MapBudget> {
+        static PROCESS: OnceLock<Arc<MapBudget>> = OnceLock::new();
+        PROCESS.get_or_init(|| {
+            let max = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .unwrap_or(65530);
+            MapBudget::new(max / 2)
+        })
+    }
+
+    /// Pieces in use.
+    pub fn used(&self) -> usize {
+        // Relaxed: a statistic; the budget's correctness rests on the CAS in `try_take`.
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// The most pieces this budget allows.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    fn try_take(&self, n: usize) -> Result<(), Error> {
+        // Relaxed throughout: the counter guards no other memory, only its own value, and the
+        // compare-exchange makes concurrent takers agree on it.
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            let available = self.limit.saturating_sub(used);
+            if n > available {
+                return Err(Error::MapBudget {
+                    wanted: n,
+                    available,
+                });
+            }
+            match self.used.compare_exchange_weak(
+                used,
+                used + n,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(now) => used = now,
+            }
+        }
+    }
+}
+
+/// What a mapping took from budgets; given back on drop.
+#[derive(Debug, Default)]
+struct Charge(Vec<(Arc<MapBudget>, usize)>);
+
+impl Charge {
+    fn take(&mut self, budget: &Arc<MapBudget>, n: usize) -> Result<(), Error> {
+        budget.try_take(n)?;
+        self.0.push((budget.clone(), n));
+        Ok(())
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        for (b, n) in self.0.drain(..) {
+            // Relaxed: see `MapBudget::try_take`.
+            b.used.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Takes ownership of file descriptor `raw`, inherited from a parent process (for example mapped
@@ -327,6 +481,64 @@ mod tests {
         assert_eq!(b[0], 9, "writes through the view reach the file");
         assert!(Mapping::from_pieces(&[(fd.as_fd(), 100, 4096)]).is_err());
         assert!(Mapping::from_pieces(&[]).is_err());
+    }
+
+    #[test]
+    fn only_sealed_long_enough_memfds_are_mapped_from_a_peer() {
+        // Sealed and long enough: mapped, and the peer can no longer shrink it.
+        let fd = create_memfd("sealed", 8192).unwrap();
+        let m = Mapping::from_shared_file(fd.as_fd(), 4096, 4096).unwrap();
+        assert!(
+            ftruncate(fd.as_fd(), 0).is_err(),
+            "the seal forbids shrinking"
+        );
+        m.write(4095, &[1]).unwrap();
+        // Declared longer than the file: the access past its end would be a SIGBUS.
+        assert!(matches!(
+            Mapping::from_shared_file(fd.as_fd(), 4096, 8192),
+            Err(Error::UnsafeSharedFile(_))
+        ));
+        assert!(Mapping::from_shared_file(fd.as_fd(), u64::MAX - 4095, 8192).is_err());
+        // A memfd without the seal (the peer could truncate it later), and a zero-length one.
+        let loose = memfd_create("loose", MemfdFlags::CLOEXEC).unwrap();
+        ftruncate(loose.as_fd(), 8192).unwrap();
+        assert!(matches!(
+            Mapping::from_shared_file(loose.as_fd(), 0, 8192),
+            Err(Error::UnsafeSharedFile(_))
+        ));
+        let empty = create_memfd("empty", 0).unwrap();
+        assert!(Mapping::from_shared_file(empty.as_fd(), 0, 4096).is_err());
+        // Not a memfd at all: an eventfd, and a regular file on disk (it cannot be sealed).
+        let ev = crate::Event::new().unwrap();
+        assert!(Mapping::from_shared_file(ev.as_fd(), 0, 4096).is_err());
+        let file = std::fs::File::open("/proc/self/exe").unwrap();
+        assert!(Mapping::from_shared_file(file.as_fd(), 0, 4096).is_err());
+    }
+
+    #[test]
+    fn scattered_pieces_are_paid_from_budgets() {
+        let fd = create_memfd("budget", 8 * 4096).unwrap();
+        let budget = MapBudget::new(5);
+        let pieces: Vec<_> = (0..4u64)
+            .map(|i| (fd.as_fd(), i * 2 * 4096, 4096))
+            .collect();
+        let a = Mapping::from_pieces_charged(&pieces, Some(&budget)).unwrap();
+        assert_eq!(budget.used(), 4);
+        let e = Mapping::from_pieces_charged(&pieces[..2], Some(&budget)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::MapBudget {
+                    wanted: 2,
+                    available: 1
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(budget.used(), 4, "a refused charge takes nothing");
+        drop(a);
+        assert_eq!(budget.used(), 0, "dropping the view gives its pieces back");
+        Mapping::from_pieces_charged(&pieces, Some(&budget)).unwrap();
     }
 
     #[test]

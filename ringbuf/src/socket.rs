@@ -58,8 +58,33 @@ impl SeqPacket {
         Ok(Self(fd))
     }
 
-    /// Sends one datagram with `fds` attached.
+    /// Sends one datagram with `fds` attached; blocks while the peer's receive queue is full.
     pub fn send(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), Error> {
+        self.send_with(bytes, fds, SendFlags::NOSIGNAL).map(|_| ())
+    }
+
+    /// Sends one datagram with `fds` attached without blocking: `Ok(false)` if the peer's
+    /// receive queue is full (nothing was sent; poll for `POLLOUT` and try again).
+    pub fn try_send(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<bool, Error> {
+        match self.send_with(bytes, fds, SendFlags::NOSIGNAL | SendFlags::DONTWAIT) {
+            Ok(()) => Ok(true),
+            Err(Error::Socket(rustix::io::Errno::AGAIN)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The peer's credentials as the kernel recorded them at `connect` (`SO_PEERCRED`): who is
+    /// at the other end, whatever the socket file's mode.
+    pub fn peer_credentials(&self) -> Result<rustix::net::UCred, Error> {
+        rustix::net::sockopt::socket_peercred(&self.0).map_err(Error::Socket)
+    }
+
+    fn send_with(
+        &self,
+        bytes: &[u8],
+        fds: &[BorrowedFd<'_>],
+        flags: SendFlags,
+    ) -> Result<(), Error> {
         let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
         let mut control = SendAncillaryBuffer::new(&mut space);
         if fds.len() > MAX_FDS
@@ -68,12 +93,7 @@ impl SeqPacket {
             return Err(Error::TooManyFds(fds.len()));
         }
         loop {
-            match sendmsg(
-                &self.0,
-                &[IoSlice::new(bytes)],
-                &mut control,
-                SendFlags::NOSIGNAL,
-            ) {
+            match sendmsg(&self.0, &[IoSlice::new(bytes)], &mut control, flags) {
                 Ok(_) => return Ok(()),
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => return Err(Error::Socket(e)),
@@ -223,6 +243,22 @@ mod tests {
         // End of stream. (A zero-length datagram reads the same way: the partition protocol
         // never sends one, every message has a header.)
         assert!(b.recv(&mut buf).unwrap().is_none());
+    }
+
+    #[test]
+    fn try_send_never_blocks_and_peers_are_known() {
+        let (a, b) = SeqPacket::pair().unwrap();
+        let mut sent = 0;
+        while a.try_send(&[0u8; 1024], &[]).unwrap() {
+            sent += 1;
+            assert!(sent < 1_000_000, "the queue never filled");
+        }
+        let mut buf = [0u8; 2048];
+        assert_eq!(b.recv(&mut buf).unwrap().unwrap().len, 1024);
+        assert!(a.try_send(b"room again", &[]).unwrap());
+        let cred = a.peer_credentials().unwrap();
+        assert_eq!(cred.uid, rustix::process::geteuid());
+        assert_eq!(cred.pid, rustix::process::getpid());
     }
 
     #[test]

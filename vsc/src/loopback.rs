@@ -255,15 +255,13 @@ impl Drop for Loopback {
     }
 }
 
-/// A memfd of `len` bytes sealed against shrinking and growing (the daemon maps it: a file
-/// that shrank under its mapping would kill it with SIGBUS, so it insists on the seals).
+/// A memfd of `len` bytes for guest memory, sealed against shrinking (the daemon maps it: a
+/// file that shrank under its mapping would kill it with SIGBUS, so it insists on that seal)
+/// and growing (its size is the guest's memory, for every session).
 fn sealed_memfd(name: &str, len: u64) -> Result<OwnedFd, Error> {
-    use rustix::fs::{fcntl_add_seals, ftruncate, memfd_create, MemfdFlags, SealFlags};
-    let map = |e: rustix::io::Errno| Error::Ring(ringbuf::Error::Map(e));
-    let fd = memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).map_err(map)?;
-    ftruncate(&fd, len).map_err(map)?;
-    // Not F_SEAL_SEAL: the daemon may add seals of its own.
-    fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW).map_err(map)?;
+    let fd = ringbuf::shmem::create_memfd(name, len)?;
+    rustix::fs::fcntl_add_seals(&fd, rustix::fs::SealFlags::GROW)
+        .map_err(|e| Error::Ring(ringbuf::Error::Map(e)))?;
     Ok(fd)
 }
 

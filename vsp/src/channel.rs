@@ -78,16 +78,37 @@ impl UnimplementedDevice {
     }
 }
 
+/// Rate limit of the warnings guests can cause from channel threads (a channel that fails,
+/// an unserved device's first packet), across the daemon: a guest that opens and breaks
+/// channels in a loop cannot flood the log.
+static CHANNEL_LOG: std::sync::Mutex<crate::synic::LogLimit> = std::sync::Mutex::new(
+    crate::synic::LogLimit::new(10, std::time::Duration::from_secs(60)),
+);
+
+fn channel_log_allowed() -> Option<u64> {
+    CHANNEL_LOG
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .allow()
+}
+
 impl Device for UnimplementedDevice {
     fn handle(&mut self, packet: &Packet<'_>, _out: &mut OutgoingRing) -> Result<(), Error> {
         if !self.logged {
             self.logged = true;
-            tracing::warn!(class = %self.class, packet_type = ?packet.packet_type,
-                "this device's protocol is not served yet; discarding its packets");
+            if let Some(suppressed) = channel_log_allowed() {
+                tracing::warn!(class = %self.class, packet_type = ?packet.packet_type, suppressed,
+                    "this device's protocol is not served yet; discarding its packets");
+            }
         }
         Ok(())
     }
 }
+
+/// How long dropping a [`ChannelWorker`] waits for its thread to end; a thread stuck longer
+/// (in a device that does not return) is left behind, logged, so that a session and the
+/// daemon's shutdown end in bounded time whatever the device does.
+pub const WORKER_JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Everything a worker needs to serve a channel.
 pub struct ChannelSpec {
@@ -111,6 +132,8 @@ pub struct ChannelWorker {
     stop: Arc<AtomicBool>,
     target_vp: Arc<AtomicU32>,
     thread: Option<JoinHandle<()>>,
+    /// Signalled when the thread ends.
+    exited: Arc<Event>,
 }
 
 impl ChannelWorker {
@@ -131,6 +154,8 @@ impl ChannelWorker {
         let wake = Arc::new(Event::new()?);
         let stop = Arc::new(AtomicBool::new(false));
         let target_vp = Arc::new(AtomicU32::new(spec.target_vp));
+        let exited = Arc::new(Event::new()?);
+        let done = ExitSignal(exited.clone());
         let ctx = Worker {
             relid: spec.relid,
             incoming,
@@ -144,13 +169,17 @@ impl ChannelWorker {
         };
         let thread = std::thread::Builder::new()
             .name(format!("vmbus-chan-{}", spec.relid))
-            .spawn(move || ctx.run())
+            .spawn(move || {
+                let _done = done;
+                ctx.run();
+            })
             .map_err(Error::Thread)?;
         Ok(Self {
             wake,
             stop,
             target_vp,
             thread: Some(thread),
+            exited,
         })
     }
 
@@ -171,8 +200,25 @@ impl Drop for ChannelWorker {
         self.stop.store(true, Ordering::Release);
         let _ = self.wake.signal();
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            let ms = WORKER_JOIN_TIMEOUT.as_millis() as i32;
+            if t.is_finished() || self.exited.wait_timeout(ms).unwrap_or(0) > 0 {
+                let _ = t.join();
+            } else {
+                tracing::warn!(
+                    thread = t.thread().name().unwrap_or("?"),
+                    "channel worker did not stop in time; leaving it behind"
+                );
+            }
         }
+    }
+}
+
+/// Signals its event when dropped: at the end of a worker thread, even one that panicked.
+struct ExitSignal(Arc<Event>);
+
+impl Drop for ExitSignal {
+    fn drop(&mut self) {
+        let _ = self.0.signal();
     }
 }
 
@@ -196,7 +242,9 @@ const HANDLE_BATCH: usize = 8;
 impl Worker {
     fn run(mut self) {
         if let Err(e) = self.serve() {
-            tracing::warn!(relid = self.relid, error = %e, "channel service stopped");
+            if let Some(suppressed) = channel_log_allowed() {
+                tracing::warn!(relid = self.relid, error = %e, suppressed, "channel service stopped");
+            }
             // Wait for the close so the thread's lifetime stays tied to the channel's.
             while !self.stop.load(Ordering::Acquire) {
                 let _ = self.wake.wait();
@@ -290,5 +338,51 @@ impl Worker {
             self.wake.wait()?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    /// A device that does not return (from `busy`, the first thing the worker asks) until its
+    /// sender is dropped.
+    struct Stuck(std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>);
+
+    impl Device for Stuck {
+        fn handle(&mut self, _: &Packet<'_>, _: &mut OutgoingRing) -> Result<(), Error> {
+            Ok(())
+        }
+        fn busy(&self) -> bool {
+            let _ = self.1.send(());
+            let _ = self.0.recv();
+            false
+        }
+    }
+
+    #[test]
+    fn a_stuck_device_does_not_hold_the_close_forever() {
+        let fd = ringbuf::shmem::create_memfd("rings", 4 * 4096).unwrap();
+        let ring = Arc::new(ringbuf::Mapping::from_fd(fd.as_fd(), 0, 4 * 4096).unwrap());
+        let (release, rx) = std::sync::mpsc::channel();
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let spec = ChannelSpec {
+            relid: 1,
+            ring,
+            downstream_pages: 2,
+            target_vp: 0,
+            device: Box::new(Stuck(rx, entered_tx)),
+        };
+        let w = ChannelWorker::start(spec, Arc::new(GuestMemory::new()), Arc::new(Synic::new(1)))
+            .unwrap();
+        entered.recv().unwrap();
+        let start = std::time::Instant::now();
+        drop(w);
+        let waited = start.elapsed();
+        assert!(waited >= WORKER_JOIN_TIMEOUT, "{waited:?}");
+        assert!(waited < WORKER_JOIN_TIMEOUT * 4, "{waited:?}");
+        // The thread left behind ends once its device returns.
+        drop(release);
     }
 }

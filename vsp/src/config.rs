@@ -71,9 +71,57 @@ pub struct Config {
     pub nics: Vec<NicConfig>,
     /// Largest GPADL a guest may create, in bytes (default 1 GiB).
     pub max_gpadl_bytes: Option<u64>,
+    /// The uids allowed to connect (`--allow-uid`); the daemon's own uid is always allowed,
+    /// root is not implied.
+    #[serde(default)]
+    pub allow_uid: Vec<u32>,
+    /// Most sessions (front ends) at a time (default 64).
+    pub max_sessions: Option<usize>,
+    /// Most channels a guest may have open at a time (default 256).
+    pub max_channels: Option<usize>,
+    /// Most GPADLs a guest may hold (default 4096).
+    pub max_gpadls: Option<usize>,
+    /// Most guest memory all of a guest's GPADLs may describe, in bytes (default 16 GiB).
+    pub max_total_gpadl_bytes: Option<u64>,
+    /// Most channel messages queued per VP for a guest that does not take them (default 1024).
+    pub max_queued_messages: Option<usize>,
+    /// Run under the seccomp filter once set up (default true; `--no-seccomp` turns it off,
+    /// for debugging). See `ringbuf::sandbox`.
+    pub seccomp: Option<bool>,
 }
 
 impl Config {
+    /// The daemon's limits and access rules: the defaults, overridden by what is set here.
+    /// Read at start; a reload changes only the offers.
+    pub fn daemon_config(&self) -> crate::daemon::DaemonConfig {
+        let mut d = crate::daemon::DaemonConfig::default();
+        for &uid in &self.allow_uid {
+            if !d.allowed_uids.contains(&uid) {
+                d.allowed_uids.push(uid);
+            }
+        }
+        let server = &mut d.session.server;
+        if let Some(v) = self.max_gpadl_bytes {
+            server.max_gpadl_bytes = v;
+        }
+        if let Some(v) = self.max_channels {
+            server.max_open_channels = v;
+        }
+        if let Some(v) = self.max_gpadls {
+            server.max_gpadls = v;
+        }
+        if let Some(v) = self.max_total_gpadl_bytes {
+            server.max_total_gpadl_bytes = v;
+        }
+        if let Some(v) = self.max_queued_messages {
+            d.session.limits.max_queued_messages = v;
+        }
+        if let Some(v) = self.max_sessions {
+            d.max_sessions = v;
+        }
+        d
+    }
+
     /// Reads a TOML configuration file.
     pub fn from_file(path: &Path) -> Result<Self, Error> {
         let text = std::fs::read_to_string(path)
@@ -288,6 +336,25 @@ mod tests {
         assert_ne!(instance(1, "a", 0), instance(1, "a", 1));
         assert_ne!(instance(1, "a", 0), instance(2, "a", 0));
         assert_eq!(instance(1, "a.img", 0), instance(1, "a.img", 0));
+    }
+
+    #[test]
+    fn limits_and_allowed_uids_from_the_file() {
+        let c: Config = toml::from_str(
+            "allow_uid = [1000, 0]\nmax_sessions = 3\nmax_channels = 9\nmax_gpadls = 7\nmax_total_gpadl_bytes = 65536\nmax_queued_messages = 5\n",
+        )
+        .unwrap();
+        let d = c.daemon_config();
+        let me = rustix::process::geteuid().as_raw();
+        assert_eq!(d.allowed_uids[0], me, "the daemon's own uid comes first");
+        assert!(d.allowed_uids.contains(&1000) && d.allowed_uids.contains(&0));
+        assert_eq!(d.max_sessions, 3);
+        assert_eq!(d.session.server.max_open_channels, 9);
+        assert_eq!(d.session.server.max_gpadls, 7);
+        assert_eq!(d.session.server.max_total_gpadl_bytes, 65536);
+        assert_eq!(d.session.limits.max_queued_messages, 5);
+        let none = Config::default().daemon_config();
+        assert_eq!(none.allowed_uids, [me], "only the daemon's uid by default");
     }
 
     #[test]

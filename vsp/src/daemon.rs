@@ -1,15 +1,51 @@
 //! The daemon: listens on the partition socket and runs one session thread per front end.
+//!
+//! Who may connect: the peer's uid (`SO_PEERCRED`, recorded by the kernel at connect) must be
+//! in [`DaemonConfig::allowed_uids`], checked before anything is read from the connection,
+//! whatever the socket file's mode. How many: at most [`DaemonConfig::max_sessions`] sessions
+//! at a time; a connection beyond is closed at once. Both refusals are logged (rate-limited).
+//! Shutdown waits at most [`DaemonConfig::shutdown_timeout`] for the sessions (and through
+//! them their channel workers) to end, whatever the peers do.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use ringbuf::socket::SeqPacketListener;
 use ringbuf::Event;
 
-use crate::server::{OfferSpec, ServerConfig};
-use crate::session::{Control, DeviceFactory, Session, SessionHandle};
+use crate::server::OfferSpec;
+use crate::session::{DeviceFactory, Session, SessionConfig, SessionHandle};
+use crate::synic::LogLimit;
 use crate::Error;
+
+/// The daemon's own limits and access rules, and the sessions' configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DaemonConfig {
+    /// What each session is configured with.
+    pub session: SessionConfig,
+    /// The uids whose processes may connect (default: the daemon's own effective uid only;
+    /// root is not implied).
+    pub allowed_uids: Vec<u32>,
+    /// Most sessions at a time (default 64); each holds a thread, a guest's memory mappings
+    /// and its channels' workers.
+    pub max_sessions: usize,
+    /// How long shutdown waits for the sessions to end (default 10 s); sessions still running
+    /// then are abandoned to the process's exit.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            session: SessionConfig::default(),
+            allowed_uids: vec![rustix::process::geteuid().as_raw()],
+            max_sessions: 64,
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 /// A bound, listening daemon.
 pub struct Daemon {
@@ -17,21 +53,31 @@ pub struct Daemon {
     path: PathBuf,
     stop: Arc<Event>,
     reload: Arc<Event>,
-    config: ServerConfig,
+    config: DaemonConfig,
     offers: Vec<OfferSpec>,
     devices: DeviceFactory,
+    /// Rate limit of the refused-connection log lines.
+    refusals: LogLimit,
 }
 
 impl Daemon {
     /// Binds the socket at `path`. A stale socket file (nobody listening) is replaced; a live
-    /// one is an error, so two daemons never share a path.
+    /// one is an error, so two daemons never share a path; anything at `path` that is not a
+    /// socket is left alone, and is an error.
     pub fn bind(
         path: &Path,
-        config: ServerConfig,
+        config: DaemonConfig,
         offers: Vec<OfferSpec>,
         devices: DeviceFactory,
     ) -> Result<Self, Error> {
-        if path.exists() {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(Error::Config(format!(
+                    "{} exists and is not a socket: refusing to replace it",
+                    path.display()
+                )));
+            }
             if ringbuf::socket::SeqPacket::connect(path).is_ok() {
                 return Err(Error::Config(format!(
                     "{} is in use by a running daemon",
@@ -50,6 +96,7 @@ impl Daemon {
             config,
             offers,
             devices,
+            refusals: LogLimit::default(),
         })
     }
 
@@ -103,20 +150,44 @@ impl Daemon {
             let sock = match self.listener.accept() {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
+                    if let Some(suppressed) = self.refusals.allow() {
+                        tracing::warn!(error = %e, suppressed, "accept failed");
+                    }
                     continue;
                 }
             };
+            // Who is at the other end, before anything is read from it.
+            let refusal = match sock.peer_credentials() {
+                Err(e) => Some(format!("no peer credentials: {e}")),
+                Ok(c) if !self.config.allowed_uids.contains(&c.uid.as_raw()) => Some(format!(
+                    "uid {} (pid {}) is not allowed",
+                    c.uid.as_raw(),
+                    c.pid.as_raw_nonzero()
+                )),
+                Ok(_) if sessions.len() >= self.config.max_sessions => {
+                    Some(format!("{} sessions already (the limit)", sessions.len()))
+                }
+                Ok(_) => None,
+            };
+            if let Some(why) = refusal {
+                if let Some(suppressed) = self.refusals.allow() {
+                    tracing::warn!(reason = %why, suppressed, "connection refused");
+                }
+                drop(sock);
+                continue;
+            }
             let (session, handle) = match Session::new(
                 sock,
                 self.stop.clone(),
-                self.config.clone(),
+                self.config.session.clone(),
                 &self.offers,
                 self.devices.clone(),
             ) {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot start a session");
+                    if let Some(suppressed) = self.refusals.allow() {
+                        tracing::warn!(error = %e, suppressed, "cannot start a session");
+                    }
                     continue;
                 }
             };
@@ -126,42 +197,43 @@ impl Daemon {
                     session.run();
                 }) {
                 Ok(t) => sessions.push((t, handle)),
-                Err(e) => tracing::warn!(error = %e, "cannot start a session thread"),
+                Err(e) => {
+                    if let Some(suppressed) = self.refusals.allow() {
+                        tracing::warn!(error = %e, suppressed, "cannot start a session thread");
+                    }
+                }
             }
         };
         tracing::info!(sessions = sessions.len(), "shutting down");
         let _ = self.stop.signal();
-        for (t, _) in sessions {
-            let _ = t.join();
-        }
+        // The socket goes first: nobody can connect to a daemon that is going away.
         let _ = std::fs::remove_file(&self.path);
+        let deadline = Instant::now() + self.config.shutdown_timeout;
+        while sessions.iter().any(|(t, _)| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut stuck = 0;
+        for (t, _) in sessions {
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                stuck += 1;
+            }
+        }
+        if stuck > 0 {
+            tracing::warn!(
+                sessions = stuck,
+                timeout = ?self.config.shutdown_timeout,
+                "sessions did not end in time; exiting without them"
+            );
+        }
         result
     }
 
     fn apply_offers(&mut self, new: Vec<OfferSpec>, sessions: &[(JoinHandle<()>, SessionHandle)]) {
-        let mut changes = Vec::new();
-        for old in &self.offers {
-            if !new
-                .iter()
-                .any(|n| n.interface_instance == old.interface_instance)
-            {
-                changes.push(Control::Remove(old.interface_instance));
-            }
-        }
-        for n in &new {
-            if !self
-                .offers
-                .iter()
-                .any(|o| o.interface_instance == n.interface_instance)
-            {
-                changes.push(Control::Add(n.clone()));
-            }
-        }
-        tracing::info!(changes = changes.len(), "configuration reloaded");
-        for c in changes {
-            for (_, h) in sessions {
-                h.send(c.clone());
-            }
+        tracing::info!(offers = new.len(), "configuration reloaded");
+        for (_, h) in sessions {
+            h.set_offers(new.clone());
         }
         self.offers = new;
     }
@@ -179,16 +251,13 @@ pub fn serve(
         .socket
         .clone()
         .ok_or_else(|| Error::Config("no socket path: give --socket PATH".into()))?;
-    let mut server = ServerConfig::default();
-    if let Some(max) = config.max_gpadl_bytes {
-        server.max_gpadl_bytes = max;
-    }
+    let daemon_config = config.daemon_config();
     let registry = Arc::new(crate::devices::Registry::default());
     let offers = registry.update(&config)?;
     // Signal handlers first: once the socket exists, the daemon is fully set up.
     let mut signals =
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(Error::Thread)?;
-    let daemon = Daemon::bind(&socket, server, offers, registry.factory())?;
+    let daemon = Daemon::bind(&socket, daemon_config, offers, registry.factory())?;
     let stop = daemon.stop_handle();
     let reload_event = daemon.reload_handle();
     let handle = signals.handle();
@@ -207,6 +276,18 @@ pub fn serve(
             }
         })
         .map_err(Error::Thread)?;
+    // Everything that needs more than serving does (binding the socket, the signal handlers)
+    // is done: from here on every thread runs under the seccomp allowlist.
+    if config.seccomp.unwrap_or(true) {
+        if let Err(e) = ringbuf::sandbox::install() {
+            handle.close();
+            let _ = signal_thread.join();
+            return Err(e.into());
+        }
+        tracing::info!("seccomp filter installed");
+    } else {
+        tracing::warn!("running without the seccomp filter (--no-seccomp)");
+    }
     let result = daemon.run(|| registry.update(&reload()?));
     handle.close();
     let _ = signal_thread.join();

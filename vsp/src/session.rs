@@ -6,11 +6,18 @@
 //! carries out the server's outputs. When the front end goes away (end of stream, garbage, a
 //! socket error) or the daemon shuts down, every channel is stopped and joined and every
 //! descriptor of the partition is closed: nothing outlives the session.
+//!
+//! Nothing a front end does can hold the session: replies are sent without blocking, and a
+//! front end that leaves no room for one for [`SessionLimits::reply_timeout`] is dropped; the
+//! irqfds it passes are written without blocking (see [`Synic`]). Changes from the daemon and
+//! from devices (hot add and remove, subchannel requests) are state, not a queue: the latest
+//! wanted offers and the wanted subchannel count per device, plus one wakeup, so a guest that
+//! floods requests costs a compare, not memory.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Weak};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use ringbuf::guestmem::GuestMemory;
 use ringbuf::socket::SeqPacket;
@@ -22,17 +29,69 @@ use zerocopy::IntoBytes;
 
 use crate::channel::{ChannelSpec, ChannelWorker, Device, UnimplementedDevice};
 use crate::server::{OfferSpec, Output, Server, ServerConfig};
-use crate::synic::Synic;
+use crate::synic::{LogLimit, Synic};
 
 /// Why a session ended.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum End {
     /// The front end closed the connection.
     Disconnected,
     /// The daemon is shutting down.
     Shutdown,
-    /// The front end sent something that is not the protocol; the connection was dropped.
-    ProtocolViolation(String),
+    /// The session failed; the connection was dropped.
+    Failed(SessionError),
+}
+
+/// Why a session failed: the front end's socket, or the front end itself.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// A socket operation on the connection failed.
+    #[error("front end socket")]
+    Io(#[source] ringbuf::Error),
+    /// The front end left no room for a reply for this long: it does not read its replies.
+    #[error("the front end read no reply for {0:?}")]
+    Stalled(Duration),
+    /// The front end sent something that is not the protocol.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+impl SessionError {
+    fn protocol(why: impl std::fmt::Display) -> Self {
+        Self::Protocol(why.to_string())
+    }
+}
+
+/// Per-session limits on what a front end may make the session hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// Most guest memory regions (default [`MAX_REGIONS`]).
+    pub max_regions: usize,
+    /// Most channel messages queued per VP for a guest that does not take them (default
+    /// [`crate::synic::MAX_QUEUED_MESSAGES`]); beyond, the oldest are dropped.
+    pub max_queued_messages: usize,
+    /// How long a reply may wait for room in the front end's receive queue before the front
+    /// end is dropped (default 5 s).
+    pub reply_timeout: Duration,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self {
+            max_regions: MAX_REGIONS,
+            max_queued_messages: crate::synic::MAX_QUEUED_MESSAGES,
+            reply_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Everything a session is configured with.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// The VMBus server's limits.
+    pub server: ServerConfig,
+    /// The session's own.
+    pub limits: SessionLimits,
 }
 
 /// What a device factory knows about the channel being opened.
@@ -46,7 +105,9 @@ pub struct DeviceContext<'a> {
     /// The partition's memory.
     pub mem: &'a Arc<GuestMemory>,
     /// Asks the session to offer this many subchannels of the channel (storvsc's and netvsc's
-    /// multi-queue); returns false if the session is gone.
+    /// multi-queue); returns false if the session is gone. Cheap and never blocks: requests
+    /// are coalesced (the largest count wanted is kept until the session applies it, through
+    /// [`Server::request_subchannels`]).
     pub request_subchannels: SubchannelRequest,
 }
 
@@ -87,55 +148,73 @@ struct Partition {
 pub struct Session {
     sock: SeqPacket,
     stop: Arc<Event>,
-    /// Offer changes from the daemon (hot add and remove), signalled by `control_event`.
-    control: Receiver<Control>,
-    control_event: Arc<Event>,
+    /// What the daemon and the devices want changed, signalled by its event.
+    wanted: Arc<Wanted>,
     server: Server,
     devices: DeviceFactory,
     partition: Option<Partition>,
     channels: HashMap<u32, (u32, ChannelWorker)>,
-    /// Limits on guest memory regions.
-    max_regions: usize,
+    limits: SessionLimits,
     /// A handle on this session, for devices that ask for subchannels.
     own: SessionHandle,
+    /// Rate limit of the warnings the front end or guest can cause.
+    log: LogLimit,
 }
 
-/// A change the daemon asks of a running session.
-#[derive(Debug, Clone)]
-pub enum Control {
-    /// Hot add: offer a new channel.
-    Add(OfferSpec),
-    /// Hot remove: rescind the channels (primary and subchannels) with this instance GUID.
-    Remove(Guid),
-    /// A device asks for subchannels 1..=count of its channel.
-    OfferSubchannels {
-        /// Device class.
-        interface_type: Guid,
-        /// Device instance.
-        interface_instance: Guid,
-        /// How many.
-        count: u16,
-    },
+/// Changes wanted of a running session: state that later requests overwrite, so that the
+/// memory it takes is bounded by the number of offers however many requests arrive.
+#[derive(Debug)]
+struct Wanted {
+    state: Mutex<WantedState>,
+    /// Signalled when `state` changed.
+    event: Event,
+}
+
+#[derive(Debug, Default)]
+struct WantedState {
+    /// The offers the daemon's configuration now makes (hot add and remove), if changed.
+    offers: Option<Vec<OfferSpec>>,
+    /// Per device instance, the subchannel count its device asked for (the largest).
+    subchannels: Vec<(Guid, u16)>,
 }
 
 /// The daemon's handle on a running session.
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
-    tx: Sender<Control>,
     /// Weak, so the eventfd closes when the session ends even if the daemon has not yet
     /// reaped the handle.
-    event: Weak<Event>,
+    wanted: Weak<Wanted>,
 }
 
 impl SessionHandle {
-    /// Sends a change; false if the session has ended.
-    pub fn send(&self, c: Control) -> bool {
-        match self.event.upgrade() {
-            Some(e) => self.tx.send(c).is_ok() && e.signal().is_ok(),
-            None => false,
-        }
+    /// Makes `offers` the session's offers: the ones missing (by instance GUID) are rescinded
+    /// with their subchannels, new ones offered. False if the session has ended.
+    pub fn set_offers(&self, offers: Vec<OfferSpec>) -> bool {
+        self.update(|w| w.offers = Some(offers))
+    }
+
+    /// Asks for subchannels 1 to `count` of the channel of `instance` (see
+    /// [`Server::request_subchannels`]). False if the session has ended.
+    pub fn request_subchannels(&self, instance: Guid, count: u16) -> bool {
+        self.update(
+            |w| match w.subchannels.iter_mut().find(|(i, _)| *i == instance) {
+                Some((_, c)) => *c = (*c).max(count),
+                None => w.subchannels.push((instance, count)),
+            },
+        )
+    }
+
+    fn update(&self, f: impl FnOnce(&mut WantedState)) -> bool {
+        let Some(w) = self.wanted.upgrade() else {
+            return false;
+        };
+        f(&mut w.state.lock().unwrap_or_else(|e| e.into_inner()));
+        w.event.signal().is_ok()
     }
 }
+
+/// Rate limit of the "front end dropped" warnings, across the daemon.
+static DROPPED_LOG: Mutex<LogLimit> = Mutex::new(LogLimit::new(10, Duration::from_secs(60)));
 
 /// Most guest memory regions a partition may register.
 pub const MAX_REGIONS: usize = 64;
@@ -146,13 +225,15 @@ impl Session {
     pub fn new(
         sock: SeqPacket,
         stop: Arc<Event>,
-        config: ServerConfig,
+        config: SessionConfig,
         offers: &[OfferSpec],
         devices: DeviceFactory,
     ) -> Result<(Self, SessionHandle), crate::Error> {
-        let (tx, control) = channel();
-        let control_event = Arc::new(Event::new()?);
-        let mut server = Server::new(config);
+        let wanted = Arc::new(Wanted {
+            state: Mutex::new(WantedState::default()),
+            event: Event::new()?,
+        });
+        let mut server = Server::new(config.server);
         let mut out = Vec::new();
         for o in offers {
             if let Err(e) = server.add_offer(o.clone(), &mut out) {
@@ -160,32 +241,44 @@ impl Session {
             }
         }
         let handle = SessionHandle {
-            tx,
-            event: Arc::downgrade(&control_event),
+            wanted: Arc::downgrade(&wanted),
         };
         let session = Self {
             sock,
             stop,
-            control,
-            control_event,
+            wanted,
             server,
             devices,
             partition: None,
             channels: HashMap::new(),
-            max_regions: MAX_REGIONS,
+            limits: config.limits,
             own: handle.clone(),
+            log: LogLimit::default(),
         };
         Ok((session, handle))
     }
 
     /// Serves the connection until it ends; then releases everything.
     pub fn run(mut self) -> End {
-        let end = self.serve();
+        let mut end = self.serve();
+        if matches!(end, End::Failed(_)) && self.stop.is_signalled() {
+            // Failed while the daemon was stopping (a reply cut short): that is the shutdown.
+            end = End::Shutdown;
+        }
         let mut out = Vec::new();
         self.server.reset(&mut out);
         self.channels.clear();
         match &end {
-            End::ProtocolViolation(why) => tracing::warn!(reason = %why, "front end dropped"),
+            End::Failed(e) => {
+                // A front end can fail its session in a loop: rate-limited across the daemon.
+                let allowed = DROPPED_LOG
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .allow();
+                if let Some(suppressed) = allowed {
+                    tracing::warn!(error = %e, suppressed, "front end dropped");
+                }
+            }
             e => tracing::info!(end = ?e, "session ended"),
         }
         end
@@ -198,21 +291,21 @@ impl Session {
             let mut fds = [
                 PollFd::new(&self.sock, PollFlags::IN),
                 PollFd::new(self.stop.as_ref(), PollFlags::IN),
-                PollFd::new(self.control_event.as_ref(), PollFlags::IN),
+                PollFd::new(&self.wanted.event, PollFlags::IN),
             ];
             match poll(&mut fds, None) {
                 Ok(_) => {}
                 Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return End::ProtocolViolation(format!("poll failed: {e}")),
+                Err(e) => return End::Failed(SessionError::Io(ringbuf::Error::Socket(e))),
             }
             let ready = [0, 1, 2].map(|i| !fds[i].revents().is_empty());
             if ready[1] {
                 return End::Shutdown;
             }
             if ready[2] {
-                let _ = self.control_event.wait();
-                if let Err(why) = self.control_changes() {
-                    return End::ProtocolViolation(why);
+                let _ = self.wanted.event.try_wait();
+                if let Err(e) = self.apply_wanted() {
+                    return End::Failed(e);
                 }
             }
             if !ready[0] {
@@ -221,10 +314,44 @@ impl Session {
             let d = match self.sock.recv(&mut buf) {
                 Ok(Some(d)) => d,
                 Ok(None) => return End::Disconnected,
-                Err(e) => return End::ProtocolViolation(format!("receive failed: {e}")),
+                Err(e @ ringbuf::Error::Socket(_)) => return End::Failed(SessionError::Io(e)),
+                Err(e) => return End::Failed(SessionError::protocol(e)),
             };
-            if let Err(why) = self.dispatch(&buf[..d.len], d.fds) {
-                return End::ProtocolViolation(why);
+            if let Err(e) = self.dispatch(&buf[..d.len], d.fds) {
+                return End::Failed(e);
+            }
+        }
+    }
+
+    /// Sends a datagram to the front end without ever blocking for long: waits for room at
+    /// most [`SessionLimits::reply_timeout`] (or until the daemon stops), then gives up on the
+    /// front end.
+    fn send(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), SessionError> {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let deadline = Instant::now() + self.limits.reply_timeout;
+        loop {
+            if self.sock.try_send(bytes, fds).map_err(SessionError::Io)? {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(SessionError::Stalled(self.limits.reply_timeout));
+            }
+            let ts = Timespec {
+                tv_sec: left.as_secs() as i64,
+                tv_nsec: i64::from(left.subsec_nanos()),
+            };
+            let mut pfds = [
+                PollFd::new(&self.sock, PollFlags::OUT),
+                PollFd::new(self.stop.as_ref(), PollFlags::IN),
+            ];
+            match poll(&mut pfds, Some(&ts)) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(SessionError::Io(ringbuf::Error::Socket(e))),
+            }
+            if !pfds[1].revents().is_empty() {
+                // Stopping: run() sees the stop event and ends the session as a shutdown.
+                return Err(SessionError::Stalled(self.limits.reply_timeout));
             }
         }
     }
@@ -233,23 +360,24 @@ impl Session {
         &self,
         kind: Kind,
         body: &T,
-        fds: &[std::os::fd::BorrowedFd<'_>],
-    ) -> Result<(), String> {
-        self.sock
-            .send(&wire::encode(kind, body), fds)
-            .map_err(|e| format!("send failed: {e}"))
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), SessionError> {
+        self.send(&wire::encode(kind, body), fds)
     }
 
-    fn status(&self, request: Kind, status: u32) -> Result<(), String> {
+    fn status(&self, request: Kind, status: u32) -> Result<(), SessionError> {
         self.reply(Kind::STATUS, &wire::Status { request, status }, &[])
     }
 
     /// Handles one datagram. An `Err` drops the connection.
-    fn dispatch(&mut self, datagram: &[u8], mut fds: Vec<OwnedFd>) -> Result<(), String> {
-        let (kind, body) = wire::split(datagram).map_err(|e| e.to_string())?;
-        let expect_fds = |n: usize, fds: &Vec<OwnedFd>| -> Result<(), String> {
+    fn dispatch(&mut self, datagram: &[u8], mut fds: Vec<OwnedFd>) -> Result<(), SessionError> {
+        let (kind, body) = wire::split(datagram).map_err(SessionError::protocol)?;
+        let expect_fds = |n: usize, fds: &Vec<OwnedFd>| -> Result<(), SessionError> {
             if fds.len() > n {
-                Err(format!("{kind:?} carries {} descriptors", fds.len()))
+                Err(SessionError::Protocol(format!(
+                    "{kind:?} carries {} descriptors",
+                    fds.len()
+                )))
             } else {
                 Ok(())
             }
@@ -257,9 +385,9 @@ impl Session {
         match kind {
             Kind::HELLO => {
                 expect_fds(0, &fds)?;
-                let h: wire::Hello = wire::body(kind, body).map_err(|e| e.to_string())?;
+                let h: wire::Hello = wire::body(kind, body).map_err(SessionError::protocol)?;
                 if self.partition.is_some() {
-                    return Err("second HELLO".into());
+                    return Err(SessionError::protocol("second HELLO"));
                 }
                 if h.version != wire::VERSION || h.vp_count == 0 || h.vp_count > wire::MAX_VPS {
                     let st = if h.version != wire::VERSION {
@@ -275,14 +403,18 @@ impl Session {
                         },
                         &[],
                     )?;
-                    return Err(format!("refused HELLO {h:?}"));
+                    return Err(SessionError::Protocol(format!("refused HELLO {h:?}")));
                 }
                 self.partition = Some(Partition {
                     vp_count: h.vp_count,
                     building: Some(GuestMemory::new()),
                     mem: Arc::new(GuestMemory::new()),
-                    synic: Arc::new(Synic::new(h.vp_count)),
+                    synic: Arc::new(Synic::with_queue_limit(
+                        h.vp_count,
+                        self.limits.max_queued_messages,
+                    )),
                 });
+                self.server.set_vp_count(h.vp_count);
                 tracing::info!(vps = h.vp_count, "front end connected");
                 self.reply(
                     Kind::HELLO_REPLY,
@@ -294,8 +426,8 @@ impl Session {
                 )
             }
             Kind::ADD_MEMORY => {
-                let m: wire::AddMemory = wire::body(kind, body).map_err(|e| e.to_string())?;
-                let max_regions = self.max_regions;
+                let m: wire::AddMemory = wire::body(kind, body).map_err(SessionError::protocol)?;
+                let max_regions = self.limits.max_regions;
                 let Some(p) = self.partition.as_mut() else {
                     return self.status(kind, status::BAD_STATE);
                 };
@@ -314,7 +446,10 @@ impl Session {
                     match building.add_region(m.gpa, m.len, fd, m.fd_offset) {
                         Ok(()) => status::OK,
                         Err(e) => {
-                            tracing::warn!(error = %e, ?m, "guest memory region refused");
+                            if let Some(suppressed) = self.log.allow() {
+                                tracing::warn!(error = %e, ?m, suppressed,
+                                    "guest memory region refused");
+                            }
                             status::BAD_MEMORY
                         }
                     }
@@ -323,7 +458,7 @@ impl Session {
             }
             Kind::SET_VP => {
                 expect_fds(1, &fds)?;
-                let v: wire::SetVp = wire::body(kind, body).map_err(|e| e.to_string())?;
+                let v: wire::SetVp = wire::body(kind, body).map_err(SessionError::protocol)?;
                 let Some(p) = self.partition.as_mut() else {
                     return self.status(kind, status::BAD_STATE);
                 };
@@ -335,7 +470,11 @@ impl Session {
                 if v.vp >= p.vp_count || !simp.is_none_or(page_ok) || !siefp.is_none_or(page_ok) {
                     return self.status(kind, status::BAD_VP);
                 }
-                let irq = fds.pop().map(Event::from_fd);
+                // The irqfd must be an eventfd; it is written without blocking from now on.
+                let irq = match fds.pop().map(Event::from_untrusted_fd).transpose() {
+                    Ok(irq) => irq,
+                    Err(_) => return self.status(kind, status::MALFORMED),
+                };
                 p.synic.set_vp(
                     &p.mem,
                     v.vp,
@@ -348,9 +487,10 @@ impl Session {
             }
             Kind::POST_MESSAGE => {
                 expect_fds(0, &fds)?;
-                let m: wire::PostMessage = wire::body(kind, body).map_err(|e| e.to_string())?;
+                let m: wire::PostMessage =
+                    wire::body(kind, body).map_err(SessionError::protocol)?;
                 let Some(p) = self.partition.as_mut() else {
-                    return Err("POST_MESSAGE before HELLO".into());
+                    return Err(SessionError::protocol("POST_MESSAGE before HELLO"));
                 };
                 p.freeze();
                 let size = m.input.payload_size as usize;
@@ -374,7 +514,7 @@ impl Session {
             }
             Kind::EOM => {
                 expect_fds(0, &fds)?;
-                let e: wire::Eom = wire::body(kind, body).map_err(|e| e.to_string())?;
+                let e: wire::Eom = wire::body(kind, body).map_err(SessionError::protocol)?;
                 if let Some(p) = &self.partition {
                     p.synic.eom(&p.mem, e.vp);
                 }
@@ -382,7 +522,8 @@ impl Session {
             }
             Kind::SIGNAL_EVENT => {
                 expect_fds(0, &fds)?;
-                let s: wire::SignalEvent = wire::body(kind, body).map_err(|e| e.to_string())?;
+                let s: wire::SignalEvent =
+                    wire::body(kind, body).map_err(SessionError::protocol)?;
                 if let Some((_, w)) = self
                     .channels
                     .values()
@@ -392,67 +533,69 @@ impl Session {
                 }
                 Ok(())
             }
-            other => Err(format!("unknown message kind {other:?}")),
+            other => Err(SessionError::Protocol(format!(
+                "unknown message kind {other:?}"
+            ))),
         }
     }
 
-    /// Applies the offer changes the daemon sent.
-    fn control_changes(&mut self) -> Result<(), String> {
+    /// Applies what the daemon and the devices asked for since the last time: the offers of a
+    /// new configuration, and subchannels.
+    fn apply_wanted(&mut self) -> Result<(), SessionError> {
+        let WantedState {
+            offers,
+            subchannels,
+        } = std::mem::take(&mut *self.wanted.state.lock().unwrap_or_else(|e| e.into_inner()));
         let mut out = Vec::new();
-        while let Ok(c) = self.control.try_recv() {
-            match c {
-                Control::Add(spec) => {
-                    if let Err(e) = self.server.add_offer(spec, &mut out) {
-                        tracing::warn!(error = %e, "hot add failed");
-                    }
+        if let Some(new) = offers {
+            let current: Vec<(u32, OfferSpec)> = self
+                .server
+                .offers()
+                .filter(|(_, o)| o.subchannel_index == 0)
+                .map(|(r, o)| (r, o.clone()))
+                .collect();
+            let live = |relid: u32| {
+                self.server.channel_state(relid) != Some(crate::server::ChannelState::Rescinded)
+            };
+            let gone: Vec<Guid> = current
+                .iter()
+                .filter(|(r, o)| {
+                    live(*r)
+                        && !new
+                            .iter()
+                            .any(|n| n.interface_instance == o.interface_instance)
+                })
+                .map(|(_, o)| o.interface_instance)
+                .collect();
+            let added: Vec<OfferSpec> = new
+                .into_iter()
+                .filter(|n| {
+                    !current
+                        .iter()
+                        .any(|(r, o)| live(*r) && o.interface_instance == n.interface_instance)
+                })
+                .collect();
+            tracing::info!(
+                removed = gone.len(),
+                added = added.len(),
+                "applying a new configuration"
+            );
+            for instance in gone {
+                self.server.rescind_instance(instance, &mut out);
+            }
+            for spec in added {
+                if let Err(e) = self.server.add_offer(spec, &mut out) {
+                    tracing::warn!(error = %e, "hot add failed");
                 }
-                Control::Remove(instance) => {
-                    // Subchannels first, then the primary.
-                    let mut relids: Vec<(u16, u32)> = self
-                        .server
-                        .offers()
-                        .filter(|(_, o)| o.interface_instance == instance)
-                        .map(|(r, o)| (o.subchannel_index, r))
-                        .collect();
-                    relids.sort_unstable_by(|a, b| b.cmp(a));
-                    for (_, relid) in relids {
-                        if let Err(e) = self.server.rescind(relid, &mut out) {
-                            tracing::warn!(relid, error = %e, "hot remove failed");
-                        }
-                    }
-                }
-                Control::OfferSubchannels {
-                    interface_type,
-                    interface_instance,
-                    count,
-                } => {
-                    let primary = self
-                        .server
-                        .offers()
-                        .find(|(_, o)| {
-                            o.interface_instance == interface_instance && o.subchannel_index == 0
-                        })
-                        .map(|(_, o)| o.clone());
-                    let Some(primary) = primary else { continue };
-                    for index in 1..=count {
-                        let exists = self.server.offers().any(|(_, o)| {
-                            o.interface_instance == interface_instance
-                                && o.subchannel_index == index
-                        });
-                        if exists {
-                            continue;
-                        }
-                        let spec = OfferSpec {
-                            interface_type,
-                            subchannel_index: index,
-                            ..primary.clone()
-                        };
-                        if let Err(e) = self.server.add_offer(spec, &mut out) {
-                            tracing::warn!(error = %e, "subchannel offer failed");
-                            break;
-                        }
-                    }
-                }
+            }
+        }
+        for (instance, count) in subchannels {
+            if self
+                .server
+                .request_subchannels(instance, count, &mut out)
+                .is_none()
+            {
+                tracing::debug!(%instance, count, "subchannels asked of a channel not open");
             }
         }
         if self.partition.is_some() {
@@ -463,7 +606,7 @@ impl Session {
     }
 
     /// Carries out the server's outputs, in order.
-    fn apply(&mut self, outputs: Vec<Output>) -> Result<(), String> {
+    fn apply(&mut self, outputs: Vec<Output>) -> Result<(), SessionError> {
         let mut queue = std::collections::VecDeque::from(outputs);
         while let Some(o) = queue.pop_front() {
             let p = self.partition.as_ref().expect("outputs only after HELLO");
@@ -481,13 +624,8 @@ impl Session {
                     ..
                 } => {
                     let own = self.own.clone();
-                    let request_subchannels: SubchannelRequest = Arc::new(move |count| {
-                        own.send(Control::OfferSubchannels {
-                            interface_type,
-                            interface_instance,
-                            count,
-                        })
-                    });
+                    let request_subchannels: SubchannelRequest =
+                        Arc::new(move |count| own.request_subchannels(interface_instance, count));
                     let ctx = DeviceContext {
                         request_subchannels,
                         interface_type,
@@ -517,7 +655,10 @@ impl Session {
                             self.server.open_complete(relid, true, &mut more);
                         }
                         Err(e) => {
-                            tracing::warn!(relid, error = %e, "channel failed to start");
+                            if let Some(suppressed) = self.log.allow() {
+                                tracing::warn!(relid, error = %e, suppressed,
+                                    "channel failed to start");
+                            }
                             self.server.open_complete(relid, false, &mut more);
                         }
                     }
@@ -535,30 +676,7 @@ impl Session {
                             &[],
                         )?;
                     }
-                    // Subchannels live as long as their primary channel is open: when it
-                    // closes, they are rescinded (a new open creates them anew).
-                    let primary = self
-                        .server
-                        .offers()
-                        .find(|(r, _)| *r == relid)
-                        .map(|(_, o)| o.clone());
-                    if let Some(p) = primary.filter(|p| p.subchannel_index == 0) {
-                        let subs: Vec<u32> = self
-                            .server
-                            .offers()
-                            .filter(|(_, o)| {
-                                o.interface_instance == p.interface_instance
-                                    && o.subchannel_index != 0
-                            })
-                            .map(|(r, _)| r)
-                            .collect();
-                        let mut more = Vec::new();
-                        for sub in subs {
-                            // An offer already rescinded (waiting for RelIdReleased) is fine.
-                            let _ = self.server.rescind(sub, &mut more);
-                        }
-                        queue.extend(more);
-                    }
+                    // Its subchannels (if a primary) were rescinded by the server.
                 }
                 Output::Retarget { relid, target_vp } => {
                     if let Some((_, w)) = self.channels.get(&relid) {
@@ -577,5 +695,107 @@ impl Partition {
         if let Some(m) = self.building.take() {
             self.mem = Arc::new(m);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(limits: SessionLimits) -> (Session, SessionHandle, SeqPacket, Arc<Event>) {
+        let (ours, theirs) = SeqPacket::pair().unwrap();
+        let stop = Arc::new(Event::new().unwrap());
+        let config = SessionConfig {
+            server: ServerConfig::default(),
+            limits,
+        };
+        let (s, h) =
+            Session::new(ours, stop.clone(), config, &[], unimplemented_devices()).unwrap();
+        (s, h, theirs, stop)
+    }
+
+    #[test]
+    fn requests_are_state_not_a_queue() {
+        let (s, h, _front, _stop) = session(SessionLimits::default());
+        let (a, b) = (Guid([1; 16]), Guid([2; 16]));
+        for i in 0..100_000u32 {
+            assert!(h.request_subchannels(a, (i % 3) as u16 + 1));
+        }
+        assert!(h.request_subchannels(b, 1));
+        for _ in 0..1000 {
+            assert!(h.set_offers(Vec::new()));
+        }
+        {
+            let w = s.wanted.state.lock().unwrap();
+            assert_eq!(w.subchannels, [(a, 3), (b, 1)]);
+            assert_eq!(w.offers.as_deref(), Some(&[][..]));
+        }
+        assert!(s.wanted.event.is_signalled());
+        drop(s);
+        assert!(!h.request_subchannels(a, 1), "the session is gone");
+        assert!(!h.set_offers(Vec::new()));
+    }
+
+    /// Sends HELLO, then requests that each get a reply, reading none, until the socket is
+    /// full; returns when the daemon's side stops reading.
+    fn flood_without_reading(front: &SeqPacket) {
+        let hello = wire::encode(
+            Kind::HELLO,
+            &wire::Hello {
+                version: wire::VERSION,
+                vp_count: 1,
+            },
+        );
+        front.send(&hello, &[]).unwrap();
+        let req = wire::encode(Kind::ADD_MEMORY, &wire::AddMemory::default());
+        let mut full = 0;
+        while full < 100 {
+            match front.try_send(&req, &[]) {
+                Ok(true) => full = 0,
+                Ok(false) => {
+                    full += 1;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    #[test]
+    fn a_front_end_that_reads_no_replies_is_dropped() {
+        let (s, _h, front, _stop) = session(SessionLimits {
+            reply_timeout: Duration::from_millis(200),
+            ..SessionLimits::default()
+        });
+        let t = std::thread::spawn(move || s.run());
+        flood_without_reading(&front);
+        let end = t.join().unwrap();
+        assert!(
+            matches!(end, End::Failed(SessionError::Stalled(_))),
+            "{end:?}"
+        );
+    }
+
+    #[test]
+    fn shutdown_ends_a_session_waiting_for_room() {
+        let (s, _h, front, stop) = session(SessionLimits {
+            reply_timeout: Duration::from_secs(3600),
+            ..SessionLimits::default()
+        });
+        let t = std::thread::spawn(move || s.run());
+        flood_without_reading(&front);
+        stop.signal().unwrap();
+        assert!(matches!(t.join().unwrap(), End::Shutdown));
+    }
+
+    #[test]
+    fn garbage_is_a_protocol_error() {
+        let (s, _h, front, _stop) = session(SessionLimits::default());
+        let t = std::thread::spawn(move || s.run());
+        front.send(b"\xff\xff\xff\xff\0\0\0\0", &[]).unwrap();
+        assert!(matches!(
+            t.join().unwrap(),
+            End::Failed(SessionError::Protocol(_))
+        ));
     }
 }

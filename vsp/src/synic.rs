@@ -8,8 +8,9 @@
 //! guest sees the flag (and sends EOM) or the host sees the slot free (and delivers now).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use ringbuf::guestmem::GuestMemory;
 use ringbuf::Event;
@@ -18,8 +19,60 @@ use vmbus_proto::synic::{
     VMBUS_SINT,
 };
 
-/// Messages queued for one VP beyond which the oldest are dropped (the guest is not reading).
+/// Messages queued for one VP beyond which the oldest are dropped (the guest is not reading):
+/// the default of [`Synic::new`]'s bound (about 250 KiB per VP at most).
 pub const MAX_QUEUED_MESSAGES: usize = 1024;
+
+/// A rate limit for log lines a peer can trigger: at most `burst` lines per `window`; the
+/// lines suppressed are counted and reported with the next line let through. Keeps a guest or
+/// front end from flooding the log while the first occurrences stay visible.
+#[derive(Debug)]
+pub struct LogLimit {
+    burst: u32,
+    window: Duration,
+    start: Option<Instant>,
+    used: u32,
+    suppressed: u64,
+}
+
+impl LogLimit {
+    /// At most `burst` lines per `window`.
+    pub const fn new(burst: u32, window: Duration) -> Self {
+        Self {
+            burst,
+            window,
+            start: None,
+            used: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether a line may be logged now; if so, `Some(n)` with the number of lines suppressed
+    /// since the last one let through.
+    pub fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self
+            .start
+            .is_none_or(|s| now.duration_since(s) >= self.window)
+        {
+            self.start = Some(now);
+            self.used = 0;
+        }
+        if self.used >= self.burst {
+            self.suppressed += 1;
+            return None;
+        }
+        self.used += 1;
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+impl Default for LogLimit {
+    /// 10 lines a minute.
+    fn default() -> Self {
+        Self::new(10, Duration::from_secs(60))
+    }
+}
 
 /// One VP's SynIC state as the front end reported it.
 #[derive(Debug, Default)]
@@ -32,19 +85,59 @@ struct Vp {
 }
 
 /// The SynIC of a partition, host side.
+///
+/// Every irqfd write is non-blocking (see [`Event::from_untrusted_fd`]): a front end that
+/// leaves its irqfd's counter saturated gets no more interrupts (one is pending anyway), and
+/// the per-VP lock is never held across a write that could block.
 #[derive(Debug)]
 pub struct Synic {
     vps: Vec<Mutex<Vp>>,
+    max_queued: usize,
+    /// Interrupts dropped because the irqfd's counter was saturated.
+    dropped_interrupts: AtomicU64,
+    /// Messages dropped (queue full, or no such VP).
+    dropped_messages: AtomicU64,
+    log: Mutex<LogLimit>,
 }
 
 /// Offset of the VMBus SINT's slot (or event bitmap) in its page.
 const SINT_OFFSET: u64 = VMBUS_SINT as u64 * MESSAGE_SLOT_SIZE as u64;
 
 impl Synic {
-    /// A SynIC for `vp_count` VPs, all pages disabled.
+    /// A SynIC for `vp_count` VPs, all pages disabled, queueing at most
+    /// [`MAX_QUEUED_MESSAGES`] messages per VP.
     pub fn new(vp_count: u32) -> Self {
+        Self::with_queue_limit(vp_count, MAX_QUEUED_MESSAGES)
+    }
+
+    /// A SynIC whose VPs each queue at most `max_queued` (at least 1) messages the guest has
+    /// not taken yet; beyond that the oldest are dropped.
+    pub fn with_queue_limit(vp_count: u32, max_queued: usize) -> Self {
         Self {
             vps: (0..vp_count).map(|_| Mutex::new(Vp::default())).collect(),
+            max_queued: max_queued.max(1),
+            dropped_interrupts: AtomicU64::new(0),
+            dropped_messages: AtomicU64::new(0),
+            log: Mutex::new(LogLimit::default()),
+        }
+    }
+
+    /// Interrupts dropped because the VP's irqfd was saturated (an interrupt was pending).
+    pub fn dropped_interrupts(&self) -> u64 {
+        self.dropped_interrupts.load(Ordering::Relaxed)
+    }
+
+    /// Messages dropped: the guest was not taking them, or named a VP that does not exist.
+    pub fn dropped_messages(&self) -> u64 {
+        self.dropped_messages.load(Ordering::Relaxed)
+    }
+
+    /// Logs a guest-caused drop, rate-limited.
+    fn log_drop(&self, vp: u32, what: &'static str) {
+        self.dropped_messages.fetch_add(1, Ordering::Relaxed);
+        let allowed = self.log.lock().unwrap_or_else(|e| e.into_inner()).allow();
+        if let Some(suppressed) = allowed {
+            tracing::warn!(vp, suppressed, "{what}");
         }
     }
 
@@ -80,7 +173,7 @@ impl Synic {
         if irqfd.is_some() {
             v.irqfd = irqfd;
         }
-        Self::deliver(mem, &mut v);
+        self.deliver(mem, &mut v);
         true
     }
 
@@ -89,22 +182,22 @@ impl Synic {
     pub fn post(&self, mem: &GuestMemory, vp: u32, bytes: &[u8]) {
         debug_assert!(bytes.len() <= MESSAGE_PAYLOAD_SIZE);
         let Some(mut v) = self.vp(vp) else {
-            tracing::warn!(vp, "message for a VP that does not exist dropped");
+            self.log_drop(vp, "message for a VP that does not exist dropped");
             return;
         };
-        if v.queue.len() >= MAX_QUEUED_MESSAGES {
-            tracing::warn!(vp, "guest is not reading its messages; dropping the oldest");
+        if v.queue.len() >= self.max_queued {
             v.queue.pop_front();
+            self.log_drop(vp, "guest is not reading its messages; dropping the oldest");
         }
         v.queue
             .push_back(bytes[..bytes.len().min(MESSAGE_PAYLOAD_SIZE)].to_vec());
-        Self::deliver(mem, &mut v);
+        self.deliver(mem, &mut v);
     }
 
     /// The guest wrote EOM on `vp`: deliver the next queued message if the slot is free.
     pub fn eom(&self, mem: &GuestMemory, vp: u32) {
         if let Some(mut v) = self.vp(vp) {
-            Self::deliver(mem, &mut v);
+            self.deliver(mem, &mut v);
         }
     }
 
@@ -113,7 +206,7 @@ impl Synic {
         self.vp(vp).map_or(0, |v| v.queue.len())
     }
 
-    fn deliver(mem: &GuestMemory, v: &mut Vp) {
+    fn deliver(&self, mem: &GuestMemory, v: &mut Vp) {
         let (Some(simp), false) = (v.simp, v.masked) else {
             return;
         };
@@ -148,9 +241,7 @@ impl Synic {
             // One message per slot: the next waits for the guest to free it.
         }
         if delivered {
-            if let Some(irq) = &v.irqfd {
-                let _ = irq.signal();
-            }
+            self.interrupt(v);
         }
     }
 
@@ -169,10 +260,18 @@ impl Synic {
         // Release: ring writes made before this signal are visible to the guest's handler,
         // which swaps the word with acquire semantics.
         w.fetch_or(1 << (relid % 32), Ordering::Release);
-        if let Some(irq) = &v.irqfd {
-            let _ = irq.signal();
-        }
+        self.interrupt(&v);
         true
+    }
+
+    /// Writes the VP's irqfd; never blocks (a saturated counter drops the interrupt, one is
+    /// pending).
+    fn interrupt(&self, v: &Vp) {
+        if let Some(irq) = &v.irqfd {
+            if !irq.try_signal().unwrap_or(true) {
+                self.dropped_interrupts.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -235,6 +334,50 @@ mod tests {
         assert_eq!(syn.queued(0), 0);
         assert!(!syn.set_vp(&mem, 2, None, None, false, None), "no VP 2");
         syn.post(&mem, 9, b"dropped");
+        assert_eq!(syn.dropped_messages(), 1);
+    }
+
+    #[test]
+    fn a_guest_that_never_eoms_queues_a_bounded_number() {
+        let mut mem = GuestMemory::new();
+        mem.add_region(0, 1 << 20, create_memfd("g", 1 << 20).unwrap(), 0)
+            .unwrap();
+        let syn = Synic::with_queue_limit(1, 8);
+        assert!(syn.set_vp(&mem, 0, Some(0x1000), None, false, None));
+        for i in 0..1000u32 {
+            syn.post(&mem, 0, &i.to_le_bytes());
+        }
+        // One in the slot, eight queued, the rest dropped (oldest first).
+        assert_eq!(syn.queued(0), 8);
+        assert_eq!(syn.dropped_messages(), 1000 - 1 - 8);
+    }
+
+    #[test]
+    fn a_saturated_irqfd_drops_interrupts_without_blocking() {
+        let mut mem = GuestMemory::new();
+        mem.add_region(0, 1 << 20, create_memfd("g", 1 << 20).unwrap(), 0)
+            .unwrap();
+        let syn = Synic::new(1);
+        // A blocking eventfd one below its maximum count: a blocking write of 1 would hang.
+        let fd = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
+        rustix::io::write(&fd, &0xffff_ffff_ffff_fffeu64.to_ne_bytes()).unwrap();
+        let irq = Event::from_untrusted_fd(fd).unwrap();
+        assert!(syn.set_vp(&mem, 0, Some(0x1000), Some(0x2000), false, Some(irq)));
+        syn.post(&mem, 0, b"hello");
+        assert!(syn.signal_channel(&mem, 0, 3));
+        assert_eq!(syn.dropped_interrupts(), 2);
+    }
+
+    #[test]
+    fn log_limit_lets_a_burst_through_then_counts() {
+        let mut l = LogLimit::new(2, Duration::from_secs(3600));
+        assert_eq!(l.allow(), Some(0));
+        assert_eq!(l.allow(), Some(0));
+        assert_eq!(l.allow(), None);
+        assert_eq!(l.allow(), None);
+        let mut l = LogLimit::new(1, Duration::ZERO);
+        assert_eq!(l.allow(), Some(0));
+        assert_eq!(l.allow(), Some(0), "a new window");
     }
 
     #[test]

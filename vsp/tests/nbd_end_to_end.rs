@@ -994,3 +994,120 @@ fn vspd_refuses_a_bad_polling_limit() {
         &["abc", "-1", "1000001"],
     );
 }
+
+#[test]
+fn clients_that_never_read_their_large_reads_starve_no_other() {
+    // The trigger through the whole path: 8 connections each asking two 32 MiB reads
+    // and never reading the replies hold 512 MiB, the whole shared budget, until the reply
+    // timeout (60 s) closes them. A good client's 4 KiB read waited 122 s for that budget; its
+    // connection's reserve now serves it.
+    let dir = Scratch::new("starve");
+    let _image = dir.sized("disk.img", 96 << 20);
+    let vspd = Vspd::start(&dir, &["path=disk.img"]);
+    let guest = Guest::attach(&vspd, &dir);
+    let hostile: Vec<UnixStream> = (0..8)
+        .map(|_| {
+            let (mut s, _, _) = raw_connect(&guest.socket, "disk0");
+            for i in 0..2u64 {
+                s.write_all(&request(proto::CMD_READ, 0, i, i << 25, 32 << 20))
+                    .unwrap();
+            }
+            s
+        })
+        .collect();
+    // Let the hostile reads take their budget.
+    std::thread::sleep(Duration::from_secs(1));
+    let socket = guest.socket.clone();
+    let mut c = within(10, "the good client's handshake", move || {
+        NbdClient::connect(&socket, "disk0").unwrap()
+    });
+    for round in 0..64u64 {
+        let off = (64 << 20) + (round % 256) * 4096;
+        let data = random_bytes(4096, round + 5);
+        c = within(10, &format!("the good client's round {round}"), move || {
+            write_read_back(&mut c, off, &data, &format!("round {round}"));
+            c
+        });
+    }
+    c.disconnect();
+    // And a real client: qemu-io writes, reads back and verifies a pattern, then flushes.
+    if have_qemu("clients_that_never_read_their_large_reads_starve_no_other") {
+        let uri = guest.uri("disk0");
+        within(10, "qemu-io", move || {
+            qemu_io(
+                &uri,
+                &[
+                    "write -P 0x5a 68m 4k".into(),
+                    "read -P 0x5a 68m 4k".into(),
+                    "flush".into(),
+                ],
+            )
+        });
+    }
+    drop(hostile);
+    guest.stop();
+}
+
+/// Threads of this process now.
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+#[test]
+fn pipelined_flushes_and_zeroing_keep_threads_bounded_and_are_all_answered() {
+    // 8 connections pipelining 5000 flushes and write-zeroes each: each request blocks a
+    // worker, and every connection started 64 of them before (over 500 threads).
+    const CONNECTIONS: usize = 8;
+    const REQUESTS: u64 = 5000;
+    let dir = Scratch::new("flood");
+    let _image = dir.sized("disk.img", 16 << 20);
+    let vspd = Vspd::start(&dir, &["path=disk.img"]);
+    let guest = Guest::attach(&vspd, &dir);
+    let before = threads();
+    let clients: Vec<_> = (0..CONNECTIONS)
+        .map(|_| {
+            let (mut s, _, _) = raw_connect(&guest.socket, "disk0");
+            let mut r = s.try_clone().unwrap();
+            let writer = std::thread::spawn(move || {
+                let mut all = Vec::with_capacity(REQUESTS as usize * 28);
+                for i in 0..REQUESTS {
+                    let kind = if i % 2 == 0 {
+                        proto::CMD_FLUSH
+                    } else {
+                        proto::CMD_WRITE_ZEROES
+                    };
+                    all.extend_from_slice(&request(kind, 0, i, (i % 256) * 4096, 4096));
+                }
+                s.write_all(&all).unwrap();
+            });
+            let reader = std::thread::spawn(move || {
+                r.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                let mut seen = vec![false; REQUESTS as usize];
+                for _ in 0..REQUESTS {
+                    let mut h = [0u8; 16];
+                    r.read_exact(&mut h).unwrap();
+                    assert_eq!(&h[..4], &proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
+                    assert_eq!(&h[4..8], &[0; 4], "a request failed");
+                    let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+                    assert!(!std::mem::replace(&mut seen[cookie as usize], true));
+                }
+            });
+            (writer, reader)
+        })
+        .collect();
+    let mut most = 0;
+    while clients.iter().any(|(_, r)| !r.is_finished()) {
+        most = most.max(threads());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for (w, r) in clients {
+        w.join().unwrap();
+        r.join().unwrap();
+    }
+    // The clients' own threads: two per connection.
+    let server = most.saturating_sub(before + 2 * CONNECTIONS);
+    let cap = CONNECTIONS + vsc::nbd::Limits::default().max_workers;
+    println!("threads: {before} before, {most} at most ({server} for the NBD server; cap {cap})");
+    assert!(server <= cap, "{server} NBD server threads");
+    guest.stop();
+}

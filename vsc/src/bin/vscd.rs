@@ -6,9 +6,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use clap::builder::TypedValueParser;
 use clap::Parser;
 use vsc::client::{Client, SUPPORTED_VERSIONS};
 use vsc::loopback::Loopback;
+use vsc::nbd::Limits;
 
 /// Attaches to a vspd as a loopback guest.
 #[derive(Parser, Debug)]
@@ -21,9 +23,12 @@ struct Args {
     #[arg(long)]
     list: bool,
     /// Export every disk as an NBD export on a Unix socket at this path (exports `disk0`,
-    /// `disk1`, ...; the empty name is `disk0`). Serves until SIGTERM or SIGINT.
+    /// `disk1`, ...; the empty name is `disk0`), mode 0600. Serves until SIGTERM or SIGINT. What
+    /// clients can make it hold is bounded by the --nbd-* options.
     #[arg(long, value_name = "PATH", conflicts_with = "list")]
     nbd: Option<PathBuf>,
+    #[command(flatten)]
+    nbd_limits: NbdLimits,
     /// Guest memory of the loopback guest, in MiB (each disk controller takes about 9 MiB of
     /// it for rings and bounce buffers).
     #[arg(long, default_value_t = 256)]
@@ -139,7 +144,7 @@ fn export(args: &Args, path: &std::path::Path) -> Result<(), vsc::Error> {
             }
         })
         .collect();
-    let server = NbdServer::bind(path, exports)?;
+    let server = NbdServer::bind(path, exports)?.with_limits(args.nbd_limits.limits());
     let stop = Arc::new(ringbuf::Event::new()?);
     let s = stop.clone();
     let mut signals = signal_hook::iterator::Signals::new([
@@ -170,4 +175,79 @@ fn export(args: &Args, path: &std::path::Path) -> Result<(), vsc::Error> {
     );
     server.run(stop)?;
     guest.detach()
+}
+
+/// What one NBD client can make the export hold (see `vsc::nbd::Limits`): every connection, in
+/// its handshake or served, has a thread; requests that block (flush, trim, zeroing, large
+/// reads and writes) run on worker threads; request data in memory is bounded per connection
+/// and for the server, and each connection keeps a reserve of its own so that it is served
+/// whatever the others hold.
+/// The heading of the NBD limits in `--help`.
+const NBD_LIMITS: &str = "NBD limits (with --nbd)";
+
+#[derive(clap::Args, Debug)]
+struct NbdLimits {
+    /// Connections past their handshake served at once; more are closed when they arrive.
+    #[arg(long, help_heading = NBD_LIMITS, value_name = "N", default_value_t = Limits::default().max_connections,
+          value_parser = clap::value_parser!(u32).range(1..=65536).map(|n| n as usize))]
+    nbd_max_connections: usize,
+    /// Connections in their handshake at once (not counted as served); a new one arriving
+    /// when there are this many closes the one that has been at it longest.
+    #[arg(long, help_heading = NBD_LIMITS, value_name = "N", default_value_t = Limits::default().max_handshakes,
+          value_parser = clap::value_parser!(u32).range(1..=65536).map(|n| n as usize))]
+    nbd_max_handshakes: usize,
+    /// The longest a client's whole handshake may take, in seconds; then it is closed.
+    #[arg(long, help_heading = NBD_LIMITS, value_name = "SECS", default_value_t = Limits::default().handshake_timeout.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    nbd_handshake_timeout: u64,
+    /// The longest a reply may wait for a client that takes none of it, in seconds; then the
+    /// connection is closed and what it held is freed.
+    #[arg(long, help_heading = NBD_LIMITS, value_name = "SECS", default_value_t = Limits::default().reply_timeout.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    nbd_reply_timeout: u64,
+    /// Request data one connection may hold in memory, in MiB (flushes, trims and zeroing
+    /// count 4 KiB each).
+    #[arg(long, help_heading = NBD_LIMITS, value_name = "MIB", default_value_t = Limits::default().connection_budget >> 20,
+          value_parser = clap::value_parser!(u64).range(1..=65536))]
+    nbd_connection_budget_mib: u64,
+    /// Request data each connection may hold outside the shared budget, in KiB: what keeps
+    /// it served when other connections hold all of the shared budget (0: no reserve).
+    #[arg(long, help_heading = NBD_LIMITS, value_name = "KIB", default_value_t = Limits::default().connection_reserve >> 10,
+          value_parser = clap::value_parser!(u64).range(0..=1 << 20))]
+    nbd_connection_reserve_kib: u64,
+    /// Request data all connections may hold in memory beyond their reserves, in MiB.
+    #[arg(long, help_heading = NBD_LIMITS, value_name = "MIB", default_value_t = Limits::default().server_budget >> 20,
+          value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    nbd_server_budget_mib: u64,
+    /// Worker threads of one connection.
+    #[arg(long, help_heading = NBD_LIMITS, value_name = "N", default_value_t = Limits::default().workers_per_connection,
+          value_parser = clap::value_parser!(u32).range(1..=4096).map(|n| n as usize))]
+    nbd_workers_per_connection: usize,
+    /// Worker threads of the whole export (0: every connection runs its blocking requests on
+    /// its own thread).
+    #[arg(long, help_heading = NBD_LIMITS, value_name = "N", default_value_t = Limits::default().max_workers,
+          value_parser = clap::value_parser!(u32).range(0..=65536).map(|n| n as usize))]
+    nbd_max_workers: usize,
+    /// Requests of one connection queued for its busy workers.
+    #[arg(long, help_heading = NBD_LIMITS, value_name = "N", default_value_t = Limits::default().queue_per_connection,
+          value_parser = clap::value_parser!(u32).range(1..=65536).map(|n| n as usize))]
+    nbd_queue_per_connection: usize,
+}
+
+impl NbdLimits {
+    fn limits(&self) -> Limits {
+        use std::time::Duration;
+        Limits {
+            max_connections: self.nbd_max_connections,
+            max_handshakes: self.nbd_max_handshakes,
+            handshake_timeout: Duration::from_secs(self.nbd_handshake_timeout),
+            workers_per_connection: self.nbd_workers_per_connection,
+            max_workers: self.nbd_max_workers,
+            queue_per_connection: self.nbd_queue_per_connection,
+            connection_budget: self.nbd_connection_budget_mib << 20,
+            connection_reserve: self.nbd_connection_reserve_kib << 10,
+            server_budget: self.nbd_server_budget_mib << 20,
+            reply_timeout: Duration::from_secs(self.nbd_reply_timeout),
+        }
+    }
 }

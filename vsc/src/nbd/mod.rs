@@ -16,10 +16,12 @@
 //! ([`BlockDevice::attach_source`]) the connection's requests are read without blocking on that
 //! loop's thread and reads and writes are started there; elsewhere the connection's thread decodes
 //! them. Reads and writes the device takes asynchronously are answered from its completions, in
-//! batches; the rest go to a few worker threads (started on demand) which call the
-//! [`BlockDevice`] and write their replies, out of order, under a lock on the socket. Everything a client sends is bounded: option
-//! data 64 KiB, names 4096 bytes, requests 32 MiB, in-flight request data per connection and for the
-//! whole server (see [`Limits`]). A client that breaks the framing (bad magic, oversized option) is
+//! batches; the rest go to a few worker threads (started on demand, capped per connection and
+//! for the server) which call the [`BlockDevice`] and write their replies, out of order, under a
+//! lock on the socket. Everything a client sends is bounded: option data 64 KiB, names 4096
+//! bytes, requests 32 MiB, the handshake's duration, in-flight request data per connection
+//! and for the whole server with a reserve per connection, replies left untaken (see
+//! [`Limits`]). A client that breaks the framing (bad magic, oversized option) is
 //! disconnected; nothing else is affected.
 
 mod handshake;

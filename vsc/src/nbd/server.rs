@@ -2,36 +2,58 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustix::event::{poll, PollFd, PollFlags};
 
-use super::transmission::{self, Budget};
+use super::transmission::{self, Pool};
 use super::{handshake, proto, Export};
 use crate::Error;
 
-/// Bounds on what clients can make the server hold.
+/// Bounds on what clients can make the server hold. Each one is a `vscd --nbd-*` option.
+///
+/// Memory: request data (reads and writes in flight, and their replies until the client takes
+/// them) is bounded per connection by `connection_budget`, and for the server by `server_budget`
+/// plus `connection_reserve` per connection. A connection takes a request's share of the server's
+/// memory from its own reserve first, so that however much the other connections hold (clients
+/// that ask for large reads and never take the replies hold their budget until the reply
+/// timeout closes them), small requests of every connection keep being served.
+///
+/// Threads: one per connection (handshakes included) and at most `max_workers` worker threads for
+/// the requests that block (flush, trim, zeroing, large reads and writes); a connection that has
+/// none runs them on its own thread, and reads no further request meanwhile.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Connections served at once; more are closed as soon as they are accepted.
+    /// Connections past their handshake served at once; more are closed as soon as they are
+    /// accepted (or, if the cap was reached meanwhile, once their handshake is done).
     pub max_connections: usize,
+    /// Connections in their handshake at once (they do not count against `max_connections`);
+    /// when a new one arrives with this many, the one that has been at it longest is closed.
+    pub max_handshakes: usize,
+    /// The longest a whole handshake may take; then the connection is closed.
+    pub handshake_timeout: Duration,
     /// Worker threads per connection (requests of one connection in progress at once).
     pub workers_per_connection: usize,
+    /// Worker threads of the whole server.
+    pub max_workers: usize,
     /// Requests of one connection queued for a busy worker.
     pub queue_per_connection: usize,
     /// Request data (reads and writes) of one connection held in memory at once, in bytes.
+    /// Requests without data (flush, trim, write zeroes) count 4 KiB each.
     pub connection_budget: u64,
-    /// Request data held in memory by the whole server, in bytes.
+    /// Request data of each connection held in memory outside `server_budget`, in bytes: what
+    /// keeps a connection going when the others hold all of `server_budget` (0: none).
+    pub connection_reserve: u64,
+    /// Request data held in memory by all connections beyond their reserves, in bytes.
     pub server_budget: u64,
-    /// The longest wait for a client's next handshake bytes; then the connection is closed.
-    pub handshake_timeout: Duration,
-    /// The longest wait for a client to take a reply; then the connection is closed.
+    /// The longest a reply may wait for a client that takes none of it (the socket staying
+    /// full); then the connection is closed, freeing its budget.
     pub reply_timeout: Duration,
 }
 
@@ -39,11 +61,14 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: 64,
-            workers_per_connection: 64,
+            max_handshakes: 16,
+            handshake_timeout: Duration::from_secs(10),
+            workers_per_connection: 16,
+            max_workers: 128,
             queue_per_connection: 64,
             connection_budget: 64 << 20,
+            connection_reserve: 1 << 20,
             server_budget: 512 << 20,
-            handshake_timeout: Duration::from_secs(30),
             reply_timeout: Duration::from_secs(60),
         }
     }
@@ -157,7 +182,7 @@ impl NbdServer {
         let shared = Arc::new(Shared {
             exports: Arc::clone(&self.exports),
             limits: self.limits.clone(),
-            global: Budget::new(self.limits.server_budget),
+            pool: Pool::new(&self.limits),
             conns: Mutex::new(HashMap::new()),
         });
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
@@ -201,8 +226,8 @@ impl NbdServer {
             }
         }
         tracing::info!(path = %self.path.display(), "NBD server stopping");
-        for s in lock(&shared.conns).values() {
-            let _ = s.shutdown(std::net::Shutdown::Read);
+        for c in lock(&shared.conns).values() {
+            let _ = c.stream.shutdown(std::net::Shutdown::Read);
         }
         for t in threads {
             let _ = t.join();
@@ -223,8 +248,9 @@ impl Drop for NbdServer {
     }
 }
 
-/// Binds at `path` with mode 0600 from the start: bound under a temporary name in the same
-/// directory, chmod'ed, then renamed over `path` (which also replaces a stale socket atomically).
+/// Binds at `path` with mode 0600 from the start (see [`listen_private`]): bound under a
+/// temporary name in the same directory, then renamed over `path` (which also replaces a stale
+/// socket atomically).
 fn bind_private(path: &Path) -> Result<UnixListener, Error> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -233,11 +259,9 @@ fn bind_private(path: &Path) -> Result<UnixListener, Error> {
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
-    let private = |p: &Path| std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600));
-    match UnixListener::bind(&tmp) {
+    match listen_private(&tmp) {
         Ok(l) => {
-            let r = private(&tmp).and_then(|()| std::fs::rename(&tmp, path));
-            if let Err(e) = r {
+            if let Err(e) = std::fs::rename(&tmp, path) {
                 let _ = std::fs::remove_file(&tmp);
                 return Err(io_err(format!("binding {}", path.display()))(e));
             }
@@ -246,12 +270,26 @@ fn bind_private(path: &Path) -> Result<UnixListener, Error> {
         Err(_) => {
             // The temporary name may not fit in a socket address: bind in place.
             let _ = std::fs::remove_file(path);
-            let l =
-                UnixListener::bind(path).map_err(io_err(format!("binding {}", path.display())))?;
-            private(path).map_err(io_err(format!("chmod {}", path.display())))?;
-            Ok(l)
+            listen_private(path).map_err(io_err(format!("binding {}", path.display())))
         }
     }
+}
+
+/// A listening Unix socket whose file at `path` has mode 0600 (less the umask) from the moment
+/// it exists: the mode is set on the socket before `bind`, which creates the file with the
+/// socket's mode (Linux), so no client can connect in a window before a `chmod`.
+pub(crate) fn listen_private(path: &Path) -> io::Result<UnixListener> {
+    use rustix::net::{bind, listen, socket_with, AddressFamily, SocketAddrUnix, SocketFlags};
+    let fd = socket_with(
+        AddressFamily::UNIX,
+        rustix::net::SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(0o600))?;
+    bind(&fd, &SocketAddrUnix::new(path)?)?;
+    listen(&fd, 128)?;
+    Ok(UnixListener::from(fd))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -262,9 +300,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Shared {
     exports: Arc<[Export]>,
     limits: Limits,
-    global: Arc<Budget>,
-    /// The live connections, to end them on stop.
-    conns: Mutex<HashMap<u64, UnixStream>>,
+    pool: Arc<Pool>,
+    /// The live connections, to end them on stop (and handshakes that take too long).
+    conns: Mutex<HashMap<u64, Conn>>,
+}
+
+/// A live connection.
+struct Conn {
+    stream: UnixStream,
+    /// Since when it is in its handshake; `None` once served.
+    handshake: Option<Instant>,
+    /// Closed to make room for a newer handshake (its thread is ending).
+    evicted: bool,
 }
 
 /// Removes a connection from the registry when its thread ends.
@@ -277,17 +324,47 @@ impl Drop for Registered<'_> {
 }
 
 impl Shared {
-    /// Starts a thread for a new connection, or refuses it by closing.
+    /// Starts a thread for a new connection, or refuses it by closing. A connection in its
+    /// handshake takes one of `max_handshakes` places, the oldest one's if they are all taken
+    /// (a client that opens connections and dawdles cannot keep others from being served).
     fn start(this: &Arc<Self>, id: u64, stream: UnixStream) -> Option<JoinHandle<()>> {
         {
             let mut conns = lock(&this.conns);
-            if conns.len() >= this.limits.max_connections {
-                tracing::warn!("NBD: {} connections already, refusing another", conns.len());
+            let served = conns.values().filter(|c| c.handshake.is_none()).count();
+            if served >= this.limits.max_connections {
+                tracing::warn!("NBD: {served} connections already, refusing another");
                 return None;
+            }
+            // Evicted connections linger until their threads notice: bounded too.
+            let max_handshakes = this.limits.max_handshakes.max(1);
+            if conns.len() - served >= 2 * max_handshakes {
+                tracing::warn!("NBD: too many connections closing, refusing another");
+                return None;
+            }
+            let mut handshaking: Vec<(&u64, &mut Conn)> = conns
+                .iter_mut()
+                .filter(|(_, c)| c.handshake.is_some() && !c.evicted)
+                .collect();
+            if handshaking.len() >= max_handshakes {
+                handshaking.sort_by_key(|(_, c)| c.handshake);
+                let (old, c) = &mut handshaking[0];
+                tracing::info!(
+                    id = **old,
+                    "NBD: {max_handshakes} handshakes in progress; closing the oldest"
+                );
+                let _ = c.stream.shutdown(std::net::Shutdown::Both);
+                c.evicted = true;
             }
             match stream.try_clone() {
                 Ok(s) => {
-                    conns.insert(id, s);
+                    conns.insert(
+                        id,
+                        Conn {
+                            stream: s,
+                            handshake: Some(Instant::now()),
+                            evicted: false,
+                        },
+                    );
                 }
                 Err(e) => {
                     tracing::warn!("NBD: cannot register a connection: {e}");
@@ -300,7 +377,15 @@ impl Shared {
             .name(format!("nbd-conn-{id}"))
             .spawn(move || {
                 let _registered = Registered(&shared, id);
-                match serve_connection(&stream, &shared.exports, &shared.limits, &shared.global) {
+                let ready = || shared.ready(id);
+                let r = serve_connection(
+                    &stream,
+                    &shared.exports,
+                    &shared.limits,
+                    &shared.pool,
+                    &ready,
+                );
+                match r {
                     Ok(()) => tracing::debug!(id, "NBD connection closed"),
                     Err(e) => tracing::info!(id, "NBD connection dropped: {e}"),
                 }
@@ -314,15 +399,71 @@ impl Shared {
             }
         }
     }
+
+    /// A connection's handshake is done: whether it may be served (it was not evicted, and
+    /// `max_connections` is not reached).
+    fn ready(&self, id: u64) -> bool {
+        let mut conns = lock(&self.conns);
+        let served = conns.values().filter(|c| c.handshake.is_none()).count();
+        match conns.get_mut(&id) {
+            Some(c) if !c.evicted && served < self.limits.max_connections => {
+                c.handshake = None;
+                true
+            }
+            _ => {
+                tracing::warn!(id, "NBD: no room left for a connection past its handshake");
+                false
+            }
+        }
+    }
 }
 
 /// Serves one client on a stream connected elsewhere (a socket passed in by a supervisor, a
 /// socketpair): the handshake, then transmission, until the client disconnects or breaks the
-/// protocol (an error). `limits.server_budget` applies to this connection alone;
-/// `max_connections` does not apply.
+/// protocol (an error). `limits.server_budget` and `max_workers` apply to this connection
+/// alone; `max_connections` and `max_handshakes` do not apply.
 pub fn serve_stream(stream: &UnixStream, exports: &[Export], limits: &Limits) -> io::Result<()> {
-    let global = Budget::new(limits.server_budget);
-    serve_connection(stream, exports, limits, &global)
+    serve_connection(stream, exports, limits, &Pool::new(limits), &|| true)
+}
+
+/// The stream during the handshake: each read and write may wait only for what is left until
+/// the handshake's deadline, so that the whole handshake, not each step, is bounded.
+struct Deadline<'a> {
+    stream: &'a UnixStream,
+    deadline: Instant,
+}
+
+impl Deadline<'_> {
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "handshake not done within the handshake timeout",
+            ));
+        }
+        Ok(left)
+    }
+}
+
+impl io::Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.set_read_timeout(Some(self.left()?))?;
+        let mut s = self.stream;
+        s.read(buf)
+    }
+}
+
+impl io::Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stream.set_write_timeout(Some(self.left()?))?;
+        let mut s = self.stream;
+        s.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Serves one connection: handshake, then transmission.
@@ -330,17 +471,23 @@ pub(crate) fn serve_connection(
     stream: &UnixStream,
     exports: &[Export],
     limits: &Limits,
-    global: &Arc<Budget>,
+    pool: &Arc<Pool>,
+    ready: &dyn Fn() -> bool,
 ) -> io::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(limits.handshake_timeout))?;
-    stream.set_write_timeout(Some(limits.reply_timeout))?;
-    let mut s = stream;
+    let mut s = Deadline {
+        stream,
+        deadline: Instant::now() + limits.handshake_timeout,
+    };
     let Some(i) = handshake::negotiate(&mut s, exports)? else {
         return Ok(());
     };
+    if !ready() {
+        return Ok(());
+    }
     let export = &exports[i];
     tracing::debug!(export = %export.name, "NBD transmission");
     stream.set_read_timeout(None)?;
-    transmission::serve(stream, export, limits, global)
+    stream.set_write_timeout(None)?;
+    transmission::serve(stream, export, limits, pool)
 }

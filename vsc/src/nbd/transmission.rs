@@ -1,13 +1,14 @@
 //! The transmission phase: requests decoded by the connection's thread, executed by a few worker
 //! threads, simple replies written under a lock on the socket.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, Scope};
+use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
 
@@ -41,6 +42,11 @@ impl Budget {
             lock: Mutex::new(()),
             freed: Condvar::new(),
         })
+    }
+
+    /// Whether a request of `n` bytes fits in this budget at all.
+    fn fits(&self, n: u64) -> bool {
+        n <= self.cap
     }
 
     /// Takes `n` bytes if they are free now.
@@ -109,6 +115,78 @@ impl Drop for Permit {
     }
 }
 
+/// What every connection of a server shares: the server-wide byte budget and the worker threads.
+pub(crate) struct Pool {
+    /// Request data held by all connections beyond their reserves ([`Limits::server_budget`]).
+    pub(crate) budget: Arc<Budget>,
+    /// Worker threads running, for all connections.
+    workers: AtomicUsize,
+    /// [`Limits::max_workers`].
+    max_workers: usize,
+}
+
+impl Pool {
+    pub(crate) fn new(limits: &Limits) -> Arc<Self> {
+        Arc::new(Self {
+            budget: Budget::new(limits.server_budget),
+            workers: AtomicUsize::new(0),
+            max_workers: limits.max_workers,
+        })
+    }
+
+    /// Takes a worker thread's slot if the server has one free.
+    fn take_worker(&self) -> Option<WorkerSlot<'_>> {
+        let mut cur = self.workers.load(Ordering::Relaxed);
+        loop {
+            if cur >= self.max_workers {
+                return None;
+            }
+            match self.workers.compare_exchange_weak(
+                cur,
+                cur + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(WorkerSlot(self)),
+                Err(now) => cur = now,
+            }
+        }
+    }
+}
+
+/// A worker thread's place in [`Pool::workers`], given back when the thread ends.
+struct WorkerSlot<'a>(&'a Pool);
+
+impl Drop for WorkerSlot<'_> {
+    fn drop(&mut self) {
+        self.0.workers.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A request's share of the server's memory: from the connection's own reserve where it fits
+/// there and is free (so that a connection always makes progress, whatever the others hold),
+/// else from the budget all connections share. `None`: neither has room now.
+fn try_take_shared(reserve: Option<&Arc<Budget>>, shared: &Arc<Budget>, n: u64) -> Option<Permit> {
+    if let Some(r) = reserve.filter(|r| r.fits(n)) {
+        if let Some(p) = r.try_acquire(n) {
+            return Some(p);
+        }
+    }
+    shared.try_acquire(n)
+}
+
+/// [`try_take_shared`], waiting for room: for the reserve where the request fits there (it is
+/// freed by this connection's own replies), else for the shared budget.
+fn take_shared(reserve: Option<&Arc<Budget>>, shared: &Arc<Budget>, n: u64) -> Permit {
+    if let Some(p) = try_take_shared(reserve, shared, n) {
+        return p;
+    }
+    match reserve.filter(|r| r.fits(n)) {
+        Some(r) => r.acquire(n),
+        None => shared.acquire(n),
+    }
+}
+
 /// What a worker does.
 enum Op {
     Read,
@@ -156,6 +234,8 @@ struct Replies {
     /// Wakes the event loop running the connection's source (set once it is attached): a
     /// flush that leaves replies on a full socket calls it, so the source retries them.
     waker: std::sync::OnceLock<crate::storvsc::SourceWaker>,
+    /// How long a reply may wait for a client that takes none of it ([`Limits::reply_timeout`]).
+    reply_timeout: Duration,
 }
 
 /// Write buffers kept for reuse per connection.
@@ -207,7 +287,7 @@ impl Replies {
             let mut out = lock(&self.writer);
             // What a flush left goes first: the stream stays in order.
             self.write_out(&mut out, true);
-            let r = write_all_vectored(&mut out.stream, parts);
+            let r = write_all_within(&out.stream, parts, self.reply_timeout);
             self.check(&out.stream, r)
         };
         self.flush();
@@ -308,15 +388,18 @@ impl Replies {
             written,
             stalled_since,
         } = &mut *out;
+        if wait {
+            let rest = &writing.bytes[*written..];
+            let r = write_all_within(stream, &mut [io::IoSlice::new(rest)], self.reply_timeout);
+            let _ = self.check(stream, r);
+            out.clear();
+            return true;
+        }
         let mut moved = false;
         while *written < writing.bytes.len() {
             let rest = &writing.bytes[*written..];
-            let r = if wait {
-                stream.write(rest)
-            } else {
-                send(&*stream, rest, SendFlags::DONTWAIT | SendFlags::NOSIGNAL).map_err(Into::into)
-            };
-            match r {
+            let r = send(&*stream, rest, SendFlags::DONTWAIT | SendFlags::NOSIGNAL);
+            match r.map_err(io::Error::from) {
                 Ok(0) => {
                     let _ = self.check(stream, Err(io::ErrorKind::WriteZero.into()));
                     break;
@@ -326,7 +409,7 @@ impl Replies {
                     moved = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && !wait => {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // The stall starts now, or starts again if the client took some.
                     if moved || stalled_since.is_none() {
                         *stalled_since = Some(std::time::Instant::now());
@@ -508,18 +591,54 @@ impl Conn {
     }
 }
 
-/// `write_all` for several buffers: `writev` until every byte is out.
-fn write_all_vectored<W: Write>(w: &mut W, mut parts: &mut [io::IoSlice<'_>]) -> io::Result<()> {
+/// `write_all` for several buffers on a socket: non-blocking `sendmsg` until every byte is out,
+/// waiting for room in between. Fails with `TimedOut` once the socket has stayed full for
+/// `timeout` (the client took none of it): the reply timeout bounds each stall, not the
+/// whole reply, so a client that reads slowly is served and one that does not read is let go
+/// after one timeout, whatever the size of the reply.
+fn write_all_within(
+    stream: &UnixStream,
+    mut parts: &mut [io::IoSlice<'_>],
+    timeout: Duration,
+) -> io::Result<()> {
+    use rustix::net::{sendmsg, SendAncillaryBuffer, SendFlags};
     io::IoSlice::advance_slices(&mut parts, 0);
     while !parts.is_empty() {
-        match w.write_vectored(parts) {
+        let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
+        match sendmsg(stream, parts, &mut SendAncillaryBuffer::default(), flags) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => io::IoSlice::advance_slices(&mut parts, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(rustix::io::Errno::AGAIN) => wait_writable(stream, timeout)?,
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())
+}
+
+/// Waits until `stream` has room (or is closed), for at most `timeout`.
+fn wait_writable(stream: &UnixStream, timeout: Duration) -> io::Result<()> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took no reply within the reply timeout",
+            ));
+        }
+        let ts = Timespec::try_from(left).unwrap_or(Timespec {
+            tv_sec: i64::MAX,
+            tv_nsec: 0,
+        });
+        let mut fds = [PollFd::new(stream, PollFlags::OUT)];
+        match poll(&mut fds, Some(&ts)) {
+            Ok(0) | Err(rustix::io::Errno::INTR) => {}
+            Ok(_) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 fn status_reply(r: Result<(), IoError>, cookie: u64) -> Vec<u8> {
@@ -693,8 +812,9 @@ pub(crate) fn serve(
     stream: &UnixStream,
     export: &Export,
     limits: &Limits,
-    global: &Arc<Budget>,
+    pool: &Arc<Pool>,
 ) -> io::Result<()> {
+    let global = &pool.budget;
     let replies = Arc::new(Replies {
         writer: Mutex::new(Output {
             stream: stream.try_clone()?,
@@ -711,6 +831,7 @@ pub(crate) fn serve(
         idle_lock: Mutex::new(()),
         buffers: ArrayQueue::new(POOLED_BUFFERS),
         waker: std::sync::OnceLock::new(),
+        reply_timeout: limits.reply_timeout,
     });
     let for_hook = replies.clone();
     let batch_guard = export.device.batch_hook(Arc::new(move || for_hook.flush()));
@@ -722,6 +843,7 @@ pub(crate) fn serve(
         device: export.device.clone(),
     };
     let local = Budget::new(limits.connection_budget);
+    let reserve = (limits.connection_reserve > 0).then(|| Budget::new(limits.connection_reserve));
     let (tx, rx) = sync_channel::<Job>(limits.queue_per_connection.max(1));
     let rx = Mutex::new(rx);
     // The event loop: replies must be batched (an event source never writes to the socket
@@ -735,6 +857,7 @@ pub(crate) fn serve(
             stream: stream.try_clone()?,
             local: local.clone(),
             global: global.clone(),
+            reserve: reserve.clone(),
             jobs: src_tx,
             buf: vec![0u8; READ_BUFFER].into_boxed_slice(),
             start: 0,
@@ -759,6 +882,7 @@ pub(crate) fn serve(
             tx,
             count: 0,
             max: limits.workers_per_connection.max(1),
+            pool,
         };
         let r = match &events {
             // Until the source is done (it drops its sender).
@@ -770,7 +894,7 @@ pub(crate) fn serve(
                 }
                 lock(outcome).take().map_or(Ok(()), Err)
             }
-            None => reader(&mut workers, stream, &local, global),
+            None => reader(&mut workers, stream, &local, reserve.as_ref(), global),
         };
         if r.is_err() {
             // A broken stream or protocol: answers still pending would be sent into the void.
@@ -811,6 +935,8 @@ struct Workers<'scope, 'env> {
     tx: SyncSender<Job>,
     count: usize,
     max: usize,
+    /// The server's worker slots ([`Limits::max_workers`]).
+    pool: &'scope Pool,
 }
 
 impl Workers<'_, '_> {
@@ -818,18 +944,26 @@ impl Workers<'_, '_> {
     /// busy; runs it here if none can be started. False if the workers are gone.
     fn run(&mut self, job: Job) -> bool {
         let n = self.conn.replies.outstanding.load(Ordering::SeqCst);
-        if n > self.count && self.count < self.max {
+        let slot = (n > self.count && self.count < self.max)
+            .then(|| self.pool.take_worker())
+            .flatten();
+        if let Some(slot) = slot {
             let (conn, rx) = (self.conn, self.rx);
             let spawned = thread::Builder::new()
                 .name("nbd-worker".into())
-                .spawn_scoped(self.scope, move || worker(conn, rx));
+                .spawn_scoped(self.scope, move || {
+                    // The slot is the server's again when this thread ends.
+                    let _slot = slot;
+                    worker(conn, rx)
+                });
             match spawned {
                 Ok(_) => self.count += 1,
                 Err(e) => tracing::warn!("cannot start an NBD worker thread: {e}"),
             }
         }
         if self.count == 0 {
-            // No worker could be started: do it here.
+            // No worker could be started (the server has none free, or threads cannot be
+            // made): do it here, which holds up this connection's input meanwhile.
             self.conn.execute(job);
             return true;
         }
@@ -841,6 +975,7 @@ fn reader(
     workers: &mut Workers<'_, '_>,
     stream: &UnixStream,
     local: &Arc<Budget>,
+    reserve: Option<&Arc<Budget>>,
     global: &Arc<Budget>,
 ) -> io::Result<()> {
     let conn = workers.conn;
@@ -878,7 +1013,8 @@ fn reader(
         } else {
             Vec::new()
         };
-        let job = Job::new(&req, data, (local_permit, global.acquire(data_len)));
+        let shared = take_shared(reserve, global, data_len);
+        let job = Job::new(&req, data, (local_permit, shared));
         conn.replies.outstanding.fetch_add(1, Ordering::SeqCst);
         let Some(job) = conn.start_async(job) else {
             continue;
@@ -893,11 +1029,18 @@ fn bad_magic() -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, "bad request magic")
 }
 
-/// Bytes of data a request holds in memory (its budget).
+/// Budget a request without data (flush, trim, write zeroes) holds while in flight: such
+/// requests count against the connection's cap like the others, so that a client pipelining
+/// thousands of them is held back by its budget (and then by its queue), not served by as many
+/// threads.
+const REQUEST_BUDGET: u64 = 4096;
+
+/// Budget a request holds while in flight: its data for reads and writes, [`REQUEST_BUDGET`]
+/// for the others.
 fn data_len(req: &Request) -> u64 {
     match req.kind {
         CMD_READ | CMD_WRITE => u64::from(req.len),
-        _ => 0,
+        _ => REQUEST_BUDGET,
     }
 }
 
@@ -982,6 +1125,8 @@ struct EventSource {
     stream: UnixStream,
     local: Arc<Budget>,
     global: Arc<Budget>,
+    /// The connection's own share of the server's memory (see [`try_take_shared`]).
+    reserve: Option<Arc<Budget>>,
     jobs: SyncSender<Job>,
     buf: Box<[u8]>,
     start: usize,
@@ -1114,23 +1259,25 @@ impl EventSource {
                 };
                 step
             }
-            Wait::Global { req, data, local } => match self.global.try_acquire(data_len(&req)) {
-                None => {
-                    self.wait = Wait::Global { req, data, local };
-                    Step::Blocked
-                }
-                Some(global) => {
-                    let job = Job::new(&req, data, (local, global));
-                    let replies = &self.conn.replies;
-                    replies.outstanding.fetch_add(1, Ordering::SeqCst);
-                    if let Some(job) = self.conn.start_async(job) {
-                        // Counted again when it is queued.
-                        replies.outstanding.fetch_sub(1, Ordering::SeqCst);
-                        self.wait = Wait::Blocking(job);
+            Wait::Global { req, data, local } => {
+                match try_take_shared(self.reserve.as_ref(), &self.global, data_len(&req)) {
+                    None => {
+                        self.wait = Wait::Global { req, data, local };
+                        Step::Blocked
                     }
-                    Step::Again
+                    Some(global) => {
+                        let job = Job::new(&req, data, (local, global));
+                        let replies = &self.conn.replies;
+                        replies.outstanding.fetch_add(1, Ordering::SeqCst);
+                        if let Some(job) = self.conn.start_async(job) {
+                            // Counted again when it is queued.
+                            replies.outstanding.fetch_sub(1, Ordering::SeqCst);
+                            self.wait = Wait::Blocking(job);
+                        }
+                        Step::Again
+                    }
                 }
-            },
+            }
             Wait::Blocking(job) => {
                 let replies = &self.conn.replies;
                 replies.outstanding.fetch_add(1, Ordering::SeqCst);

@@ -37,6 +37,24 @@ struct Args {
     #[arg(long, value_name = "US", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     poll_us: u64,
+    /// Also allow processes of this uid to connect (repeatable). By default only vspd's own
+    /// uid may; root is not implied. Checked with SO_PEERCRED before anything is read.
+    #[arg(long, value_name = "UID")]
+    allow_uid: Vec<u32>,
+    /// Most front ends connected at a time (default 64); more are refused.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=65536))]
+    max_sessions: Option<u64>,
+    /// Most channels one guest may have open at a time (default 256).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=2047))]
+    max_channels: Option<u64>,
+    /// Most GPADLs one guest may hold (default 4096).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_gpadls: Option<u64>,
+    /// Run without the seccomp filter (for debugging: strace, gdb). By default, once the
+    /// socket is bound, every thread runs under an allowlist of the system calls serving
+    /// needs; anything else (running programs, network sockets, tracing) fails with EPERM.
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 fn main() -> ExitCode {
@@ -75,6 +93,19 @@ fn load(args: &Args) -> Result<Config, vsp::Error> {
     }
     for n in &args.nic {
         config.nics.push(parse_kv::<NicConfig>("nic", n)?);
+    }
+    config.allow_uid.extend(&args.allow_uid);
+    if let Some(n) = args.max_sessions {
+        config.max_sessions = Some(n as usize);
+    }
+    if let Some(n) = args.max_channels {
+        config.max_channels = Some(n as usize);
+    }
+    if let Some(n) = args.max_gpadls {
+        config.max_gpadls = Some(n as usize);
+    }
+    if args.no_seccomp {
+        config.seccomp = Some(false);
     }
     config.validate()?;
     Ok(config)

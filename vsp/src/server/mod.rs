@@ -89,6 +89,13 @@ pub struct ServerConfig {
     /// Most guest memory all GPADLs together may describe, in bytes (default 16 GiB). This
     /// bounds the page lists the server keeps: 8 bytes per 4 KiB page described.
     pub max_total_gpadl_bytes: u64,
+    /// Most channels open (or opening) at a time (default 256): each is a worker thread and a
+    /// ring mapping in the daemon. An OpenChannel beyond it fails with
+    /// `STATUS_INSUFFICIENT_RESOURCES`.
+    pub max_open_channels: usize,
+    /// Most subchannels one primary channel may have (default 64); a device's request for more
+    /// is cut to this. See [`Server::request_subchannels`].
+    pub max_subchannels: u16,
 }
 
 impl Default for ServerConfig {
@@ -98,6 +105,8 @@ impl Default for ServerConfig {
             max_gpadls: 4096,
             max_pending_gpadls: 64,
             max_total_gpadl_bytes: 16 << 30,
+            max_open_channels: 256,
+            max_subchannels: 64,
         }
     }
 }
@@ -248,6 +257,9 @@ pub struct Server {
     /// every relid has been used.
     released_relids: BTreeSet<u32>,
     gpadls: Gpadls,
+    /// The partition's VPs: a VP the guest names (for messages or a channel's interrupts) must
+    /// be below this.
+    vp_count: u32,
 }
 
 /// A message for `vp` from a wire struct.
@@ -267,6 +279,102 @@ impl Server {
             next_relid: 1,
             released_relids: BTreeSet::new(),
             gpadls: Gpadls::default(),
+            vp_count: u32::MAX,
+        }
+    }
+
+    /// The partition's VP count, once the front end has told it: InitiateContact, OpenChannel
+    /// and ModifyChannel naming a VP at or above it fail (until then any VP is taken).
+    pub fn set_vp_count(&mut self, vp_count: u32) {
+        self.vp_count = vp_count;
+    }
+
+    /// The subchannel policy: a device on the open primary channel of `instance` asks for
+    /// subchannels 1 to `count` (storvsc's CREATE_SUB_CHANNELS, netvsc's subchannel request).
+    /// The ones not yet offered are offered (emitted at once if the guest asked for offers);
+    /// `count` is cut to [`ServerConfig::max_subchannels`]. Repeated or smaller requests add
+    /// nothing, so a guest that floods requests costs nothing but the check. Subchannels live
+    /// as long as their primary is open: when it closes they are rescinded. Returns the number
+    /// of subchannels the channel now has, or `None` if the primary is not open.
+    pub fn request_subchannels(
+        &mut self,
+        instance: Guid,
+        count: u16,
+        out: &mut Vec<Output>,
+    ) -> Option<u16> {
+        let primary = self.offers.values().find(|o| {
+            o.spec.interface_instance == instance
+                && o.spec.subchannel_index == 0
+                && matches!(o.state, State::Open(_))
+        })?;
+        let spec = primary.spec.clone();
+        let count = count.min(self.config.max_subchannels);
+        let existing: BTreeSet<u16> = self
+            .offers
+            .values()
+            .filter(|o| {
+                o.spec.interface_instance == instance
+                    && o.spec.subchannel_index != 0
+                    && !matches!(o.state, State::Rescinded)
+            })
+            .map(|o| o.spec.subchannel_index)
+            .collect();
+        for index in 1..=count {
+            if existing.contains(&index) {
+                continue;
+            }
+            let sub = OfferSpec {
+                subchannel_index: index,
+                ..spec.clone()
+            };
+            if let Err(err) = self.add_offer(sub, out) {
+                tracing::debug!(%err, "subchannel offer failed");
+                break;
+            }
+        }
+        Some(
+            self.offers
+                .values()
+                .filter(|o| {
+                    o.spec.interface_instance == instance
+                        && o.spec.subchannel_index != 0
+                        && !matches!(o.state, State::Rescinded)
+                })
+                .count() as u16,
+        )
+    }
+
+    /// Hot removal of a device: rescinds its subchannels, then its primary channel.
+    pub fn rescind_instance(&mut self, instance: Guid, out: &mut Vec<Output>) {
+        let mut relids: Vec<(u16, u32)> = self
+            .offers
+            .iter()
+            .filter(|(_, o)| {
+                o.spec.interface_instance == instance && !matches!(o.state, State::Rescinded)
+            })
+            .map(|(&r, o)| (o.spec.subchannel_index, r))
+            .collect();
+        relids.sort_unstable_by(|a, b| b.cmp(a));
+        for (_, relid) in relids {
+            // Rescinding a primary rescinds the subchannels left (none here: they went first).
+            let _ = self.rescind(relid, out);
+        }
+    }
+
+    /// Rescinds the subchannels of `instance` (when its primary stops).
+    fn rescind_subchannels(&mut self, instance: Guid, out: &mut Vec<Output>) {
+        let subs: Vec<u32> = self
+            .offers
+            .iter()
+            .filter(|(_, o)| {
+                o.spec.interface_instance == instance
+                    && o.spec.subchannel_index != 0
+                    && !matches!(o.state, State::Rescinded)
+            })
+            .map(|(&r, _)| r)
+            .collect();
+        for sub in subs {
+            let _ = self.rescind(sub, out);
         }
     }
 
@@ -410,7 +518,7 @@ impl Server {
             }
             Message::RelIdReleased(r) => self.relid_released(r.child_relid),
             Message::Unload => {
-                tracing::info!("guest unloaded VMBus");
+                tracing::debug!("guest unloaded VMBus");
                 self.disconnect(out);
                 out.push(message(
                     conn.message_vp,
@@ -557,7 +665,7 @@ impl Server {
         // a kexec'd or crash kernel whose predecessor could not unload (Linux sends no Unload
         // below Win8.1) must still be able to connect.
         if self.connection.is_some() {
-            tracing::info!("InitiateContact while connected: dropping the old connection");
+            tracing::debug!("InitiateContact while connected: dropping the old connection");
             self.disconnect(out);
         }
         // Before Win8.1 messages went to VP 0 whatever the guest asked (OpenVMM does the same).
@@ -570,10 +678,17 @@ impl Server {
             header: MessageHeader::new(MessageType::VERSION_RESPONSE),
             ..Default::default()
         };
+        // A VP the partition does not have: refuse, answering on VP 0 (which every partition
+        // has) rather than on the VP the guest named.
+        if vp >= self.vp_count {
+            tracing::debug!(vp, "InitiateContact names a VP the partition does not have");
+            out.push(message(0, &response));
+            return;
+        }
         let accepted = SUPPORTED_VERSIONS.contains(&version)
             && connection_id == version.initiate_contact_connection_id();
         if !accepted {
-            tracing::info!(
+            tracing::debug!(
                 connection_id,
                 version = format_args!("{:#x}", version.0),
                 "refusing VMBus version"
@@ -581,7 +696,7 @@ impl Server {
             out.push(message(vp, &response));
             return;
         }
-        tracing::info!(
+        tracing::debug!(
             version = format_args!("{}.{}", version.major(), version.minor()),
             vp,
             "guest connected"
@@ -665,6 +780,20 @@ impl Server {
             out.push(fail(status::UNSUCCESSFUL));
             return;
         }
+        if o.target_vp >= self.vp_count {
+            tracing::debug!(
+                relid,
+                vp = o.target_vp,
+                "OpenChannel names a VP that does not exist"
+            );
+            out.push(fail(status::INVALID_PARAMETER));
+            return;
+        }
+        if self.open_channels().count() >= self.config.max_open_channels {
+            tracing::debug!(relid, "OpenChannel beyond the open channel limit");
+            out.push(fail(status::INSUFFICIENT_RESOURCES));
+            return;
+        }
         // The ring GPADL: complete, created on this channel (Linux creates it on the channel it
         // opens), not being torn down, starting at the start of its first page.
         let Some(gpadl) = self
@@ -697,7 +826,8 @@ impl Server {
         let ring = match mem.map_pages(&gpadl.pfns) {
             Ok(map) => Arc::new(map),
             Err(err) => {
-                tracing::warn!(relid, %err, "mapping a ring failed");
+                // The guest's choice of pages can cause this: not worth a warning.
+                tracing::debug!(relid, %err, "mapping a ring failed");
                 out.push(fail(status::INSUFFICIENT_RESOURCES));
                 return;
             }
@@ -784,9 +914,15 @@ impl Server {
             return;
         };
         offer.state = State::Closed;
+        let primary = (offer.spec.subchannel_index == 0).then_some(offer.spec.interface_instance);
         out.push(Output::Close { relid });
         if let Some(conn) = self.connection {
             self.finish_deferred_teardown(conn, params.gpadl, out);
+        }
+        // Subchannels live as long as their primary channel is open (a new open creates them
+        // anew).
+        if let Some(instance) = primary {
+            self.rescind_subchannels(instance, out);
         }
     }
 
@@ -821,17 +957,22 @@ impl Server {
             return;
         }
         let mut status = status::SUCCESS;
+        let vp_ok = target_vp < self.vp_count;
         match self.offers.get_mut(&relid) {
             Some(Offer {
                 offered: true,
                 state: State::Open(params),
                 ..
-            }) => {
+            }) if vp_ok => {
                 params.target_vp = target_vp;
                 out.push(Output::Retarget { relid, target_vp });
             }
             _ => {
-                tracing::debug!(relid, "ModifyChannel of a channel that is not open");
+                tracing::debug!(
+                    relid,
+                    target_vp,
+                    "ModifyChannel of a closed channel or to no VP"
+                );
                 status = status::INVALID_PARAMETER;
             }
         }
@@ -856,6 +997,10 @@ impl Server {
                 State::Opening(_) | State::Open(_) => out.push(Output::Close { relid }),
                 State::Rescinded => rescinded.push(relid),
                 State::Closed => {}
+            }
+            // Subchannels go with their primary's connection.
+            if offer.spec.subchannel_index != 0 && !matches!(offer.state, State::Rescinded) {
+                rescinded.push(relid);
             }
             offer.state = State::Closed;
             offer.offered = false;

@@ -1059,3 +1059,160 @@ proptest! {
         }
     }
 }
+
+/// The relids of the OfferChannel messages in `out`, with their subchannel indexes.
+fn offered(out: &[Output]) -> Vec<(u32, u16)> {
+    messages(out)
+        .iter()
+        .filter(|(_, b)| message_type(b) == MessageType::OFFER_CHANNEL)
+        .map(|(_, b)| {
+            let o: OfferChannel = read_msg(b);
+            (o.child_relid, o.offer.subchannel_index)
+        })
+        .collect()
+}
+
+#[test]
+fn subchannel_requests_are_coalesced_capped_and_need_an_open_primary() {
+    let mut h = Harness::with_config(ServerConfig {
+        max_subchannels: 3,
+        ..ServerConfig::default()
+    });
+    h.add(1);
+    h.add(2);
+    h.connect(VmbusVersion::IRON);
+    let mut out = Vec::new();
+    // The primary is not open: nothing.
+    assert_eq!(
+        h.server.request_subchannels(Guid([1; 16]), 2, &mut out),
+        None
+    );
+    assert!(out.is_empty());
+    h.open_ok(1, 7, 16);
+    assert_eq!(
+        h.server.request_subchannels(Guid([1; 16]), 2, &mut out),
+        Some(2)
+    );
+    assert_eq!(offered(&out), [(3, 1), (4, 2)]);
+    // A flood of the same request, or smaller ones, adds nothing.
+    out.clear();
+    for _ in 0..100_000 {
+        h.server.request_subchannels(Guid([1; 16]), 2, &mut out);
+        h.server.request_subchannels(Guid([1; 16]), 1, &mut out);
+    }
+    assert!(out.is_empty());
+    // More than the limit: cut to it.
+    assert_eq!(
+        h.server
+            .request_subchannels(Guid([1; 16]), u16::MAX, &mut out),
+        Some(3)
+    );
+    assert_eq!(offered(&out), [(5, 3)]);
+    assert_eq!(h.server.offers().count(), 5);
+    // Another device's instance is not touched; an unknown instance does nothing.
+    assert_eq!(
+        h.server.request_subchannels(Guid([9; 16]), 2, &mut out),
+        None
+    );
+}
+
+#[test]
+fn closing_a_primary_rescinds_its_subchannels_and_hot_remove_takes_both() {
+    let mut h = Harness::new();
+    h.add(1);
+    h.connect(VmbusVersion::IRON);
+    h.open_ok(1, 7, 16);
+    let mut out = Vec::new();
+    h.server.request_subchannels(Guid([1; 16]), 2, &mut out);
+    // Open subchannel 2 (relid 2), then close the primary.
+    h.open_ok(2, 8, 40);
+    let out = h.post(&CloseChannel {
+        header: MessageHeader::new(MessageType::CLOSE_CHANNEL),
+        child_relid: 1,
+    });
+    let closes: Vec<u32> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Close { relid } => Some(*relid),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(closes, [1, 2], "the primary, then the open subchannel");
+    let rescinded: Vec<u32> = messages(&out)
+        .iter()
+        .filter(|(_, b)| message_type(b) == MessageType::RESCIND_CHANNEL_OFFER)
+        .map(|(_, b)| read_msg::<RescindChannelOffer>(b).child_relid)
+        .collect();
+    assert_eq!(rescinded, [2, 3]);
+    // Hot removal of the device with subchannels open: subchannels first, then the primary.
+    let mut h = Harness::new();
+    h.add(1);
+    h.connect(VmbusVersion::IRON);
+    h.open_ok(1, 7, 16);
+    let mut out = Vec::new();
+    h.server.request_subchannels(Guid([1; 16]), 1, &mut out);
+    let mut out = Vec::new();
+    h.server.rescind_instance(Guid([1; 16]), &mut out);
+    let rescinded: Vec<u32> = messages(&out)
+        .iter()
+        .filter(|(_, b)| message_type(b) == MessageType::RESCIND_CHANNEL_OFFER)
+        .map(|(_, b)| read_msg::<RescindChannelOffer>(b).child_relid)
+        .collect();
+    assert_eq!(rescinded, [2, 1]);
+    // Unload forgets subchannels: a reconnecting guest sees only the primary.
+    let mut h = Harness::new();
+    h.add(1);
+    h.connect(VmbusVersion::IRON);
+    h.open_ok(1, 7, 16);
+    let mut out = Vec::new();
+    h.server.request_subchannels(Guid([1; 16]), 2, &mut out);
+    h.post(&MessageHeader::new(MessageType::UNLOAD));
+    assert_eq!(offered(&h.connect(VmbusVersion::IRON)), [(1, 0)]);
+}
+
+#[test]
+fn vps_the_partition_lacks_are_refused() {
+    let mut h = Harness::new();
+    h.server.set_vp_count(2);
+    h.add(1);
+    // InitiateContact naming VP 7: refused, answered on VP 0.
+    let out = h.post_on(1, initiate(VmbusVersion::IRON, 7).as_bytes());
+    assert_eq!(messages(&out)[0].0, 0);
+    assert_eq!(version_response(&out).version_supported, 0);
+    assert!(!h.server.is_connected());
+    h.connect(VmbusVersion::IRON);
+    // OpenChannel naming VP 2.
+    let pfns: Vec<u64> = (16..24).collect();
+    assert_eq!(created(&h.gpadl(1, 7, &pfns)).creation_status, 0);
+    let mut o = open_msg(1, 7, 4);
+    o.target_vp = 2;
+    let r: OpenResult = only_message(&h.post(&o));
+    assert_eq!(r.status, status::INVALID_PARAMETER);
+    // ModifyChannel to VP 5 of an open channel: refused, no retarget.
+    o.target_vp = 1;
+    assert_eq!(h.post(&o).len(), 1);
+    h.server.open_complete(1, true, &mut Vec::new());
+    let out = h.post(&ModifyChannel {
+        header: MessageHeader::new(MessageType::MODIFY_CHANNEL),
+        child_relid: 1,
+        target_vp: 5,
+    });
+    let r: ModifyChannelResponse = only_message(&out);
+    assert_eq!(r.status, status::INVALID_PARAMETER);
+}
+
+#[test]
+fn open_channels_are_capped() {
+    let mut h = Harness::with_config(ServerConfig {
+        max_open_channels: 1,
+        ..ServerConfig::default()
+    });
+    h.add(1);
+    h.add(2);
+    h.connect(VmbusVersion::IRON);
+    h.open_ok(1, 7, 16);
+    let pfns: Vec<u64> = (40..48).collect();
+    assert_eq!(created(&h.gpadl(2, 8, &pfns)).creation_status, 0);
+    let r: OpenResult = only_message(&h.open(2, 8, 4));
+    assert_eq!(r.status, status::INSUFFICIENT_RESOURCES);
+}

@@ -32,6 +32,8 @@ impl Daemon {
             .args(args)
             .current_dir(dir)
             .env("VSPD_LOG", "warn")
+            // A system call the seccomp allowlist misses kills vspd, failing the test.
+            .env(ringbuf::sandbox::MISMATCH_ENV, "kill")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -128,4 +130,77 @@ pub fn fresh_dir(prefix: &str, name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// A loopback guest attached to a `vspd`, its disks exported over NBD from this process as
+/// `disk0`, `disk1`, ... (what `vscd --nbd` does, without the `vscd` binary).
+pub struct NbdGuest {
+    /// The NBD server's socket.
+    pub socket: PathBuf,
+    stop: std::sync::Arc<ringbuf::Event>,
+    server: Option<std::thread::JoinHandle<Result<(), vsc::Error>>>,
+    disks: Vec<std::sync::Arc<vsc::storvsc::Disk>>,
+    guest: Option<vsc::guest::StorageGuest>,
+}
+
+impl NbdGuest {
+    /// Attaches a guest with `memory` bytes of guest memory to `daemon` and serves its disks on
+    /// `socket`.
+    pub fn attach(daemon: &Daemon, memory: u64, socket: PathBuf) -> Self {
+        use vsc::nbd::{BlockDevice, Export, NbdServer};
+        let guest = vsc::guest::StorageGuest::attach(&daemon.socket, memory).unwrap();
+        let disks: Vec<_> = guest.disks.iter().map(|(_, d)| d.clone()).collect();
+        let exports = disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| Export {
+                name: format!("disk{i}"),
+                description: format!("VMBus SCSI disk {i}"),
+                device: d.clone() as std::sync::Arc<dyn BlockDevice>,
+            })
+            .collect();
+        let server = NbdServer::bind(&socket, exports).unwrap();
+        let stop = std::sync::Arc::new(ringbuf::Event::new().unwrap());
+        let s = stop.clone();
+        Self {
+            socket,
+            stop,
+            server: Some(std::thread::spawn(move || server.run(s))),
+            disks,
+            guest: Some(guest),
+        }
+    }
+
+    /// After the host died: fails whatever is queued or in flight on the disks (a dead host
+    /// never completes it), so that NBD requests waiting for it are answered with an error.
+    pub fn abandon(&self) {
+        for d in &self.disks {
+            let _ = d.shutdown();
+        }
+    }
+
+    /// Stops the NBD server (checking it ends cleanly and removes its socket), then detaches
+    /// the guest, or with `host_alive` false (after [`abandon`](Self::abandon)) just drops it.
+    pub fn stop(mut self, host_alive: bool) {
+        let _ = self.stop.signal();
+        let server = self.server.take().unwrap();
+        server
+            .join()
+            .expect("NBD server thread panicked")
+            .expect("NBD server failed");
+        assert!(!self.socket.exists(), "NBD socket left behind");
+        self.disks.clear();
+        let guest = self.guest.take().unwrap();
+        if host_alive {
+            guest.detach().expect("guest detach");
+        }
+    }
+}
+
+impl Drop for NbdGuest {
+    fn drop(&mut self) {
+        // Only reached without `stop` (a failing test): do not wait for a connection that may
+        // be stuck.
+        let _ = self.stop.signal();
+    }
 }
