@@ -10,8 +10,10 @@
 //!   itself then holds what the last runs wrote (fio's verify pass, on the file directly).
 //! - `acknowledged_writes_survive_repeated_kill_9`: writers doing FUA writes, writes and
 //!   flushes, and plain writes while vspd (alternately buffered and `direct=on`) is SIGKILLed
-//!   at random points, `VSP_RESTART_KILLS` times (default 10; the 50 take about 11 s): every write acknowledged as durable (FUA, or followed by an
-//!   acknowledged flush) is in the image after each kill, and no writer ever sees an error.
+//!   at random points, `VSP_RESTART_KILLS` times (default 10; the 50 take about 11 s
+//!   here): every write acknowledged as durable (FUA, or followed by an acknowledged flush) is
+//!   in the image after each kill, no writer ever sees an error, and the guest's pages,
+//!   descriptors and threads stay flat.
 //! - `held_requests_fail_after_the_hold_time_and_service_resumes`: with the daemon gone for
 //!   good, a request fails (EIO) once the hold time is over, and later ones at once; when a
 //!   daemon is back, the same NBD connection is served again.
