@@ -30,6 +30,8 @@ pub struct GuestChannel {
     gpadl: u32,
     pages: Vec<u64>,
     stats: Arc<ChannelStats>,
+    /// The host session it was opened in (see [`HostInterface::session`]).
+    session: u64,
 }
 
 /// What crossed between guest and host on a channel: the wakeups the ring rules let through.
@@ -66,7 +68,9 @@ impl GuestChannel {
         if result.is_err() {
             front.free_pages(&pages);
         }
+        let session = client.host().session();
         result.map(|(out, inc, interrupt, gpadl)| Self {
+            session,
             relid: offer.relid,
             connection_id: offer.connection_id,
             host: client.host().clone(),
@@ -123,14 +127,26 @@ impl GuestChannel {
         self.host.signal_event(self.connection_id)
     }
 
-    /// Whether the host is still there.
+    /// Whether the host is still there, in the session the channel was opened in.
     pub fn host_alive(&self) -> bool {
-        self.host.host_alive()
+        self.host.host_alive() && self.host.session() == self.session
     }
 
     /// The channel's counters.
     pub fn stats(&self) -> &Arc<ChannelStats> {
         &self.stats
+    }
+
+    /// Counts into `stats` from now on (a channel reopened after a host restart carries on
+    /// with its predecessor's counters).
+    pub fn adopt_stats(&mut self, stats: Arc<ChannelStats>) {
+        self.stats = stats;
+    }
+
+    /// Drops a channel whose host session is gone (nothing to close: the host forgot it) and
+    /// frees its ring pages.
+    pub fn abandon(self, front: &Loopback) {
+        front.free_pages(&self.pages);
     }
 
     /// Consumes a pending interrupt of the line (after `poll` said it fired) and counts it.

@@ -6,17 +6,22 @@
 //! frees the slot and writes EOM when the host asked for one, hands the message to the client,
 //! and dispatches channel interrupts from the event flags to the channels' events. The rest of
 //! guest memory is a page allocator for rings and buffers.
+//!
+//! When the daemon goes away (restarted, killed) the guest does not: [`Loopback::reconnect`]
+//! starts a new session on the same guest memory (HELLO, ADD_MEMORY of the same memfd, SET_VP),
+//! so data in guest pages (bounce buffers of requests in flight) survives; channels then have
+//! to be opened again on the new session. Each session has a number ([`Loopback::session`]):
+//! a channel opened on an earlier one is dead.
 
 use std::collections::HashMap;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use ringbuf::guestmem::{GuestMemory, PAGE_SIZE};
-use ringbuf::shmem::create_memfd;
 use ringbuf::socket::SeqPacket;
 use ringbuf::Event;
 use vmbus_proto::partition::{self as wire, status, vp_flags, Kind};
@@ -39,26 +44,45 @@ const SINT_OFFSET: u64 = VMBUS_SINT as u64 * MESSAGE_SLOT_SIZE as u64;
 
 /// Shared state of the front end.
 struct Shared {
-    sock: SeqPacket,
+    /// The current session's socket.
+    sock: Mutex<Arc<SeqPacket>>,
     mem: GuestMemory,
+    /// The guest memory's memfd (sealed against shrinking and growing), handed to each session.
+    memfd: OwnedFd,
     /// Eventfds the daemon handed over per connection id (HvSignalEvent fast path).
     signals: Mutex<HashMap<u32, Event>>,
     /// Where each channel's interrupts go.
     interrupts: Mutex<HashMap<u32, Event>>,
     /// Free guest pages.
     free: Mutex<Vec<u64>>,
-    /// The interrupt line (our VP's irqfd), read by the front-end thread.
-    irq: Event,
-    /// Stops the front-end thread.
-    stop: Event,
     /// Cleared when the front-end thread ends (the daemon went away, or the front end stopped).
-    alive: std::sync::atomic::AtomicBool,
+    alive: AtomicBool,
+    /// Signalled when the daemon goes away (not when the front end stops its thread itself).
+    lost: Event,
+    /// The session number: 0 for the first, one more per reconnection.
+    session: AtomicU64,
+}
+
+/// The front-end thread of the current session.
+struct SessionThread {
+    /// Stops it.
+    stop: Arc<Event>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SessionThread {
+    fn stop(&mut self) {
+        let _ = self.stop.signal();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// A loopback guest attached to a `vspd`.
 pub struct Loopback {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<SessionThread>,
 }
 
 impl std::fmt::Debug for Loopback {
@@ -115,87 +139,75 @@ impl Loopback {
                 "guest memory must be a multiple of 4 KiB, at least 16 KiB".into(),
             ));
         }
-        let sock = SeqPacket::connect(socket)?;
-        let st = request(
-            &sock,
-            Kind::HELLO,
-            wire::encode(
-                Kind::HELLO,
-                &wire::Hello {
-                    version: wire::VERSION,
-                    vp_count: 1,
-                },
-            ),
-            &[],
-        )?;
-        if st != status::OK {
-            return Err(Error::Refused(format!("HELLO refused with status {st}")));
-        }
-        let memfd = create_memfd("loopback-guest-ram", memory_bytes)?;
-        let add = wire::AddMemory {
-            gpa: 0,
-            len: memory_bytes,
-            fd_offset: 0,
-        };
-        let st = request(
-            &sock,
-            Kind::ADD_MEMORY,
-            wire::encode(Kind::ADD_MEMORY, &add),
-            &[memfd.as_fd()],
-        )?;
-        if st != status::OK {
-            return Err(Error::Refused(format!(
-                "guest memory refused with status {st}"
-            )));
-        }
+        let memfd = sealed_memfd("loopback-guest-ram", memory_bytes)?;
+        let (sock, irq) = handshake(socket, &memfd, memory_bytes)?;
         let mut mem = GuestMemory::new();
-        mem.add_region(0, memory_bytes, memfd, 0)?;
-        let irq = Event::new()?;
-        let vp = wire::SetVp {
-            vp: 0,
-            flags: vp_flags::SIMP_ENABLED | vp_flags::SIEFP_ENABLED,
-            simp_gpa: SIMP_GPA,
-            siefp_gpa: SIEFP_GPA,
-        };
-        let st = request(
-            &sock,
-            Kind::SET_VP,
-            wire::encode(Kind::SET_VP, &vp),
-            &[irq.as_fd()],
-        )?;
-        if st != status::OK {
-            return Err(Error::Refused(format!(
-                "SynIC setup refused with status {st}"
-            )));
-        }
+        let mapped = rustix::io::fcntl_dupfd_cloexec(&memfd, 0)
+            .map_err(|e| Error::Ring(ringbuf::Error::Map(e)))?;
+        mem.add_region(0, memory_bytes, mapped, 0)?;
         let pages = memory_bytes / PAGE_SIZE;
+        let sock = Arc::new(sock);
         let shared = Arc::new(Shared {
-            sock,
+            sock: Mutex::new(sock.clone()),
             mem,
+            memfd,
             signals: Mutex::new(HashMap::new()),
             interrupts: Mutex::new(HashMap::new()),
             free: Mutex::new((FIRST_FREE_PAGE..pages).rev().collect()),
-            irq,
-            stop: Event::new()?,
-            alive: std::sync::atomic::AtomicBool::new(true),
+            alive: AtomicBool::new(true),
+            lost: Event::new()?,
+            session: AtomicU64::new(0),
         });
-        let (tx, rx) = channel();
-        let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("loopback-vp0".into())
-            .spawn(move || {
-                s.run(tx);
-                // Release: pairs with the acquire load in `host_alive`.
-                s.alive.store(false, Ordering::Release);
-            })
-            .map_err(Error::Thread)?;
+        let (thread, rx) = Shared::start(&shared, sock, irq)?;
         Ok((
             Self {
                 shared,
-                thread: Some(thread),
+                thread: Mutex::new(thread),
             },
             rx,
         ))
+    }
+
+    /// Starts a new session with the daemon at `socket` (after the last one's daemon went
+    /// away, or to leave it): the same guest memory, a new SynIC setup, no channel. Channels of
+    /// earlier sessions are dead (see [`session`](Self::session)); the client has to connect
+    /// again over the returned message stream and reopen them. Pages stay allocated: their
+    /// owners free them.
+    pub fn reconnect(&self, socket: &Path) -> Result<MessageStream, Error> {
+        let mut thread = self.thread.lock().unwrap_or_else(|e| e.into_inner());
+        thread.stop();
+        // Channels and message slots of the old session are gone with it.
+        self.shared
+            .signals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.shared
+            .interrupts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.shared.mem.fill(SIMP_GPA, 2 * PAGE_SIZE as usize, 0)?;
+        // A new session number first: a channel of the old one never looks alive again.
+        self.shared.session.fetch_add(1, Ordering::AcqRel);
+        let _ = self.shared.lost.wait_timeout(0);
+        let (sock, irq) = handshake(socket, &self.shared.memfd, self.shared.mem.total_len())?;
+        let sock = Arc::new(sock);
+        *self.shared.sock.lock().unwrap_or_else(|e| e.into_inner()) = sock.clone();
+        let (t, rx) = Shared::start(&self.shared, sock, irq)?;
+        *thread = t;
+        Ok(rx)
+    }
+
+    /// The current session's number (0 for the first, one more per
+    /// [`reconnect`](Self::reconnect)).
+    pub fn session(&self) -> u64 {
+        self.shared.session.load(Ordering::Acquire)
+    }
+
+    /// Signalled (an eventfd) when the daemon of the current session goes away.
+    pub fn lost_event(&self) -> &Event {
+        &self.shared.lost
     }
 
     /// The guest's memory, as the guest sees it.
@@ -236,11 +248,81 @@ impl Loopback {
 
 impl Drop for Loopback {
     fn drop(&mut self) {
-        let _ = self.shared.stop.signal();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.thread
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .stop();
     }
+}
+
+/// A memfd of `len` bytes for guest memory, sealed against shrinking (the daemon maps it: a
+/// file that shrank under its mapping would kill it with SIGBUS, so it insists on that seal)
+/// and growing (its size is the guest's memory, for every session).
+fn sealed_memfd(name: &str, len: u64) -> Result<OwnedFd, Error> {
+    let fd = ringbuf::shmem::create_memfd(name, len)?;
+    rustix::fs::fcntl_add_seals(&fd, rustix::fs::SealFlags::GROW)
+        .map_err(|e| Error::Ring(ringbuf::Error::Map(e)))?;
+    Ok(fd)
+}
+
+/// Opens a session: HELLO, the guest memory (`memfd`), and the SynIC of VP 0 with a new
+/// interrupt line, which it returns with the socket.
+fn handshake(
+    socket: &Path,
+    memfd: &OwnedFd,
+    memory_bytes: u64,
+) -> Result<(SeqPacket, Event), Error> {
+    let sock = SeqPacket::connect(socket)?;
+    let st = request(
+        &sock,
+        Kind::HELLO,
+        wire::encode(
+            Kind::HELLO,
+            &wire::Hello {
+                version: wire::VERSION,
+                vp_count: 1,
+            },
+        ),
+        &[],
+    )?;
+    if st != status::OK {
+        return Err(Error::Refused(format!("HELLO refused with status {st}")));
+    }
+    let add = wire::AddMemory {
+        gpa: 0,
+        len: memory_bytes,
+        fd_offset: 0,
+    };
+    let st = request(
+        &sock,
+        Kind::ADD_MEMORY,
+        wire::encode(Kind::ADD_MEMORY, &add),
+        &[memfd.as_fd()],
+    )?;
+    if st != status::OK {
+        return Err(Error::Refused(format!(
+            "guest memory refused with status {st}"
+        )));
+    }
+    let irq = Event::new()?;
+    let vp = wire::SetVp {
+        vp: 0,
+        flags: vp_flags::SIMP_ENABLED | vp_flags::SIEFP_ENABLED,
+        simp_gpa: SIMP_GPA,
+        siefp_gpa: SIEFP_GPA,
+    };
+    let st = request(
+        &sock,
+        Kind::SET_VP,
+        wire::encode(Kind::SET_VP, &vp),
+        &[irq.as_fd()],
+    )?;
+    if st != status::OK {
+        return Err(Error::Refused(format!(
+            "SynIC setup refused with status {st}"
+        )));
+    }
+    Ok((sock, irq))
 }
 
 impl HostInterface for Loopback {
@@ -259,7 +341,7 @@ impl HostInterface for Loopback {
             input,
         };
         self.shared
-            .sock
+            .socket()
             .send(&wire::encode(Kind::POST_MESSAGE, &m), &[])?;
         Ok(())
     }
@@ -279,13 +361,17 @@ impl HostInterface for Loopback {
             flag_number: 0,
         };
         self.shared
-            .sock
+            .socket()
             .send(&wire::encode(Kind::SIGNAL_EVENT, &s), &[])?;
         Ok(())
     }
 
     fn host_alive(&self) -> bool {
         self.shared.alive.load(Ordering::Acquire)
+    }
+
+    fn session(&self) -> u64 {
+        Loopback::session(self)
     }
 
     fn set_channel_interrupt(&self, relid: u32, event: Option<Event>) {
@@ -302,41 +388,77 @@ impl HostInterface for Loopback {
 }
 
 impl Shared {
-    fn run(&self, messages: Sender<Vec<u8>>) {
+    fn socket(&self) -> Arc<SeqPacket> {
+        self.sock.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Starts the front-end thread of a session on `sock` with interrupt line `irq`.
+    fn start(
+        shared: &Arc<Self>,
+        sock: Arc<SeqPacket>,
+        irq: Event,
+    ) -> Result<(SessionThread, MessageStream), Error> {
+        let (tx, rx) = channel();
+        let stop = Arc::new(Event::new()?);
+        let (s, st) = (shared.clone(), stop.clone());
+        // Release: pairs with the acquire load in `host_alive`.
+        shared.alive.store(true, Ordering::Release);
+        let thread = std::thread::Builder::new()
+            .name("loopback-vp0".into())
+            .spawn(move || {
+                let lost = s.run(&sock, &irq, &st, tx);
+                // Release: pairs with the acquire load in `host_alive`.
+                s.alive.store(false, Ordering::Release);
+                if lost {
+                    let _ = s.lost.signal();
+                }
+            })
+            .map_err(Error::Thread)?;
+        Ok((
+            SessionThread {
+                stop,
+                thread: Some(thread),
+            },
+            rx,
+        ))
+    }
+
+    /// Serves a session until its daemon goes away (true) or `stop` (false).
+    fn run(&self, sock: &SeqPacket, irq: &Event, stop: &Event, messages: Sender<Vec<u8>>) -> bool {
         use rustix::event::{poll, PollFd, PollFlags};
         let mut buf = [0u8; wire::MAX_MESSAGE_SIZE];
         loop {
             let mut fds = [
-                PollFd::new(&self.irq, PollFlags::IN),
-                PollFd::new(&self.sock, PollFlags::IN),
-                PollFd::new(&self.stop, PollFlags::IN),
+                PollFd::new(irq, PollFlags::IN),
+                PollFd::new(sock, PollFlags::IN),
+                PollFd::new(stop, PollFlags::IN),
             ];
             match poll(&mut fds, None) {
                 Ok(_) => {}
                 Err(rustix::io::Errno::INTR) => continue,
-                Err(_) => return,
+                Err(_) => return true,
             }
-            let (irq, sock, stop) = (
+            let (irq_fired, readable, stopped) = (
                 !fds[0].revents().is_empty(),
                 !fds[1].revents().is_empty(),
                 !fds[2].revents().is_empty(),
             );
-            if stop {
-                return;
+            if stopped {
+                return false;
             }
-            if irq {
-                let _ = self.irq.wait();
-                if self.take_messages(&messages).is_err() {
-                    return;
+            if irq_fired {
+                let _ = irq.wait();
+                if self.take_messages(sock, &messages).is_err() {
+                    return true;
                 }
                 self.dispatch_events();
             }
-            if sock {
-                match self.sock.recv(&mut buf) {
+            if readable {
+                match sock.recv(&mut buf) {
                     Ok(Some(d)) => self.daemon_message(&buf[..d.len], d.fds),
                     // The daemon went away: the guest's messages stop; the client sees the
                     // stream end.
-                    Ok(None) | Err(_) => return,
+                    Ok(None) | Err(_) => return true,
                 }
             }
         }
@@ -344,7 +466,7 @@ impl Shared {
 
     /// Copies out the message in the VMBus slot, if any, frees the slot and sends EOM when the
     /// host has more (Linux `vmbus_signal_eom`).
-    fn take_messages(&self, messages: &Sender<Vec<u8>>) -> Result<(), Error> {
+    fn take_messages(&self, sock: &SeqPacket, messages: &Sender<Vec<u8>>) -> Result<(), Error> {
         let slot = SIMP_GPA + SINT_OFFSET;
         let ty = self.mem.atomic_u32(slot)?;
         loop {
@@ -367,7 +489,7 @@ impl Shared {
                 return Err(Error::Disconnected);
             }
             if flags[0] & MESSAGE_FLAG_PENDING != 0 {
-                self.sock.send(
+                sock.send(
                     &wire::encode(Kind::EOM, &wire::Eom { vp: 0, reserved: 0 }),
                     &[],
                 )?;
@@ -425,5 +547,20 @@ impl Shared {
             }
             other => tracing::debug!(?other, "unexpected message from the daemon ignored"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rustix::fs::{fcntl_get_seals, ftruncate, SealFlags};
+
+    #[test]
+    fn guest_memory_cannot_shrink_or_grow() {
+        let fd = super::sealed_memfd("test-guest-ram", 1 << 20).unwrap();
+        let seals = fcntl_get_seals(&fd).unwrap();
+        assert!(seals.contains(SealFlags::SHRINK | SealFlags::GROW));
+        assert!(ftruncate(&fd, 4096).is_err(), "shrunk");
+        assert!(ftruncate(&fd, 2 << 20).is_err(), "grown");
+        assert!(ftruncate(&fd, 1 << 20).is_ok(), "same size");
     }
 }

@@ -7,6 +7,14 @@
 //! callback, or the blocking helpers); the queue thread copies data through bounce pages in guest
 //! memory, writes each request as an EXECUTE_SRB packet (GPA-direct ranges for the data), commits
 //! batches with one signal, and completes requests from the host's completion packets.
+//!
+//! When the host goes away (its daemon restarted or killed), a queue thread keeps its requests:
+//! those in flight stay in their slots with their data in bounce pages, new ones wait. Once the
+//! channel is reopened on a new host session ([`Controller::replace_channels`]) the requests in
+//! flight are written again, in their order, and service carries on: a caller sees a pause.
+//! Only a request the host completed was ever answered, so writing the others again is safe.
+//! After the hold time ([`Controller::set_hold`]) with no new channel, the held requests fail
+//! with [`IoError::Disconnected`], and so do new ones until a channel comes back.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -74,7 +82,24 @@ fn vstor(op: VstorOperation) -> VstorPacket {
 
 impl Storvsc {
     /// Runs the initialisation handshake on an open storage channel.
-    pub fn init(mut ch: GuestChannel) -> Result<Self, Error> {
+    pub fn init(ch: GuestChannel) -> Result<Self, Error> {
+        Self::try_init(ch).map_err(|b| b.1)
+    }
+
+    /// As [`init`](Self::init), giving the channel back on failure (to close or abandon it).
+    pub fn try_init(mut ch: GuestChannel) -> Result<Self, Box<(GuestChannel, Error)>> {
+        match Self::handshake(&mut ch) {
+            Ok((version, max_transfer, properties)) => Ok(Self {
+                ch,
+                version,
+                max_transfer,
+                properties,
+            }),
+            Err(e) => Err(Box::new((ch, e))),
+        }
+    }
+
+    fn handshake(ch: &mut GuestChannel) -> Result<(StorageVersion, u32, ChannelProperties), Error> {
         let timeout = Duration::from_secs(10);
         let ok = |p: VstorPacket, what: &'static str| -> Result<VstorPacket, Error> {
             if { p.operation } != VstorOperation::COMPLETE_IO || { p.status } != 0 {
@@ -86,11 +111,7 @@ impl Storvsc {
             Ok(p)
         };
         ok(
-            control(
-                &mut ch,
-                vstor(VstorOperation::BEGIN_INITIALIZATION),
-                timeout,
-            )?,
+            control(ch, vstor(VstorOperation::BEGIN_INITIALIZATION), timeout)?,
             "begin initialization",
         )?;
         let mut version = None;
@@ -100,7 +121,7 @@ impl Storvsc {
                 major_minor: v,
                 revision: 0,
             });
-            let a = control(&mut ch, q, timeout)?;
+            let a = control(ch, q, timeout)?;
             if { a.operation } == VstorOperation::COMPLETE_IO && { a.status } == 0 {
                 version = Some(v);
                 break;
@@ -109,12 +130,12 @@ impl Storvsc {
         let version =
             version.ok_or_else(|| Error::Refused("no storage protocol version accepted".into()))?;
         let props = ok(
-            control(&mut ch, vstor(VstorOperation::QUERY_PROPERTIES), timeout)?,
+            control(ch, vstor(VstorOperation::QUERY_PROPERTIES), timeout)?,
             "query properties",
         )?;
         let properties: ChannelProperties = props.body();
         ok(
-            control(&mut ch, vstor(VstorOperation::END_INITIALIZATION), timeout)?,
+            control(ch, vstor(VstorOperation::END_INITIALIZATION), timeout)?,
             "end initialization",
         )?;
         let max_transfer = match properties.max_transfer_bytes {
@@ -122,12 +143,7 @@ impl Storvsc {
             n => n.min(MAX_TRANSFER),
         } & !4095;
         tracing::info!(?version, max_transfer, "storvsc initialised");
-        Ok(Self {
-            ch,
-            version,
-            max_transfer: max_transfer.max(4096),
-            properties,
-        })
+        Ok((version, max_transfer.max(4096), properties))
     }
 
     /// Asks the host for `count` subchannels (multi-queue); their offers then arrive as client
@@ -613,6 +629,8 @@ pub struct DiskStats {
     pub signals: u64,
     /// Interrupts the guest took.
     pub interrupts: u64,
+    /// Requests written again on a channel reopened after the host went away.
+    pub resent: u64,
 }
 
 impl std::fmt::Debug for Disk {
@@ -647,6 +665,9 @@ impl Controller {
                 hooks: Hooks::default(),
                 new_sources: Mutex::new(Vec::new()),
                 sources_added: AtomicBool::new(false),
+                replacement: Mutex::new(None),
+                hold_ms: AtomicU64::new(0),
+                resent: AtomicU64::new(0),
             });
             let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let pages = front.alloc_pages(BOUNCE_BYTES / 4096)?;
@@ -660,6 +681,7 @@ impl Controller {
                 stop: stop.clone(),
                 free_pages: pages,
                 waiting: VecDeque::new(),
+                resend: VecDeque::new(),
                 slots: (0..MAX_IN_FLIGHT)
                     .map(|_| InFlight {
                         tx: 0,
@@ -667,6 +689,8 @@ impl Controller {
                         pages: Vec::new(),
                         data_in: 0,
                         given_back: Vec::new(),
+                        req: ScsiRequest::new_zeroed(),
+                        len: 0,
                     })
                     .collect(),
                 free_slots: (0..=(MAX_IN_FLIGHT - 1) as u8).rev().collect(),
@@ -742,6 +766,50 @@ impl Controller {
     /// Number of queues (channels).
     pub fn queue_count(&self) -> usize {
         self.queues.len()
+    }
+
+    /// How long the queues hold requests while the host is away (0, the default: they fail at
+    /// once). Requests in flight and submitted meanwhile wait for
+    /// [`replace_channels`](Self::replace_channels); after `hold` without it they fail with
+    /// [`IoError::Disconnected`], as do new ones until the channels come back.
+    /// A queue holding requests already applies the new time at once (counted from when its
+    /// host went away).
+    pub fn set_hold(&self, hold: Duration) {
+        let ms = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX);
+        for q in &self.queues {
+            q.shared.hold_ms.store(ms, Ordering::Relaxed);
+            let _ = q.shared.wake.signal();
+        }
+    }
+
+    /// Tells the queues the host went away (they would notice within a second anyway).
+    pub fn host_lost(&self) {
+        for q in &self.queues {
+            let _ = q.shared.wake.signal();
+        }
+    }
+
+    /// Gives each queue, in order, its channel reopened (and initialised) on a new host
+    /// session: the queue drops its dead channel, writes its requests in flight again on the
+    /// new one and carries on. Returns the channels no queue takes, for the caller to abandon:
+    /// those beyond the queue count, and earlier ones a queue had not taken yet. Queues beyond
+    /// the channels given stay without a host.
+    pub fn replace_channels(&self, channels: Vec<Storvsc>) -> Vec<Storvsc> {
+        let mut channels = channels.into_iter();
+        let mut left = Vec::new();
+        for q in &self.queues {
+            let Some(st) = channels.next() else { break };
+            let old = q
+                .shared
+                .replacement
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .replace(st);
+            left.extend(old);
+            let _ = q.shared.wake.signal();
+        }
+        left.extend(channels);
+        left
     }
 
     fn submit(&self, lun: u8, block_size: u32, op: DiskOp, done: Callback) {
@@ -822,6 +890,7 @@ impl Controller {
         let mut d = DiskStats::default();
         for q in &self.queues {
             d.completed += q.completed.load(Relaxed);
+            d.resent += q.shared.resent.load(Relaxed);
             d.signals += q.stats.signals.load(Relaxed);
             d.interrupts += q.stats.interrupts.load(Relaxed);
         }
@@ -1033,6 +1102,9 @@ struct InFlight {
     data_in: u32,
     /// A write's data buffer, given back in its result.
     given_back: Vec<u8>,
+    /// The SRB as sent, and its data length: to send it again on a reopened channel.
+    req: ScsiRequest,
+    len: u32,
 }
 
 /// What the queue thread shares with submitters.
@@ -1048,6 +1120,12 @@ struct Shared {
     /// Sources added and not yet taken by the queue thread.
     new_sources: Mutex<Vec<Box<dyn QueueSource>>>,
     sources_added: AtomicBool,
+    /// The channel reopened on a new host session, for the queue thread to take.
+    replacement: Mutex<Option<Storvsc>>,
+    /// How long requests are held while the host is away, in milliseconds.
+    hold_ms: AtomicU64,
+    /// Requests written again on reopened channels (a counter for [`DiskStats`]).
+    resent: AtomicU64,
 }
 
 impl Shared {
@@ -1086,6 +1164,8 @@ struct Queue {
     free_pages: Vec<u64>,
     /// Requests taken from `shared` that do not fit yet (no slot, bounce pages or ring room).
     waiting: VecDeque<Request>,
+    /// Slots of requests in flight to write again (on a reopened channel), in their order.
+    resend: VecDeque<u8>,
     /// `MAX_IN_FLIGHT` slots; `free_slots` holds the indices of the free ones.
     slots: Vec<InFlight>,
     free_slots: Vec<u8>,
@@ -1125,7 +1205,22 @@ fn cdb_of(bytes: &[u8]) -> ([u8; 16], u8) {
 
 impl Queue {
     fn run(mut self) -> Result<Storvsc, Error> {
-        let result = self.serve();
+        let result = loop {
+            match self.serve() {
+                // Its session is over (the daemon went away): hold the requests until the
+                // channel is reopened on a new one.
+                Err(e) if !self.st.ch.host_alive() => {
+                    tracing::debug!(error = %e, "storvsc queue lost its host");
+                    match self.host_down() {
+                        Ok(true) => continue,
+                        Ok(false) => break Ok(()),
+                        Err(e) => break Err(e),
+                    }
+                }
+                r => break r,
+            }
+        };
+        self.resend.clear();
         for s in &mut self.slots {
             if let Some(done) = s.done.take() {
                 done(Err(IoError::Disconnected));
@@ -1196,9 +1291,26 @@ impl Queue {
             while let Some(r) = self.shared.requests.pop() {
                 self.waiting.push_back(r);
             }
-            // Issue what fits.
+            // Issue what fits: requests to send again first, then new ones.
             let mut blocked = None;
-            while let Some(r) = self.waiting.pop_front() {
+            while let Some(&slot_no) = self.resend.front() {
+                match self.reissue(slot_no)? {
+                    None => {
+                        self.resend.pop_front();
+                        moved = true;
+                    }
+                    Some(needed) => {
+                        blocked = Some(needed);
+                        break;
+                    }
+                }
+            }
+            while let Some(r) = self
+                .resend
+                .is_empty()
+                .then(|| self.waiting.pop_front())
+                .flatten()
+            {
                 match self.issue(r)? {
                     Ok(()) => moved = true,
                     Err((r, needed)) => {
@@ -1478,25 +1590,15 @@ impl Queue {
             _ => srb_flags::NO_DATA_TRANSFER,
         } | srb_flags::DISABLE_SYNCH_TRANSFER;
         req.time_out_value = 60;
-        let mut p = VstorPacket::new(VstorOperation::EXECUTE_SRB, REQUEST_COMPLETION_FLAG, 0);
-        p.set_body(&req);
         let tx = ((self.seq << 8) | u64::from(slot_no)) & !CONTROL_TX;
-        let parts = [p.as_bytes()];
-        let written = if npages > 0 {
-            gpa_direct_header(&mut self.header, &[(0, srb.len, &slot.pages)]);
-            self.st.ch.out.write(&OutgoingPacket {
-                packet_type: PacketType::DATA_USING_GPA_DIRECT,
-                flags: vmbus_proto::ring::PACKET_FLAG_COMPLETION_REQUESTED,
-                transaction_id: tx,
-                header: &self.header,
-                payload: &parts,
-            })
-        } else {
-            self.st
-                .ch
-                .out
-                .write(&OutgoingPacket::in_band(tx, true, &parts))
-        };
+        let written = write_srb(
+            &mut self.st.ch.out,
+            &mut self.header,
+            &req,
+            srb.len,
+            &slot.pages,
+            tx,
+        );
         let data_in = if srb.dir == DataDirection::READ {
             srb.len
         } else {
@@ -1514,6 +1616,7 @@ impl Queue {
                 return Err(e.into());
             }
         }
+        let len = srb.len;
         self.seq = self.seq.wrapping_add(1);
         self.free_slots.pop();
         slot.tx = tx;
@@ -1525,7 +1628,179 @@ impl Queue {
         };
         slot.done = Some(r.done);
         slot.data_in = data_in;
+        slot.req = req;
+        slot.len = len;
         Ok(Ok(()))
+    }
+
+    /// Writes the request of slot `slot_no` again (on a reopened channel) under a new
+    /// transaction id; the ring bytes needed if the ring is full.
+    fn reissue(&mut self, slot_no: u8) -> Result<Option<u32>, Error> {
+        let tx = ((self.seq << 8) | u64::from(slot_no)) & !CONTROL_TX;
+        let slot = &mut self.slots[usize::from(slot_no)];
+        match write_srb(
+            &mut self.st.ch.out,
+            &mut self.header,
+            &slot.req,
+            slot.len,
+            &slot.pages,
+            tx,
+        ) {
+            Ok(()) => {
+                self.seq = self.seq.wrapping_add(1);
+                slot.tx = tx;
+                Ok(None)
+            }
+            Err(ringbuf::Error::Full { needed, .. }) => Ok(Some(needed)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The host went away: holds the requests (those in flight keep their slots and bounce
+    /// pages) until the channel is reopened (true: serve it) or the queue stops (false). After
+    /// the hold time, fails them and every new one until then.
+    fn host_down(&mut self) -> Result<bool, Error> {
+        // Completions the host wrote before it went are real answers: take them. The batch
+        // hooks are due in any case: the loop may have left before running them for the
+        // callbacks of its last batch (a failed signal).
+        self.st.ch.inc.mask();
+        while let Ok(Some(_)) = self.complete_one() {}
+        let _ = self.st.ch.commit_in();
+        self.callbacks_ran = true;
+        let shared = self.shared.clone();
+        let hold = move || Duration::from_millis(shared.hold_ms.load(Ordering::Relaxed));
+        let since = Instant::now();
+        let mut failing = false;
+        tracing::warn!(
+            relid = self.st.ch.relid,
+            in_flight = self.in_flight(),
+            waiting = self.waiting.len(),
+            hold = ?hold(),
+            "storvsc: the host went away; holding requests"
+        );
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return Ok(false);
+            }
+            let new = self
+                .shared
+                .replacement
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(st) = new {
+                self.adopt(st);
+                return Ok(true);
+            }
+            while let Some(r) = self.shared.requests.pop() {
+                self.waiting.push_back(r);
+            }
+            // Read each time: the owner may shorten it (to stop).
+            let deadline = since
+                .checked_add(hold())
+                .unwrap_or(since + Duration::from_secs(86_400));
+            if !failing && Instant::now() >= deadline {
+                failing = true;
+                if self.in_flight() + self.waiting.len() > 0 {
+                    tracing::warn!(
+                        relid = self.st.ch.relid,
+                        "storvsc: no host after {:?}: failing the requests held",
+                        since.elapsed()
+                    );
+                }
+                self.fail_in_flight();
+            }
+            if failing {
+                while let Some(r) = self.waiting.pop_front() {
+                    self.fail(r.done, IoError::Disconnected);
+                }
+            }
+            let moved = self.poll_sources();
+            if std::mem::take(&mut self.callbacks_ran) {
+                self.shared.hooks.run_all();
+            }
+            if moved {
+                continue;
+            }
+            // Announce the sleep, then look once more (see `Shared::submit`).
+            self.shared.sleeping.store(true, Ordering::Relaxed);
+            fence(Ordering::SeqCst);
+            if self.shared.requests.is_empty() {
+                let left = if failing {
+                    Duration::from_secs(1)
+                } else {
+                    deadline.saturating_duration_since(Instant::now())
+                };
+                self.sleep_down(left)?;
+            }
+            self.shared.sleeping.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Fails every request in flight (the host will not answer them) and frees their slots.
+    fn fail_in_flight(&mut self) {
+        for (i, s) in self.slots.iter_mut().enumerate() {
+            if let Some(done) = s.done.take() {
+                self.free_pages.append(&mut s.pages);
+                self.free_slots.push(i as u8);
+                s.given_back = Vec::new();
+                self.callbacks_ran = true;
+                done(Err(IoError::Disconnected));
+            }
+        }
+        self.resend.clear();
+    }
+
+    /// Takes a channel reopened on a new host session: the dead one's ring pages are freed,
+    /// and the requests in flight are written again, oldest first.
+    fn adopt(&mut self, mut st: Storvsc) {
+        st.ch.adopt_stats(self.st.ch.stats().clone());
+        let old = std::mem::replace(&mut self.st, st);
+        old.into_channel().abandon(&self.front);
+        let mut busy: Vec<(u64, u8)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.done.is_some())
+            .map(|(i, s)| (s.tx >> 8, i as u8))
+            .collect();
+        busy.sort_unstable();
+        self.resend = busy.into_iter().map(|(_, i)| i).collect();
+        self.shared
+            .resent
+            .fetch_add(self.resend.len() as u64, Ordering::Relaxed);
+        tracing::warn!(
+            relid = self.st.ch.relid,
+            resend = self.resend.len(),
+            waiting = self.waiting.len(),
+            "storvsc: channel reopened; sending the requests in flight again"
+        );
+    }
+
+    /// Sleeps, while the host is away, until a submitter or the reconnection signals, a
+    /// source's descriptor is readable, or `left` passes (a millisecond while a source waits
+    /// for something else).
+    fn sleep_down(&self, left: Duration) -> Result<(), Error> {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let mut fds = vec![PollFd::new(&self.shared.wake, PollFlags::IN)];
+        let (watched, retry) = self.sources.sleep_set();
+        if let Some(fd) = watched {
+            fds.push(PollFd::from_borrowed_fd(fd, PollFlags::IN));
+        }
+        let t = if retry {
+            left.min(SOURCE_RETRY)
+        } else {
+            left.min(Duration::from_secs(1))
+        };
+        let ts = Timespec::try_from(t).expect("a short timeout fits a timespec");
+        match poll(&mut fds, Some(&ts)) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(Error::Ring(ringbuf::Error::Event(e))),
+        }
+        if !fds[0].revents().is_empty() {
+            self.shared.wake.wait()?;
+        }
+        Ok(())
     }
 
     /// Handles one packet from the host; `None` when the ring is empty.
@@ -1586,6 +1861,32 @@ impl Queue {
         self.completed.fetch_add(1, Ordering::Relaxed);
         done(result);
         Ok(Some(true))
+    }
+}
+
+/// Writes an EXECUTE_SRB packet for `req` (GPA-direct over `pages` when `len` is not 0).
+fn write_srb(
+    out: &mut ringbuf::OutgoingRing,
+    header: &mut Vec<u8>,
+    req: &ScsiRequest,
+    len: u32,
+    pages: &[u64],
+    tx: u64,
+) -> Result<(), ringbuf::Error> {
+    let mut p = VstorPacket::new(VstorOperation::EXECUTE_SRB, REQUEST_COMPLETION_FLAG, 0);
+    p.set_body(req);
+    let parts = [p.as_bytes()];
+    if len > 0 {
+        gpa_direct_header(header, &[(0, len, pages)]);
+        out.write(&OutgoingPacket {
+            packet_type: PacketType::DATA_USING_GPA_DIRECT,
+            flags: vmbus_proto::ring::PACKET_FLAG_COMPLETION_REQUESTED,
+            transaction_id: tx,
+            header,
+            payload: &parts,
+        })
+    } else {
+        out.write(&OutgoingPacket::in_band(tx, true, &parts))
     }
 }
 
@@ -1707,6 +2008,8 @@ mod tests {
             pages: Vec::new(),
             data_in: 0,
             given_back: Vec::new(),
+            req: ScsiRequest::new_zeroed(),
+            len: 0,
         }
     }
 

@@ -21,6 +21,11 @@ pub trait HostInterface: Send + Sync {
     fn host_alive(&self) -> bool {
         true
     }
+    /// The host session the front end is in: a front end that reconnects to a restarted host
+    /// starts a new one, and channels opened in an earlier session are dead.
+    fn session(&self) -> u64 {
+        0
+    }
 }
 
 /// The messages the host delivered to the VMBus SINT, in order.

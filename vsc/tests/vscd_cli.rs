@@ -73,3 +73,18 @@ fn bad_nbd_limits_are_refused_and_good_ones_accepted() {
     assert_eq!(out.status.code(), Some(1));
     assert!(!String::from_utf8_lossy(&out.stderr).contains("--nbd-"));
 }
+
+#[test]
+fn a_bad_reconnect_timeout_is_refused() {
+    refuses_values(
+        env!("CARGO_BIN_EXE_vscd"),
+        &[
+            "--connect",
+            "/nonexistent/vspd.sock",
+            "--nbd",
+            "/nonexistent/nbd.sock",
+        ],
+        "--reconnect-timeout",
+        &["abc", "-1", "86401"],
+    );
+}

@@ -1,6 +1,6 @@
 //! `vscd`: the guest side as a host process. Attaches to a running `vspd` as a loopback guest
-//! and lists the channels it offers (`--list`), or exports every disk over NBD (`--nbd PATH`);
-//! the network export comes later.
+//! and lists the channels it offers (`--list`), or exports every disk over NBD (`--nbd PATH`),
+//! riding out restarts of the daemon (`--reconnect-timeout`); the network export comes later.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,6 +39,14 @@ struct Args {
     #[arg(long, value_name = "US", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     poll_us: u64,
+    /// With --nbd: how long, in seconds, requests wait for a vspd that went away (restarted,
+    /// killed) to come back. vscd reconnects to the socket as soon as a daemon listens there
+    /// again, reopens the disks and sends the requests in flight again: NBD clients see a pause.
+    /// After this long, the requests held fail with EIO, and new ones fail at once until the
+    /// daemon is back (vscd keeps trying to reconnect). 0 fails them at once.
+    #[arg(long, value_name = "SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    reconnect_timeout: u64,
 }
 
 fn main() -> ExitCode {
@@ -104,8 +112,16 @@ fn run(args: Args) -> Result<(), vsc::Error> {
 }
 
 fn export(args: &Args, path: &std::path::Path) -> Result<(), vsc::Error> {
+    use vsc::guest::{GuestConfig, Reconnect, StorageGuest};
     use vsc::nbd::{Export, NbdServer};
-    let guest = vsc::guest::StorageGuest::attach(&args.connect, args.memory_mib << 20)?;
+    let config = GuestConfig {
+        reconnect: Some(Reconnect {
+            hold: std::time::Duration::from_secs(args.reconnect_timeout),
+            ..Reconnect::default()
+        }),
+        ..GuestConfig::new(args.memory_mib << 20)
+    };
+    let guest = StorageGuest::attach_with(&args.connect, config)?;
     if guest.disks.is_empty() {
         return Err(vsc::Error::Refused("the daemon offers no disk".into()));
     }
@@ -136,9 +152,19 @@ fn export(args: &Args, path: &std::path::Path) -> Result<(), vsc::Error> {
         signal_hook::consts::SIGINT,
     ])
     .map_err(vsc::Error::Thread)?;
+    // Stopping while the daemon is away: what the disks hold fails now, not after the hold
+    // time (the NBD server waits for its connections' requests).
+    let controllers: Vec<_> = guest
+        .disks
+        .iter()
+        .map(|(_, d)| d.controller().clone())
+        .collect();
     std::thread::spawn(move || {
         if signals.forever().next().is_some() {
             let _ = s.signal();
+            for c in &controllers {
+                c.set_hold(std::time::Duration::ZERO);
+            }
         }
     });
     eprintln!(

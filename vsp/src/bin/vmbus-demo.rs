@@ -218,8 +218,8 @@ fn run_storage(args: &Args) -> Result<(), BoxError> {
         .clone();
     println!(
         "  loopback guest attached: VMBus {}.{}, storvsc {:?}, disk of {} blocks",
-        guest.client.version().major(),
-        guest.client.version().minor(),
+        guest.version().major(),
+        guest.version().minor(),
         disk.geometry().block_size,
         disk.geometry().blocks
     );
