@@ -714,3 +714,104 @@ fn held_requests_fail_after_the_hold_time_and_service_resumes() {
     drop(vspd);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The `vscd` binary, beside `vspd` in the build tree (a workspace build makes both; vsc's
+/// binary is not one of this package's, so cargo does not name it here).
+fn vscd_binary(test: &str) -> Option<PathBuf> {
+    let bin = Path::new(env!("CARGO_BIN_EXE_vspd")).with_file_name("vscd");
+    if bin.exists() {
+        return Some(bin);
+    }
+    let msg = format!(
+        "{test}: {} is not built (cargo build -p vsc)",
+        bin.display()
+    );
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "{msg}");
+    eprintln!("SKIP {msg}");
+    None
+}
+
+#[test]
+fn the_vscd_binary_serves_under_seccomp_across_a_restart() {
+    let test = "the_vscd_binary_serves_under_seccomp_across_a_restart";
+    let (Some(vscd), true) = (vscd_binary(test), tools::have_qemu(test)) else {
+        return;
+    };
+    let dir = common::fresh_dir("vspd-restart", "vscd-seccomp");
+    std::fs::File::create(dir.join("disk.img"))
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let mut vspd = common::Daemon::spawn(&dir, ["--disk", "path=disk.img"]);
+    let nbd = dir.join("nbd.sock");
+    // A call the allowlist misses kills vscd, failing the test.
+    let mut child = Command::new(&vscd)
+        .arg("--connect")
+        .arg(&vspd.socket)
+        .arg("--nbd")
+        .arg(&nbd)
+        .args(["--memory-mib", "64", "--reconnect-timeout", "30"])
+        .env(ringbuf::sandbox::MISMATCH_ENV, "kill")
+        .stderr(std::fs::File::create(dir.join("vscd.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let log = || std::fs::read_to_string(dir.join("vscd.log")).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !nbd.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "vscd exited: {}",
+            log()
+        );
+        assert!(Instant::now() < deadline, "no NBD socket: {}", log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let uri = format!("nbd+unix:///disk0?socket={}", nbd.display());
+    let qemu_io = |cmds: &[&str]| {
+        let mut c = Command::new("qemu-io");
+        c.args(["-f", "raw"]);
+        for cmd in cmds {
+            c.args(["-c", cmd]);
+        }
+        tools::run(c.arg(&uri));
+    };
+    qemu_io(&["write -P 0x5a 0 1M", "flush"]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.split_whitespace().eq(["Seccomp:", "2"])),
+        "vscd runs under a filter"
+    );
+    // The daemon restarts: vscd reconnects (a new socket, the same memfd) under the filter.
+    stop_daemon(&mut vspd, rustix::process::Signal::TERM);
+    drop(vspd);
+    let vspd = common::Daemon::spawn(&dir, ["--disk", "path=disk.img"]);
+    qemu_io(&[
+        "read -P 0x5a 0 1M",
+        "write -P 0x6b 1M 1M",
+        "discard 2M 1M",
+        "write -z 3M 1M",
+        "flush",
+    ]);
+    assert!(child.try_wait().unwrap().is_none(), "vscd died: {}", log());
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "vscd did not stop: {}", log());
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "vscd exited with {status}: {}", log());
+    drop(vspd);
+    let image = std::fs::read(dir.join("disk.img")).unwrap();
+    assert!(image[..1 << 20].iter().all(|&b| b == 0x5a));
+    assert!(image[1 << 20..2 << 20].iter().all(|&b| b == 0x6b));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -47,6 +47,11 @@ struct Args {
     #[arg(long, value_name = "SECS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(0..=86_400))]
     reconnect_timeout: u64,
+    /// Run without the seccomp filter (for debugging: strace, gdb). By default, once the NBD
+    /// socket is bound, every thread runs under an allowlist of the system calls serving
+    /// needs; anything else (running programs, network sockets, tracing) fails with EPERM.
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 fn main() -> ExitCode {
@@ -167,6 +172,13 @@ fn export(args: &Args, path: &std::path::Path) -> Result<(), vsc::Error> {
             }
         }
     });
+    // Everything that needs more than serving does (the NBD socket, the signal handlers) is
+    // done: from here on every thread runs under the seccomp allowlist.
+    if args.no_seccomp {
+        tracing::warn!("running without the seccomp filter (--no-seccomp)");
+    } else {
+        ringbuf::sandbox::install()?;
+    }
     eprintln!(
         "vscd: {} disk(s) exported on {} (for example: qemu-img info 'nbd+unix:///disk0?socket={}')",
         guest.disks.len(),
