@@ -910,3 +910,34 @@ pub fn storvsp_packets(data: &[u8]) {
         "an answer to no request"
     );
 }
+
+/// Fuzz target `storvsc_completions`: what a hostile host answers the guest's storvsc client:
+/// completion packets (`vsc::storvsc::completion_outcome`) for a request that expected some
+/// bytes back, and the INQUIRY, READ CAPACITY(16) and MODE SENSE answers a disk's geometry is
+/// read from (`vsc::storvsc::geometry_from`).
+///
+/// Input: byte 0 and 1, the bytes the request expected (in 512-byte units); byte 2, 3, 4 the
+/// lengths of the INQUIRY, capacity and mode answers; then those answers; the rest is the
+/// completion packet. Invariants: no panic; a completion never reports more data than the
+/// request expected; a geometry accepted has a power-of-two block size of 512 to 65536 and a
+/// size in bytes that fits 64 bits.
+pub fn storvsc_completions(data: &[u8]) {
+    let byte = |i: usize| data.get(i).copied().unwrap_or(0);
+    let data_in = u32::from(u16::from_le_bytes([byte(0), byte(1)])) * 512;
+    let mut rest = data.get(5..).unwrap_or_default();
+    let mut take = |n: u8| {
+        let n = usize::from(n).min(rest.len());
+        let (a, b) = rest.split_at(n);
+        rest = b;
+        a
+    };
+    let (inquiry, capacity, mode) = (take(byte(2)), take(byte(3)), take(byte(4)));
+    if let Ok(g) = vsc::storvsc::geometry_from(0, inquiry, capacity, mode) {
+        assert!(g.block_size.is_power_of_two() && (512..=65536).contains(&g.block_size));
+        assert!(g.blocks.checked_mul(u64::from(g.block_size)).is_some());
+        assert_eq!(g.size(), g.blocks * u64::from(g.block_size));
+    }
+    if let Ok(Ok(n)) = vsc::storvsc::completion_outcome(rest, data_in) {
+        assert!(n <= data_in as usize, "{n} bytes for a request of {data_in}");
+    }
+}

@@ -582,7 +582,8 @@ pub struct Geometry {
 impl Geometry {
     /// Size in bytes.
     pub fn size(&self) -> u64 {
-        self.blocks * u64::from(self.block_size)
+        // `geometry_from` refused a size that does not fit.
+        self.blocks.saturating_mul(u64::from(self.block_size))
     }
 }
 
@@ -945,9 +946,6 @@ impl Disk {
         let inq = self
             .command(vec![Opcode::INQUIRY.0, 0, 0, 0, 36, 0], vec![], 36)
             .map_err(|e| fail("INQUIRY", e))?;
-        if inq.first().map(|b| b & 0x1f) != Some(0) {
-            return Err(Error::Protocol(format!("LUN {} is not a disk", self.lun)));
-        }
         let mut rc = vec![0u8; 16];
         rc[0] = Opcode::SERVICE_ACTION_IN_16.0;
         rc[1] = scsi_proto::service_action::READ_CAPACITY_16;
@@ -955,18 +953,6 @@ impl Disk {
         let cap = self
             .command(rc, vec![], 32)
             .map_err(|e| fail("READ CAPACITY(16)", e))?;
-        if cap.len() < 16 {
-            return Err(Error::Protocol("short READ CAPACITY(16) data".into()));
-        }
-        let last = u64::from_be_bytes(cap[0..8].try_into().expect("8 bytes"));
-        let block_size = u32::from_be_bytes(cap[8..12].try_into().expect("4 bytes"));
-        let thin = cap[14] & 0x80 != 0;
-        if !(512..=65536).contains(&block_size) || !block_size.is_power_of_two() || last == u64::MAX
-        {
-            return Err(Error::Protocol(format!(
-                "implausible capacity: {last} blocks of {block_size}"
-            )));
-        }
         let ms = self
             .command(
                 vec![Opcode::MODE_SENSE_6.0, 0x08, 0x3f, 0, 255, 0],
@@ -974,13 +960,7 @@ impl Disk {
                 255,
             )
             .map_err(|e| fail("MODE SENSE(6)", e))?;
-        let read_only = ms.get(2).is_some_and(|b| b & 0x80 != 0);
-        Ok(Geometry {
-            blocks: last + 1,
-            block_size,
-            read_only,
-            thin,
-        })
+        geometry_from(self.lun, &inq, &cap, &ms)
     }
 
     /// Requests completed and wakeups so far (of the whole controller).
@@ -1812,49 +1792,32 @@ impl Queue {
             return Ok(Some(false));
         }
         let tx = pkt.transaction_id;
-        let Ok((vp, _)) = VstorPacket::read_from_prefix(pkt.payload) else {
-            return Err(Error::Protocol("short storvsc completion".into()));
-        };
         let Some(slot_no) = slot_of(&self.slots, tx) else {
-            tracing::debug!(tx, op = ?{ vp.operation }, "completion for no request");
+            tracing::debug!(tx, "completion for no request");
             return Ok(Some(false));
         };
         let slot = &mut self.slots[usize::from(slot_no)];
+        let outcome = completion_outcome(pkt.payload, slot.data_in)?;
         let done = slot.done.take().expect("checked above");
         let given_back = std::mem::take(&mut slot.given_back);
-        let srb: ScsiRequest = vp.body();
-        let result = if { vp.operation } != VstorOperation::COMPLETE_IO {
-            Err(IoError::Srb(0))
-        } else if srb_status::code(srb.srb_status) != srb_status::SUCCESS || srb.scsi_status != 0 {
-            if srb.scsi_status == scsi_proto::status::CHECK_CONDITION {
-                let s = &srb.cdb_or_sense[..CDB_SENSE_AREA_SIZE];
-                Err(IoError::Sense {
-                    key: s[2] & 0x0f,
-                    asc: s[12],
-                    ascq: s[13],
-                })
-            } else if srb.scsi_status != 0 {
-                Err(IoError::Status(srb.scsi_status))
-            } else {
-                Err(IoError::Srb(srb.srb_status))
+        let result = match outcome {
+            Err(e) => Err(e),
+            Ok(_) if slot.data_in == 0 => Ok(given_back),
+            Ok(n) => {
+                let mut data = vec![0u8; n];
+                let mem = self.front.memory();
+                let copied = data
+                    .chunks_mut(4096)
+                    .enumerate()
+                    .try_for_each(|(i, chunk)| mem.read(slot.pages[i] * 4096, chunk));
+                if let Err(e) = copied {
+                    self.free_pages.append(&mut slot.pages);
+                    self.free_slots.push(slot_no);
+                    done(Err(IoError::Disconnected));
+                    return Err(e.into());
+                }
+                Ok(data)
             }
-        } else if slot.data_in == 0 {
-            Ok(given_back)
-        } else {
-            let n = srb.data_transfer_length.min(slot.data_in) as usize;
-            let mut data = vec![0u8; n];
-            let mem = self.front.memory();
-            let copied = data
-                .chunks_mut(4096)
-                .enumerate()
-                .try_for_each(|(i, chunk)| mem.read(slot.pages[i] * 4096, chunk));
-            if let Err(e) = copied {
-                self.free_pages.append(&mut slot.pages);
-                self.free_slots.push(slot_no);
-                done(Err(IoError::Disconnected));
-                return Err(e.into());
-            }
-            Ok(data)
         };
         self.free_pages.append(&mut slot.pages);
         self.free_slots.push(slot_no);
@@ -1890,6 +1853,77 @@ fn write_srb(
     }
 }
 
+/// What a host's completion packet (`payload`, after the ring's packet header) says of the
+/// request it answers, which expected `data_in` bytes back: the bytes of data the host
+/// transferred (at most `data_in`), or the request's error. A payload too short for a VSTOR
+/// packet is a protocol error (the channel is broken). The host is not trusted: every field
+/// is taken as it comes, and nothing it says can make this index or allocate beyond
+/// `data_in`.
+pub fn completion_outcome(payload: &[u8], data_in: u32) -> Result<Result<usize, IoError>, Error> {
+    let Ok((vp, _)) = VstorPacket::read_from_prefix(payload) else {
+        return Err(Error::Protocol("short storvsc completion".into()));
+    };
+    let srb: ScsiRequest = vp.body();
+    Ok(if { vp.operation } != VstorOperation::COMPLETE_IO {
+        Err(IoError::Srb(0))
+    } else if srb_status::code(srb.srb_status) != srb_status::SUCCESS || srb.scsi_status != 0 {
+        if srb.scsi_status == scsi_proto::status::CHECK_CONDITION {
+            let s = &srb.cdb_or_sense[..CDB_SENSE_AREA_SIZE];
+            Err(IoError::Sense {
+                key: s[2] & 0x0f,
+                asc: s[12],
+                ascq: s[13],
+            })
+        } else if srb.scsi_status != 0 {
+            Err(IoError::Status(srb.scsi_status))
+        } else {
+            Err(IoError::Srb(srb.srb_status))
+        }
+    } else {
+        Ok(srb.data_transfer_length.min(data_in) as usize)
+    })
+}
+
+/// A disk's geometry from the host's answers to INQUIRY, READ CAPACITY(16) and MODE SENSE(6)
+/// (each as the host returned it, possibly short). The host is not trusted: a LUN that is
+/// not a disk, or a capacity that is implausible or whose size in bytes does not fit 64 bits,
+/// is refused.
+pub fn geometry_from(
+    lun: u8,
+    inquiry: &[u8],
+    capacity: &[u8],
+    mode_sense: &[u8],
+) -> Result<Geometry, Error> {
+    if inquiry.first().map(|b| b & 0x1f) != Some(0) {
+        return Err(Error::Protocol(format!("LUN {lun} is not a disk")));
+    }
+    let (Some(last), Some(block_size)) = (
+        capacity
+            .get(0..8)
+            .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes"))),
+        capacity
+            .get(8..12)
+            .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes"))),
+    ) else {
+        return Err(Error::Protocol("short READ CAPACITY(16) data".into()));
+    };
+    let thin = capacity.get(14).is_some_and(|b| b & 0x80 != 0);
+    let size = last
+        .checked_add(1)
+        .and_then(|blocks| blocks.checked_mul(u64::from(block_size)));
+    if !(512..=65536).contains(&block_size) || !block_size.is_power_of_two() || size.is_none() {
+        return Err(Error::Protocol(format!(
+            "implausible capacity: {last} blocks of {block_size}"
+        )));
+    }
+    Ok(Geometry {
+        blocks: last + 1,
+        block_size,
+        read_only: mode_sense.get(2).is_some_and(|b| b & 0x80 != 0),
+        thin,
+    })
+}
+
 /// The slot of the request in flight whose transaction id the host names, if there is one
 /// (the host is not trusted: an id may be stale, forged or out of range).
 fn slot_of(slots: &[InFlight], tx: u64) -> Option<u8> {
@@ -1923,6 +1957,64 @@ fn rw16(bs: u32, op: u8, offset: u64, len: u32, fua: bool) -> Result<([u8; 16], 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hostile_hosts_capacity_is_refused_where_it_cannot_be_served() {
+        let inquiry = [0u8; 36];
+        let cap = |last: u64, bs: u32| {
+            let mut c = last.to_be_bytes().to_vec();
+            c.extend(bs.to_be_bytes());
+            c.extend([0, 0, 0x80, 0]);
+            c
+        };
+        let g = geometry_from(0, &inquiry, &cap(2047, 512), &[0, 0, 0x80]).unwrap();
+        assert_eq!((g.size(), g.read_only, g.thin), (1 << 20, true, true));
+        // The size in bytes does not fit 64 bits (it used to overflow in `size`).
+        assert!(geometry_from(0, &inquiry, &cap(u64::MAX / 512, 4096), &[]).is_err());
+        assert!(geometry_from(0, &inquiry, &cap(u64::MAX, 512), &[]).is_err());
+        assert!(
+            geometry_from(0, &inquiry, &cap(7, 1000), &[]).is_err(),
+            "not a power of two"
+        );
+        assert!(
+            geometry_from(0, &inquiry, &cap(7, 512)[..10], &[]).is_err(),
+            "short"
+        );
+        assert!(
+            geometry_from(0, &[0x05], &cap(7, 512), &[]).is_err(),
+            "a CD-ROM"
+        );
+        assert!(
+            geometry_from(0, &[], &cap(7, 512), &[]).is_err(),
+            "no INQUIRY data"
+        );
+    }
+
+    #[test]
+    fn completions_never_promise_more_data_than_was_asked() {
+        let mut vp = VstorPacket::new(VstorOperation::COMPLETE_IO, 0, 0);
+        let mut srb = ScsiRequest::new_zeroed();
+        srb.srb_status = srb_status::SUCCESS;
+        srb.data_transfer_length = u32::MAX;
+        vp.set_body(&srb);
+        assert_eq!(
+            completion_outcome(vp.as_bytes(), 4096).unwrap().unwrap(),
+            4096
+        );
+        srb.scsi_status = scsi_proto::status::CHECK_CONDITION;
+        srb.cdb_or_sense[2] = 0x05;
+        srb.cdb_or_sense[12] = 0x24;
+        vp.set_body(&srb);
+        assert!(matches!(
+            completion_outcome(vp.as_bytes(), 4096).unwrap(),
+            Err(IoError::Sense {
+                key: 5,
+                asc: 0x24,
+                ascq: 0
+            })
+        ));
+        assert!(completion_outcome(&vp.as_bytes()[..10], 4096).is_err());
+    }
 
     /// A source over one end of a socketpair: it reads what is there, and counts its polls.
     struct Probe {
