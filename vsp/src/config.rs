@@ -114,6 +114,9 @@ pub struct Config {
     /// root is not implied.
     #[serde(default)]
     pub allow_uid: Vec<u32>,
+    /// The gids whose processes may also connect (`--allow-gid`); none by default.
+    #[serde(default)]
+    pub allow_gid: Vec<u32>,
     /// Most sessions (front ends) at a time (default 64).
     pub max_sessions: Option<usize>,
     /// Most channels a guest may have open at a time (default 256).
@@ -134,6 +137,7 @@ impl Config {
     /// Read at start; a reload changes only the offers.
     pub fn daemon_config(&self) -> crate::daemon::DaemonConfig {
         let mut d = crate::daemon::DaemonConfig::default();
+        d.allowed_gids = self.allow_gid.clone();
         for &uid in &self.allow_uid {
             if !d.allowed_uids.contains(&uid) {
                 d.allowed_uids.push(uid);

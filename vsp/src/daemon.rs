@@ -29,6 +29,10 @@ pub struct DaemonConfig {
     /// The uids whose processes may connect (default: the daemon's own effective uid only;
     /// root is not implied).
     pub allowed_uids: Vec<u32>,
+    /// Groups whose processes may also connect, whatever their uid (default none): a peer is
+    /// allowed if its uid is in `allowed_uids` or its gid (the primary group it connected
+    /// with, as `SO_PEERCRED` reports it) is here.
+    pub allowed_gids: Vec<u32>,
     /// Most sessions at a time (default 64); each holds a thread, a guest's memory mappings
     /// and its channels' workers.
     pub max_sessions: usize,
@@ -42,6 +46,7 @@ impl Default for DaemonConfig {
         Self {
             session: SessionConfig::default(),
             allowed_uids: vec![rustix::process::geteuid().as_raw()],
+            allowed_gids: Vec::new(),
             max_sessions: 64,
             shutdown_timeout: Duration::from_secs(10),
         }
@@ -166,11 +171,17 @@ impl Daemon {
             let uid = sock.peer_credentials().map(|c| c.uid.as_raw());
             let refusal = match sock.peer_credentials() {
                 Err(e) => Some(format!("no peer credentials: {e}")),
-                Ok(c) if !self.config.allowed_uids.contains(&c.uid.as_raw()) => Some(format!(
-                    "uid {} (pid {}) is not allowed",
-                    c.uid.as_raw(),
-                    c.pid.as_raw_nonzero()
-                )),
+                Ok(c)
+                    if !self.config.allowed_uids.contains(&c.uid.as_raw())
+                        && !self.config.allowed_gids.contains(&c.gid.as_raw()) =>
+                {
+                    Some(format!(
+                        "uid {} gid {} (pid {}) is not allowed",
+                        c.uid.as_raw(),
+                        c.gid.as_raw(),
+                        c.pid.as_raw_nonzero()
+                    ))
+                }
                 Ok(_) if sessions.len() >= self.config.max_sessions => {
                     Some(format!("{} sessions already (the limit)", sessions.len()))
                 }

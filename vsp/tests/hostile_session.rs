@@ -618,6 +618,16 @@ fn only_allowed_uids_may_connect() {
     let d = AsNobody::start("uid-allowed", &["--allow-uid", "0"]);
     let g = guest(&d.socket);
     verified_io(&g.disk, 0);
+    drop(g);
+    drop(d);
+    // So is a member of an allowed group (root's gid is 0).
+    let d = AsNobody::start("gid-allowed", &["--allow-gid", "0"]);
+    let g = guest(&d.socket);
+    verified_io(&g.disk, 1);
+    drop(g);
+    drop(d);
+    let d = AsNobody::start("gid-refused", &["--allow-gid", "4242"]);
+    assert!(Loopback::connect(&d.socket, 8 << 20).is_err());
 }
 
 #[test]

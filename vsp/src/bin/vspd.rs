@@ -41,6 +41,9 @@ struct Args {
     /// uid may; root is not implied. Checked with SO_PEERCRED before anything is read.
     #[arg(long, value_name = "UID")]
     allow_uid: Vec<u32>,
+    /// Also allow processes whose group (the gid they connect with) is GID (repeatable).
+    #[arg(long, value_name = "GID")]
+    allow_gid: Vec<u32>,
     /// Most front ends connected at a time (default 64); more are refused.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=65536))]
     max_sessions: Option<u64>,
@@ -95,6 +98,7 @@ fn load(args: &Args) -> Result<Config, vsp::Error> {
         config.nics.push(parse_kv::<NicConfig>("nic", n)?);
     }
     config.allow_uid.extend(&args.allow_uid);
+    config.allow_gid.extend(&args.allow_gid);
     if let Some(n) = args.max_sessions {
         config.max_sessions = Some(n as usize);
     }
