@@ -136,8 +136,10 @@ impl Config {
     /// The daemon's limits and access rules: the defaults, overridden by what is set here.
     /// Read at start; a reload changes only the offers.
     pub fn daemon_config(&self) -> crate::daemon::DaemonConfig {
-        let mut d = crate::daemon::DaemonConfig::default();
-        d.allowed_gids = self.allow_gid.clone();
+        let mut d = crate::daemon::DaemonConfig {
+            allowed_gids: self.allow_gid.clone(),
+            ..Default::default()
+        };
         for &uid in &self.allow_uid {
             if !d.allowed_uids.contains(&uid) {
                 d.allowed_uids.push(uid);
