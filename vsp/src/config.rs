@@ -127,6 +127,8 @@ pub struct Config {
     pub max_total_gpadl_bytes: Option<u64>,
     /// Most channel messages queued per VP for a guest that does not take them (default 1024).
     pub max_queued_messages: Option<usize>,
+    /// Most guest memory one front end may register, in bytes (default 1 TiB).
+    pub max_guest_memory: Option<u64>,
     /// Run under the seccomp filter once set up (default true; `--no-seccomp` turns it off,
     /// for debugging). See `ringbuf::sandbox`.
     pub seccomp: Option<bool>,
@@ -157,6 +159,9 @@ impl Config {
         }
         if let Some(v) = self.max_total_gpadl_bytes {
             server.max_total_gpadl_bytes = v;
+        }
+        if let Some(v) = self.max_guest_memory {
+            d.session.limits.max_memory_bytes = v;
         }
         if let Some(v) = self.max_queued_messages {
             d.session.limits.max_queued_messages = v;

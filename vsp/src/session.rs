@@ -67,6 +67,9 @@ impl SessionError {
 pub struct SessionLimits {
     /// Most guest memory regions (default [`MAX_REGIONS`]).
     pub max_regions: usize,
+    /// Most guest memory in all, in bytes (default [`MAX_GUEST_MEMORY`]): each region is
+    /// mapped whole, so this bounds the address space one front end makes the daemon reserve.
+    pub max_memory_bytes: u64,
     /// Most channel messages queued per VP for a guest that does not take them (default
     /// [`crate::synic::MAX_QUEUED_MESSAGES`]); beyond, the oldest are dropped.
     pub max_queued_messages: usize,
@@ -79,6 +82,7 @@ impl Default for SessionLimits {
     fn default() -> Self {
         Self {
             max_regions: MAX_REGIONS,
+            max_memory_bytes: MAX_GUEST_MEMORY,
             max_queued_messages: crate::synic::MAX_QUEUED_MESSAGES,
             reply_timeout: Duration::from_secs(5),
         }
@@ -218,6 +222,10 @@ static DROPPED_LOG: Mutex<LogLimit> = Mutex::new(LogLimit::new(10, Duration::fro
 
 /// Most guest memory regions a partition may register.
 pub const MAX_REGIONS: usize = 64;
+
+/// Most guest memory a partition may register, in bytes, by default: 1 TiB, so that the
+/// default 64 sessions reserve at most half of the 128 TiB user address space.
+pub const MAX_GUEST_MEMORY: u64 = 1 << 40;
 
 impl Session {
     /// A session for a newly accepted connection, and the daemon's handle on it. `stop` is
@@ -427,7 +435,8 @@ impl Session {
             }
             Kind::ADD_MEMORY => {
                 let m: wire::AddMemory = wire::body(kind, body).map_err(SessionError::protocol)?;
-                let max_regions = self.limits.max_regions;
+                let (max_regions, max_bytes) =
+                    (self.limits.max_regions, self.limits.max_memory_bytes);
                 let Some(p) = self.partition.as_mut() else {
                     return self.status(kind, status::BAD_STATE);
                 };
@@ -440,7 +449,11 @@ impl Session {
                     return self.status(kind, st);
                 };
                 let fd = fds.pop().expect("one descriptor");
-                let st = if building.regions_len() >= max_regions {
+                let too_much = building
+                    .total_len()
+                    .checked_add(m.len)
+                    .is_none_or(|total| total > max_bytes);
+                let st = if building.regions_len() >= max_regions || too_much {
                     status::BAD_MEMORY
                 } else {
                     match building.add_region(m.gpa, m.len, fd, m.fd_offset) {

@@ -38,7 +38,11 @@ struct Guest {
 }
 
 fn good_guest(socket: &Path) -> Guest {
-    let (front, messages) = Loopback::connect(socket, 32 << 20).unwrap();
+    good_guest_with(socket, 32 << 20)
+}
+
+fn good_guest_with(socket: &Path, memory: u64) -> Guest {
+    let (front, messages) = Loopback::connect(socket, memory).unwrap();
     let front = Arc::new(front);
     let mut client = Client::connect(front.clone(), messages, 0, &SUPPORTED_VERSIONS).unwrap();
     let offers = client.request_offers().unwrap();
@@ -272,4 +276,38 @@ fn scattered_rings_are_paid_from_a_bounded_budget() {
         map_count(d.pid()) < before + 64
     });
     verified_io(&good, 3);
+}
+
+#[test]
+fn guest_memory_beyond_the_limit_is_refused() {
+    let dir = common::fresh_dir("vspd-memory", "limit");
+    std::fs::File::create(dir.join("a.img"))
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    std::fs::write(
+        dir.join("vspd.toml"),
+        "max_guest_memory = 50331648\n[[disk]]\npath = \"a.img\"\n",
+    )
+    .unwrap();
+    let mut d = common::Daemon::spawn(&dir, ["--config", "vspd.toml"]).owning_dir();
+    let attacker = Raw::connect(&d.socket);
+    let add = |gpa: u64, len: u64| {
+        let fd = create_memfd("region", len.min(32 << 20)).unwrap();
+        let m = wire::AddMemory {
+            gpa,
+            len,
+            fd_offset: 0,
+        };
+        attacker.request(Kind::ADD_MEMORY, &m, &[fd.as_fd()])
+    };
+    assert_eq!(add(0, 24 << 20), status::OK);
+    assert_eq!(add(32 << 20, 24 << 20), status::OK);
+    assert_eq!(add(64 << 20, 4096), status::BAD_MEMORY, "48 MiB in all");
+    // A length that would overflow the running total.
+    assert_eq!(add(128 << 20, !4095), status::BAD_MEMORY);
+    // Each front end has its own allowance: a good guest with all of it is served.
+    let good = good_guest_with(&d.socket, 48 << 20);
+    verified_io(&good, 1);
+    assert!(d.try_wait().is_none(), "vspd died");
 }
