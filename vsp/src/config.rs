@@ -124,6 +124,9 @@ pub struct Config {
     pub max_total_gpadl_bytes: Option<u64>,
     /// Most channel messages queued per VP for a guest that does not take them (default 1024).
     pub max_queued_messages: Option<usize>,
+    /// Most guest memory one front end may register, all regions together, in bytes (default
+    /// 1 TiB; see `SessionLimits::max_memory_bytes`).
+    pub max_memory_bytes: Option<u64>,
     /// Run under the seccomp filter once set up (default true; `--no-seccomp` turns it off,
     /// for debugging). See `ringbuf::sandbox`.
     pub seccomp: Option<bool>,
@@ -154,6 +157,9 @@ impl Config {
         }
         if let Some(v) = self.max_queued_messages {
             d.session.limits.max_queued_messages = v;
+        }
+        if let Some(v) = self.max_memory_bytes {
+            d.session.limits.max_memory_bytes = v;
         }
         if let Some(v) = self.max_sessions {
             d.max_sessions = v;
@@ -405,7 +411,7 @@ mod tests {
     #[test]
     fn limits_and_allowed_uids_from_the_file() {
         let c: Config = toml::from_str(
-            "allow_uid = [1000, 0]\nmax_sessions = 3\nmax_channels = 9\nmax_gpadls = 7\nmax_total_gpadl_bytes = 65536\nmax_queued_messages = 5\n",
+            "allow_uid = [1000, 0]\nmax_sessions = 3\nmax_channels = 9\nmax_gpadls = 7\nmax_total_gpadl_bytes = 65536\nmax_queued_messages = 5\nmax_memory_bytes = 8192\n",
         )
         .unwrap();
         let d = c.daemon_config();
@@ -417,6 +423,7 @@ mod tests {
         assert_eq!(d.session.server.max_gpadls, 7);
         assert_eq!(d.session.server.max_total_gpadl_bytes, 65536);
         assert_eq!(d.session.limits.max_queued_messages, 5);
+        assert_eq!(d.session.limits.max_memory_bytes, 8192);
         let none = Config::default().daemon_config();
         assert_eq!(none.allowed_uids, [me], "only the daemon's uid by default");
     }

@@ -67,6 +67,11 @@ impl SessionError {
 pub struct SessionLimits {
     /// Most guest memory regions (default [`MAX_REGIONS`]).
     pub max_regions: usize,
+    /// Most bytes of guest memory, all regions together (default [`MAX_MEMORY_BYTES`]). Each
+    /// region is mapped whole into the daemon, and a sparse memfd costs its sender nothing: so
+    /// this is what bounds the daemon's address space (sessions times this), which the front
+    /// ends would otherwise share with no limit.
+    pub max_memory_bytes: u64,
     /// Most channel messages queued per VP for a guest that does not take them (default
     /// [`crate::synic::MAX_QUEUED_MESSAGES`]); beyond, the oldest are dropped.
     pub max_queued_messages: usize,
@@ -79,6 +84,7 @@ impl Default for SessionLimits {
     fn default() -> Self {
         Self {
             max_regions: MAX_REGIONS,
+            max_memory_bytes: MAX_MEMORY_BYTES,
             max_queued_messages: crate::synic::MAX_QUEUED_MESSAGES,
             reply_timeout: Duration::from_secs(5),
         }
@@ -218,6 +224,10 @@ static DROPPED_LOG: Mutex<LogLimit> = Mutex::new(LogLimit::new(10, Duration::fro
 
 /// Most guest memory regions a partition may register.
 pub const MAX_REGIONS: usize = 64;
+
+/// Most guest memory a partition may register, by default: 1 TiB, so that the default 64
+/// sessions map at most half of the 128 TiB a process can address on x86-64.
+pub const MAX_MEMORY_BYTES: u64 = 1 << 40;
 
 impl Session {
     /// A session for a newly accepted connection, and the daemon's handle on it. `stop` is
@@ -427,7 +437,8 @@ impl Session {
             }
             Kind::ADD_MEMORY => {
                 let m: wire::AddMemory = wire::body(kind, body).map_err(SessionError::protocol)?;
-                let max_regions = self.limits.max_regions;
+                let (max_regions, max_bytes) =
+                    (self.limits.max_regions, self.limits.max_memory_bytes);
                 let Some(p) = self.partition.as_mut() else {
                     return self.status(kind, status::BAD_STATE);
                 };
@@ -440,7 +451,11 @@ impl Session {
                     return self.status(kind, st);
                 };
                 let fd = fds.pop().expect("one descriptor");
-                let st = if building.regions_len() >= max_regions {
+                let too_much = building
+                    .total_len()
+                    .checked_add(m.len)
+                    .is_none_or(|total| total > max_bytes);
+                let st = if building.regions_len() >= max_regions || too_much {
                     status::BAD_MEMORY
                 } else {
                     match building.add_region(m.gpa, m.len, fd, m.fd_offset) {
