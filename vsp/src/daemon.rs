@@ -37,6 +37,21 @@ pub struct DaemonConfig {
     pub shutdown_timeout: Duration,
 }
 
+impl DaemonConfig {
+    /// The configuration as the daemon applies it: a guest's budget of kernel mappings for
+    /// scattered rings (`max_mapped_pieces`) is at most the process's budget
+    /// ([`ringbuf::shmem::MapBudget::process`], half of `vm.max_map_count`) divided by
+    /// `max_sessions`. Otherwise a few guests could spend the process's whole budget (eight of
+    /// 4096 each, by default) and no other guest could open a channel.
+    pub fn effective(mut self) -> Self {
+        let process = ringbuf::shmem::MapBudget::process().limit();
+        let share = process / self.max_sessions.max(1);
+        let pieces = &mut self.session.limits.max_mapped_pieces;
+        *pieces = (*pieces).min(share);
+        self
+    }
+}
+
 impl Default for DaemonConfig {
     fn default() -> Self {
         Self {
@@ -97,7 +112,7 @@ impl Daemon {
             path: path.to_owned(),
             stop: Arc::new(Event::new()?),
             reload: Arc::new(Event::new()?),
-            config,
+            config: config.effective(),
             offers,
             access,
             devices,

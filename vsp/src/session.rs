@@ -72,6 +72,11 @@ pub struct SessionLimits {
     /// this is what bounds the daemon's address space (sessions times this), which the front
     /// ends would otherwise share with no limit.
     pub max_memory_bytes: u64,
+    /// Most kernel mappings the views of this guest's scattered rings may hold at once (default
+    /// [`ringbuf::guestmem::DEFAULT_MAX_MAPPED_PIECES`]; see [`GuestMemory::with_map_limit`]).
+    /// The daemon lowers it to its share of the process's budget
+    /// ([`crate::daemon::DaemonConfig::effective`]), so that guests cannot starve each other.
+    pub max_mapped_pieces: usize,
     /// Most channel messages queued per VP for a guest that does not take them (default
     /// [`crate::synic::MAX_QUEUED_MESSAGES`]); beyond, the oldest are dropped.
     pub max_queued_messages: usize,
@@ -85,6 +90,7 @@ impl Default for SessionLimits {
         Self {
             max_regions: MAX_REGIONS,
             max_memory_bytes: MAX_MEMORY_BYTES,
+            max_mapped_pieces: ringbuf::guestmem::DEFAULT_MAX_MAPPED_PIECES,
             max_queued_messages: crate::synic::MAX_QUEUED_MESSAGES,
             reply_timeout: Duration::from_secs(5),
         }
@@ -417,7 +423,7 @@ impl Session {
                 }
                 self.partition = Some(Partition {
                     vp_count: h.vp_count,
-                    building: Some(GuestMemory::new()),
+                    building: Some(GuestMemory::with_map_limit(self.limits.max_mapped_pieces)),
                     mem: Arc::new(GuestMemory::new()),
                     synic: Arc::new(Synic::with_queue_limit(
                         h.vp_count,

@@ -167,3 +167,80 @@ fn guest_memory_cannot_spend_the_daemons_address_space() {
     );
     drop(attackers);
 }
+
+/// Opens `relid` on a ring GPADL whose pages make exactly `pieces` runs (so it costs the daemon
+/// `pieces` kernel mappings). Returns whether the open succeeded.
+fn open_in_pieces(front: &Loopback, client: &mut Client, relid: u32, pieces: usize) -> bool {
+    let n = pieces.max(4);
+    let all = front.alloc_pages(2 * n).unwrap();
+    let mut sorted = all.clone();
+    sorted.sort_unstable();
+    // One run of n - pieces + 1 pages, then pieces - 1 pages each on its own.
+    let run = n - pieces + 1;
+    let mut pfns: Vec<u64> = sorted[..run].to_vec();
+    pfns.extend((0..pieces - 1).map(|i| sorted[run + 2 * i + 1]));
+    assert_eq!(pfns.len(), n);
+    let gpadl = client.create_gpadl(relid, &pfns).unwrap();
+    client.open(relid, gpadl, n as u32 / 2, 0, &[]).is_ok()
+}
+
+/// Finding: the kernel mappings of scattered rings were bounded per guest (4096) and per
+/// process (half of `vm.max_map_count`, 32765 here), but 4096 times 64 sessions is eight times
+/// the process's share: eight guests with scattered rings spent it, and from then on no guest
+/// could open any channel (even a contiguous ring costs one mapping). A guest's share is now
+/// at most the process's divided by the sessions allowed, so guests cannot starve each other.
+#[test]
+fn scattered_rings_of_some_guests_leave_mappings_for_the_others() {
+    let dir = common::fresh_dir("vspd-review", "map-share");
+    for disk in ["a.img", "b.img"] {
+        std::fs::File::create(dir.join(disk))
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+    }
+    let mut d =
+        common::Daemon::spawn(&dir, ["--disk", "path=a.img", "--disk", "path=b.img"]).owning_dir();
+    let good = good_guest(&d.socket).unwrap();
+    verified_io(&good, 1);
+
+    // Each attacker opens both controllers on rings of as many pieces as it is allowed.
+    let mut attackers = Vec::new();
+    let mut spent = false;
+    for _ in 0..16 {
+        let (front, messages) = Loopback::connect(&d.socket, 128 << 20).unwrap();
+        let front = Arc::new(front);
+        let mut client = Client::connect(front.clone(), messages, 0, &SUPPORTED_VERSIONS).unwrap();
+        let relids: Vec<u32> = client
+            .request_offers()
+            .unwrap()
+            .iter()
+            .filter(|o| o.interface_type == Guid::SCSI)
+            .map(|o| o.relid)
+            .collect();
+        let mut opened = 0;
+        for relid in relids {
+            let mut pieces = 2040;
+            while pieces >= 1 {
+                if open_in_pieces(&front, &mut client, relid, pieces) {
+                    opened += 1;
+                    break;
+                }
+                pieces /= 2;
+            }
+        }
+        attackers.push((front, client));
+        if opened == 0 {
+            spent = true;
+            break;
+        }
+    }
+    eprintln!(
+        "{} attackers; the process's mapping budget spent: {spent}",
+        attackers.len()
+    );
+    assert!(d.try_wait().is_none(), "vspd died");
+    verified_io(&good, 2);
+    let second = good_guest(&d.socket).expect("a new guest opens its channel");
+    verified_io(&second, 3);
+    assert!(!spent, "the attackers spent the whole process's budget");
+}
