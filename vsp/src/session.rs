@@ -29,7 +29,7 @@ use zerocopy::IntoBytes;
 
 use crate::channel::{ChannelSpec, ChannelWorker, Device, UnimplementedDevice};
 use crate::server::{OfferSpec, Output, Server, ServerConfig};
-use crate::synic::{LogLimit, Synic};
+use crate::synic::{peer_log_allowed, LogLimit, Synic};
 
 /// Why a session ended.
 #[derive(Debug)]
@@ -169,8 +169,6 @@ pub struct Session {
     limits: SessionLimits,
     /// A handle on this session, for devices that ask for subchannels.
     own: SessionHandle,
-    /// Rate limit of the warnings the front end or guest can cause.
-    log: LogLimit,
 }
 
 /// Changes wanted of a running session: state that later requests overwrite, so that the
@@ -269,7 +267,6 @@ impl Session {
             channels: HashMap::new(),
             limits: config.limits,
             own: handle.clone(),
-            log: LogLimit::default(),
         };
         Ok((session, handle))
     }
@@ -467,7 +464,7 @@ impl Session {
                     match building.add_region(m.gpa, m.len, fd, m.fd_offset) {
                         Ok(()) => status::OK,
                         Err(e) => {
-                            if let Some(suppressed) = self.log.allow() {
+                            if let Some(suppressed) = peer_log_allowed() {
                                 tracing::warn!(error = %e, ?m, suppressed,
                                     "guest memory region refused");
                             }
@@ -676,7 +673,7 @@ impl Session {
                             self.server.open_complete(relid, true, &mut more);
                         }
                         Err(e) => {
-                            if let Some(suppressed) = self.log.allow() {
+                            if let Some(suppressed) = peer_log_allowed() {
                                 tracing::warn!(relid, error = %e, suppressed,
                                     "channel failed to start");
                             }

@@ -244,3 +244,29 @@ fn scattered_rings_of_some_guests_leave_mappings_for_the_others() {
     verified_io(&second, 3);
     assert!(!spent, "the attackers spent the whole process's budget");
 }
+
+/// Finding: the warnings a front end causes were rate-limited per session (10 a minute), so a
+/// front end that reconnected got a fresh allowance each time: 200 connections of 10 refused
+/// regions each wrote 2000 warnings. The limits are now the daemon's, across sessions.
+#[test]
+fn reconnecting_does_not_reset_the_warning_rate_limit() {
+    let mut d = daemon("log-flood", &[]);
+    let good = good_guest(&d.socket).unwrap();
+    verified_io(&good, 1);
+    for _ in 0..200 {
+        let a = Raw::connect(&d.socket);
+        let empty = create_memfd("empty", 0).unwrap();
+        for i in 0..10 {
+            assert_eq!(
+                a.add_memory(i << 20, 1 << 20, empty.as_fd()),
+                status::BAD_MEMORY
+            );
+        }
+    }
+    assert!(d.try_wait().is_none(), "vspd died");
+    verified_io(&good, 2);
+    let log = std::fs::read_to_string(d.dir.join("vspd.log")).unwrap();
+    let lines = log.lines().filter(|l| l.contains("WARN")).count();
+    eprintln!("{lines} warnings for 2000 refused regions");
+    assert!(lines <= 20, "{lines} warnings");
+}
