@@ -108,6 +108,22 @@ impl Raw {
         s.status
     }
 
+    /// As [`Raw::request`], `None` if the daemon dropped the connection.
+    fn try_request<T: IntoBytes + zerocopy::Immutable>(
+        &self,
+        kind: Kind,
+        body: &T,
+        fds: &[BorrowedFd<'_>],
+    ) -> Option<u32> {
+        self.0.send(&wire::encode(kind, body), fds).ok()?;
+        let mut buf = [0u8; wire::MAX_MESSAGE_SIZE];
+        let d = self.0.recv(&mut buf).ok()??;
+        let (_, body) = wire::split(&buf[..d.len]).ok()?;
+        wire::body::<wire::Status>(Kind::STATUS, body)
+            .ok()
+            .map(|s| s.status)
+    }
+
     fn add_memory(&self, gpa: u64, len: u64, fd: BorrowedFd<'_>) -> u32 {
         let m = wire::AddMemory {
             gpa,
@@ -269,4 +285,80 @@ fn reconnecting_does_not_reset_the_warning_rate_limit() {
     let lines = log.lines().filter(|l| l.contains("WARN")).count();
     eprintln!("{lines} warnings for 2000 refused regions");
     assert!(lines <= 20, "{lines} warnings");
+}
+
+/// Sets up a front end that makes the daemon hold as many descriptors as a session may before
+/// opening a channel: 64 memory regions and an irqfd for each of `vps` VPs (at most 256).
+/// `None` if the daemon dropped it.
+fn descriptor_hog(socket: &Path, vps: u32) -> Option<Raw> {
+    let a = Raw(SeqPacket::connect(socket).ok()?);
+    let hello = wire::Hello {
+        version: wire::VERSION,
+        vp_count: wire::MAX_VPS,
+    };
+    a.0.send(&wire::encode(Kind::HELLO, &hello), &[]).ok()?;
+    let mut buf = [0u8; wire::MAX_MESSAGE_SIZE];
+    a.0.recv(&mut buf).ok()??;
+    for i in 0..64u64 {
+        let fd = create_memfd("r", 4096).unwrap();
+        let m = wire::AddMemory {
+            gpa: i * 4096,
+            len: 4096,
+            fd_offset: 0,
+        };
+        a.try_request(Kind::ADD_MEMORY, &m, &[fd.as_fd()])?;
+    }
+    for vp in 0..vps {
+        let irq = ringbuf::Event::new().unwrap();
+        let v = wire::SetVp {
+            vp,
+            flags: 0,
+            simp_gpa: 0,
+            siefp_gpa: 0,
+        };
+        a.try_request(Kind::SET_VP, &v, &[irq.as_fd()])?;
+    }
+    Some(a)
+}
+
+/// Finding: front ends make the daemon hold descriptors (a region, an irqfd per VP, several
+/// per channel), bounded per session, but vspd kept the soft limit it was started with: 1024
+/// under systemd, which three front ends holding 322 each spend, after which no other front
+/// end could get its own (a fourth was dropped). vspd now raises its soft limit to the hard
+/// one at start (and warns if even that is short of `max_sessions` front ends). Started here
+/// with a soft limit of 1024.
+#[test]
+fn a_few_front_ends_do_not_spend_the_descriptor_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.maximum.is_some_and(|hard| hard < 4096) {
+        eprintln!("skipped: the hard limit of open files is below 4096");
+        return;
+    }
+    // vspd inherits this process's limits (nextest runs each test in its own process).
+    limit.current = Some(1024);
+    setrlimit(Resource::Nofile, limit).unwrap();
+    let mut d = daemon("fds", &[]);
+    let good = good_guest(&d.socket).unwrap();
+    verified_io(&good, 1);
+    let before = d.fds();
+    // Three front ends with 256 VPs and a fourth with 32: about 1020 descriptors.
+    let mut hogs = Vec::new();
+    for vps in [256, 256, 256, 32] {
+        if let Some(h) = descriptor_hog(&d.socket, vps) {
+            hogs.push(h);
+        }
+        if hogs.len() == 1 {
+            eprintln!("one front end holds {} descriptors", d.fds() - before);
+        }
+    }
+    eprintln!(
+        "{} front ends: vspd holds {} descriptors",
+        hogs.len(),
+        d.fds()
+    );
+    assert!(d.try_wait().is_none(), "vspd died");
+    verified_io(&good, 2);
+    let second = good_guest(&d.socket).expect("a new guest connects");
+    verified_io(&second, 3);
 }
