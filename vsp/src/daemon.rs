@@ -174,6 +174,9 @@ impl Daemon {
                     if let Some(suppressed) = self.refusals.allow() {
                         tracing::warn!(error = %e, suppressed, "accept failed");
                     }
+                    // Out of descriptors, typically: the connection stays queued and the
+                    // listener readable, so back off rather than spin until one is freed.
+                    std::thread::sleep(Duration::from_millis(100));
                     continue;
                 }
             };

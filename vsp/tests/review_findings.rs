@@ -288,9 +288,9 @@ fn reconnecting_does_not_reset_the_warning_rate_limit() {
 }
 
 /// Sets up a front end that makes the daemon hold as many descriptors as a session may before
-/// opening a channel: 64 memory regions and an irqfd for each of `vps` VPs (at most 256).
-/// `None` if the daemon dropped it.
-fn descriptor_hog(socket: &Path, vps: u32) -> Option<Raw> {
+/// opening a channel: `regions` memory regions (at most 64) and an irqfd for each of `vps`
+/// VPs (at most 256). `None` if the daemon dropped it.
+fn descriptor_hog(socket: &Path, regions: u64, vps: u32) -> Option<Raw> {
     let a = Raw(SeqPacket::connect(socket).ok()?);
     let hello = wire::Hello {
         version: wire::VERSION,
@@ -299,7 +299,7 @@ fn descriptor_hog(socket: &Path, vps: u32) -> Option<Raw> {
     a.0.send(&wire::encode(Kind::HELLO, &hello), &[]).ok()?;
     let mut buf = [0u8; wire::MAX_MESSAGE_SIZE];
     a.0.recv(&mut buf).ok()??;
-    for i in 0..64u64 {
+    for i in 0..regions {
         let fd = create_memfd("r", 4096).unwrap();
         let m = wire::AddMemory {
             gpa: i * 4096,
@@ -345,7 +345,7 @@ fn a_few_front_ends_do_not_spend_the_descriptor_limit() {
     // Three front ends with 256 VPs and a fourth with 32: about 1020 descriptors.
     let mut hogs = Vec::new();
     for vps in [256, 256, 256, 32] {
-        if let Some(h) = descriptor_hog(&d.socket, vps) {
+        if let Some(h) = descriptor_hog(&d.socket, 64, vps) {
             hogs.push(h);
         }
         if hogs.len() == 1 {
@@ -361,4 +361,51 @@ fn a_few_front_ends_do_not_spend_the_descriptor_limit() {
     verified_io(&good, 2);
     let second = good_guest(&d.socket).expect("a new guest connects");
     verified_io(&second, 3);
+}
+
+/// CPU time (user plus system, in clock ticks) of process `pid`.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name (which is in parentheses): utime is the 12th, stime
+    // the 13th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Finding: when vspd is out of descriptors, `accept` fails (EMFILE) while the connection
+/// stays queued, so the listener stays readable and the accept loop spun at full speed until a
+/// descriptor was freed. It now backs off (as the NBD server does). Started here with soft and
+/// hard limits of 1024, spent by front ends; then a connection waits in the backlog.
+#[test]
+fn out_of_descriptors_the_accept_loop_does_not_spin() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    limit.current = Some(1024);
+    limit.maximum = Some(1024);
+    setrlimit(Resource::Nofile, limit).unwrap();
+    let mut d = daemon("accept-spin", &[]);
+    let mut hogs = Vec::new();
+    for _ in 0..3 {
+        hogs.push(descriptor_hog(&d.socket, 64, wire::MAX_VPS).unwrap());
+    }
+    // A fourth takes exactly the rest: a connection, its wakeup, regions and irqfds.
+    let left = 1024 - d.fds();
+    eprintln!("{left} descriptors left");
+    let regions = (left - 2).min(64);
+    let vps = left - 2 - regions;
+    hogs.push(descriptor_hog(&d.socket, regions as u64, vps as u32).unwrap());
+    let waiting = SeqPacket::connect(&d.socket).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let before = cpu_ticks(d.pid());
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let spent = cpu_ticks(d.pid()) - before;
+    eprintln!(
+        "vspd holds {} descriptors; {spent} ticks of CPU in one second",
+        d.fds()
+    );
+    assert!(d.try_wait().is_none(), "vspd died");
+    // 100 ticks a second is one core: a spinning loop takes most of one.
+    assert!(spent < 30, "{spent} ticks in one second");
+    drop((waiting, hogs));
 }
