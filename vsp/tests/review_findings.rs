@@ -335,10 +335,14 @@ fn a_few_front_ends_do_not_spend_the_descriptor_limit() {
         eprintln!("skipped: the hard limit of open files is below 4096");
         return;
     }
-    // vspd inherits this process's limits (nextest runs each test in its own process).
+    // vspd inherits this process's soft limit, lowered only while it is spawned (and soft
+    // only, so that it can be restored without privilege).
+    let saved = limit;
     limit.current = Some(1024);
     setrlimit(Resource::Nofile, limit).unwrap();
-    let mut d = daemon("fds", &[]);
+    let d = std::panic::catch_unwind(|| daemon("fds", &[]));
+    setrlimit(Resource::Nofile, saved).unwrap();
+    let mut d = d.unwrap();
     let good = good_guest(&d.socket).unwrap();
     verified_io(&good, 1);
     let before = d.fds();
@@ -375,16 +379,19 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 /// Finding: when vspd is out of descriptors, `accept` fails (EMFILE) while the connection
 /// stays queued, so the listener stays readable and the accept loop spun at full speed until a
-/// descriptor was freed. It now backs off (as the NBD server does). Started here with soft and
-/// hard limits of 1024, spent by front ends; then a connection waits in the backlog.
+/// descriptor was freed. It now backs off (as the NBD server does). vspd's limits are set to
+/// 1024 here, spent by front ends; then a connection waits in the backlog.
 #[test]
 fn out_of_descriptors_the_accept_loop_does_not_spin() {
-    use rustix::process::{getrlimit, setrlimit, Resource};
-    let mut limit = getrlimit(Resource::Nofile);
-    limit.current = Some(1024);
-    limit.maximum = Some(1024);
-    setrlimit(Resource::Nofile, limit).unwrap();
+    use rustix::process::{prlimit, Pid, Resource, Rlimit};
     let mut d = daemon("accept-spin", &[]);
+    // vspd's limits only (it raised its soft limit at start): 1024 and no more.
+    let pid = Pid::from_raw(d.pid() as i32);
+    let limit = Rlimit {
+        current: Some(1024),
+        maximum: Some(1024),
+    };
+    prlimit(pid, Resource::Nofile, limit).unwrap();
     let mut hogs = Vec::new();
     for _ in 0..3 {
         hogs.push(descriptor_hog(&d.socket, 64, wire::MAX_VPS).unwrap());
