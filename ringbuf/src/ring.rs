@@ -22,6 +22,10 @@ use crate::Error;
 /// Size of the control page.
 pub const CONTROL_SIZE: usize = control::SIZE;
 
+/// Largest data area of a ring: 2 GiB. Indices stay below it and a packet with its trailer is
+/// at most 512 KiB, so index arithmetic (`at + n`) never leaves `u32`.
+pub const MAX_DATA_LEN: usize = 1 << 31;
+
 /// Bytes the reader copies in its first copy: the descriptor and the start of the body.
 const FIRST_COPY: usize = 128;
 
@@ -43,7 +47,7 @@ impl Ring {
             .ok_or(Error::RingSize(total_len))?;
         if data_len == 0
             || data_len % 4096 != 0
-            || data_len > (u32::MAX as usize & !4095)
+            || data_len > MAX_DATA_LEN
             || !base.is_multiple_of(4096)
             || base
                 .checked_add(total_len)
@@ -125,7 +129,7 @@ impl Ring {
     }
 
     /// `at + n`, wrapped. Callers guarantee `at < data_len` and `n <= data_len`, so one
-    /// conditional subtraction wraps (and the sum cannot overflow: data_len <= u32::MAX - 4095).
+    /// conditional subtraction wraps (and the sum cannot overflow: data_len <= 2^31).
     #[inline]
     fn advance(&self, at: u32, n: u32) -> u32 {
         let next = at + n;
@@ -730,5 +734,34 @@ mod tests {
         assert!(Ring::new(mem.clone(), 4096, 3 * 4096).is_err());
         assert!(Ring::new(mem.clone(), 100, 2 * 4096).is_err());
         assert!(Ring::new(mem, 4096, 2 * 4096).is_ok());
+    }
+
+    /// A data area of almost 4 GiB (a guest's ring GPADL may be that large if `max_gpadl_bytes`
+    /// allows) used to be accepted, and a packet written or read across its end computed
+    /// `at + n` past `u32::MAX`: a panic with overflow checks, a wrong index without.
+    #[test]
+    fn rings_are_small_enough_for_u32_indices() {
+        use crate::signal::{Control, Word};
+        let total = 4096 + 0xFFFF_F000usize;
+        let fd = crate::shmem::create_memfd("big-ring", total as u64).unwrap();
+        let mem = Arc::new(Mapping::from_fd(std::os::fd::AsFd::as_fd(&fd), 0, total).unwrap());
+        assert!(matches!(
+            Ring::new(mem.clone(), 0, total),
+            Err(Error::RingSize(_))
+        ));
+        // The largest ring: a packet across the end of its data area.
+        let ring = Ring::new(mem, 0, 4096 + MAX_DATA_LEN).unwrap();
+        ring.init().unwrap();
+        let end = ring.data_len() - 8;
+        ring.store(Word::WriteIndex, end, Ordering::Relaxed);
+        ring.store(Word::ReadIndex, end, Ordering::Relaxed);
+        let mut out = OutgoingRing::new(ring.clone()).unwrap();
+        let mut inc = IncomingRing::new(ring).unwrap();
+        let big: Vec<u8> = (0..8192u32).map(|i| i as u8).collect();
+        out.write(&OutgoingPacket::in_band(7, false, &[&big]))
+            .unwrap();
+        out.commit();
+        let p = inc.read().unwrap().unwrap();
+        assert_eq!((p.transaction_id, p.payload), (7, &big[..]));
     }
 }

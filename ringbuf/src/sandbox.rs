@@ -40,6 +40,7 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_dup3,
     libc::SYS_fcntl,
     libc::SYS_fstat,
+    libc::SYS_fstatfs,
     libc::SYS_newfstatat,
     libc::SYS_statx,
     libc::SYS_lseek,

@@ -294,6 +294,18 @@ pub fn check_shared_file(fd: BorrowedFd<'_>, offset: u64, len: usize) -> Result<
     if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
         return Err(Error::UnsafeSharedFile("not a regular file"));
     }
+    // A sealed hugetlbfs file (MFD_HUGETLB) passes the checks above, yet its owner can punch
+    // a hole in it and take the free huge pages: the next access here then finds no page to
+    // fault in, and hugetlbfs answers with SIGBUS. Only shmem refills a hole with a fresh page.
+    let fs = rustix::fs::fstatfs(fd).map_err(Error::Map)?;
+    // `f_type`'s integer type varies by architecture.
+    #[allow(clippy::unnecessary_cast)]
+    let (magic, tmpfs) = (fs.f_type as i64, libc::TMPFS_MAGIC as i64);
+    if magic != tmpfs {
+        return Err(Error::UnsafeSharedFile(
+            "not a plain memfd (hugetlbfs pages can vanish under the mapping)",
+        ));
+    }
     let size = u64::try_from(st.st_size).unwrap_or(0);
     if offset.checked_add(len as u64).is_none_or(|end| end > size) {
         return Err(Error::UnsafeSharedFile(
@@ -513,6 +525,29 @@ mod tests {
         assert!(Mapping::from_shared_file(ev.as_fd(), 0, 4096).is_err());
         let file = std::fs::File::open("/proc/self/exe").unwrap();
         assert!(Mapping::from_shared_file(file.as_fd(), 0, 4096).is_err());
+    }
+
+    /// A sealed hugetlbfs memfd: its owner could punch a hole and take the free huge pages,
+    /// and the mapper's next access would be a SIGBUS (seen with 2 huge pages: the owner
+    /// touched the page, punched it out and took both pages; the mapper died of SIGBUS).
+    #[test]
+    fn sealed_hugetlb_memfds_are_refused() {
+        let flags = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING | MemfdFlags::HUGETLB;
+        let Ok(fd) = memfd_create("huge", flags) else {
+            eprintln!("skipped: no hugetlbfs memfds here");
+            return;
+        };
+        let huge = 2 << 20;
+        if ftruncate(fd.as_fd(), huge).is_err()
+            || fcntl_add_seals(fd.as_fd(), SealFlags::SHRINK).is_err()
+        {
+            eprintln!("skipped: this hugetlbfs memfd cannot be sized and sealed");
+            return;
+        }
+        assert!(matches!(
+            check_shared_file(fd.as_fd(), 0, huge as usize),
+            Err(Error::UnsafeSharedFile(_))
+        ));
     }
 
     #[test]

@@ -203,9 +203,11 @@ impl Drop for ChannelWorker {
             let ms = WORKER_JOIN_TIMEOUT.as_millis() as i32;
             if t.is_finished() || self.exited.wait_timeout(ms).unwrap_or(0) > 0 {
                 let _ = t.join();
-            } else {
+            } else if let Some(suppressed) = channel_log_allowed() {
+                // A guest can cause this (I/O of its own that takes long): rate-limited.
                 tracing::warn!(
                     thread = t.thread().name().unwrap_or("?"),
+                    suppressed,
                     "channel worker did not stop in time; leaving it behind"
                 );
             }

@@ -127,8 +127,12 @@ pub struct Config {
     pub max_total_gpadl_bytes: Option<u64>,
     /// Most channel messages queued per VP for a guest that does not take them (default 1024).
     pub max_queued_messages: Option<usize>,
-    /// Most guest memory one front end may register, in bytes (default 1 TiB).
-    pub max_guest_memory: Option<u64>,
+    /// Most guest memory one front end may register, all regions together, in bytes (default
+    /// 1 TiB; see `SessionLimits::max_memory_bytes`).
+    pub max_memory_bytes: Option<u64>,
+    /// Most kernel mappings one guest's scattered rings may hold (default 4096, and at most the
+    /// process's budget divided by `max_sessions`: see `DaemonConfig::effective`).
+    pub max_mapped_pieces: Option<usize>,
     /// Run under the seccomp filter once set up (default true; `--no-seccomp` turns it off,
     /// for debugging). See `ringbuf::sandbox`.
     pub seccomp: Option<bool>,
@@ -160,11 +164,14 @@ impl Config {
         if let Some(v) = self.max_total_gpadl_bytes {
             server.max_total_gpadl_bytes = v;
         }
-        if let Some(v) = self.max_guest_memory {
-            d.session.limits.max_memory_bytes = v;
-        }
         if let Some(v) = self.max_queued_messages {
             d.session.limits.max_queued_messages = v;
+        }
+        if let Some(v) = self.max_memory_bytes {
+            d.session.limits.max_memory_bytes = v;
+        }
+        if let Some(v) = self.max_mapped_pieces {
+            d.session.limits.max_mapped_pieces = v;
         }
         if let Some(v) = self.max_sessions {
             d.max_sessions = v;
@@ -416,7 +423,7 @@ mod tests {
     #[test]
     fn limits_and_allowed_uids_from_the_file() {
         let c: Config = toml::from_str(
-            "allow_uid = [1000, 0]\nmax_sessions = 3\nmax_channels = 9\nmax_gpadls = 7\nmax_total_gpadl_bytes = 65536\nmax_queued_messages = 5\n",
+            "allow_uid = [1000, 0]\nmax_sessions = 3\nmax_channels = 9\nmax_gpadls = 7\nmax_total_gpadl_bytes = 65536\nmax_queued_messages = 5\nmax_memory_bytes = 8192\nmax_mapped_pieces = 100\n",
         )
         .unwrap();
         let d = c.daemon_config();
@@ -428,6 +435,17 @@ mod tests {
         assert_eq!(d.session.server.max_gpadls, 7);
         assert_eq!(d.session.server.max_total_gpadl_bytes, 65536);
         assert_eq!(d.session.limits.max_queued_messages, 5);
+        assert_eq!(d.session.limits.max_memory_bytes, 8192);
+        assert_eq!(d.session.limits.max_mapped_pieces, 100);
+        // Three sessions share the process's budget: each may have a third of it, at most.
+        let share = ringbuf::shmem::MapBudget::process().limit() / 3;
+        assert_eq!(
+            d.effective().session.limits.max_mapped_pieces,
+            100.min(share)
+        );
+        let d = Config::default().daemon_config().effective();
+        let share = ringbuf::shmem::MapBudget::process().limit() / 64;
+        assert_eq!(d.session.limits.max_mapped_pieces, 4096.min(share));
         let none = Config::default().daemon_config();
         assert_eq!(none.allowed_uids, [me], "only the daemon's uid by default");
     }

@@ -41,6 +41,21 @@ pub struct DaemonConfig {
     pub shutdown_timeout: Duration,
 }
 
+impl DaemonConfig {
+    /// The configuration as the daemon applies it: a guest's budget of kernel mappings for
+    /// scattered rings (`max_mapped_pieces`) is at most the process's budget
+    /// ([`ringbuf::shmem::MapBudget::process`], half of `vm.max_map_count`) divided by
+    /// `max_sessions`. Otherwise a few guests could spend the process's whole budget (eight of
+    /// 4096 each, by default) and no other guest could open a channel.
+    pub fn effective(mut self) -> Self {
+        let process = ringbuf::shmem::MapBudget::process().limit();
+        let share = process / self.max_sessions.max(1);
+        let pieces = &mut self.session.limits.max_mapped_pieces;
+        *pieces = (*pieces).min(share);
+        self
+    }
+}
+
 impl Default for DaemonConfig {
     fn default() -> Self {
         Self {
@@ -102,7 +117,7 @@ impl Daemon {
             path: path.to_owned(),
             stop: Arc::new(Event::new()?),
             reload: Arc::new(Event::new()?),
-            config,
+            config: config.effective(),
             offers,
             access,
             devices,
@@ -164,6 +179,9 @@ impl Daemon {
                     if let Some(suppressed) = self.refusals.allow() {
                         tracing::warn!(error = %e, suppressed, "accept failed");
                     }
+                    // Out of descriptors, typically: the connection stays queued and the
+                    // listener readable, so back off rather than spin until one is freed.
+                    std::thread::sleep(Duration::from_millis(100));
                     continue;
                 }
             };
@@ -299,6 +317,7 @@ pub fn serve(
     // Signal handlers first: once the socket exists, the daemon is fully set up.
     let mut signals =
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(Error::Thread)?;
+    raise_fd_limit(&daemon_config);
     let daemon = Daemon::bind(
         &socket,
         daemon_config,
@@ -343,4 +362,36 @@ pub fn serve(
     handle.close();
     let _ = signal_thread.join();
     result
+}
+
+/// Raises the soft limit of open descriptors to the hard limit. Front ends make the daemon hold
+/// descriptors (a memory region, an irqfd per VP, several per open channel) within per-session
+/// bounds, but the soft limit services start with (1024 under systemd) is spent by three front
+/// ends that use theirs, after which no other guest can connect or open a channel. Warns if
+/// even the hard limit is short of what `max_sessions` front ends may hold before opening any
+/// channel.
+fn raise_fd_limit(config: &DaemonConfig) {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    let hard = limit.maximum.unwrap_or(1 << 20);
+    if limit.current.is_some_and(|soft| soft < hard) {
+        limit.current = Some(hard);
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!(error = %e, "cannot raise the limit of open files");
+        }
+    }
+    let soft = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    let per_session =
+        config.session.limits.max_regions as u64 + u64::from(vmbus_proto::partition::MAX_VPS) + 2;
+    let needed = per_session.saturating_mul(config.max_sessions as u64);
+    if needed > soft {
+        tracing::warn!(
+            limit = soft,
+            needed,
+            "the limit of open files is short of what max_sessions front ends may hold: \
+             raise it (LimitNOFILE) or lower max_sessions"
+        );
+    } else {
+        tracing::info!(limit = soft, "open files");
+    }
 }

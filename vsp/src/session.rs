@@ -29,7 +29,7 @@ use zerocopy::IntoBytes;
 
 use crate::channel::{ChannelSpec, ChannelWorker, Device, UnimplementedDevice};
 use crate::server::{OfferSpec, Output, Server, ServerConfig};
-use crate::synic::{LogLimit, Synic};
+use crate::synic::{peer_log_allowed, LogLimit, Synic};
 
 /// Why a session ended.
 #[derive(Debug)]
@@ -67,9 +67,16 @@ impl SessionError {
 pub struct SessionLimits {
     /// Most guest memory regions (default [`MAX_REGIONS`]).
     pub max_regions: usize,
-    /// Most guest memory in all, in bytes (default [`MAX_GUEST_MEMORY`]): each region is
-    /// mapped whole, so this bounds the address space one front end makes the daemon reserve.
+    /// Most bytes of guest memory, all regions together (default [`MAX_MEMORY_BYTES`]). Each
+    /// region is mapped whole into the daemon, and a sparse memfd costs its sender nothing: so
+    /// this is what bounds the daemon's address space (sessions times this), which the front
+    /// ends would otherwise share with no limit.
     pub max_memory_bytes: u64,
+    /// Most kernel mappings the views of this guest's scattered rings may hold at once (default
+    /// [`ringbuf::guestmem::DEFAULT_MAX_MAPPED_PIECES`]; see [`GuestMemory::with_map_limit`]).
+    /// The daemon lowers it to its share of the process's budget
+    /// ([`crate::daemon::DaemonConfig::effective`]), so that guests cannot starve each other.
+    pub max_mapped_pieces: usize,
     /// Most channel messages queued per VP for a guest that does not take them (default
     /// [`crate::synic::MAX_QUEUED_MESSAGES`]); beyond, the oldest are dropped.
     pub max_queued_messages: usize,
@@ -82,7 +89,8 @@ impl Default for SessionLimits {
     fn default() -> Self {
         Self {
             max_regions: MAX_REGIONS,
-            max_memory_bytes: MAX_GUEST_MEMORY,
+            max_memory_bytes: MAX_MEMORY_BYTES,
+            max_mapped_pieces: ringbuf::guestmem::DEFAULT_MAX_MAPPED_PIECES,
             max_queued_messages: crate::synic::MAX_QUEUED_MESSAGES,
             reply_timeout: Duration::from_secs(5),
         }
@@ -161,8 +169,6 @@ pub struct Session {
     limits: SessionLimits,
     /// A handle on this session, for devices that ask for subchannels.
     own: SessionHandle,
-    /// Rate limit of the warnings the front end or guest can cause.
-    log: LogLimit,
 }
 
 /// Changes wanted of a running session: state that later requests overwrite, so that the
@@ -223,9 +229,9 @@ static DROPPED_LOG: Mutex<LogLimit> = Mutex::new(LogLimit::new(10, Duration::fro
 /// Most guest memory regions a partition may register.
 pub const MAX_REGIONS: usize = 64;
 
-/// Most guest memory a partition may register, in bytes, by default: 1 TiB, so that the
-/// default 64 sessions reserve at most half of the 128 TiB user address space.
-pub const MAX_GUEST_MEMORY: u64 = 1 << 40;
+/// Most guest memory a partition may register, by default: 1 TiB, so that the default 64
+/// sessions map at most half of the 128 TiB a process can address on x86-64.
+pub const MAX_MEMORY_BYTES: u64 = 1 << 40;
 
 impl Session {
     /// A session for a newly accepted connection, and the daemon's handle on it. `stop` is
@@ -261,7 +267,6 @@ impl Session {
             channels: HashMap::new(),
             limits: config.limits,
             own: handle.clone(),
-            log: LogLimit::default(),
         };
         Ok((session, handle))
     }
@@ -415,7 +420,7 @@ impl Session {
                 }
                 self.partition = Some(Partition {
                     vp_count: h.vp_count,
-                    building: Some(GuestMemory::new()),
+                    building: Some(GuestMemory::with_map_limit(self.limits.max_mapped_pieces)),
                     mem: Arc::new(GuestMemory::new()),
                     synic: Arc::new(Synic::with_queue_limit(
                         h.vp_count,
@@ -459,7 +464,7 @@ impl Session {
                     match building.add_region(m.gpa, m.len, fd, m.fd_offset) {
                         Ok(()) => status::OK,
                         Err(e) => {
-                            if let Some(suppressed) = self.log.allow() {
+                            if let Some(suppressed) = peer_log_allowed() {
                                 tracing::warn!(error = %e, ?m, suppressed,
                                     "guest memory region refused");
                             }
@@ -668,7 +673,7 @@ impl Session {
                             self.server.open_complete(relid, true, &mut more);
                         }
                         Err(e) => {
-                            if let Some(suppressed) = self.log.allow() {
+                            if let Some(suppressed) = peer_log_allowed() {
                                 tracing::warn!(relid, error = %e, suppressed,
                                     "channel failed to start");
                             }

@@ -850,8 +850,10 @@ impl Device for Storvsp {
 
 impl Drop for Storvsp {
     fn drop(&mut self) {
-        // Each queue waits for its in-flight I/O; answers for it are dropped with the channel.
+        // Each queue waits for its in-flight I/O; answers for it are dropped with the channel,
+        // so long requests stop at their next step.
         for lun in self.luns.iter_mut().flatten() {
+            lun.queue.abandon();
             let _ = lun.queue.wait(lun.queue.in_flight());
         }
     }

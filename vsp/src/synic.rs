@@ -74,6 +74,17 @@ impl Default for LogLimit {
     }
 }
 
+/// Rate limit of the warnings a front end or its guest causes in sessions (a refused memory
+/// region, a channel that fails to start, dropped messages), across the daemon: a limit per
+/// session would start afresh with each connection, so a front end that reconnects in a loop
+/// could flood the log.
+static PEER_LOG: Mutex<LogLimit> = Mutex::new(LogLimit::new(10, Duration::from_secs(60)));
+
+/// Whether a warning caused by a front end or guest may be logged now (see [`LogLimit::allow`]).
+pub(crate) fn peer_log_allowed() -> Option<u64> {
+    PEER_LOG.lock().unwrap_or_else(|e| e.into_inner()).allow()
+}
+
 /// One VP's SynIC state as the front end reported it.
 #[derive(Debug, Default)]
 struct Vp {
@@ -97,7 +108,6 @@ pub struct Synic {
     dropped_interrupts: AtomicU64,
     /// Messages dropped (queue full, or no such VP).
     dropped_messages: AtomicU64,
-    log: Mutex<LogLimit>,
 }
 
 /// Offset of the VMBus SINT's slot (or event bitmap) in its page.
@@ -118,7 +128,6 @@ impl Synic {
             max_queued: max_queued.max(1),
             dropped_interrupts: AtomicU64::new(0),
             dropped_messages: AtomicU64::new(0),
-            log: Mutex::new(LogLimit::default()),
         }
     }
 
@@ -135,8 +144,7 @@ impl Synic {
     /// Logs a guest-caused drop, rate-limited.
     fn log_drop(&self, vp: u32, what: &'static str) {
         self.dropped_messages.fetch_add(1, Ordering::Relaxed);
-        let allowed = self.log.lock().unwrap_or_else(|e| e.into_inner()).allow();
-        if let Some(suppressed) = allowed {
+        if let Some(suppressed) = peer_log_allowed() {
             tracing::warn!(vp, suppressed, "{what}");
         }
     }

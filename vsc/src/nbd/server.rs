@@ -180,6 +180,7 @@ impl NbdServer {
             .set_nonblocking(true)
             .map_err(io_err("NBD listener"))?;
         let shared = Arc::new(Shared {
+            warnings: Mutex::default(),
             exports: Arc::clone(&self.exports),
             limits: self.limits.clone(),
             pool: Pool::new(&self.limits),
@@ -212,7 +213,9 @@ impl NbdServer {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
                         // Out of descriptors or the like: back off instead of spinning.
-                        tracing::warn!("NBD accept failed: {e}");
+                        if let Some(suppressed) = shared.warn_allowed() {
+                            tracing::warn!(suppressed, "NBD accept failed: {e}");
+                        }
                         std::thread::sleep(Duration::from_millis(100));
                         break;
                     }
@@ -297,7 +300,41 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// What the connection threads share.
+/// A rate limit for the warnings clients can cause: at most `BURST` a minute; the lines
+/// suppressed are counted and reported with the next one let through.
+#[derive(Debug, Default)]
+struct WarnLimit {
+    start: Option<Instant>,
+    used: u32,
+    suppressed: u64,
+}
+
+impl WarnLimit {
+    const BURST: u32 = 10;
+    const WINDOW: Duration = Duration::from_secs(60);
+
+    /// Whether a warning may be logged now; if so, `Some(lines suppressed since the last)`.
+    fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self
+            .start
+            .is_none_or(|s| now.duration_since(s) >= Self::WINDOW)
+        {
+            (self.start, self.used) = (Some(now), 0);
+        }
+        if self.used >= Self::BURST {
+            self.suppressed += 1;
+            return None;
+        }
+        self.used += 1;
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
 struct Shared {
+    /// Rate limit of the warnings clients cause (connections refused or dropped for lack of
+    /// room): a client reconnecting in a loop at the limit must not flood the log.
+    warnings: Mutex<WarnLimit>,
     exports: Arc<[Export]>,
     limits: Limits,
     pool: Arc<Pool>,
@@ -324,6 +361,10 @@ impl Drop for Registered<'_> {
 }
 
 impl Shared {
+    fn warn_allowed(&self) -> Option<u64> {
+        lock(&self.warnings).allow()
+    }
+
     /// Starts a thread for a new connection, or refuses it by closing. A connection in its
     /// handshake takes one of `max_handshakes` places, the oldest one's if they are all taken
     /// (a client that opens connections and dawdles cannot keep others from being served).
@@ -332,13 +373,23 @@ impl Shared {
             let mut conns = lock(&this.conns);
             let served = conns.values().filter(|c| c.handshake.is_none()).count();
             if served >= this.limits.max_connections {
-                tracing::warn!("NBD: {served} connections already, refusing another");
+                if let Some(suppressed) = this.warn_allowed() {
+                    tracing::warn!(
+                        suppressed,
+                        "NBD: {served} connections already, refusing another"
+                    );
+                }
                 return None;
             }
             // Evicted connections linger until their threads notice: bounded too.
             let max_handshakes = this.limits.max_handshakes.max(1);
             if conns.len() - served >= 2 * max_handshakes {
-                tracing::warn!("NBD: too many connections closing, refusing another");
+                if let Some(suppressed) = this.warn_allowed() {
+                    tracing::warn!(
+                        suppressed,
+                        "NBD: too many connections closing, refusing another"
+                    );
+                }
                 return None;
             }
             let mut handshaking: Vec<(&u64, &mut Conn)> = conns
@@ -411,7 +462,13 @@ impl Shared {
                 true
             }
             _ => {
-                tracing::warn!(id, "NBD: no room left for a connection past its handshake");
+                if let Some(suppressed) = self.warn_allowed() {
+                    tracing::warn!(
+                        id,
+                        suppressed,
+                        "NBD: no room left for a connection past its handshake"
+                    );
+                }
                 false
             }
         }

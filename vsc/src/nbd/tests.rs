@@ -999,3 +999,55 @@ fn an_event_loop_connection_whose_client_stops_reading_is_closed_after_the_reply
     // ...and the client finds the stream closed after what was sent.
     assert!(closed(&mut s));
 }
+
+/// Review finding: each connection refused for lack of room was a warning, with no limit, so
+/// a client reconnecting in a loop at the limit flooded the log. Now at most 10 a minute.
+#[test]
+fn refused_connections_do_not_flood_the_log() {
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Capture {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let dir = temp_dir("log-flood");
+    let path = dir.join("s");
+    let server = NbdServer::bind(&path, vec![export("a", MemDevice::new(4096))])
+        .unwrap()
+        .with_limits(Limits {
+            max_connections: 1,
+            ..Limits::default()
+        });
+    let log = Capture::default();
+    let writer = log.clone();
+    let stop = Arc::new(ringbuf::Event::new().unwrap());
+    let stop2 = stop.clone();
+    let t = std::thread::spawn(move || {
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || server.run(stop2))
+    });
+    let mut held = UnixStream::connect(&path).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    go(&mut held, "a");
+    for _ in 0..200 {
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        assert!(closed(&mut s));
+    }
+    stop.signal().unwrap();
+    t.join().unwrap().unwrap();
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let warnings = text.lines().filter(|l| l.contains("WARN")).count();
+    assert!(warnings <= 10, "{warnings} warnings:\n{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -259,6 +259,9 @@ pub trait IoQueue: Send {
     fn wait(&mut self, min: usize) -> Result<(), Error>;
     /// Operations queued and not yet reaped.
     fn in_flight(&self) -> usize;
+    /// Nobody will answer the operations in flight: cut the long ones short (see
+    /// [`DiskQueue::abandon`]). By default nothing.
+    fn abandon(&mut self) {}
     /// Readable when completions may be ready (for the worker's epoll set).
     fn completion_event(&self) -> BorrowedFd<'_>;
 }
@@ -278,6 +281,9 @@ impl IoQueue for DiskQueue {
     }
     fn in_flight(&self) -> usize {
         DiskQueue::in_flight(self)
+    }
+    fn abandon(&mut self) {
+        DiskQueue::abandon(self)
     }
     fn completion_event(&self) -> BorrowedFd<'_> {
         DiskQueue::completion_event(self)

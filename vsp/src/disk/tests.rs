@@ -973,3 +973,41 @@ fn write_same_repeats_its_block() {
         }
     }
 }
+
+/// A queue whose requests nobody will answer (their channel closed) stops a long request at
+/// its next step: a 32 MiB pattern fill ends after the piece in the kernel, with ECANCELED,
+/// and records no writeback error (a later flush succeeds).
+#[test]
+fn an_abandoned_queue_stops_long_requests_at_their_next_step() {
+    for sync in [false, true] {
+        let len = 32u64 << 20;
+        let img = Image::new(len);
+        let before = img.contents();
+        let disk = DiskFile::open(&img.0, false, false).unwrap();
+        let mut q = DiskQueue::new(disk, guest_memory(), 8).unwrap();
+        let block = vec![0xABu8; 4096];
+        let op = IoOp::WriteSame {
+            offset: 0,
+            len,
+            block: &block,
+            sync,
+        };
+        q.queue(7, op).unwrap();
+        q.submit().unwrap();
+        q.abandon();
+        q.wait(1).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(q.reap(&mut out), 1);
+        assert_eq!(
+            out[0].result,
+            Err(rustix::io::Errno::CANCELED.raw_os_error())
+        );
+        let after = img.contents();
+        assert!(after[..4096] == block[..], "the first piece was written");
+        assert!(
+            after[len as usize - (1 << 20)..] == before[len as usize - (1 << 20)..],
+            "the rest was not"
+        );
+        assert_eq!(run(&mut q, IoOp::Flush), Ok(0), "no writeback error");
+    }
+}

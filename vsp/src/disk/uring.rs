@@ -209,6 +209,8 @@ pub struct DiskQueue {
     cqes: Vec<(u64, i32)>,
     /// See [`QueueOptions::inline_buffered_writes`].
     inline_writes: bool,
+    /// See [`DiskQueue::abandon`].
+    abandoned: bool,
     /// Which paths the requests took, for the tests to check.
     #[cfg(test)]
     pub(super) stats: Stats,
@@ -273,6 +275,7 @@ impl DiskQueue {
             in_flight: 0,
             done: Vec::with_capacity(depth as usize),
             inline_writes: options.inline_buffered_writes,
+            abandoned: false,
             #[cfg(test)]
             stats: Stats::default(),
         })
@@ -281,6 +284,17 @@ impl DiskQueue {
     /// The disk.
     pub fn disk(&self) -> &Arc<DiskFile> {
         &self.disk
+    }
+
+    /// Nobody will answer the requests in flight (their channel closed): from now on a request
+    /// that would go on with another step (the next piece of a fill, the rest of a short
+    /// transfer, the flush after zeroing) ends with `ECANCELED` instead, which is not a
+    /// writeback error. Waiting for the queue to empty then takes as long as the steps already
+    /// in the kernel, not as long as a guest asked for: a WRITE SAME pattern may be 16 GiB,
+    /// 64 KiB a step, and a guest could otherwise close its channel on 256 of them and open it
+    /// again, leaving a thread and that much I/O behind each time.
+    pub fn abandon(&mut self) {
+        self.abandoned = true;
     }
 
     /// Requests queued and not yet completed (their completions not yet drained from the ring).
@@ -707,6 +721,14 @@ impl DiskQueue {
                 }
             },
         };
+        if self.abandoned && matches!(step, Step::Resubmit) {
+            // No further step (see `abandon`); not a writeback error: nothing was acknowledged.
+            let tag = self.slots[idx].tag;
+            let result = Err(Errno::CANCELED.raw_os_error());
+            self.done.push(Completion { tag, result });
+            self.release(idx);
+            return false;
+        }
         match step {
             Step::Done(result) => {
                 self.finish(idx, result);
