@@ -33,6 +33,17 @@ impl Event {
             .map_err(Error::Event)
     }
 
+    /// A new eventfd that will be handed to a peer (a channel's signal, which the front end
+    /// writes): the peer's duplicate shares the file's `O_NONBLOCK` flag and may clear it, so,
+    /// as for [`Event::from_untrusted_fd`], the flag is set again before every write and read.
+    /// A signal then never blocks on a counter the peer saturated, and a read never blocks on
+    /// one the peer drained first.
+    pub fn new_shared() -> Result<Self, Error> {
+        let mut e = Self::new()?;
+        e.untrusted = true;
+        Ok(e)
+    }
+
     /// Wraps an eventfd received from a trusted party (for example inherited by a child process
     /// from its parent). [`wait`](Self::wait) works whether or not it is non-blocking;
     /// [`signal`](Self::signal) blocks if it is blocking and saturated.
@@ -86,6 +97,9 @@ impl Event {
         use rustix::event::{poll, PollFd, PollFlags};
         let mut buf = [0u8; 8];
         loop {
+            if self.untrusted {
+                set_nonblocking(&self.fd)?;
+            }
             match rustix::io::read(&self.fd, &mut buf) {
                 Ok(_) => return Ok(u64::from_ne_bytes(buf)),
                 Err(rustix::io::Errno::INTR) => continue,
@@ -177,6 +191,26 @@ mod tests {
         let fd = eventfd(0, EventfdFlags::CLOEXEC).unwrap();
         rustix::io::write(&fd, &0xffff_ffff_ffff_fffeu64.to_ne_bytes()).unwrap();
         fd
+    }
+
+    #[test]
+    fn a_shared_event_survives_its_peer_clearing_o_nonblock() {
+        let ev = Event::new_shared().unwrap();
+        let peer = ev.as_fd().try_clone_to_owned().unwrap();
+        rustix::io::write(&peer, &0xffff_ffff_ffff_fffeu64.to_ne_bytes()).unwrap();
+        rustix::fs::fcntl_setfl(&peer, rustix::fs::OFlags::empty()).unwrap();
+        assert!(!ev.try_signal().unwrap(), "saturated: dropped, not blocked");
+        assert_eq!(ev.wait().unwrap(), 0xffff_ffff_ffff_fffe);
+        // The peer drains and clears the flag again; a read of nothing waits for a signal
+        // instead of blocking in read(2) past it.
+        rustix::fs::fcntl_setfl(&peer, rustix::fs::OFlags::empty()).unwrap();
+        assert_eq!(ev.try_wait().unwrap(), 0);
+        let ev = std::sync::Arc::new(ev);
+        let e2 = ev.clone();
+        let t = std::thread::spawn(move || e2.wait().unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        ev.signal().unwrap();
+        assert_eq!(t.join().unwrap(), 1);
     }
 
     #[test]

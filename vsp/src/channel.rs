@@ -151,7 +151,9 @@ impl ChannelWorker {
         }
         let incoming = IncomingRing::new(Ring::new(spec.ring.clone(), 0, down)?)?;
         let outgoing = OutgoingRing::new(Ring::new(spec.ring.clone(), down, total - down)?)?;
-        let wake = Arc::new(Event::new()?);
+        // Shared with the front end (CHANNEL_SIGNAL hands it a duplicate), which may clear its
+        // O_NONBLOCK flag: every write and read here sets it again first.
+        let wake = Arc::new(Event::new_shared()?);
         let stop = Arc::new(AtomicBool::new(false));
         let target_vp = Arc::new(AtomicU32::new(spec.target_vp));
         let exited = Arc::new(Event::new()?);
