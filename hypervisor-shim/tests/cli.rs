@@ -1,0 +1,127 @@
+//! `vmbus-vm` run as a process on an assembled flat guest, and its refusals.
+
+mod common;
+
+use common::{guests, kvm_or_skip};
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vmbus-vm");
+
+fn scratch(name: &str, bytes: &[u8]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vmbus-vm-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+fn vmbus_vm(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().expect("run vmbus-vm")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn runs_a_flat_guest_and_exits_with_its_code() {
+    if !kvm_or_skip("runs_a_flat_guest_and_exits_with_its_code") {
+        return;
+    }
+    let k = scratch("hello.bin", &guests::hello(42));
+    let o = vmbus_vm(&[
+        "--memory",
+        "8M",
+        "--cpus",
+        "2",
+        "--kernel",
+        k.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "hello\n",
+        "stderr: {}",
+        stderr(&o)
+    );
+    assert_eq!(o.status.code(), Some(42), "stderr: {}", stderr(&o));
+    assert!(stderr(&o).contains("DebugExit(42)"));
+}
+
+#[test]
+fn help_describes_the_kernel_format() {
+    let o = vmbus_vm(&["--help"]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    for needle in [
+        "--memory",
+        "--cpus",
+        "--kernel",
+        "--vsp",
+        "flat 64-bit binary",
+        "bzImage",
+    ] {
+        assert!(text.contains(needle), "--help lacks {needle:?}");
+    }
+}
+
+#[test]
+fn refusals_say_why() {
+    let missing = vmbus_vm(&["--kernel", "/nonexistent/guest.bin"]);
+    assert_eq!(missing.status.code(), Some(125));
+    assert!(
+        stderr(&missing).contains("cannot read kernel /nonexistent/guest.bin"),
+        "{}",
+        stderr(&missing)
+    );
+
+    let mut bz = vec![0u8; 0x400];
+    bz[0x202..0x206].copy_from_slice(b"HdrS");
+    let bz = scratch("bzImage", &bz);
+    let o = vmbus_vm(&["--kernel", bz.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("is a bzImage"), "{}", stderr(&o));
+
+    let k = scratch("tiny.bin", &[0xF4]);
+    let o = vmbus_vm(&["--memory", "1P", "--kernel", k.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "clap usage error: {}", stderr(&o));
+    let o = vmbus_vm(&["--memory", "1048576G", "--kernel", k.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("cannot be had"), "{}", stderr(&o));
+    let o = vmbus_vm(&["--cpus", "0", "--kernel", k.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(
+        stderr(&o).contains("--cpus must be 1 to 64"),
+        "{}",
+        stderr(&o)
+    );
+    let o = vmbus_vm(&["--vsp", "/run/vspd.sock", "--kernel", k.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("not implemented yet"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_missing_dev_kvm_is_named() {
+    // Hide /dev/kvm in a private mount namespace (needs root and unshare(1)).
+    let k = scratch("hello2.bin", &guests::hello(0));
+    let script = format!(
+        "mount -t tmpfs none /dev && exec {BIN} --memory 4M --kernel {}",
+        k.display()
+    );
+    let o = match Command::new("unshare")
+        .args(["--mount", "sh", "-c", &script])
+        .output()
+    {
+        Ok(o) if !stderr(&o).contains("unshare failed") && !stderr(&o).contains("mount:") => o,
+        other => {
+            eprintln!("SKIP a_missing_dev_kvm_is_named: cannot hide /dev/kvm here ({other:?})");
+            return;
+        }
+    };
+    assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cannot open /dev/kvm"),
+        "{}",
+        stderr(&o)
+    );
+}
