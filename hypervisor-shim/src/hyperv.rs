@@ -6,6 +6,7 @@
 //! the #GP paths are checked here and never by a guest.
 
 use kvm_bindings::kvm_cpuid_entry2;
+use vmbus_proto::synic::{HvPostMessageInput, MESSAGE_PAYLOAD_SIZE};
 
 /// First synthetic MSR; the filter sends `MSR_BASE .. MSR_BASE + MSR_COUNT` to userspace.
 pub const MSR_BASE: u32 = 0x4000_0000;
@@ -46,26 +47,67 @@ const SINT_MASKED: u64 = 1 << 16;
 const SINT_WRITABLE: u64 = 0xFF | (1 << 16) | (1 << 17) | (1 << 18);
 const PAGE_MASK: u64 = !0xFFF;
 
-/// The I/O port the hypercall page's `out` uses: the VMM handles the call on that exit.
+/// The I/O port of the hypercall page's slow path: the VMM handles the call on that exit.
 /// Not a port of the in-kernel PIC, PIT or ELCR.
 pub const HYPERCALL_PORT: u8 = 0x99;
+/// The I/O port of the HvSignalEvent fast path: the page writes the connection id here (a
+/// dword). A connection bound with KVM_IOEVENTFD (datamatch on the id) is signalled in the
+/// kernel with no exit; any other id exits to the VMM, which answers as for a slow call.
+pub const SIGNAL_PORT: u8 = 0x9A;
 
-/// The hypercall page's code: `endbr64; out HYPERCALL_PORT, al; ret`. The `out` exits to the
-/// VMM with the guest's registers intact (rcx control, rdx input, r8 output); the VMM puts the
-/// status in rax and resumes at the `ret`. The rest of the page is `int3` filler.
+/// The fast HvSignalEvent control word as ECX holds it: call code 0x5D, fast bit.
+pub const SIGNAL_EVENT_FAST: u32 = 0x1_005D;
+
+/// The hypercall page's code. `rcx` is the control word, `rdx` the input (GPA or fast
+/// argument), `r8` the output GPA; the status comes back in `rax`.
+///
+/// ```text
+/// endbr64
+/// cmp ecx, 0x1005D          ; fast HvSignalEvent?
+/// jne slow
+/// mov eax, edx              ; the connection id
+/// out SIGNAL_PORT, eax      ; ioeventfd match: no exit; else the VMM sets eax = edx + status
+/// sub eax, edx              ; 0 (success) after a match, the VMM's status otherwise
+/// ret
+/// slow: out HYPERCALL_PORT, al  ; the VMM puts the status in rax
+/// ret
+/// ```
+/// The rest of the page is `int3` filler.
 pub fn hypercall_page() -> [u8; 4096] {
     let mut page = [0xCC; 4096];
+    let [c0, c1, c2, c3] = SIGNAL_EVENT_FAST.to_le_bytes();
     let code = [
         0xF3,
         0x0F,
         0x1E,
         0xFA, // endbr64
+        0x81,
+        0xF9,
+        c0,
+        c1,
+        c2,
+        c3, // cmp ecx, imm32
+        0x75,
+        0x07, // jne +7
+        0x89,
+        0xD0, // mov eax, edx
+        0xE7,
+        SIGNAL_PORT, // out imm8, eax
+        0x29,
+        0xD0, // sub eax, edx
+        0xC3, // ret
         0xE6,
-        HYPERCALL_PORT, // out imm8, al
+        HYPERCALL_PORT, // slow: out imm8, al
         0xC3,           // ret
     ];
     page[..code.len()].copy_from_slice(&code);
     page
+}
+
+/// RAX to set on a fast-path signal that exited to the VMM so that the page's `sub eax, edx`
+/// leaves `status` in RAX.
+pub fn fast_signal_rax(rdx: u64, status: u16) -> u64 {
+    u64::from((rdx as u32).wrapping_add(u32::from(status)))
 }
 
 /// Partition-wide synthetic registers.
@@ -214,6 +256,8 @@ pub mod status {
     pub const INVALID_HYPERCALL_CODE: u16 = 2;
     /// HV_STATUS_INVALID_HYPERCALL_INPUT.
     pub const INVALID_HYPERCALL_INPUT: u16 = 3;
+    /// HV_STATUS_INVALID_ALIGNMENT.
+    pub const INVALID_ALIGNMENT: u16 = 4;
     /// HV_STATUS_INVALID_PARAMETER.
     pub const INVALID_PARAMETER: u16 = 5;
     /// HV_STATUS_INVALID_CONNECTION_ID.
@@ -225,18 +269,78 @@ pub const HVCALL_POST_MESSAGE: u16 = 0x5C;
 /// HvSignalEvent.
 pub const HVCALL_SIGNAL_EVENT: u16 = 0x5D;
 
-/// The status of a hypercall with control word `control` while no VMBus connection exists
-/// (nothing is attached yet): the two calls hv_vmbus makes name a connection that is not there,
-/// everything else is an unknown call code. Rep counts are refused for both.
-pub fn hypercall_unattached(control: u64) -> u16 {
+/// What the VMM does for a call into the hypercall page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hypercall {
+    /// Answer with this status and do nothing else.
+    Status(u16),
+    /// HvPostMessage with a valid input page: forward it, answer success.
+    Post(Box<HvPostMessageInput>),
+    /// HvSignalEvent of a known connection: signal it, answer success.
+    Signal {
+        /// The connection id.
+        connection_id: u32,
+        /// The flag number (bits 32-47 of the fast argument).
+        flag: u16,
+    },
+}
+
+/// Control-word bit 16: arguments in registers.
+const CONTROL_FAST: u64 = 1 << 16;
+
+/// Decides a call into the hypercall page. `control` is RCX, `input` RDX (the input page's GPA,
+/// or the fast argument); `read_input` reads an HvPostMessage input page from guest RAM (`None`
+/// when it is not all in RAM); `known` says whether a connection id exists (the VMBus message
+/// connections for a post, the channels `vspd` opened for a signal). Only the two calls
+/// hv_vmbus makes are implemented; every other code is refused with INVALID_HYPERCALL_CODE.
+pub fn decide_hypercall(
+    control: u64,
+    input: u64,
+    read_input: impl FnOnce(u64) -> Option<HvPostMessageInput>,
+    known: impl FnOnce(&Hypercall) -> bool,
+) -> Hypercall {
     let code = control as u16;
     let rep_count = (control >> 32) & 0xFFF;
+    let fast = control & CONTROL_FAST != 0;
     match code {
-        HVCALL_POST_MESSAGE | HVCALL_SIGNAL_EVENT if rep_count != 0 => {
-            status::INVALID_HYPERCALL_INPUT
+        HVCALL_POST_MESSAGE => {
+            if rep_count != 0 || fast {
+                return Hypercall::Status(status::INVALID_HYPERCALL_INPUT);
+            }
+            // The 256-byte input must be 8-byte aligned and inside one page of RAM.
+            if !input.is_multiple_of(8)
+                || (input & 0xFFF) + size_of::<HvPostMessageInput>() as u64 > 4096
+            {
+                return Hypercall::Status(status::INVALID_ALIGNMENT);
+            }
+            let Some(msg) = read_input(input) else {
+                return Hypercall::Status(status::INVALID_PARAMETER);
+            };
+            if msg.message_type != 1 || msg.payload_size as usize > MESSAGE_PAYLOAD_SIZE {
+                return Hypercall::Status(status::INVALID_PARAMETER);
+            }
+            let call = Hypercall::Post(Box::new(msg));
+            if known(&call) {
+                call
+            } else {
+                Hypercall::Status(status::INVALID_CONNECTION_ID)
+            }
         }
-        HVCALL_POST_MESSAGE | HVCALL_SIGNAL_EVENT => status::INVALID_CONNECTION_ID,
-        _ => status::INVALID_HYPERCALL_CODE,
+        HVCALL_SIGNAL_EVENT => {
+            if rep_count != 0 || !fast {
+                return Hypercall::Status(status::INVALID_HYPERCALL_INPUT);
+            }
+            let call = Hypercall::Signal {
+                connection_id: input as u32,
+                flag: (input >> 32) as u16,
+            };
+            if known(&call) {
+                call
+            } else {
+                Hypercall::Status(status::INVALID_CONNECTION_ID)
+            }
+        }
+        _ => Hypercall::Status(status::INVALID_HYPERCALL_CODE),
     }
 }
 
@@ -311,6 +415,7 @@ pub fn build_cpuid(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use zerocopy::FromZeros;
 
     fn fresh() -> (Partition, VpState) {
         (
@@ -413,19 +518,87 @@ mod tests {
         assert_eq!(read_msr(&p, &vp, SINT0 + 2), Some(0xF3));
     }
 
+    fn post(t: u32, size: u32) -> HvPostMessageInput {
+        let mut m = HvPostMessageInput::new_zeroed();
+        m.connection_id = 4;
+        m.message_type = t;
+        m.payload_size = size;
+        m
+    }
+
     #[test]
-    fn hypercalls_without_a_connection_get_their_status() {
-        assert_eq!(hypercall_unattached(0x5C), status::INVALID_CONNECTION_ID);
+    fn hypercalls_are_decided_with_the_right_status() {
+        let ram = |m: HvPostMessageInput| move |gpa: u64| (gpa < 0x10_0000).then_some(m);
+        let yes = |_: &Hypercall| true;
+        let no = |_: &Hypercall| false;
+        let ok = post(1, 240);
         assert_eq!(
-            hypercall_unattached(0x1_005D),
-            status::INVALID_CONNECTION_ID
+            decide_hypercall(0x5C, 0x7000, ram(ok), yes),
+            Hypercall::Post(Box::new(ok))
         );
         assert_eq!(
-            hypercall_unattached(0x5C | (3 << 32)),
-            status::INVALID_HYPERCALL_INPUT
+            decide_hypercall(0x5C, 0x7000, ram(ok), no),
+            Hypercall::Status(status::INVALID_CONNECTION_ID)
         );
-        assert_eq!(hypercall_unattached(0x0002), status::INVALID_HYPERCALL_CODE);
-        assert_eq!(hypercall_unattached(0xFFFF), status::INVALID_HYPERCALL_CODE);
+        assert_eq!(
+            decide_hypercall(0x5C, 0x20_0000, ram(ok), yes),
+            Hypercall::Status(status::INVALID_PARAMETER),
+            "outside RAM"
+        );
+        assert_eq!(
+            decide_hypercall(0x5C, 0x7004, ram(ok), yes),
+            Hypercall::Status(status::INVALID_ALIGNMENT)
+        );
+        assert_eq!(
+            decide_hypercall(0x5C, 0x7F08, ram(ok), yes),
+            Hypercall::Status(status::INVALID_ALIGNMENT),
+            "crosses a page"
+        );
+        assert_eq!(
+            decide_hypercall(0x5C, u64::MAX - 7, ram(ok), yes),
+            Hypercall::Status(status::INVALID_ALIGNMENT)
+        );
+        assert_eq!(
+            decide_hypercall(0x5C, 0x7000, ram(post(1, 241)), yes),
+            Hypercall::Status(status::INVALID_PARAMETER),
+            "oversized"
+        );
+        assert_eq!(
+            decide_hypercall(0x5C, 0x7000, ram(post(2, 8)), yes),
+            Hypercall::Status(status::INVALID_PARAMETER),
+            "message type"
+        );
+        assert_eq!(
+            decide_hypercall(0x5C | (1 << 16), 0x7000, ram(ok), yes),
+            Hypercall::Status(status::INVALID_HYPERCALL_INPUT)
+        );
+        assert_eq!(
+            decide_hypercall(0x5C | (3 << 32), 0x7000, ram(ok), yes),
+            Hypercall::Status(status::INVALID_HYPERCALL_INPUT)
+        );
+        let sig = decide_hypercall(0x1_005D, (5 << 32) | 9, ram(ok), yes);
+        assert_eq!(
+            sig,
+            Hypercall::Signal {
+                connection_id: 9,
+                flag: 5
+            }
+        );
+        assert_eq!(
+            decide_hypercall(0x1_005D, 9, ram(ok), no),
+            Hypercall::Status(status::INVALID_CONNECTION_ID)
+        );
+        assert_eq!(
+            decide_hypercall(0x5D, 9, ram(ok), yes),
+            Hypercall::Status(status::INVALID_HYPERCALL_INPUT),
+            "slow signal"
+        );
+        for code in [0u64, 0x2, 0x5B, 0x5E, 0xFFFF] {
+            assert_eq!(
+                decide_hypercall(code, 0x7000, ram(ok), yes),
+                Hypercall::Status(status::INVALID_HYPERCALL_CODE)
+            );
+        }
     }
 
     #[test]
@@ -460,11 +633,19 @@ mod tests {
     }
 
     #[test]
-    fn hypercall_page_is_endbr_out_ret() {
+    fn hypercall_page_has_a_fast_signal_path_then_the_slow_exit() {
         let p = hypercall_page();
-        assert_eq!(
-            &p[..7],
-            &[0xF3, 0x0F, 0x1E, 0xFA, 0xE6, HYPERCALL_PORT, 0xC3]
-        );
+        assert_eq!(&p[..4], &[0xF3, 0x0F, 0x1E, 0xFA]);
+        assert_eq!(&p[4..10], &[0x81, 0xF9, 0x5D, 0x00, 0x01, 0x00]);
+        assert_eq!(&p[14..16], &[0xE7, SIGNAL_PORT]);
+        assert_eq!(&p[19..22], &[0xE6, HYPERCALL_PORT, 0xC3]);
+        // The jne lands on the slow path.
+        assert_eq!(12 + p[11] as usize, 19);
+        assert!(p[22..].iter().all(|&b| b == 0xCC));
+        // After `sub eax, edx` the guest sees the status.
+        for (rdx, st) in [(9u64, 18u16), (0xFFFF_FFFF, 18), ((7 << 32) | 3, 2)] {
+            let rax = fast_signal_rax(rdx, st);
+            assert_eq!((rax as u32).wrapping_sub(rdx as u32), u32::from(st));
+        }
     }
 }

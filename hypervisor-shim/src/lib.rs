@@ -8,6 +8,7 @@
 //! long mode (see [`vm::Vm::load_flat`]); bzImage loading, ACPI and the partition-socket front
 //! end to `vspd` are not written yet. See `docs/ARCHITECTURE.md`.
 
+pub mod frontend;
 pub mod hyperv;
 pub mod uart;
 pub mod vm;
@@ -81,6 +82,9 @@ pub enum Error {
     /// A vCPU thread could not be started or panicked.
     #[error("vCPU thread: {0}")]
     Thread(String),
+    /// The partition socket to `vspd`: connecting, a refusal, or a protocol error.
+    #[error("vspd: {0}")]
+    Vsp(String),
     /// Writing console output failed.
     #[error("console output: {0}")]
     Console(#[source] std::io::Error),

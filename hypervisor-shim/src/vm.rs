@@ -9,24 +9,34 @@
 //! for an INIT/SIPI from vCPU 0, as on a PC.
 #![allow(unsafe_code)] // kvm-ioctls' memory-slot registration and the kvm_run union read.
 
-use crate::hyperv::{self, MsrWrite, Partition, VpState};
+use crate::frontend::Link;
+use crate::hyperv::{self, Hypercall, MsrWrite, Partition, VpState};
 use crate::uart::{self, Uart};
 use crate::{Error, Result};
 use kvm_bindings::{
-    kvm_enable_cap, kvm_segment, kvm_userspace_memory_region, CpuId, KVM_CAP_X86_USER_SPACE_MSR,
-    KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_FILTER, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_enable_cap, kvm_irq_routing_entry, kvm_segment, kvm_userspace_memory_region, CpuId,
+    KvmIrqRouting, KVM_CAP_X86_USER_SPACE_MSR, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES,
+    KVM_MSR_EXIT_REASON_FILTER, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{
-    Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuExit, VcpuFd, VmFd,
+    IoEventAddress, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuExit,
+    VcpuFd, VmFd,
 };
 use ringbuf::shmem::{create_memfd, Mapping};
+use rustix::event::EventfdFlags;
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::time::Duration;
+use vmbus_proto::channel::{MESSAGE_CONNECTION_ID, MESSAGE_CONNECTION_ID_4, MESSAGE_SINT};
+use vmbus_proto::partition::{vp_flags, SetVp};
+use vmbus_proto::synic::HvPostMessageInput;
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+use zerocopy::FromBytes;
 
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u32 = 64;
@@ -69,8 +79,10 @@ pub struct ExitCounts {
     pub io: AtomicU64,
     /// Synthetic-MSR reads and writes.
     pub msr: AtomicU64,
-    /// Calls into the hypercall page.
+    /// Calls into the hypercall page (slow path).
     pub hypercall: AtomicU64,
+    /// Fast-path HvSignalEvent calls that exited (no eventfd bound to their connection id).
+    pub signal_exits: AtomicU64,
     /// All exits, including the above.
     pub total: AtomicU64,
 }
@@ -84,6 +96,9 @@ pub struct Outcome {
     pub exits: ExitCounts,
     /// The partition-wide synthetic registers at the end.
     pub partition: Partition,
+    /// Each vCPU's LAPIC IRR (256 bits as 8 words) when it stopped: which vectors were
+    /// pending and not yet taken.
+    pub lapic_irr: Vec<[u32; 8]>,
 }
 
 /// Guest memory: one memfd, mapped once in this process, registered with KVM as one slot below
@@ -157,7 +172,7 @@ impl GuestRam {
     }
 
     /// The slots to register: (guest-physical base, memfd offset, length).
-    fn slots(&self) -> Vec<(u64, u64, u64)> {
+    pub fn slots(&self) -> Vec<(u64, u64, u64)> {
         let low = self.size.min(LOW_RAM_END);
         let mut v = vec![(0, 0, low)];
         if self.size > low {
@@ -179,11 +194,16 @@ pub struct VmConfig {
 /// A KVM VM with its RAM and vCPUs, ready to run.
 pub struct Vm {
     _kvm: Kvm,
-    _fd: VmFd,
+    fd: Arc<VmFd>,
     ram: Arc<GuestRam>,
     vcpus: Vec<VcpuFd>,
     tsc_hz: u64,
+    link: Option<Arc<Link>>,
 }
+
+/// First GSI of the per-VP MSI routes that the irqfds handed to `vspd` use (0-23 are the
+/// PIC's and IOAPIC's).
+pub const IRQFD_GSI_BASE: u32 = 24;
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { what, source }
@@ -289,10 +309,11 @@ impl Vm {
             .unwrap_or(0);
         Ok(Vm {
             _kvm: kvm,
-            _fd: fd,
+            fd: Arc::new(fd),
             ram,
             vcpus,
             tsc_hz,
+            link: None,
         })
     }
 
@@ -300,6 +321,22 @@ impl Vm {
     /// guest's results from it after the run).
     pub fn ram(&self) -> Arc<GuestRam> {
         Arc::clone(&self.ram)
+    }
+
+    /// Attaches the VM to the `vspd` listening at `socket` (HELLO, then ADD_MEMORY for guest
+    /// RAM): from then on the guest's SynIC programming, HvPostMessage, EOM and HvSignalEvent go
+    /// to the daemon, and its channel eventfds are bound with KVM_IOEVENTFD.
+    pub fn attach(&mut self, socket: &Path) -> Result<()> {
+        let link = Link::attach(socket, self.vcpus.len() as u32, &self.ram)?;
+        self.link = Some(Arc::new(link));
+        Ok(())
+    }
+
+    /// Binds `eventfd` to HvSignalEvent of `connection_id`: the hypercall page's fast path then
+    /// signals it in the kernel (KVM_IOEVENTFD on [`hyperv::SIGNAL_PORT`], datamatch on the id)
+    /// with no exit to userspace.
+    pub fn bind_signal(&self, connection_id: u32, eventfd: &EventFd) -> Result<()> {
+        bind_signal(&self.fd, connection_id, eventfd, true)
     }
 
     /// Loads a flat binary at [`FLAT_LOAD_ADDR`] and returns its entry point (the same address).
@@ -368,7 +405,15 @@ impl Vm {
     /// with the UART's output going to `console`.
     pub fn run(self, entry: u64, console: Box<dyn Write + Send>) -> Result<Outcome> {
         self.setup_long_mode(entry)?;
+        let irq = match &self.link {
+            Some(_) => Some(Irq::new(&self.fd, self.vcpus.len())?),
+            None => None,
+        };
         let shared = Arc::new(Shared {
+            vm: Arc::clone(&self.fd),
+            link: self.link.clone(),
+            irq,
+            lapic_irr: Mutex::new(vec![[0; 8]; self.vcpus.len()]),
             ram: Arc::clone(&self.ram),
             uart: Mutex::new(Uart::new(console)),
             partition: Mutex::new(Partition {
@@ -388,17 +433,53 @@ impl Vm {
         let mut threads = Vec::new();
         let Vm {
             _kvm,
-            _fd,
+            fd,
             ram: _,
             vcpus,
             tsc_hz: _,
+            link,
         } = self;
-        for (i, vcpu) in vcpus.into_iter().enumerate() {
+        // The daemon's messages: STATUS answers and the channels' eventfds, bound as they come.
+        let reader = match &link {
+            Some(link) => {
+                let (link, vm, sh) = (Arc::clone(link), Arc::clone(&fd), Arc::clone(&shared));
+                let t = std::thread::Builder::new()
+                    .name("vspd-link".into())
+                    .spawn(move || {
+                        let r = link.serve(|id, efd, bound| {
+                            if let Err(e) = bind_signal(&vm, id, efd, bound) {
+                                eprintln!("vmbus-vm: connection {id}: {e}");
+                            }
+                        });
+                        // The daemon going away ends the VM (unless it is ending already).
+                        if !sh.stop.load(Ordering::SeqCst) {
+                            let e = r
+                                .err()
+                                .unwrap_or(Error::Vsp("vspd closed the connection".into()));
+                            sh.finish(Err(e));
+                        }
+                    })
+                    .map_err(|e| Error::Thread(e.to_string()))?;
+                Some(t)
+            }
+            None => None,
+        };
+        for (i, mut vcpu) in vcpus.into_iter().enumerate() {
             let shared = Arc::clone(&shared);
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
                 .spawn(move || {
-                    let r = vcpu_loop(i as u32, vcpu, &shared);
+                    let r = vcpu_loop(i as u32, &mut vcpu, &shared);
+                    if let Ok(lapic) = vcpu.get_lapic() {
+                        let mut irr = [0u32; 8];
+                        for (w, word) in irr.iter_mut().enumerate() {
+                            let at = 0x200 + 0x10 * w;
+                            let b: Vec<u8> =
+                                lapic.regs[at..at + 4].iter().map(|&c| c as u8).collect();
+                            *word = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                        }
+                        shared.lapic_irr.lock().unwrap_or_else(|e| e.into_inner())[i] = irr;
+                    }
                     shared.finish(r);
                 })
                 .map_err(|e| Error::Thread(e.to_string()))?;
@@ -423,13 +504,24 @@ impl Vm {
             t.join()
                 .map_err(|_| Error::Thread("a vCPU thread panicked".into()))?;
         }
-        drop(_fd);
+        if let (Some(link), Some(reader)) = (&link, reader) {
+            link.shutdown();
+            reader
+                .join()
+                .map_err(|_| Error::Thread("the vspd reader panicked".into()))?;
+        }
+        drop(link);
+        drop(fd);
         let shared = Arc::into_inner(shared).ok_or(Error::Thread("state still shared".into()))?;
         let mut uart = shared.uart.into_inner().unwrap_or_else(|e| e.into_inner());
         uart.flush().map_err(Error::Console)?;
         let status = result?;
         Ok(Outcome {
             status,
+            lapic_irr: shared
+                .lapic_irr
+                .into_inner()
+                .unwrap_or_else(|e| e.into_inner()),
             exits: shared.exits,
             partition: shared
                 .partition
@@ -441,7 +533,95 @@ impl Vm {
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
+fn bind_signal(vm: &VmFd, connection_id: u32, eventfd: &EventFd, bound: bool) -> Result<()> {
+    let port = IoEventAddress::Pio(u64::from(hyperv::SIGNAL_PORT));
+    if bound {
+        vm.register_ioevent(eventfd, &port, connection_id)
+            .map_err(kvm_err("KVM_IOEVENTFD"))
+    } else {
+        vm.unregister_ioevent(eventfd, &port, connection_id)
+            .map_err(kvm_err("KVM_IOEVENTFD(deassign)"))
+    }
+}
+
+/// The per-VP irqfds handed to `vspd` and the MSI routes behind them: VP n's irqfd is GSI
+/// `IRQFD_GSI_BASE + n`, routed as a fixed MSI of the VMBus SINT's vector to APIC id n once
+/// the guest unmasks that SINT.
+struct Irq {
+    /// Each VP's irqfd: the descriptor handed to `vspd`, and the same eventfd registered with
+    /// KVM_IRQFD.
+    irqfds: Vec<(OwnedFd, EventFd)>,
+    vectors: Mutex<Vec<Option<u8>>>,
+}
+
+impl Irq {
+    fn new(vm: &VmFd, vcpus: usize) -> Result<Self> {
+        let irq = Irq {
+            irqfds: Vec::new(),
+            vectors: Mutex::new(vec![None; vcpus]),
+        };
+        irq.route(vm, &[])?;
+        let mut irqfds = Vec::new();
+        for i in 0..vcpus {
+            let fd = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+                .map_err(|e| Error::Vsp(format!("eventfd: {e}")))?;
+            let dup = fd
+                .try_clone()
+                .map_err(|e| Error::Vsp(format!("eventfd: {e}")))?;
+            let efd = crate::frontend::event_fd(dup);
+            vm.register_irqfd(&efd, IRQFD_GSI_BASE + i as u32)
+                .map_err(kvm_err("KVM_IRQFD"))?;
+            irqfds.push((fd, efd));
+        }
+        Ok(Irq { irqfds, ..irq })
+    }
+
+    /// Installs the routing table: KVM's default PIC and IOAPIC routes for GSIs 0-23 (the table
+    /// replaces them all), then one MSI route per VP with a vector.
+    fn route(&self, vm: &VmFd, vectors: &[Option<u8>]) -> Result<()> {
+        let mut entries = Vec::new();
+        let chip = |gsi: u32, irqchip: u32, pin: u32| {
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_IRQCHIP,
+                ..Default::default()
+            };
+            e.u.irqchip.irqchip = irqchip;
+            e.u.irqchip.pin = pin;
+            e
+        };
+        for gsi in 0..24 {
+            if gsi < 8 {
+                entries.push(chip(gsi, KVM_IRQCHIP_PIC_MASTER, gsi));
+            } else if gsi < 16 {
+                entries.push(chip(gsi, KVM_IRQCHIP_PIC_SLAVE, gsi - 8));
+            }
+            entries.push(chip(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+        }
+        for (vp, vector) in vectors.iter().enumerate() {
+            let Some(vector) = vector else { continue };
+            let mut e = kvm_irq_routing_entry {
+                gsi: IRQFD_GSI_BASE + vp as u32,
+                type_: KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
+            // Fixed delivery, physical destination: APIC id = VP index.
+            e.u.msi.address_lo = 0xFEE0_0000 | ((vp as u32) << 12);
+            e.u.msi.data = u32::from(*vector);
+            entries.push(e);
+        }
+        let table = KvmIrqRouting::from_entries(&entries)
+            .map_err(|_| Error::Config("too many interrupt routes".into()))?;
+        vm.set_gsi_routing(&table)
+            .map_err(kvm_err("KVM_SET_GSI_ROUTING"))
+    }
+}
+
 struct Shared {
+    vm: Arc<VmFd>,
+    link: Option<Arc<Link>>,
+    irq: Option<Irq>,
+    lapic_irr: Mutex<Vec<[u32; 8]>>,
     ram: Arc<GuestRam>,
     uart: Mutex<Uart<Box<dyn Write + Send>>>,
     partition: Mutex<Partition>,
@@ -473,6 +653,7 @@ impl Shared {
 enum Io {
     Continue,
     Hypercall,
+    Signal,
     End(ExitStatus),
 }
 
@@ -483,6 +664,7 @@ fn port_out(shared: &Shared, port: u16, data: &[u8]) -> Result<Io> {
     let value = u32::from_le_bytes(v);
     Ok(match port {
         p if p == u16::from(hyperv::HYPERCALL_PORT) => return Ok(Io::Hypercall),
+        p if p == u16::from(hyperv::SIGNAL_PORT) => return Ok(Io::Signal),
         DEBUG_EXIT_PORT => Io::End(ExitStatus::DebugExit(value)),
         RESET_PORT if value & 0x4 != 0 => Io::End(ExitStatus::Reset),
         KBD_COMMAND_PORT if value & 0xFF == 0xFE => Io::End(ExitStatus::Reset),
@@ -506,7 +688,7 @@ fn port_in(shared: &Shared, port: u16, data: &mut [u8]) {
 
 /// Runs one vCPU until the VM ends: `Ok(Some(status))` when this vCPU ended it, `Ok(None)`
 /// when another did.
-fn vcpu_loop(index: u32, mut vcpu: VcpuFd, shared: &Shared) -> Result<Option<ExitStatus>> {
+fn vcpu_loop(index: u32, vcpu: &mut VcpuFd, shared: &Shared) -> Result<Option<ExitStatus>> {
     let mut vp = VpState::new(index);
     loop {
         if shared.stop.load(Ordering::SeqCst) {
@@ -523,19 +705,19 @@ fn vcpu_loop(index: u32, mut vcpu: VcpuFd, shared: &Shared) -> Result<Option<Exi
             }
         };
         shared.exits.total.fetch_add(1, Ordering::Relaxed);
-        let hypercall = match exit {
+        let mut after = After::Nothing;
+        match exit {
             VcpuExit::IoOut(port, data) => match port_out(shared, port, data)? {
                 Io::Continue => {
                     shared.exits.io.fetch_add(1, Ordering::Relaxed);
-                    false
                 }
-                Io::Hypercall => true,
+                Io::Hypercall => after = After::Hypercall { fast_signal: false },
+                Io::Signal => after = After::Hypercall { fast_signal: true },
                 Io::End(s) => return Ok(Some(s)),
             },
             VcpuExit::IoIn(port, data) => {
                 shared.exits.io.fetch_add(1, Ordering::Relaxed);
                 port_in(shared, port, data);
-                false
             }
             VcpuExit::X86Rdmsr(e) => {
                 shared.exits.msr.fetch_add(1, Ordering::Relaxed);
@@ -544,7 +726,6 @@ fn vcpu_loop(index: u32, mut vcpu: VcpuFd, shared: &Shared) -> Result<Option<Exi
                     Some(v) => *e.data = v,
                     None => *e.error = 1,
                 }
-                false
             }
             VcpuExit::X86Wrmsr(e) => {
                 shared.exits.msr.fetch_add(1, Ordering::Relaxed);
@@ -558,17 +739,13 @@ fn vcpu_loop(index: u32, mut vcpu: VcpuFd, shared: &Shared) -> Result<Option<Exi
                         }
                     }
                     MsrWrite::Gp => *e.error = 1,
-                    MsrWrite::Done | MsrWrite::SynicChanged | MsrWrite::Eom => {}
+                    MsrWrite::SynicChanged => after = After::Synic,
+                    MsrWrite::Eom => after = After::Eom,
+                    MsrWrite::Done => {}
                 }
-                false
             }
-            VcpuExit::MmioRead(_, data) => {
-                data.fill(0xFF);
-                false
-            }
-            VcpuExit::MmioWrite(..) | VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr => {
-                false
-            }
+            VcpuExit::MmioRead(_, data) => data.fill(0xFF),
+            VcpuExit::MmioWrite(..) | VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr => {}
             VcpuExit::SystemEvent(kind, _) => {
                 return Ok(Some(match kind {
                     KVM_SYSTEM_EVENT_RESET => ExitStatus::Reset,
@@ -582,7 +759,7 @@ fn vcpu_loop(index: u32, mut vcpu: VcpuFd, shared: &Shared) -> Result<Option<Exi
                 }))
             }
             VcpuExit::Shutdown => return Ok(Some(ExitStatus::TripleFault)),
-            VcpuExit::InternalError => return Err(internal_error(index, &mut vcpu)),
+            VcpuExit::InternalError => return Err(internal_error(index, vcpu)),
             other => {
                 return Err(Error::UnhandledExit {
                     vcpu: index,
@@ -590,13 +767,116 @@ fn vcpu_loop(index: u32, mut vcpu: VcpuFd, shared: &Shared) -> Result<Option<Exi
                 })
             }
         };
-        if hypercall {
-            shared.exits.hypercall.fetch_add(1, Ordering::Relaxed);
-            let mut regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
-            regs.rax = u64::from(hyperv::hypercall_unattached(regs.rcx));
-            vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        match after {
+            After::Nothing => {}
+            After::Synic => sync_vp(shared, &vp)?,
+            After::Eom => {
+                if let Some(link) = &shared.link {
+                    link.eom(index)?;
+                }
+            }
+            After::Hypercall { fast_signal } => {
+                let counter = if fast_signal {
+                    &shared.exits.signal_exits
+                } else {
+                    &shared.exits.hypercall
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                let mut regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+                let control = if fast_signal {
+                    u64::from(hyperv::SIGNAL_EVENT_FAST)
+                } else {
+                    regs.rcx
+                };
+                let status = hypercall(shared, index, control, regs.rdx)?;
+                regs.rax = if fast_signal {
+                    hyperv::fast_signal_rax(regs.rdx, status)
+                } else {
+                    u64::from(status)
+                };
+                vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+            }
         }
     }
+}
+
+/// Work left after a vCPU exit once the exit's borrow of the vCPU has ended.
+enum After {
+    Nothing,
+    Hypercall { fast_signal: bool },
+    Synic,
+    Eom,
+}
+
+/// Handles a call into the hypercall page; returns the Hyper-V status.
+fn hypercall(shared: &Shared, vp: u32, control: u64, input: u64) -> Result<u16> {
+    let link = shared.link.as_deref();
+    let read = |gpa: u64| {
+        let mut buf = [0u8; size_of::<HvPostMessageInput>()];
+        shared.ram.read(gpa, &mut buf).ok()?;
+        HvPostMessageInput::read_from_bytes(&buf).ok()
+    };
+    let known = |call: &Hypercall| match (call, link) {
+        (_, None) => false,
+        (Hypercall::Post(m), Some(_)) => {
+            m.connection_id == MESSAGE_CONNECTION_ID || m.connection_id == MESSAGE_CONNECTION_ID_4
+        }
+        (Hypercall::Signal { connection_id, .. }, Some(l)) => l.knows_channel(*connection_id),
+        (Hypercall::Status(_), Some(_)) => false,
+    };
+    Ok(
+        match hyperv::decide_hypercall(control, input, read, known) {
+            Hypercall::Status(s) => s,
+            Hypercall::Post(m) => {
+                if let Some(l) = link {
+                    l.post(vp, *m)?;
+                }
+                hyperv::status::SUCCESS
+            }
+            Hypercall::Signal { connection_id, .. } => match link {
+                Some(l) if l.signal(connection_id) => hyperv::status::SUCCESS,
+                _ => hyperv::status::INVALID_CONNECTION_ID,
+            },
+        },
+    )
+}
+
+/// After a SynIC MSR write: re-routes the VP's irqfd to the VMBus SINT's vector and tells
+/// `vspd` the VP's pages and whether the SINT is masked. Pages outside guest RAM are not
+/// passed on (the daemon could not write them); the guest gets no messages there.
+fn sync_vp(shared: &Shared, vp: &VpState) -> Result<()> {
+    let (Some(link), Some(irq)) = (&shared.link, &shared.irq) else {
+        return Ok(());
+    };
+    let sint = vp.sint[usize::from(MESSAGE_SINT)];
+    let masked = sint & (1 << 16) != 0 || vp.scontrol & 1 == 0;
+    let vector = (!masked).then_some(sint as u8);
+    {
+        let mut vectors = irq.vectors.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = &mut vectors[vp.index as usize];
+        if *slot != vector {
+            *slot = vector;
+            irq.route(&shared.vm, &vectors)?;
+        }
+    }
+    let page_ok = |reg: u64| reg & 1 != 0 && shared.ram.offset(reg & !0xFFF, 4096).is_some();
+    let mut flags = 0;
+    if page_ok(vp.simp) {
+        flags |= vp_flags::SIMP_ENABLED;
+    }
+    if page_ok(vp.siefp) {
+        flags |= vp_flags::SIEFP_ENABLED;
+    }
+    if masked {
+        flags |= vp_flags::SINT_MASKED;
+    }
+    let set = SetVp {
+        vp: vp.index,
+        flags,
+        simp_gpa: vp.simp & !0xFFF,
+        siefp_gpa: vp.siefp & !0xFFF,
+    };
+    link.set_vp(set, irq.irqfds[vp.index as usize].0.as_fd())
 }
 
 fn internal_error(index: u32, vcpu: &mut VcpuFd) -> Error {

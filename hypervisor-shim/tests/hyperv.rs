@@ -121,10 +121,81 @@ fn guest_sees_hyper_v_and_its_synthetic_msrs() {
     assert_eq!(page, hyperv::hypercall_page());
     assert_eq!(out.partition.guest_os_id, OS_ID);
     eprintln!("exits: {:?}", out.exits);
+    let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(
-        out.exits
-            .hypercall
-            .load(std::sync::atomic::Ordering::Relaxed),
-        2
+        n(&out.exits.hypercall),
+        1,
+        "the unknown call code, on the slow path"
     );
+    assert_eq!(
+        n(&out.exits.signal_exits),
+        1,
+        "a signal of an unbound connection exits"
+    );
+}
+
+/// HvSignalEvent through the page to a connection bound with KVM_IOEVENTFD: the eventfd fires
+/// and the call costs no exit to userspace; an unbound connection exits and gets its status.
+#[test]
+fn a_bound_signal_costs_no_exit() {
+    if !kvm_or_skip("a_bound_signal_costs_no_exit") {
+        return;
+    }
+    const CALLS: u32 = 1000;
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(rdi, RESULTS).unwrap();
+    wrmsr(&mut a, hyperv::GUEST_OS_ID, OS_ID).unwrap();
+    wrmsr(&mut a, hyperv::HYPERCALL, HYPERCALL_PAGE | 1).unwrap();
+    // CALLS signals of connection 9 (bound), OR-ing their statuses together.
+    a.xor(r12d, r12d).unwrap();
+    a.mov(r13d, CALLS).unwrap();
+    let mut again = a.create_label();
+    a.set_label(&mut again).unwrap();
+    a.mov(rcx, 0x1_005Du64).unwrap();
+    a.mov(rdx, 9u64).unwrap();
+    a.mov(rax, HYPERCALL_PAGE).unwrap();
+    a.call(rax).unwrap();
+    a.or(r12, rax).unwrap();
+    a.dec(r13d).unwrap();
+    a.jnz(again).unwrap();
+    a.mov(qword_ptr(rdi), r12).unwrap();
+    // One signal of connection 10 (unbound).
+    hypercall(&mut a, 0x1_005D, 8).unwrap(); // rdx = 7 in `hypercall`: unbound as well
+    guests::exit(&mut a, 0x600D).unwrap();
+
+    let vm = Vm::new(VmConfig {
+        memory: 4 << 20,
+        vcpus: 1,
+    })
+    .expect("create VM");
+    let efd = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+    vm.bind_signal(9, &efd).unwrap();
+    let ram = vm.ram();
+    let entry = vm.load_flat(&guests::assemble(a)).unwrap();
+    let out = vm.run(entry, Box::new(Console::default())).expect("run");
+    assert_eq!(out.status, ExitStatus::DebugExit(0x600D));
+    let mut r = [0u8; 16];
+    ram.read(RESULTS, &mut r).unwrap();
+    assert_eq!(
+        u64::from_le_bytes(r[..8].try_into().unwrap()),
+        0,
+        "every bound signal succeeded"
+    );
+    assert_eq!(
+        u64::from_le_bytes(r[8..].try_into().unwrap()),
+        u64::from(status::INVALID_CONNECTION_ID)
+    );
+    assert_eq!(
+        efd.read().unwrap(),
+        u64::from(CALLS),
+        "the eventfd counted every signal"
+    );
+    let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("{CALLS} bound signals: exits {:?}", out.exits);
+    assert_eq!(
+        n(&out.exits.signal_exits),
+        1,
+        "only the unbound signal exited"
+    );
+    assert_eq!(n(&out.exits.hypercall), 0);
 }
