@@ -84,3 +84,125 @@ pub mod guests {
         assemble(a)
     }
 }
+
+pub mod vmbus {
+    //! A guest that starts VMBus as hv_vmbus does, for the tests against vspd.
+    use super::guests;
+    use hypervisor_shim::hyperv;
+    use iced_x86::code_asm::*;
+    use vmbus_proto::channel::{
+        InitiateContact, MessageHeader, MessageType, VmbusVersion, MESSAGE_CONNECTION_ID_4,
+        MESSAGE_SINT,
+    };
+    use vmbus_proto::synic::HvPostMessageInput;
+    use zerocopy::{FromZeros, IntoBytes};
+
+    /// Where `contact_image` puts the InitiateContact input page, from the image's start.
+    pub const IMAGE_INPUT_OFFSET: usize = 0x1000;
+
+    /// A flat image that carries its own input page: the guest posts from
+    /// `FLAT_LOAD_ADDR + IMAGE_INPUT_OFFSET`.
+    pub fn contact_image() -> Vec<u8> {
+        let input = hypervisor_shim::vm::FLAT_LOAD_ADDR + IMAGE_INPUT_OFFSET as u64;
+        let mut image = contact_guest(input).unwrap();
+        assert!(image.len() <= IMAGE_INPUT_OFFSET);
+        image.resize(IMAGE_INPUT_OFFSET, 0xCC);
+        image.extend_from_slice(initiate_contact().as_bytes());
+        image
+    }
+
+    pub const RESULTS: u64 = 0x6000;
+    const HYPERCALL_PAGE: u64 = 0x4000;
+    const SIMP: u64 = 0x3000;
+    const SIEFP: u64 = 0x5000;
+    pub const INPUT: u64 = 0x7000;
+    pub const VECTOR: u32 = 0xF3;
+    const SLOT: u64 = SIMP + 256 * MESSAGE_SINT as u64;
+    /// Polling rounds before the guest gives up (about 4 emulated instructions each).
+    const POLLS: u32 = 4_000_000;
+
+    pub fn wrmsr(a: &mut CodeAssembler, msr: u32, value: u64) -> Result<(), IcedError> {
+        a.mov(ecx, msr)?;
+        a.mov(eax, value as u32)?;
+        a.mov(edx, (value >> 32) as u32)?;
+        a.wrmsr()
+    }
+
+    /// The guest: SynIC on, InitiateContact posted from `input`, the answer awaited in SIMP slot 2.
+    /// Exits 0x600D when a VersionResponse accepting the version arrived, 0xBAD when another
+    /// message did, 0xDEAD when none did.
+    pub fn contact_guest(input: u64) -> Result<Vec<u8>, IcedError> {
+        let mut a = CodeAssembler::new(64)?;
+        a.mov(rdi, RESULTS)?;
+        // Software-enable the LAPIC (SVR bit 8): KVM drops fixed interrupts to a disabled one.
+        a.mov(rax, 0xFEE0_00F0u64)?;
+        a.mov(dword_ptr(rax), 0x1FFu32)?;
+        wrmsr(&mut a, hyperv::GUEST_OS_ID, 0x8100_0601_0000_0001)?;
+        wrmsr(&mut a, hyperv::HYPERCALL, HYPERCALL_PAGE | 1)?;
+        wrmsr(&mut a, hyperv::SIMP, SIMP | 1)?;
+        wrmsr(&mut a, hyperv::SIEFP, SIEFP | 1)?;
+        wrmsr(
+            &mut a,
+            hyperv::SINT0 + u32::from(MESSAGE_SINT),
+            u64::from(VECTOR),
+        )?;
+        wrmsr(&mut a, hyperv::SCONTROL, 1)?;
+        // HvPostMessage(INPUT): InitiateContact.
+        a.mov(rcx, 0x5Cu64)?;
+        a.mov(rdx, input)?;
+        a.xor(r8d, r8d)?;
+        a.mov(rax, HYPERCALL_PAGE)?;
+        a.call(rax)?;
+        a.mov(qword_ptr(rdi), rax)?;
+        // Poll the VMBus SINT's slot.
+        a.mov(rsi, SLOT)?;
+        a.mov(r13d, POLLS)?;
+        let mut poll = a.create_label();
+        let mut got = a.create_label();
+        a.set_label(&mut poll)?;
+        a.mov(eax, dword_ptr(rsi))?;
+        a.test(eax, eax)?;
+        a.jnz(got)?;
+        a.dec(r13d)?;
+        a.jnz(poll)?;
+        guests::exit(&mut a, 0xDEAD)?;
+        a.set_label(&mut got)?;
+        // Copy the slot's first 48 bytes (header and the 16-byte VersionResponse), free it, EOM.
+        for i in 0..6 {
+            a.mov(rax, qword_ptr(rsi + i * 8))?;
+            a.mov(qword_ptr(rdi + 16 + i * 8), rax)?;
+        }
+        a.mov(dword_ptr(rsi), 0u32)?;
+        wrmsr(&mut a, hyperv::EOM, 0)?;
+        let mut bad = a.create_label();
+        a.cmp(dword_ptr(rdi + 16 + 16), MessageType::VERSION_RESPONSE.0)?;
+        a.jne(bad)?;
+        a.cmp(byte_ptr(rdi + 16 + 24), 1u32)?;
+        a.jne(bad)?;
+        guests::exit(&mut a, 0x600D)?;
+        a.set_label(&mut bad)?;
+        guests::exit(&mut a, 0xBAD)?;
+        Ok(guests::assemble(a))
+    }
+
+    pub fn initiate_contact() -> HvPostMessageInput {
+        let msg = InitiateContact {
+            header: MessageHeader {
+                message_type: MessageType::INITIATE_CONTACT,
+                padding: 0,
+            },
+            vmbus_version_requested: VmbusVersion::WIN10_V5.0,
+            target_vcpu: 0,
+            interrupt_page_or_target_info: u64::from(MESSAGE_SINT),
+            monitor_page1: 0x8000,
+            monitor_page2: 0x2000,
+        };
+        let mut input = HvPostMessageInput::new_zeroed();
+        input.connection_id = MESSAGE_CONNECTION_ID_4;
+        input.message_type = 1;
+        let bytes = msg.as_bytes();
+        input.payload_size = bytes.len() as u32;
+        input.payload[..bytes.len()].copy_from_slice(bytes);
+        input
+    }
+}
