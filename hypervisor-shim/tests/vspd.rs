@@ -77,3 +77,140 @@ fn a_vcpu_posts_initiate_contact_and_vspd_answers_in_its_simp() {
         "IRR {irr:x?}"
     );
 }
+
+/// A guest that misuses the interface while another guest on the same vspd starts VMBus: bad
+/// input pages, an unknown call code, an oversized payload, an unknown connection id, a SIMP
+/// outside its RAM and a flood of posts. Each call gets its Hyper-V status, the hostile VM ends
+/// cleanly, and the other guest still gets its VersionResponse.
+#[test]
+fn a_misbehaving_guest_gets_statuses_and_another_guest_is_served() {
+    use common::vmbus::wrmsr;
+    use hypervisor_shim::hyperv::{self, status};
+    use iced_x86::code_asm::*;
+    if !kvm_or_skip("a_misbehaving_guest_gets_statuses_and_another_guest_is_served") {
+        return;
+    }
+    const FLOOD: u32 = 2000;
+    let dir = std::env::temp_dir().join(format!("shim-vspd-hostile-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("vspd.sock");
+    let daemon = vsp::daemon::Daemon::bind(
+        &socket,
+        vsp::daemon::DaemonConfig::default(),
+        Vec::new(),
+        Default::default(),
+        vsp::session::unimplemented_devices(),
+    )
+    .expect("bind vspd");
+    let stop = daemon.stop_handle();
+    let served = std::thread::spawn(move || daemon.run(|| Ok((Vec::new(), Default::default()))));
+
+    // The hostile guest's input pages: a good one, one with 241 payload bytes, one naming an
+    // unknown connection.
+    let good = initiate_contact();
+    let mut oversized = good;
+    oversized.payload_size = 241;
+    let mut stranger = good;
+    stranger.connection_id = 77;
+    // (Below the page tables at 0x9000-0xEFFF.)
+    let (good_at, oversized_at, stranger_at) = (0x7000u64, 0x8000u64, 0x2000u64);
+    let calls: [(u64, u64); 6] = [
+        (0x5C, 0x4000_0000),  // input outside RAM
+        (0x5C, good_at + 4),  // misaligned
+        (0x0042, good_at),    // unknown call code
+        (0x5C, oversized_at), // oversized payload
+        (0x5C, stranger_at),  // unknown connection id
+        (0x5C, 0xFFF8),       // crosses into the next page
+    ];
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(rdi, RESULTS).unwrap();
+    wrmsr(&mut a, hyperv::GUEST_OS_ID, 1).unwrap();
+    wrmsr(&mut a, hyperv::HYPERCALL, 0x4000 | 1).unwrap();
+    wrmsr(&mut a, hyperv::SIMP, 0x7F00_0000 | 1).unwrap(); // outside its 4 MiB
+    wrmsr(&mut a, hyperv::SINT0 + 2, u64::from(VECTOR)).unwrap();
+    wrmsr(&mut a, hyperv::SCONTROL, 1).unwrap();
+    for (i, (control, input)) in calls.iter().enumerate() {
+        a.mov(rcx, *control).unwrap();
+        a.mov(rdx, *input).unwrap();
+        a.mov(rax, 0x4000u64).unwrap();
+        a.call(rax).unwrap();
+        a.mov(qword_ptr(rdi + 8 * i as i32), rax).unwrap();
+    }
+    // The flood: FLOOD good posts, statuses OR-ed.
+    a.xor(r12d, r12d).unwrap();
+    a.mov(r13d, FLOOD).unwrap();
+    let mut again = a.create_label();
+    a.set_label(&mut again).unwrap();
+    a.mov(rcx, 0x5Cu64).unwrap();
+    a.mov(rdx, good_at).unwrap();
+    a.mov(rax, 0x4000u64).unwrap();
+    a.call(rax).unwrap();
+    a.or(r12, rax).unwrap();
+    a.dec(r13d).unwrap();
+    a.jnz(again).unwrap();
+    a.mov(qword_ptr(rdi + 0x40), r12).unwrap();
+    common::guests::exit(&mut a, 0x600D).unwrap();
+
+    let mut hostile = Vm::new(VmConfig {
+        memory: 4 << 20,
+        vcpus: 1,
+    })
+    .unwrap();
+    hostile.attach(&socket).expect("attach the hostile guest");
+    let hostile_ram = hostile.ram();
+    hostile_ram.write(good_at, good.as_bytes()).unwrap();
+    hostile_ram
+        .write(oversized_at, oversized.as_bytes())
+        .unwrap();
+    hostile_ram.write(stranger_at, stranger.as_bytes()).unwrap();
+    let hostile_entry = hostile.load_flat(&common::guests::assemble(a)).unwrap();
+    let hostile_run =
+        std::thread::spawn(move || hostile.run(hostile_entry, Box::new(Console::default())));
+
+    let mut vm = Vm::new(VmConfig {
+        memory: 4 << 20,
+        vcpus: 1,
+    })
+    .expect("create VM");
+    vm.attach(&socket).expect("attach the good guest");
+    let ram = vm.ram();
+    ram.write(INPUT, initiate_contact().as_bytes()).unwrap();
+    let entry = vm.load_flat(&contact_guest(INPUT).unwrap()).unwrap();
+    let out = vm.run(entry, Box::new(Console::default())).expect("run");
+    let hostile_out = hostile_run
+        .join()
+        .unwrap()
+        .expect("the hostile VM ends cleanly");
+    stop.signal().unwrap();
+    served.join().unwrap().expect("vspd ran");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    assert_eq!(
+        out.status,
+        ExitStatus::DebugExit(0x600D),
+        "the good guest was served"
+    );
+    assert_eq!(hostile_out.status, ExitStatus::DebugExit(0x600D));
+    let mut r = [0u8; 0x48];
+    hostile_ram.read(RESULTS, &mut r).unwrap();
+    let q = |i: usize| u64::from_le_bytes(r[8 * i..8 * i + 8].try_into().unwrap());
+    let want = [
+        status::INVALID_PARAMETER,
+        status::INVALID_ALIGNMENT,
+        status::INVALID_HYPERCALL_CODE,
+        status::INVALID_PARAMETER,
+        status::INVALID_CONNECTION_ID,
+        status::INVALID_ALIGNMENT,
+    ];
+    for (i, w) in want.iter().enumerate() {
+        assert_eq!(q(i), u64::from(*w), "call {i}: {:x?}", calls[i]);
+    }
+    assert_eq!(q(8), 0, "every flooded post was accepted and forwarded");
+    eprintln!("hostile guest exits: {:?}", hostile_out.exits);
+    // Its SIMP was outside RAM: vspd was never given it, so no interrupt reached the LAPIC.
+    assert_eq!(
+        hostile_out.lapic_irr[0][(VECTOR / 32) as usize] & (1 << (VECTOR % 32)),
+        0
+    );
+}
