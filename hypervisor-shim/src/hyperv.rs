@@ -35,6 +35,11 @@ pub const SIEFP: u32 = 0x4000_0082;
 pub const SIMP: u32 = 0x4000_0083;
 /// HV_X64_MSR_EOM.
 pub const EOM: u32 = 0x4000_0084;
+/// HV_X64_MSR_CRASH_P0; P0-P4 are `CRASH_P0 .. CRASH_P0 + 5`.
+pub const CRASH_P0: u32 = 0x4000_0100;
+/// HV_X64_MSR_CRASH_CTL: bit 63 (CRASH_NOTIFY) written: the guest panicked with P0-P4.
+pub const CRASH_CTL: u32 = 0x4000_0105;
+const CRASH_NOTIFY: u64 = 1 << 63;
 /// HV_X64_MSR_SINT0; SINTn is `SINT0 + n`.
 pub const SINT0: u32 = 0x4000_0090;
 
@@ -119,6 +124,8 @@ pub struct Partition {
     pub hypercall: u64,
     /// TSC frequency in Hz reported by HV_X64_MSR_TSC_FREQUENCY.
     pub tsc_hz: u64,
+    /// HV_X64_MSR_CRASH_P0-P4 (Linux: the panic's code, RIP and message address).
+    pub crash: [u64; 5],
 }
 
 /// Per-VP SynIC state.
@@ -166,6 +173,8 @@ pub enum MsrWrite {
     SynicChanged,
     /// The guest signalled end of message: deliver the next queued message, if any.
     Eom,
+    /// The guest reported a crash through CRASH_CTL, with these P0-P4: print it.
+    Crash([u64; 5]),
     /// Refused: inject #GP.
     Gp,
 }
@@ -175,6 +184,8 @@ pub fn read_msr(p: &Partition, vp: &VpState, index: u32) -> Option<u64> {
     Some(match index {
         GUEST_OS_ID => p.guest_os_id,
         HYPERCALL => p.hypercall,
+        i if (CRASH_P0..CRASH_P0 + 5).contains(&i) => p.crash[(i - CRASH_P0) as usize],
+        CRASH_CTL => CRASH_NOTIFY, // the crash notification is supported
         VP_INDEX => u64::from(vp.index),
         TSC_FREQUENCY => p.tsc_hz,
         APIC_FREQUENCY => APIC_HZ,
@@ -214,6 +225,12 @@ pub fn write_msr(p: &mut Partition, vp: &mut VpState, index: u32, value: u64) ->
                 MsrWrite::Done
             }
         }
+        i if (CRASH_P0..CRASH_P0 + 5).contains(&i) => {
+            p.crash[(i - CRASH_P0) as usize] = value;
+            MsrWrite::Done
+        }
+        CRASH_CTL if value & CRASH_NOTIFY != 0 => MsrWrite::Crash(p.crash),
+        CRASH_CTL => MsrWrite::Done,
         VP_ASSIST_PAGE => {
             vp.vp_assist = value & (PAGE_MASK | 1);
             MsrWrite::Done
@@ -354,6 +371,8 @@ pub const INTERFACE: u32 = 0x3123_7648;
 const FEATURES_EAX: u32 = (1 << 2) | (1 << 5) | (1 << 6) | (1 << 11) | (1 << 15);
 /// Leaf 0x40000003 EBX: PostMessages (4), SignalEvents (5).
 const FEATURES_EBX: u32 = (1 << 4) | (1 << 5);
+/// Leaf 0x40000003 EDX: guest crash MSRs available (10).
+const FEATURES_EDX: u32 = 1 << 10;
 /// Leaf 0x40000004 EAX: AEOI deprecated (9): the in-kernel LAPIC cannot auto-EOI.
 const HINTS_EAX: u32 = 1 << 9;
 
@@ -405,7 +424,13 @@ pub fn build_cpuid(
     out.push(leaf(0x4000_0001, INTERFACE, 0, 0, 0));
     // Version: build 20348, 10.0.
     out.push(leaf(0x4000_0002, 20348, 0x000A_0000, 0, 0));
-    out.push(leaf(0x4000_0003, FEATURES_EAX, FEATURES_EBX, 0, 0));
+    out.push(leaf(
+        0x4000_0003,
+        FEATURES_EAX,
+        FEATURES_EBX,
+        0,
+        FEATURES_EDX,
+    ));
     out.push(leaf(0x4000_0004, HINTS_EAX, 0xFFFF_FFFF, 0, 0));
     out.push(leaf(0x4000_0005, vcpus, vcpus, 0, 0));
     out.push(leaf(0x4000_0006, 0, 0, 0, 0));
@@ -441,7 +466,7 @@ mod tests {
             assert_eq!(write_msr(&mut p, &mut vp, msr, 1), MsrWrite::Gp, "{msr:#x}");
         }
         assert_eq!(read_msr(&p, &vp, 0x4000_0010), None);
-        assert_eq!(read_msr(&p, &vp, 0x4000_0105), None);
+        assert_eq!(read_msr(&p, &vp, 0x4000_0106), None);
     }
 
     #[test]
@@ -493,6 +518,54 @@ mod tests {
             Some(0x7000),
             "disabled with the OS id"
         );
+    }
+
+    #[test]
+    fn a_crash_report_carries_p0_to_p4() {
+        let (mut p, mut vp) = fresh();
+        assert_eq!(read_msr(&p, &vp, CRASH_CTL), Some(1 << 63));
+        for i in 0..5 {
+            assert_eq!(
+                write_msr(&mut p, &mut vp, CRASH_P0 + i, 0x10 + u64::from(i)),
+                MsrWrite::Done
+            );
+        }
+        assert_eq!(read_msr(&p, &vp, CRASH_P0 + 4), Some(0x14));
+        assert_eq!(write_msr(&mut p, &mut vp, CRASH_CTL, 0), MsrWrite::Done);
+        assert_eq!(
+            write_msr(&mut p, &mut vp, CRASH_CTL, 1 << 63),
+            MsrWrite::Crash([0x10, 0x11, 0x12, 0x13, 0x14])
+        );
+    }
+
+    proptest::proptest! {
+        /// Any register values: the handlers never panic, and a refused write changes nothing.
+        #[test]
+        fn msr_and_hypercall_handlers_take_any_values(
+            index in MSR_BASE..MSR_BASE + MSR_COUNT,
+            value: u64,
+            control: u64,
+            input: u64,
+            page: Vec<u8>,
+        ) {
+            let (mut p, mut vp) = fresh();
+            let (p0, vp0) = (p.clone(), vp.clone());
+            let _ = read_msr(&p, &vp, index);
+            if write_msr(&mut p, &mut vp, index, value) == MsrWrite::Gp {
+                proptest::prop_assert_eq!(format!("{p:?}{vp:?}"), format!("{p0:?}{vp0:?}"));
+            }
+            let mut bytes = [0u8; 256];
+            let n = page.len().min(256);
+            bytes[..n].copy_from_slice(&page[..n]);
+            let read = |_| zerocopy::FromBytes::read_from_bytes(&bytes[..]).ok();
+            match decide_hypercall(control, input, read, |_| true) {
+                Hypercall::Post(m) => {
+                    proptest::prop_assert_eq!(m.message_type, 1);
+                    proptest::prop_assert!(m.payload_size <= 240);
+                }
+                Hypercall::Signal { .. } | Hypercall::Status(_) => {}
+            }
+        }
     }
 
     #[test]

@@ -739,6 +739,15 @@ fn vcpu_loop(index: u32, vcpu: &mut VcpuFd, shared: &Shared) -> Result<Option<Ex
                         }
                     }
                     MsrWrite::Gp => *e.error = 1,
+                    MsrWrite::Crash(params) => {
+                        let line = format!(
+                            "\nvmbus-vm: guest crash reported on vCPU {index}: P0-P4 {params:#x?}\n"
+                        );
+                        let mut u = shared.uart.lock().unwrap_or_else(|e| e.into_inner());
+                        for b in line.bytes() {
+                            let _ = u.write(0, b);
+                        }
+                    }
                     MsrWrite::SynicChanged => after = After::Synic,
                     MsrWrite::Eom => after = After::Eom,
                     MsrWrite::Done => {}

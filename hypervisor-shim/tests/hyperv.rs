@@ -199,3 +199,32 @@ fn a_bound_signal_costs_no_exit() {
     );
     assert_eq!(n(&out.exits.hypercall), 0);
 }
+
+/// A guest panic reported through the crash MSRs is printed on the console.
+#[test]
+fn a_guest_crash_report_is_printed() {
+    if !kvm_or_skip("a_guest_crash_report_is_printed") {
+        return;
+    }
+    let mut a = CodeAssembler::new(64).unwrap();
+    for i in 0..5u32 {
+        wrmsr(&mut a, hyperv::CRASH_P0 + i, 0xC0DE_0000 + u64::from(i)).unwrap();
+    }
+    wrmsr(&mut a, hyperv::CRASH_CTL, 1 << 63).unwrap();
+    guests::exit(&mut a, 0x600D).unwrap();
+    let vm = Vm::new(VmConfig {
+        memory: 4 << 20,
+        vcpus: 1,
+    })
+    .expect("create VM");
+    let entry = vm.load_flat(&guests::assemble(a)).unwrap();
+    let console = Console::default();
+    let out = vm.run(entry, Box::new(console.clone())).expect("run");
+    assert_eq!(out.status, ExitStatus::DebugExit(0x600D));
+    let text = console.text();
+    assert!(text.contains("guest crash reported on vCPU 0"), "{text}");
+    assert!(
+        text.contains("0xc0de0000") && text.contains("0xc0de0004"),
+        "{text}"
+    );
+}
