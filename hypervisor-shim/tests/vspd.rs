@@ -214,3 +214,88 @@ fn a_misbehaving_guest_gets_statuses_and_another_guest_is_served() {
         0
     );
 }
+
+/// Guests that start VMBus and then reset, again and again: each VM ends with Reset, the shim
+/// closes everything it opened (VM, vCPUs, memfd, irqfds, the socket) and vspd releases the
+/// session, so the process's descriptors come back to where they were; the daemon still
+/// serves the next guest.
+#[test]
+fn guests_that_reset_leave_nothing_behind() {
+    use common::vmbus::wrmsr;
+    use hypervisor_shim::hyperv;
+    use iced_x86::code_asm::*;
+    if !kvm_or_skip("guests_that_reset_leave_nothing_behind") {
+        return;
+    }
+    let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let dir = std::env::temp_dir().join(format!("shim-vspd-reset-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("vspd.sock");
+    let daemon = vsp::daemon::Daemon::bind(
+        &socket,
+        vsp::daemon::DaemonConfig::default(),
+        Vec::new(),
+        Default::default(),
+        vsp::session::unimplemented_devices(),
+    )
+    .expect("bind vspd");
+    let stop = daemon.stop_handle();
+    let served = std::thread::spawn(move || daemon.run(|| Ok((Vec::new(), Default::default()))));
+    // The resetting guest: SynIC on, InitiateContact posted, then a reset through 0xCF9
+    // while vspd may still be answering.
+    let mut a = CodeAssembler::new(64).unwrap();
+    wrmsr(&mut a, hyperv::GUEST_OS_ID, 1).unwrap();
+    wrmsr(&mut a, hyperv::HYPERCALL, 0x4000 | 1).unwrap();
+    wrmsr(&mut a, hyperv::SIMP, 0x3000 | 1).unwrap();
+    wrmsr(&mut a, hyperv::SIEFP, 0x5000 | 1).unwrap();
+    wrmsr(&mut a, hyperv::SINT0 + 2, u64::from(VECTOR)).unwrap();
+    wrmsr(&mut a, hyperv::SCONTROL, 1).unwrap();
+    a.mov(rcx, 0x5Cu64).unwrap();
+    a.mov(rdx, INPUT).unwrap();
+    a.mov(rax, 0x4000u64).unwrap();
+    a.call(rax).unwrap();
+    a.mov(dx, 0xCF9u32).unwrap();
+    a.mov(al, 0x06u32).unwrap();
+    a.out(dx, al).unwrap();
+    common::guests::exit(&mut a, 1).unwrap();
+    let image = common::guests::assemble(a);
+
+    let run_one = |image: &[u8]| {
+        let mut vm = Vm::new(VmConfig {
+            memory: 4 << 20,
+            vcpus: 2,
+        })
+        .expect("create VM");
+        vm.attach(&socket).expect("attach");
+        vm.ram()
+            .write(INPUT, initiate_contact().as_bytes())
+            .unwrap();
+        let entry = vm.load_flat(image).unwrap();
+        vm.run(entry, Box::new(Console::default())).expect("run")
+    };
+    let baseline = fds();
+    for round in 0..5 {
+        let out = run_one(&image);
+        assert_eq!(out.status, ExitStatus::Reset, "round {round}");
+        // vspd tears the session down asynchronously.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while fds() != baseline {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: {} descriptors open, {baseline} before",
+                fds()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+    let out = run_one(&contact_guest(INPUT).unwrap());
+    assert_eq!(
+        out.status,
+        ExitStatus::DebugExit(0x600D),
+        "still served after the resets"
+    );
+    stop.signal().unwrap();
+    served.join().unwrap().expect("vspd ran");
+    let _ = std::fs::remove_dir_all(&dir);
+}
