@@ -11,11 +11,20 @@ use hypervisor_shim::vm::{ExitStatus, Vm, VmConfig};
 use vmbus_proto::channel::{MessageType, VersionResponse};
 use zerocopy::{FromBytes, IntoBytes};
 
+/// The tests here run one at a time: one of them counts the process's descriptors, which the
+/// others' VMs and sessions would change under it (`cargo test` runs tests as threads).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn a_vcpu_posts_initiate_contact_and_vspd_answers_in_its_simp() {
     if !kvm_or_skip("a_vcpu_posts_initiate_contact_and_vspd_answers_in_its_simp") {
         return;
     }
+    let _serial = serial();
     let dir = std::env::temp_dir().join(format!("shim-vspd-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -90,6 +99,7 @@ fn a_misbehaving_guest_gets_statuses_and_another_guest_is_served() {
     if !kvm_or_skip("a_misbehaving_guest_gets_statuses_and_another_guest_is_served") {
         return;
     }
+    let _serial = serial();
     const FLOOD: u32 = 2000;
     let dir = std::env::temp_dir().join(format!("shim-vspd-hostile-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -227,6 +237,7 @@ fn guests_that_reset_leave_nothing_behind() {
     if !kvm_or_skip("guests_that_reset_leave_nothing_behind") {
         return;
     }
+    let _serial = serial();
     let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
     let dir = std::env::temp_dir().join(format!("shim-vspd-reset-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
