@@ -6,7 +6,7 @@
 //! mode at CPL 0 at the entry address, with the first 4 GiB identity-mapped by 2 MiB pages
 //! (tables at [`PAGE_TABLES`]), a flat GDT at [`GDT_ADDR`] (code 0x08, data 0x10), RSP equal to
 //! the entry address (the stack grows down below it), interrupts disabled. The other vCPUs wait
-//! for an INIT/SIPI from vCPU 0, as on a PC.
+//! for an INIT/SIPI from vCPU 0, as on a PC, unless [`Vm::start_ap`] gave them an entry.
 #![allow(unsafe_code)] // kvm-ioctls' memory-slot registration and the kvm_run union read.
 
 use crate::frontend::Link;
@@ -199,6 +199,8 @@ pub struct Vm {
     vcpus: Vec<VcpuFd>,
     tsc_hz: u64,
     link: Option<Arc<Link>>,
+    /// Application processors started at an entry of their own ([`Vm::start_ap`]).
+    ap_entries: Vec<(u32, u64)>,
 }
 
 /// First GSI of the per-VP MSI routes that the irqfds handed to `vspd` use (0-23 are the
@@ -314,6 +316,7 @@ impl Vm {
             vcpus,
             tsc_hz,
             link: None,
+            ap_entries: Vec::new(),
         })
     }
 
@@ -345,6 +348,16 @@ impl Vm {
         Ok(FLAT_LOAD_ADDR)
     }
 
+    /// Starts vCPU `vp` (not 0) at `entry` too, in the same long-mode state as vCPU 0 with
+    /// RSP = `entry`, instead of waiting for INIT/SIPI: for flat guests that use several VPs.
+    pub fn start_ap(&mut self, vp: u32, entry: u64) -> Result<()> {
+        if vp == 0 || vp as usize >= self.vcpus.len() {
+            return Err(Error::Config(format!("no application processor {vp}")));
+        }
+        self.ap_entries.push((vp, entry));
+        Ok(())
+    }
+
     fn setup_long_mode(&self, entry: u64) -> Result<()> {
         // GDT: null, 64-bit code (0x08), data (0x10).
         let gdt: [u64; 3] = [0, 0x00AF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF];
@@ -361,7 +374,24 @@ impl Vm {
                 .collect();
             self.ram.write(pd + i * 0x1000, &dir)?;
         }
-        let vcpu = &self.vcpus[0];
+        let starts = std::iter::once((0, entry)).chain(self.ap_entries.iter().copied());
+        for (vp, entry) in starts {
+            self.enter_long_mode(&self.vcpus[vp as usize], entry, vp != 0)?;
+        }
+        Ok(())
+    }
+
+    fn enter_long_mode(&self, vcpu: &VcpuFd, entry: u64, ap: bool) -> Result<()> {
+        let gdt_len = 3;
+        let pml4 = PAGE_TABLES;
+        if ap {
+            // Out of wait-for-SIPI: runnable from the state set below.
+            let state = kvm_bindings::kvm_mp_state {
+                mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+            };
+            vcpu.set_mp_state(state)
+                .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+        }
         let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         let code = kvm_segment {
             base: 0,
@@ -386,7 +416,7 @@ impl Vm {
         sregs.cs = code;
         (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
         sregs.gdt.base = GDT_ADDR;
-        sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
+        sregs.gdt.limit = (gdt_len * 8 - 1) as u16;
         sregs.cr3 = pml4;
         sregs.cr4 |= 1 << 5; // PAE
         sregs.cr0 |= (1 << 0) | (1 << 31); // PE, PG
@@ -438,6 +468,7 @@ impl Vm {
             vcpus,
             tsc_hz: _,
             link,
+            ap_entries: _,
         } = self;
         // The daemon's messages: STATUS answers and the channels' eventfds, bound as they come.
         let reader = match &link {

@@ -310,3 +310,138 @@ fn guests_that_reset_leave_nothing_behind() {
     served.join().unwrap().expect("vspd ran");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Two VPs: VP 1 programs its own SynIC, VP 0 posts InitiateContact naming VP 1 as the target;
+/// the VersionResponse lands in VP 1's SIMP and the SINT vector in VP 1's LAPIC (the irqfd of
+/// VP 1 is routed as an MSI to APIC id 1), not in VP 0's.
+#[test]
+fn messages_reach_the_vp_the_guest_names() {
+    use common::guests;
+    use common::vmbus::wrmsr;
+    use hypervisor_shim::hyperv;
+    use iced_x86::code_asm::*;
+    if !kvm_or_skip("messages_reach_the_vp_the_guest_names") {
+        return;
+    }
+    let _serial = serial();
+    const AP_CODE: u64 = 0x18_0000;
+    const VP1_SIMP: u64 = 0x2_0000;
+    const VP1_SIEFP: u64 = 0x2_1000;
+    const READY: u64 = 0x6100;
+    const DONE: u64 = 0x6101;
+    const COPY: u64 = 0x6200;
+    const POLLS: u32 = 4_000_000;
+    let wait_for = |a: &mut CodeAssembler, flag: u64, fail: u32| {
+        let mut again = a.create_label();
+        let mut ok = a.create_label();
+        a.mov(rsi, flag).unwrap();
+        a.mov(r13d, POLLS).unwrap();
+        a.set_label(&mut again).unwrap();
+        a.cmp(byte_ptr(rsi), 0u32).unwrap();
+        a.jne(ok).unwrap();
+        a.dec(r13d).unwrap();
+        a.jnz(again).unwrap();
+        guests::exit(a, fail).unwrap();
+        a.set_label(&mut ok).unwrap();
+    };
+
+    // VP 1.
+    let mut b = CodeAssembler::new(64).unwrap();
+    b.mov(rax, 0xFEE0_00F0u64).unwrap();
+    b.mov(dword_ptr(rax), 0x1FFu32).unwrap();
+    wrmsr(&mut b, hyperv::SIMP, VP1_SIMP | 1).unwrap();
+    wrmsr(&mut b, hyperv::SIEFP, VP1_SIEFP | 1).unwrap();
+    wrmsr(&mut b, hyperv::SINT0 + 2, u64::from(VECTOR)).unwrap();
+    wrmsr(&mut b, hyperv::SCONTROL, 1).unwrap();
+    b.mov(rax, READY).unwrap();
+    b.mov(byte_ptr(rax), 1u32).unwrap();
+    wait_for(&mut b, VP1_SIMP + 512, 0xDEAD1);
+    b.mov(rsi, VP1_SIMP + 512).unwrap();
+    b.mov(rdi, COPY).unwrap();
+    for i in 0..6 {
+        b.mov(rax, qword_ptr(rsi + i * 8)).unwrap();
+        b.mov(qword_ptr(rdi + i * 8), rax).unwrap();
+    }
+    b.mov(dword_ptr(rsi), 0u32).unwrap();
+    wrmsr(&mut b, hyperv::EOM, 0).unwrap();
+    b.mov(rax, DONE).unwrap();
+    b.mov(byte_ptr(rax), 1u32).unwrap();
+    let mut spin = b.create_label();
+    b.set_label(&mut spin).unwrap();
+    b.jmp(spin).unwrap();
+    let ap = b.assemble(AP_CODE).unwrap();
+
+    // VP 0.
+    let mut a = CodeAssembler::new(64).unwrap();
+    wrmsr(&mut a, hyperv::GUEST_OS_ID, 1).unwrap();
+    wrmsr(&mut a, hyperv::HYPERCALL, 0x4000 | 1).unwrap();
+    wait_for(&mut a, READY, 0xDEAD2);
+    a.mov(rcx, 0x5Cu64).unwrap();
+    a.mov(rdx, INPUT).unwrap();
+    a.xor(r8d, r8d).unwrap();
+    a.mov(rax, 0x4000u64).unwrap();
+    a.call(rax).unwrap();
+    a.mov(rdi, RESULTS).unwrap();
+    a.mov(qword_ptr(rdi), rax).unwrap();
+    wait_for(&mut a, DONE, 0xDEAD0);
+    guests::exit(&mut a, 0x600D).unwrap();
+
+    let dir = std::env::temp_dir().join(format!("shim-vspd-vp1-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("vspd.sock");
+    let daemon = vsp::daemon::Daemon::bind(
+        &socket,
+        vsp::daemon::DaemonConfig::default(),
+        Vec::new(),
+        Default::default(),
+        vsp::session::unimplemented_devices(),
+    )
+    .expect("bind vspd");
+    let stop = daemon.stop_handle();
+    let served = std::thread::spawn(move || daemon.run(|| Ok((Vec::new(), Default::default()))));
+
+    let mut vm = Vm::new(VmConfig {
+        memory: 4 << 20,
+        vcpus: 2,
+    })
+    .expect("create VM");
+    vm.attach(&socket).expect("attach");
+    let ram = vm.ram();
+    let mut contact = initiate_contact();
+    contact.payload[12..16].copy_from_slice(&1u32.to_le_bytes()); // target_vcpu = 1
+    ram.write(INPUT, contact.as_bytes()).unwrap();
+    ram.write(AP_CODE, &ap).unwrap();
+    vm.start_ap(1, AP_CODE).unwrap();
+    let entry = vm.load_flat(&guests::assemble(a)).unwrap();
+    let out = vm.run(entry, Box::new(Console::default())).expect("run");
+    stop.signal().unwrap();
+    served.join().unwrap().expect("vspd ran");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    assert_eq!(
+        out.status,
+        ExitStatus::DebugExit(0x600D),
+        "0xDEADn: VP n waited in vain"
+    );
+    let mut r = [0u8; 8];
+    ram.read(RESULTS, &mut r).unwrap();
+    assert_eq!(u64::from_le_bytes(r), 0, "HvPostMessage status");
+    let mut slot = [0u8; 48];
+    ram.read(COPY, &mut slot).unwrap();
+    assert_eq!(
+        u32::from_le_bytes(slot[..4].try_into().unwrap()),
+        1,
+        "HvMessageType VMBUS"
+    );
+    let resp = VersionResponse::read_from_bytes(&slot[16..32]).unwrap();
+    assert_eq!(resp.header.message_type, MessageType::VERSION_RESPONSE);
+    assert_eq!(resp.version_supported, 1);
+    let pending = |vp: usize| out.lapic_irr[vp][(VECTOR / 32) as usize] & (1 << (VECTOR % 32)) != 0;
+    assert!(
+        pending(1),
+        "VP 1's LAPIC has the SINT vector: {:x?}",
+        out.lapic_irr
+    );
+    assert!(!pending(0), "VP 0's LAPIC does not: {:x?}", out.lapic_irr);
+}
