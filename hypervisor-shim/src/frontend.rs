@@ -11,8 +11,9 @@ use ringbuf::socket::SeqPacket;
 use std::collections::HashMap;
 use std::os::fd::{BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 use vmbus_proto::partition::{
     self, status, AddMemory, ChannelSignal, Eom, Hello, HelloReply, Kind, PostMessage, SetVp,
     Status,
@@ -39,7 +40,12 @@ pub struct Link {
     channels: Mutex<HashMap<u32, EventFd>>,
     /// Requests the daemon refused (a STATUS other than OK after attaching).
     refused: AtomicU64,
+    /// Set when the VM is ending: a send waiting for room in the socket gives up.
+    stopping: AtomicBool,
 }
+
+/// How long a send waits for room in the socket between looks at [`Link::stop_sending`].
+const SEND_WAIT: Duration = Duration::from_millis(20);
 
 impl Link {
     /// Connects to the daemon at `socket`, says HELLO for `vp_count` VPs and hands it guest
@@ -51,6 +57,7 @@ impl Link {
             sock,
             channels: Mutex::new(HashMap::new()),
             refused: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
         };
         let hello = Hello {
             version: partition::VERSION,
@@ -82,10 +89,38 @@ impl Link {
         Ok(link)
     }
 
+    /// Sends, waiting for room in the socket (the daemon reads all the time), but never past
+    /// [`Link::stop_sending`], so that a stalled daemon cannot keep a vCPU thread from ending.
     fn send(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<()> {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        loop {
+            if self.try_send(bytes, fds)? {
+                return Ok(());
+            }
+            if self.stopping.load(Ordering::SeqCst) {
+                return Err(vsp_err("the VM is ending with a message to vspd unsent"));
+            }
+            let wait = Timespec {
+                tv_sec: 0,
+                tv_nsec: SEND_WAIT.as_nanos() as _,
+            };
+            let mut fds = [PollFd::new(&self.sock, PollFlags::OUT)];
+            match poll(&mut fds, Some(&wait)) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(vsp_err(format!("poll the vspd socket: {e}"))),
+            }
+        }
+    }
+
+    fn try_send(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<bool> {
         self.sock
-            .send(bytes, fds)
+            .try_send(bytes, fds)
             .map_err(|e| vsp_err(format!("send to vspd: {e}")))
+    }
+
+    /// Makes sends give up instead of waiting for room (the VM is ending).
+    pub fn stop_sending(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
     }
 
     /// Reads the next message, which must be `kind` (only while attaching, before the reader
@@ -109,14 +144,15 @@ impl Link {
         self.send(&partition::encode(Kind::SET_VP, &set), &[irqfd])
     }
 
-    /// Forwards a validated HvPostMessage.
-    pub fn post(&self, vp: u32, input: HvPostMessageInput) -> Result<()> {
+    /// Forwards a validated HvPostMessage without waiting: `Ok(false)` when the socket is full
+    /// (the guest gets HV_STATUS_INSUFFICIENT_BUFFERS and retries, as on Hyper-V).
+    pub fn post(&self, vp: u32, input: HvPostMessageInput) -> Result<bool> {
         let msg = PostMessage {
             vp,
             reserved: 0,
             input,
         };
-        self.send(&partition::encode(Kind::POST_MESSAGE, &msg), &[])
+        self.try_send(&partition::encode(Kind::POST_MESSAGE, &msg), &[])
     }
 
     /// Forwards an EOM.

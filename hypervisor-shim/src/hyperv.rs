@@ -277,6 +277,8 @@ pub mod status {
     pub const INVALID_ALIGNMENT: u16 = 4;
     /// HV_STATUS_INVALID_PARAMETER.
     pub const INVALID_PARAMETER: u16 = 5;
+    /// HV_STATUS_INSUFFICIENT_BUFFERS.
+    pub const INSUFFICIENT_BUFFERS: u16 = 19;
     /// HV_STATUS_INVALID_CONNECTION_ID.
     pub const INVALID_CONNECTION_ID: u16 = 18;
 }

@@ -527,6 +527,9 @@ impl Vm {
         // KVM_RUN in progress; resent until each thread is gone, since one sent just before a
         // thread enters KVM_RUN would be lost.
         shared.stop.store(true, Ordering::SeqCst);
+        if let Some(link) = &link {
+            link.stop_sending();
+        }
         for t in threads {
             while !t.is_finished() {
                 let _ = t.kill(SIGRTMIN());
@@ -867,12 +870,10 @@ fn hypercall(shared: &Shared, vp: u32, control: u64, input: u64) -> Result<u16> 
     Ok(
         match hyperv::decide_hypercall(control, input, read, known) {
             Hypercall::Status(s) => s,
-            Hypercall::Post(m) => {
-                if let Some(l) = link {
-                    l.post(vp, *m)?;
-                }
-                hyperv::status::SUCCESS
-            }
+            Hypercall::Post(m) => match link {
+                Some(l) if !l.post(vp, *m)? => hyperv::status::INSUFFICIENT_BUFFERS,
+                _ => hyperv::status::SUCCESS,
+            },
             Hypercall::Signal { connection_id, .. } => match link {
                 Some(l) if l.signal(connection_id) => hyperv::status::SUCCESS,
                 _ => hyperv::status::INVALID_CONNECTION_ID,

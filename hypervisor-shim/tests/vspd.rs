@@ -216,7 +216,10 @@ fn a_misbehaving_guest_gets_statuses_and_another_guest_is_served() {
     for (i, w) in want.iter().enumerate() {
         assert_eq!(q(i), u64::from(*w), "call {i}: {:x?}", calls[i]);
     }
-    assert_eq!(q(8), 0, "every flooded post was accepted and forwarded");
+    // Each flooded post was forwarded (0) or, with the socket full, refused with
+    // INSUFFICIENT_BUFFERS for the guest to retry: nothing else.
+    let insufficient = u64::from(hyperv::status::INSUFFICIENT_BUFFERS);
+    assert_eq!(q(8) & !insufficient, 0, "flood statuses OR-ed: {:#x}", q(8));
     eprintln!("hostile guest exits: {:?}", hostile_out.exits);
     // Its SIMP was outside RAM: vspd was never given it, so no interrupt reached the LAPIC.
     assert_eq!(
