@@ -934,3 +934,57 @@ fn internal_error(index: u32, vcpu: &mut VcpuFd) -> Error {
         data: internal.data[..n].to_vec(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_above_3_gib_is_placed_from_4_gib() {
+        // A sparse memfd: nothing is touched, so this costs no memory.
+        let ram = GuestRam::new(5 << 30).unwrap();
+        assert_eq!(
+            ram.slots(),
+            vec![
+                (0, 0, LOW_RAM_END),
+                (1 << 32, LOW_RAM_END, (5 << 30) - LOW_RAM_END)
+            ]
+        );
+        assert_eq!(ram.offset(0, 4096), Some(0));
+        assert_eq!(
+            ram.offset(LOW_RAM_END - 4096, 4096),
+            Some(LOW_RAM_END as usize - 4096)
+        );
+        assert_eq!(
+            ram.offset(LOW_RAM_END - 4096, 4097),
+            None,
+            "runs into the hole"
+        );
+        assert_eq!(
+            ram.offset(0xFEE0_0000, 4),
+            None,
+            "the LAPIC page is not RAM"
+        );
+        assert_eq!(ram.offset(1 << 32, 8), Some(LOW_RAM_END as usize));
+        let top = (1u64 << 32) + (5 << 30) - LOW_RAM_END;
+        assert_eq!(ram.offset(top - 8, 8), Some((5usize << 30) - 8));
+        assert_eq!(ram.offset(top - 8, 9), None);
+        assert_eq!(ram.offset(u64::MAX, 2), None);
+        ram.write(1 << 32, b"high").unwrap();
+        let mut b = [0u8; 4];
+        ram.read(1 << 32, &mut b).unwrap();
+        assert_eq!(&b, b"high");
+        assert!(matches!(
+            ram.write(0xFEE0_0000, b"x"),
+            Err(Error::OutsideRam { .. })
+        ));
+    }
+
+    #[test]
+    fn small_ram_has_one_slot() {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        assert_eq!(ram.slots(), vec![(0, 0, 4 << 20)]);
+        assert_eq!(ram.offset(4 << 20, 1), None);
+        assert_eq!(ram.offset(1 << 32, 1), None);
+    }
+}
