@@ -8,12 +8,31 @@ use std::process::{Command, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmbus-vm");
 
-fn scratch(name: &str, bytes: &[u8]) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vmbus-vm-cli-{}", std::process::id()));
+/// A scratch file in a directory of its own, both removed on drop.
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = std::path::Path;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+fn scratch(name: &str, bytes: &[u8]) -> Scratch {
+    let dir = std::env::temp_dir().join(format!("vmbus-vm-cli-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join(name);
     std::fs::write(&p, bytes).unwrap();
-    p
+    Scratch(p)
 }
 
 fn vmbus_vm(args: &[&str]) -> Output {
