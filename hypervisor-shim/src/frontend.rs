@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 use vmbus_proto::partition::{
     self, status, AddMemory, ChannelSignal, Eom, Hello, HelloReply, Kind, PostMessage, SetVp,
-    Status,
+    SignalEvent, Status,
 };
 use vmbus_proto::synic::HvPostMessageInput;
 use vmm_sys_util::eventfd::EventFd;
@@ -153,6 +153,16 @@ impl Link {
             input,
         };
         self.try_send(&partition::encode(Kind::POST_MESSAGE, &msg), &[])
+    }
+
+    /// Forwards an HvSignalEvent of a connection with no bound eventfd (SIGNAL_EVENT) without
+    /// waiting: `Ok(false)` when the socket is full.
+    pub fn signal_slow(&self, connection_id: u32, flag: u16) -> Result<bool> {
+        let body = SignalEvent {
+            connection_id,
+            flag_number: u32::from(flag),
+        };
+        self.try_send(&partition::encode(Kind::SIGNAL_EVENT, &body), &[])
     }
 
     /// Forwards an EOM.

@@ -864,7 +864,9 @@ fn hypercall(shared: &Shared, vp: u32, control: u64, input: u64) -> Result<u16> 
         (Hypercall::Post(m), Some(_)) => {
             m.connection_id == MESSAGE_CONNECTION_ID || m.connection_id == MESSAGE_CONNECTION_ID_4
         }
-        (Hypercall::Signal { connection_id, .. }, Some(l)) => l.knows_channel(*connection_id),
+        // vspd owns the connection ids: one without a bound eventfd (yet: its CHANNEL_SIGNAL may
+        // still be on the way) is forwarded as SIGNAL_EVENT, and the daemon ignores unknown ids.
+        (Hypercall::Signal { .. }, Some(_)) => true,
         (Hypercall::Status(_), Some(_)) => false,
     };
     Ok(
@@ -874,9 +876,14 @@ fn hypercall(shared: &Shared, vp: u32, control: u64, input: u64) -> Result<u16> 
                 Some(l) if !l.post(vp, *m)? => hyperv::status::INSUFFICIENT_BUFFERS,
                 _ => hyperv::status::SUCCESS,
             },
-            Hypercall::Signal { connection_id, .. } => match link {
+            Hypercall::Signal {
+                connection_id,
+                flag,
+            } => match link {
                 Some(l) if l.signal(connection_id) => hyperv::status::SUCCESS,
-                _ => hyperv::status::INVALID_CONNECTION_ID,
+                Some(l) if l.signal_slow(connection_id, flag)? => hyperv::status::SUCCESS,
+                Some(_) => hyperv::status::INSUFFICIENT_BUFFERS,
+                None => hyperv::status::INVALID_CONNECTION_ID,
             },
         },
     )

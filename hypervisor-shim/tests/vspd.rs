@@ -125,13 +125,14 @@ fn a_misbehaving_guest_gets_statuses_and_another_guest_is_served() {
     stranger.connection_id = 77;
     // (Below the page tables at 0x9000-0xEFFF.)
     let (good_at, oversized_at, stranger_at) = (0x7000u64, 0x8000u64, 0x2000u64);
-    let calls: [(u64, u64); 6] = [
+    let calls: [(u64, u64); 7] = [
         (0x5C, 0x4000_0000),  // input outside RAM
         (0x5C, good_at + 4),  // misaligned
         (0x0042, good_at),    // unknown call code
         (0x5C, oversized_at), // oversized payload
         (0x5C, stranger_at),  // unknown connection id
         (0x5C, 0xFFF8),       // crosses into the next page
+        (0x1_005D, 55),       // signal of a connection vspd never opened
     ];
     let mut a = CodeAssembler::new(64).unwrap();
     a.mov(rdi, RESULTS).unwrap();
@@ -212,6 +213,8 @@ fn a_misbehaving_guest_gets_statuses_and_another_guest_is_served() {
         status::INVALID_PARAMETER,
         status::INVALID_CONNECTION_ID,
         status::INVALID_ALIGNMENT,
+        // Forwarded as SIGNAL_EVENT (vspd owns the ids and ignores this one).
+        status::SUCCESS,
     ];
     for (i, w) in want.iter().enumerate() {
         assert_eq!(q(i), u64::from(*w), "call {i}: {:x?}", calls[i]);
