@@ -335,6 +335,11 @@ impl Vm {
         Ok(())
     }
 
+    /// The connection to `vspd`, once attached (to see which channels it bound).
+    pub fn link(&self) -> Option<Arc<Link>> {
+        self.link.clone()
+    }
+
     /// Binds `eventfd` to HvSignalEvent of `connection_id`: the hypercall page's fast path then
     /// signals it in the kernel (KVM_IOEVENTFD on [`hyperv::SIGNAL_PORT`], datamatch on the id)
     /// with no exit to userspace.
