@@ -1,0 +1,136 @@
+//! `vmbus-vm`: runs a guest on KVM with the userspace Hyper-V interface of `hypervisor-shim`.
+
+use clap::Parser;
+use hypervisor_shim::vm::{ExitStatus, Vm, VmConfig, DEBUG_EXIT_PORT, FLAT_LOAD_ADDR};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit status of vmbus-vm itself when it fails (the VM could not be built or run).
+const VMM_FAILED: u8 = 125;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmbus-vm",
+    about = "Run a guest on KVM with a userspace Hyper-V interface",
+    after_help = format!(
+        "KERNEL is a flat 64-bit binary: it is loaded at {FLAT_LOAD_ADDR:#x} and vCPU 0 starts \
+there in long mode at CPL 0, with the first 4 GiB identity-mapped, RSP = {FLAT_LOAD_ADDR:#x}, \
+interrupts off; the other vCPUs wait for INIT/SIPI. Loading a bzImage (the Linux boot protocol) \
+is not implemented yet and such a file is refused.\n\n\
+The guest's COM1 (16550 at 0x3F8) is this process's standard output. The VM ends when the \
+guest writes a value to I/O port {DEBUG_EXIT_PORT:#x} (vmbus-vm then exits with the value's low \
+byte), resets (port 0xCF9 or 0x64; exit 0), powers off (exit 0) or triple-faults (exit 1). \
+If the VM cannot be built or run, vmbus-vm says why and exits with {VMM_FAILED}."
+    )
+)]
+struct Args {
+    /// Guest RAM, in bytes or with a K, M or G suffix (binary units).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    memory: u64,
+    /// Number of vCPUs (1-64).
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// The guest image (a flat 64-bit binary; see below).
+    #[arg(long)]
+    kernel: PathBuf,
+    /// vspd's partition socket: the guest's SynIC, HvPostMessage, EOM and HvSignalEvent go to
+    /// that daemon, which serves the guest's VMBus (without it, VMBus calls get
+    /// HV_STATUS_INVALID_CONNECTION_ID).
+    #[arg(long, value_name = "SOCKET")]
+    vsp: Option<PathBuf>,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 10),
+        Some('m' | 'M') => (&t[..t.len() - 1], 20),
+        Some('g' | 'G') => (&t[..t.len() - 1], 30),
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 512M, 2G, 4194304)"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// The Linux boot protocol's header magic "HdrS" at offset 0x202 of a bzImage.
+fn is_bzimage(image: &[u8]) -> bool {
+    image.get(0x202..0x206) == Some(b"HdrS")
+}
+
+fn run(args: Args) -> Result<ExitStatus, String> {
+    let image = std::fs::read(&args.kernel)
+        .map_err(|e| format!("cannot read kernel {}: {e}", args.kernel.display()))?;
+    if is_bzimage(&image) {
+        return Err(format!(
+            "{} is a bzImage; loading the Linux boot protocol is not implemented yet, \
+             only flat binaries (see --help)",
+            args.kernel.display()
+        ));
+    }
+    let mut vm = Vm::new(VmConfig {
+        memory: args.memory,
+        vcpus: args.cpus,
+    })
+    .map_err(|e| e.to_string())?;
+    if let Some(socket) = &args.vsp {
+        vm.attach(socket).map_err(|e| e.to_string())?;
+    }
+    let entry = vm
+        .load_flat(&image)
+        .map_err(|e| format!("{} does not fit in guest RAM: {e}", args.kernel.display()))?;
+    let out = vm
+        .run(entry, Box::new(std::io::stdout()))
+        .map_err(|e| e.to_string())?;
+    Ok(out.status)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(status) => {
+            eprintln!("vmbus-vm: guest ended: {status:?}");
+            ExitCode::from(match status {
+                ExitStatus::DebugExit(v) => v as u8,
+                ExitStatus::Reset | ExitStatus::PowerOff => 0,
+                ExitStatus::TripleFault => 1,
+            })
+        }
+        Err(e) => {
+            eprintln!("vmbus-vm: {e}");
+            ExitCode::from(VMM_FAILED)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_size("4194304"), Ok(4 << 20));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("1MB"), Ok(1 << 20));
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("99999999999G").is_err());
+    }
+
+    #[test]
+    fn bzimage_is_recognised_by_its_header() {
+        let mut img = vec![0u8; 0x300];
+        assert!(!is_bzimage(&img));
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        assert!(is_bzimage(&img));
+        assert!(!is_bzimage(&img[..0x204]));
+    }
+}

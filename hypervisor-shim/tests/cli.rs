@@ -1,0 +1,190 @@
+//! `vmbus-vm` run as a process on an assembled flat guest, and its refusals.
+
+mod common;
+
+use common::{guests, kvm_or_skip};
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vmbus-vm");
+
+/// A scratch file in a directory of its own, both removed on drop.
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = std::path::Path;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+fn scratch(name: &str, bytes: &[u8]) -> Scratch {
+    let dir = std::env::temp_dir().join(format!("vmbus-vm-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    Scratch(p)
+}
+
+fn vmbus_vm(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().expect("run vmbus-vm")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn runs_a_flat_guest_and_exits_with_its_code() {
+    if !kvm_or_skip("runs_a_flat_guest_and_exits_with_its_code") {
+        return;
+    }
+    let k = scratch("hello.bin", &guests::hello(42));
+    let o = vmbus_vm(&[
+        "--memory",
+        "8M",
+        "--cpus",
+        "2",
+        "--kernel",
+        k.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "hello\n",
+        "stderr: {}",
+        stderr(&o)
+    );
+    assert_eq!(o.status.code(), Some(42), "stderr: {}", stderr(&o));
+    assert!(stderr(&o).contains("DebugExit(42)"));
+}
+
+#[test]
+fn help_describes_the_kernel_format() {
+    let o = vmbus_vm(&["--help"]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    for needle in [
+        "--memory",
+        "--cpus",
+        "--kernel",
+        "--vsp",
+        "flat 64-bit binary",
+        "bzImage",
+    ] {
+        assert!(text.contains(needle), "--help lacks {needle:?}");
+    }
+}
+
+#[test]
+fn refusals_say_why() {
+    let missing = vmbus_vm(&["--kernel", "/nonexistent/guest.bin"]);
+    assert_eq!(missing.status.code(), Some(125));
+    assert!(
+        stderr(&missing).contains("cannot read kernel /nonexistent/guest.bin"),
+        "{}",
+        stderr(&missing)
+    );
+
+    let mut bz = vec![0u8; 0x400];
+    bz[0x202..0x206].copy_from_slice(b"HdrS");
+    let bz = scratch("bzImage", &bz);
+    let o = vmbus_vm(&["--kernel", bz.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("is a bzImage"), "{}", stderr(&o));
+
+    let k = scratch("tiny.bin", &[0xF4]);
+    let o = vmbus_vm(&["--memory", "1P", "--kernel", k.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "clap usage error: {}", stderr(&o));
+    let o = vmbus_vm(&["--memory", "1048576G", "--kernel", k.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("cannot be had"), "{}", stderr(&o));
+    let o = vmbus_vm(&["--cpus", "0", "--kernel", k.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(
+        stderr(&o).contains("--cpus must be 1 to 64"),
+        "{}",
+        stderr(&o)
+    );
+    let o = vmbus_vm(&[
+        "--vsp",
+        "/nonexistent/vspd.sock",
+        "--kernel",
+        k.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(
+        stderr(&o).contains("cannot connect to /nonexistent/vspd.sock"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn a_missing_dev_kvm_is_named() {
+    // Hide /dev/kvm in a private mount namespace (needs root and unshare(1)).
+    let k = scratch("hello2.bin", &guests::hello(0));
+    let script = format!(
+        "mount -t tmpfs none /dev && exec {BIN} --memory 4M --kernel {}",
+        k.display()
+    );
+    let o = match Command::new("unshare")
+        .args(["--mount", "sh", "-c", &script])
+        .output()
+    {
+        Ok(o) if !stderr(&o).contains("unshare failed") && !stderr(&o).contains("mount:") => o,
+        other => {
+            eprintln!("SKIP a_missing_dev_kvm_is_named: cannot hide /dev/kvm here ({other:?})");
+            return;
+        }
+    };
+    assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cannot open /dev/kvm"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn attached_to_vspd_the_guest_gets_its_version_response() {
+    if !kvm_or_skip("attached_to_vspd_the_guest_gets_its_version_response") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("shim-cli-vspd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("vspd.sock");
+    let daemon = vsp::daemon::Daemon::bind(
+        &socket,
+        vsp::daemon::DaemonConfig::default(),
+        Vec::new(),
+        Default::default(),
+        vsp::session::unimplemented_devices(),
+    )
+    .expect("bind vspd");
+    let stop = daemon.stop_handle();
+    let served = std::thread::spawn(move || daemon.run(|| Ok((Vec::new(), Default::default()))));
+    let k = scratch("contact.bin", &common::vmbus::contact_image());
+    let o = vmbus_vm(&[
+        "--memory",
+        "16M",
+        "--vsp",
+        socket.to_str().unwrap(),
+        "--kernel",
+        k.to_str().unwrap(),
+    ]);
+    stop.signal().unwrap();
+    served.join().unwrap().expect("vspd ran");
+    let _ = std::fs::remove_dir_all(&dir);
+    // 0x600D: a VersionResponse accepting VMBus 5.0 arrived in the SIMP slot.
+    assert_eq!(o.status.code(), Some(0x0D), "stderr: {}", stderr(&o));
+}
