@@ -83,6 +83,9 @@ pub struct SessionLimits {
     /// How long a reply may wait for room in the front end's receive queue before the front
     /// end is dropped (default 5 s).
     pub reply_timeout: Duration,
+    /// How long a new connection may take to say HELLO (default 10 s): a connection that never
+    /// does would otherwise hold one of the daemon's session slots for ever.
+    pub hello_timeout: Duration,
 }
 
 impl Default for SessionLimits {
@@ -93,6 +96,7 @@ impl Default for SessionLimits {
             max_mapped_pieces: ringbuf::guestmem::DEFAULT_MAX_MAPPED_PIECES,
             max_queued_messages: crate::synic::MAX_QUEUED_MESSAGES,
             reply_timeout: Duration::from_secs(5),
+            hello_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -300,13 +304,28 @@ impl Session {
     fn serve(&mut self) -> End {
         use rustix::event::{poll, PollFd, PollFlags};
         let mut buf = [0u8; wire::MAX_MESSAGE_SIZE];
+        let hello_by = Instant::now() + self.limits.hello_timeout;
         loop {
             let mut fds = [
                 PollFd::new(&self.sock, PollFlags::IN),
                 PollFd::new(self.stop.as_ref(), PollFlags::IN),
                 PollFd::new(&self.wanted.event, PollFlags::IN),
             ];
-            match poll(&mut fds, None) {
+            // Until HELLO, the wait is bounded: a silent connection gives its slot back.
+            let left = self.partition.is_none().then(|| {
+                let left = hello_by.saturating_duration_since(Instant::now());
+                rustix::event::Timespec {
+                    tv_sec: left.as_secs() as i64,
+                    tv_nsec: i64::from(left.subsec_nanos()),
+                }
+            });
+            if left.is_some_and(|t| t.tv_sec == 0 && t.tv_nsec == 0) {
+                return End::Failed(SessionError::protocol(format!(
+                    "no HELLO within {:?}",
+                    self.limits.hello_timeout
+                )));
+            }
+            match poll(&mut fds, left.as_ref()) {
                 Ok(_) => {}
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => return End::Failed(SessionError::Io(ringbuf::Error::Socket(e))),
@@ -730,6 +749,31 @@ mod tests {
         let (s, h) =
             Session::new(ours, stop.clone(), config, &[], unimplemented_devices()).unwrap();
         (s, h, theirs, stop)
+    }
+
+    #[test]
+    fn a_connection_that_never_says_hello_ends() {
+        let limits = SessionLimits {
+            hello_timeout: Duration::from_millis(100),
+            ..SessionLimits::default()
+        };
+        // Silent: the session ends by itself, giving its slot back.
+        let (s, _h, _front, _stop) = session(limits.clone());
+        let t = Instant::now();
+        assert!(matches!(s.run(), End::Failed(SessionError::Protocol(_))));
+        assert!(t.elapsed() >= Duration::from_millis(100));
+        // HELLO in time: the deadline no longer applies.
+        let (s, _h, front, stop) = session(limits);
+        let hello = wire::Hello {
+            version: wire::VERSION,
+            vp_count: 1,
+        };
+        front.send(&wire::encode(Kind::HELLO, &hello), &[]).unwrap();
+        let run = std::thread::spawn(move || s.run());
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!run.is_finished(), "a session past HELLO has no deadline");
+        stop.signal().unwrap();
+        assert!(matches!(run.join().unwrap(), End::Shutdown));
     }
 
     #[test]
