@@ -594,6 +594,14 @@ impl Storvsp {
         let mut queued = 0u32;
         let mut error = None;
         let lun = self.luns[usize::from(lun_no)].as_mut().expect("present");
+        // All of the request's operations or none: an UNMAP of many ranges takes an entry of
+        // the LUN's queue per range, and a queue that cannot take them all now is a transient
+        // shortage the guest retries (BUSY), not an invalid request.
+        if lun.queue.room() < usize::from(op.is_some()) + unmap.len() {
+            self.free.push(slot);
+            let s = fail(srb, srb_status::BUSY);
+            return self.complete(out, tx, s);
+        }
         let discards = unmap.iter().map(|r| IoOp::Discard {
             offset: r.lba * bs,
             len: u64::from(r.blocks) * bs,
@@ -1198,6 +1206,8 @@ mod tests {
     /// records what it was asked: storvsp's handling of I/O results without the kernel's I/O.
     struct Scripted {
         event: std::os::fd::OwnedFd,
+        /// What `room` says.
+        room: usize,
         done: Vec<Completion>,
         script: fn(&IoOp<'_>) -> Result<u32, i32>,
         asked: Arc<std::sync::Mutex<Vec<String>>>,
@@ -1224,6 +1234,9 @@ mod tests {
         fn in_flight(&self) -> usize {
             self.done.len()
         }
+        fn room(&self) -> usize {
+            self.room
+        }
         fn completion_event(&self) -> std::os::fd::BorrowedFd<'_> {
             use std::os::fd::AsFd;
             self.event.as_fd()
@@ -1234,6 +1247,14 @@ mod tests {
         img: &Scratch,
         script: fn(&IoOp<'_>) -> Result<u32, i32>,
     ) -> (Harness, Arc<std::sync::Mutex<Vec<String>>>) {
+        scripted_with_room(img, script, usize::MAX)
+    }
+
+    fn scripted_with_room(
+        img: &Scratch,
+        script: fn(&IoOp<'_>) -> Result<u32, i32>,
+        room: usize,
+    ) -> (Harness, Arc<std::sync::Mutex<Vec<String>>>) {
         let disk = DiskFile::open(&img.0, false, false).unwrap();
         let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
         let log = asked.clone();
@@ -1241,6 +1262,7 @@ mod tests {
             let event = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
             Ok(Box::new(Scripted {
                 event,
+                room,
                 done: Vec::new(),
                 script,
                 asked: log.clone(),
@@ -1301,6 +1323,30 @@ mod tests {
         let asked = asked.lock().unwrap();
         let discards = asked.iter().filter(|a| a.starts_with("Discard")).count();
         assert_eq!(discards, 3, "{asked:?}");
+    }
+
+    /// An UNMAP whose ranges do not all fit the LUN's queue now is answered BUSY (the guest
+    /// retries) with nothing queued, not INVALID_REQUEST with some of its ranges done.
+    #[test]
+    fn a_request_the_queue_cannot_take_whole_is_busy() {
+        let img = Scratch::new("room", 1 << 20);
+        let (mut h, asked) = scripted_with_room(&img, |_| Ok(0), 2);
+        let mut list = vec![0u8; 8 + 3 * 16];
+        list[1] = 6 + 48;
+        list[3] = 48;
+        for (i, lba) in [0u64, 64, 128].iter().enumerate() {
+            list[8 + 16 * i..][..8].copy_from_slice(&lba.to_be_bytes());
+            list[8 + 16 * i + 8..][..4].copy_from_slice(&8u32.to_be_bytes());
+        }
+        h.mem.write(6 * 4096, &list).unwrap();
+        let unmap = srb(&[0x42, 0, 0, 0, 0, 0, 0, 0, list.len() as u8, 0], 56, false);
+        assert!(h.send(1, unmap.as_bytes(), Some(&[(0, 56, &[6])])).unwrap());
+        assert_eq!(srb_status_of(&h, 1), srb_status::BUSY);
+        assert!(asked.lock().unwrap().is_empty(), "nothing queued");
+        // A flush (one entry) fits.
+        let sync = srb(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, false);
+        assert!(h.send(2, sync.as_bytes(), None).unwrap());
+        assert_eq!(srb_status_of(&h, 2), srb_status::SUCCESS);
     }
 
     /// Issue 9, item 5, at the engine: once MODE SELECT turned the write cache off, every

@@ -259,6 +259,10 @@ pub trait IoQueue: Send {
     fn wait(&mut self, min: usize) -> Result<(), Error>;
     /// Operations queued and not yet reaped.
     fn in_flight(&self) -> usize;
+    /// How many more operations [`IoQueue::queue`] takes now. By default no limit.
+    fn room(&self) -> usize {
+        usize::MAX
+    }
     /// Nobody will answer the operations in flight: cut the long ones short (see
     /// [`DiskQueue::abandon`]). By default nothing.
     fn abandon(&mut self) {}
@@ -281,6 +285,9 @@ impl IoQueue for DiskQueue {
     }
     fn in_flight(&self) -> usize {
         DiskQueue::in_flight(self)
+    }
+    fn room(&self) -> usize {
+        DiskQueue::capacity(self).saturating_sub(DiskQueue::in_flight(self))
     }
     fn abandon(&mut self) {
         DiskQueue::abandon(self)
