@@ -3,21 +3,22 @@
 //! kernel mappings with scattered ring pages; meanwhile a second guest keeps doing verified I/O.
 
 use std::os::fd::{AsFd, BorrowedFd};
-use std::path::Path;
 use std::sync::Arc;
 
 use ringbuf::shmem::create_memfd;
-use ringbuf::socket::SeqPacket;
 use vmbus_proto::channel::{Guid, InitiateContact, MessageHeader, MessageType, VmbusVersion};
 use vmbus_proto::partition::{self as wire, status, vp_flags, Kind};
 use vmbus_proto::synic::{HvPostMessageInput, VMBUS_POST_MESSAGE_TYPE};
-use vsc::channel::GuestChannel;
 use vsc::client::{Client, SUPPORTED_VERSIONS};
 use vsc::loopback::Loopback;
-use vsc::storvsc::{Disk, Storvsc};
 use zerocopy::{FromZeros, IntoBytes};
 
 mod common;
+#[allow(dead_code)]
+#[path = "common/hostile.rs"]
+mod hostile;
+
+use hostile::{good_guest, good_guest_with, verified_io, Raw};
 
 fn daemon(name: &str) -> common::Daemon {
     let dir = common::fresh_dir("vspd-memory", name);
@@ -30,93 +31,13 @@ fn daemon(name: &str) -> common::Daemon {
     common::Daemon::spawn(&dir, ["--disk", "path=a.img", "--disk", "path=b.img"]).owning_dir()
 }
 
-/// A well-behaved guest with the first disk open.
-struct Guest {
-    _front: Arc<Loopback>,
-    _client: Client,
-    disk: Arc<Disk>,
+/// What this suite adds to the shared raw front end.
+trait RawExt {
+    fn set_vp(&self, irq: BorrowedFd<'_>) -> u32;
+    fn initiate_contact(&self);
 }
 
-fn good_guest(socket: &Path) -> Guest {
-    good_guest_with(socket, 32 << 20)
-}
-
-fn good_guest_with(socket: &Path, memory: u64) -> Guest {
-    let (front, messages) = Loopback::connect(socket, memory).unwrap();
-    let front = Arc::new(front);
-    let mut client = Client::connect(front.clone(), messages, 0, &SUPPORTED_VERSIONS).unwrap();
-    let offers = client.request_offers().unwrap();
-    let o = offers
-        .iter()
-        .find(|o| o.interface_type == Guid::SCSI)
-        .unwrap();
-    let ch = GuestChannel::open(&mut client, &front, o, 16).unwrap();
-    let disk = Disk::start(Storvsc::init(ch).unwrap(), front.clone(), 0).unwrap();
-    Guest {
-        _front: front,
-        _client: client,
-        disk,
-    }
-}
-
-/// Writes a fresh pattern through `g` and reads it back.
-fn verified_io(g: &Guest, seed: u8) {
-    let data: Vec<u8> = (0..65536u32)
-        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
-        .collect();
-    let offset = u64::from(seed) * 65536;
-    g.disk.write(offset, &data, false).unwrap();
-    let mut back = vec![0u8; data.len()];
-    g.disk.read(offset, &mut back).unwrap();
-    assert!(back == data, "read back differs (seed {seed})");
-}
-
-/// A front end speaking the partition protocol by hand.
-struct Raw(SeqPacket);
-
-impl Raw {
-    fn connect(socket: &Path) -> Self {
-        let raw = Self(SeqPacket::connect(socket).unwrap());
-        let hello = wire::Hello {
-            version: wire::VERSION,
-            vp_count: 1,
-        };
-        raw.0.send(&wire::encode(Kind::HELLO, &hello), &[]).unwrap();
-        let mut buf = [0u8; wire::MAX_MESSAGE_SIZE];
-        let d = raw.0.recv(&mut buf).unwrap().expect("HELLO answered");
-        let (k, body) = wire::split(&buf[..d.len]).unwrap();
-        assert_eq!(k, Kind::HELLO_REPLY);
-        let r: wire::HelloReply = wire::body(k, body).unwrap();
-        assert_eq!(r.status, status::OK);
-        raw
-    }
-
-    /// Sends a request and returns the status it is answered with.
-    fn request<T: IntoBytes + zerocopy::Immutable>(
-        &self,
-        kind: Kind,
-        body: &T,
-        fds: &[BorrowedFd<'_>],
-    ) -> u32 {
-        self.0.send(&wire::encode(kind, body), fds).unwrap();
-        let mut buf = [0u8; wire::MAX_MESSAGE_SIZE];
-        let d = self.0.recv(&mut buf).unwrap().expect("answered");
-        let (k, body) = wire::split(&buf[..d.len]).unwrap();
-        assert_eq!(k, Kind::STATUS);
-        let s: wire::Status = wire::body(k, body).unwrap();
-        assert_eq!(s.request, kind);
-        s.status
-    }
-
-    fn add_memory(&self, len: u64, fd: BorrowedFd<'_>) -> u32 {
-        let m = wire::AddMemory {
-            gpa: 0,
-            len,
-            fd_offset: 0,
-        };
-        self.request(Kind::ADD_MEMORY, &m, &[fd])
-    }
-
+impl RawExt for Raw {
     fn set_vp(&self, irq: BorrowedFd<'_>) -> u32 {
         let v = wire::SetVp {
             vp: 0,
@@ -160,20 +81,20 @@ fn memory_that_could_fault_is_refused_and_the_other_guest_is_served() {
     let attacker = Raw::connect(&d.socket);
     let empty = create_memfd("empty", 0).unwrap();
     assert_eq!(
-        attacker.add_memory(1 << 20, empty.as_fd()),
+        attacker.add_memory(0, 1 << 20, empty.as_fd()),
         status::BAD_MEMORY
     );
     // A right-sized memfd the front end could truncate later: no F_SEAL_SHRINK.
     let loose = rustix::fs::memfd_create("loose", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
     rustix::fs::ftruncate(&loose, 1 << 20).unwrap();
     assert_eq!(
-        attacker.add_memory(1 << 20, loose.as_fd()),
+        attacker.add_memory(0, 1 << 20, loose.as_fd()),
         status::BAD_MEMORY
     );
     // Not a memfd at all.
     let file = std::fs::File::open(d.dir.join("a.img")).unwrap();
     assert_eq!(
-        attacker.add_memory(1 << 20, file.as_fd()),
+        attacker.add_memory(0, 1 << 20, file.as_fd()),
         status::BAD_MEMORY
     );
     let irq = ringbuf::Event::new().unwrap();
@@ -190,7 +111,7 @@ fn memory_that_could_fault_is_refused_and_the_other_guest_is_served() {
     // tries to truncate while another guest is connected: the seal refuses it.
     let attacker = Raw::connect(&d.socket);
     let mem = create_memfd("sealed", 1 << 20).unwrap();
-    assert_eq!(attacker.add_memory(1 << 20, mem.as_fd()), status::OK);
+    assert_eq!(attacker.add_memory(0, 1 << 20, mem.as_fd()), status::OK);
     assert_eq!(attacker.set_vp(irq.as_fd()), status::OK);
     assert!(
         rustix::fs::ftruncate(&mem, 0).is_err(),
@@ -311,7 +232,7 @@ fn guest_memory_beyond_the_limit_is_refused() {
     // A length that would overflow the running total.
     assert_eq!(add(128 << 20, !4095), status::BAD_MEMORY);
     // Each front end has its own allowance: a good guest with all of it is served.
-    let good = good_guest_with(&d.socket, 48 << 20);
+    let good = good_guest_with(&d.socket, 48 << 20).unwrap();
     verified_io(&good, 1);
     assert!(d.try_wait().is_none(), "vspd died");
 }
