@@ -185,15 +185,15 @@ impl Daemon {
                     continue;
                 }
             };
-            // Who is at the other end, before anything is read from it.
-            let uid = sock.peer_credentials().map(|c| c.uid.as_raw());
-            let refusal = match sock.peer_credentials() {
-                Err(e) => Some(format!("no peer credentials: {e}")),
+            // Who is at the other end, before anything is read from it: the peer's uid, or why
+            // the connection is refused.
+            let admitted = match sock.peer_credentials() {
+                Err(e) => Err(format!("no peer credentials: {e}")),
                 Ok(c)
                     if !self.config.allowed_uids.contains(&c.uid.as_raw())
                         && !self.config.allowed_gids.contains(&c.gid.as_raw()) =>
                 {
-                    Some(format!(
+                    Err(format!(
                         "uid {} gid {} (pid {}) is not allowed",
                         c.uid.as_raw(),
                         c.gid.as_raw(),
@@ -201,15 +201,14 @@ impl Daemon {
                     ))
                 }
                 Ok(_) if sessions.len() >= self.config.max_sessions => {
-                    Some(format!("{} sessions already (the limit)", sessions.len()))
+                    Err(format!("{} sessions already (the limit)", sessions.len()))
                 }
-                Ok(_) => None,
+                Ok(c) => Ok(c.uid.as_raw()),
             };
-            let uid = match (refusal, uid) {
-                (None, Ok(uid)) => uid,
-                (why, _) => {
+            let uid = match admitted {
+                Ok(uid) => uid,
+                Err(why) => {
                     if let Some(suppressed) = self.refusals.allow() {
-                        let why = why.unwrap_or_default();
                         tracing::warn!(reason = %why, suppressed, "connection refused");
                     }
                     drop(sock);
