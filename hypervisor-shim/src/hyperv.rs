@@ -8,40 +8,20 @@
 use kvm_bindings::kvm_cpuid_entry2;
 use vmbus_proto::synic::{HvPostMessageInput, MESSAGE_PAYLOAD_SIZE};
 
-/// First synthetic MSR; the filter sends `MSR_BASE .. MSR_BASE + MSR_COUNT` to userspace.
-pub const MSR_BASE: u32 = 0x4000_0000;
-/// Number of MSRs the filter covers.
-pub const MSR_COUNT: u32 = 0x200;
+// The synthetic MSR numbers are vmbus-proto's (its `synic::msr`), re-exported under the names
+// this module's handlers use.
+pub use vmbus_proto::synic::msr::{
+    APIC_FREQUENCY, CRASH_CTL, CRASH_P0, EOM, GUEST_OS_ID, HYPERCALL, SCONTROL, SIEFP, SIMP, SINT0,
+    SVERSION, TSC_FREQUENCY, VP_ASSIST_PAGE, VP_INDEX,
+};
 
-/// HV_X64_MSR_GUEST_OS_ID.
-pub const GUEST_OS_ID: u32 = 0x4000_0000;
-/// HV_X64_MSR_HYPERCALL.
-pub const HYPERCALL: u32 = 0x4000_0001;
-/// HV_X64_MSR_VP_INDEX.
-pub const VP_INDEX: u32 = 0x4000_0002;
-/// HV_X64_MSR_TSC_FREQUENCY.
-pub const TSC_FREQUENCY: u32 = 0x4000_0022;
-/// HV_X64_MSR_APIC_FREQUENCY.
-pub const APIC_FREQUENCY: u32 = 0x4000_0023;
-/// HV_X64_MSR_VP_ASSIST_PAGE.
-pub const VP_ASSIST_PAGE: u32 = 0x4000_0073;
-/// HV_X64_MSR_SCONTROL.
-pub const SCONTROL: u32 = 0x4000_0080;
-/// HV_X64_MSR_SVERSION.
-pub const SVERSION: u32 = 0x4000_0081;
-/// HV_X64_MSR_SIEFP.
-pub const SIEFP: u32 = 0x4000_0082;
-/// HV_X64_MSR_SIMP.
-pub const SIMP: u32 = 0x4000_0083;
-/// HV_X64_MSR_EOM.
-pub const EOM: u32 = 0x4000_0084;
-/// HV_X64_MSR_CRASH_P0; P0-P4 are `CRASH_P0 .. CRASH_P0 + 5`.
-pub const CRASH_P0: u32 = 0x4000_0100;
-/// HV_X64_MSR_CRASH_CTL: bit 63 (CRASH_NOTIFY) written: the guest panicked with P0-P4.
-pub const CRASH_CTL: u32 = 0x4000_0105;
+/// First synthetic MSR; the filter sends `MSR_BASE .. MSR_BASE + MSR_COUNT` to userspace.
+pub const MSR_BASE: u32 = vmbus_proto::synic::msr::FIRST;
+/// Number of MSRs the filter covers.
+pub const MSR_COUNT: u32 = vmbus_proto::synic::msr::LAST - MSR_BASE + 1;
+
+/// HV_X64_MSR_CRASH_CTL bit 63 (CRASH_NOTIFY) written: the guest panicked with P0-P4.
 const CRASH_NOTIFY: u64 = 1 << 63;
-/// HV_X64_MSR_SINT0; SINTn is `SINT0 + n`.
-pub const SINT0: u32 = 0x4000_0090;
 
 /// The APIC timer frequency the in-kernel LAPIC uses (1 ns per bus cycle).
 pub const APIC_HZ: u64 = 1_000_000_000;
