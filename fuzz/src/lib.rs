@@ -592,16 +592,7 @@ fn nbd_client_bytes(rest: &[u8], handshake: bool, records: bool) -> Vec<u8> {
 pub fn nbd_session(data: &[u8]) {
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
-    // A write to a closed socket must fail with EPIPE, not kill the process (a Rust main
-    // ignores SIGPIPE; libFuzzer's C main does not): any handler replaces the default action.
-    static SIGPIPE: std::sync::Once = std::sync::Once::new();
-    SIGPIPE.call_once(|| {
-        signal_hook::flag::register(
-            signal_hook::consts::SIGPIPE,
-            Arc::new(std::sync::atomic::AtomicBool::new(false)),
-        )
-        .expect("SIGPIPE handler");
-    });
+    ignore_sigpipe();
     let threads_before = thread_count();
     let mode = data.first().copied().unwrap_or(0);
     let event = mode & 1 != 0;
@@ -700,8 +691,7 @@ fn hostile_fd(sel: u8) -> Option<std::os::fd::OwnedFd> {
 pub fn partition_session(data: &[u8]) {
     use std::os::fd::AsFd;
     use vmbus_proto::partition::{self as wire, Kind};
-    use vmbus_proto::synic::{HvPostMessageInput, MESSAGE_PAYLOAD_SIZE, VMBUS_POST_MESSAGE_TYPE};
-    use zerocopy::FromZeros;
+    use vmbus_proto::synic::MESSAGE_PAYLOAD_SIZE;
 
     ignore_sigpipe();
     let Ok((ours, theirs)) = ringbuf::socket::SeqPacket::pair() else { return };
@@ -771,18 +761,15 @@ pub fn partition_session(data: &[u8]) {
             2 => Kind::SET_VP,
             3 => {
                 use zerocopy::IntoBytes;
-                let mut input = HvPostMessageInput::new_zeroed();
                 let payload = body.get(1..).unwrap_or_default();
-                let size = payload.len().min(MESSAGE_PAYLOAD_SIZE);
-                input.connection_id = match body.first().copied().unwrap_or(0) % 3 {
+                let payload = &payload[..payload.len().min(MESSAGE_PAYLOAD_SIZE)];
+                let connection_id = match body.first().copied().unwrap_or(0) % 3 {
                     0 => 1,
                     1 => 4,
                     _ => u32::from(body.first().copied().unwrap_or(0)),
                 };
-                input.message_type = VMBUS_POST_MESSAGE_TYPE;
-                input.payload_size = size as u32;
-                input.payload[..size].copy_from_slice(&payload[..size]);
-                let m = wire::PostMessage { vp: u32::from(fd_sel >> 6), reserved: 0, input };
+                let m = wire::PostMessage::vmbus(u32::from(fd_sel >> 6), connection_id, payload)
+                    .expect("the payload was cut to a slot's size");
                 send(Kind::POST_MESSAGE, m.as_bytes(), &fds);
                 continue;
             }

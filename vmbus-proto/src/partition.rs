@@ -6,9 +6,9 @@
 //! message kind says so. All integers are little-endian (the structs are `#[repr(C)]` on
 //! x86-64 and have no padding).
 
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
 
-use crate::synic::HvPostMessageInput;
+use crate::synic::{HvPostMessageInput, MESSAGE_PAYLOAD_SIZE, VMBUS_POST_MESSAGE_TYPE};
 
 /// The protocol version this crate describes.
 pub const VERSION: u32 = 1;
@@ -152,6 +152,26 @@ pub struct PostMessage {
 }
 const _: () = assert!(size_of::<PostMessage>() == 264);
 
+impl PostMessage {
+    /// The HvPostMessage of VMBus channel message `payload` on `connection_id` by `vp`, as a
+    /// front end forwards it; `None` if the payload is longer than a message slot holds.
+    pub fn vmbus(vp: u32, connection_id: u32, payload: &[u8]) -> Option<Self> {
+        if payload.len() > MESSAGE_PAYLOAD_SIZE {
+            return None;
+        }
+        let mut input = HvPostMessageInput::new_zeroed();
+        input.connection_id = connection_id;
+        input.message_type = VMBUS_POST_MESSAGE_TYPE;
+        input.payload_size = payload.len() as u32;
+        input.payload[..payload.len()].copy_from_slice(payload);
+        Some(Self {
+            vp,
+            reserved: 0,
+            input,
+        })
+    }
+}
+
 /// Body of [`Kind::EOM`].
 #[repr(C)]
 #[derive(
@@ -285,6 +305,15 @@ pub fn encode<T: IntoBytes + Immutable>(kind: Kind, body: &T) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn posted_vmbus_messages_fit_a_slot() {
+        let m = PostMessage::vmbus(1, 4, &[7; MESSAGE_PAYLOAD_SIZE]).unwrap();
+        assert_eq!((m.vp, { m.input.connection_id }), (1, 4));
+        assert_eq!({ m.input.message_type }, VMBUS_POST_MESSAGE_TYPE);
+        assert_eq!({ m.input.payload_size } as usize, MESSAGE_PAYLOAD_SIZE);
+        assert!(PostMessage::vmbus(0, 1, &[0; MESSAGE_PAYLOAD_SIZE + 1]).is_none());
+    }
 
     #[test]
     fn encode_split_round_trip() {

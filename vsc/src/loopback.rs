@@ -26,10 +26,8 @@ use ringbuf::socket::SeqPacket;
 use ringbuf::Event;
 use vmbus_proto::partition::{self as wire, status, vp_flags, Kind};
 use vmbus_proto::synic::{
-    HvPostMessageInput, MESSAGE_FLAG_PENDING, MESSAGE_PAYLOAD_SIZE, MESSAGE_SLOT_SIZE,
-    VMBUS_POST_MESSAGE_TYPE, VMBUS_SINT,
+    MESSAGE_FLAG_PENDING, MESSAGE_PAYLOAD_SIZE, MESSAGE_SLOT_SIZE, VMBUS_SINT,
 };
-use zerocopy::FromZeros;
 
 use crate::synic::{HostInterface, MessageStream};
 use crate::Error;
@@ -327,19 +325,8 @@ fn handshake(
 
 impl HostInterface for Loopback {
     fn post_message(&self, connection_id: u32, payload: &[u8]) -> Result<(), Error> {
-        if payload.len() > MESSAGE_PAYLOAD_SIZE {
-            return Err(Error::Protocol("message longer than 240 bytes".into()));
-        }
-        let mut input = HvPostMessageInput::new_zeroed();
-        input.connection_id = connection_id;
-        input.message_type = VMBUS_POST_MESSAGE_TYPE;
-        input.payload_size = payload.len() as u32;
-        input.payload[..payload.len()].copy_from_slice(payload);
-        let m = wire::PostMessage {
-            vp: 0,
-            reserved: 0,
-            input,
-        };
+        let m = wire::PostMessage::vmbus(0, connection_id, payload)
+            .ok_or_else(|| Error::Protocol("message longer than 240 bytes".into()))?;
         self.shared
             .socket()
             .send(&wire::encode(Kind::POST_MESSAGE, &m), &[])?;

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use ringbuf::shmem::create_memfd;
 use vmbus_proto::channel::{Guid, InitiateContact, MessageHeader, MessageType, VmbusVersion};
 use vmbus_proto::partition::{self as wire, status, vp_flags, Kind};
-use vmbus_proto::synic::{HvPostMessageInput, VMBUS_POST_MESSAGE_TYPE};
 use vsc::client::{Client, SUPPORTED_VERSIONS};
 use vsc::loopback::Loopback;
 use zerocopy::{FromZeros, IntoBytes};
@@ -53,17 +52,7 @@ impl RawExt for Raw {
         let mut msg = InitiateContact::new_zeroed();
         msg.header = MessageHeader::new(MessageType::INITIATE_CONTACT);
         msg.vmbus_version_requested = VmbusVersion::WIN10.0;
-        let bytes = msg.as_bytes();
-        let mut input = HvPostMessageInput::new_zeroed();
-        input.connection_id = 1;
-        input.message_type = VMBUS_POST_MESSAGE_TYPE;
-        input.payload_size = bytes.len() as u32;
-        input.payload[..bytes.len()].copy_from_slice(bytes);
-        let m = wire::PostMessage {
-            vp: 0,
-            reserved: 0,
-            input,
-        };
+        let m = wire::PostMessage::vmbus(0, 1, msg.as_bytes()).unwrap();
         self.0
             .send(&wire::encode(Kind::POST_MESSAGE, &m), &[])
             .unwrap();

@@ -19,7 +19,7 @@ use vmbus_proto::channel::{
 };
 use vmbus_proto::partition::{self as wire, status, vp_flags, Kind};
 use vmbus_proto::storvsp::{SubchannelCount, VstorOperation, VstorPacket, REQUEST_COMPLETION_FLAG};
-use vmbus_proto::synic::{HvPostMessageInput, VMBUS_POST_MESSAGE_TYPE};
+use vmbus_proto::synic::VMBUS_POST_MESSAGE_TYPE;
 use vsc::channel::GuestChannel;
 use vsc::client::{Client, Event, SUPPORTED_VERSIONS};
 use vsc::loopback::Loopback;
@@ -182,16 +182,7 @@ impl RawFront {
     }
 
     fn post_message(&self, connection_id: u32, payload: &[u8]) {
-        let mut input = HvPostMessageInput::new_zeroed();
-        input.connection_id = connection_id;
-        input.message_type = VMBUS_POST_MESSAGE_TYPE;
-        input.payload_size = payload.len() as u32;
-        input.payload[..payload.len()].copy_from_slice(payload);
-        let m = wire::PostMessage {
-            vp: 0,
-            reserved: 0,
-            input,
-        };
+        let m = wire::PostMessage::vmbus(0, connection_id, payload).unwrap();
         self.sock
             .send(&wire::encode(Kind::POST_MESSAGE, &m), &[])
             .unwrap();
