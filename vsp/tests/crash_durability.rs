@@ -457,7 +457,7 @@ fn round(t: &Target<'_>, r: u32, direct: bool, seed: u64, prior: &[u8]) -> Tally
         if direct { ",direct=on" } else { "" }
     );
     let mut vspd = common::Daemon::spawn(dir, ["--disk", &spec]);
-    let guest = common::NbdGuest::attach(&vspd, GUEST_MEMORY, dir.join("nbd.sock"));
+    let mut guest = common::NbdGuest::attach(&vspd.socket, GUEST_MEMORY, dir.join("nbd.sock"));
     let mut rng = Rng::new(seed);
     let delay = Duration::from_millis(20 + rng.below(281));
     let shared = Arc::new(Shared {
@@ -515,7 +515,7 @@ fn round(t: &Target<'_>, r: u32, direct: bool, seed: u64, prior: &[u8]) -> Tally
     let logs = rx
         .recv_timeout(Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("round {r}: the clients did not stop after the kill: {e}"));
-    guest.stop(false);
+    guest.stop();
     for (k, l) in logs.iter().enumerate() {
         assert!(
             l.fault.is_none(),
@@ -786,7 +786,7 @@ fn flush_and_fua_write_reach_the_device_as_cache_flushes() {
             if direct { ",direct=on" } else { "" }
         );
         let vspd = common::Daemon::spawn(&dir.0, ["--disk", &spec]);
-        let guest = common::NbdGuest::attach(&vspd, GUEST_MEMORY, dir.0.join("nbd.sock"));
+        let guest = common::NbdGuest::attach(&vspd.socket, GUEST_MEMORY, dir.0.join("nbd.sock"));
         let mut c = NbdClient::connect(&guest.socket, "disk0").unwrap();
         assert_eq!(c.flush().unwrap(), 0);
         for i in 0..8u64 {
@@ -838,7 +838,7 @@ fn flush_and_fua_write_reach_the_device_as_cache_flushes() {
             );
         }
         c.disconnect();
-        guest.stop(true);
+        guest.stop();
         drop(vspd);
     }
     // And the data is there, read through the device.

@@ -23,17 +23,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vsc::guest::StorageGuest;
-use vsc::nbd::{proto, BlockDevice, Export, NbdServer};
+use vsc::nbd::proto;
 use vsc::nbdclient::NbdClient;
 
 #[path = "../../vsc/tests/common/tools.rs"]
 mod tools;
 use tools::{have, have_qemu, run, text};
-use vsc::storvsc::Disk;
 
 /// A scratch directory, removed on drop.
 struct Scratch(PathBuf);
@@ -110,92 +108,9 @@ const GUEST_MEMORY: u64 = 128 << 20;
 /// `vscd --memory-mib`'s default.
 const VSCD_DEFAULT_MEMORY: u64 = 256 << 20;
 
-/// The guest side of `vscd --nbd`, in this process: a loopback guest attached to `vspd`, every
-/// disk it is offered exported over NBD as `disk0`, `disk1`, ...
-struct Guest {
-    socket: PathBuf,
-    stop: Arc<ringbuf::Event>,
-    server: Option<JoinHandle<Result<(), vsc::Error>>>,
-    disks: Vec<Arc<Disk>>,
-    guest: Option<StorageGuest>,
-    abandoned: bool,
-}
-
-impl Guest {
-    fn attach(vspd: &Vspd, dir: &Scratch) -> Self {
-        let guest = StorageGuest::attach(&vspd.socket, GUEST_MEMORY).unwrap();
-        let disks: Vec<Arc<Disk>> = guest.disks.iter().map(|(_, d)| d.clone()).collect();
-        let exports = disks
-            .iter()
-            .enumerate()
-            .map(|(i, d)| Export {
-                name: format!("disk{i}"),
-                description: format!("VMBus SCSI disk {i}"),
-                device: d.clone() as Arc<dyn BlockDevice>,
-            })
-            .collect();
-        let socket = dir.path("nbd.sock");
-        let server = NbdServer::bind(&socket, exports).unwrap();
-        let stop = Arc::new(ringbuf::Event::new().unwrap());
-        let s = stop.clone();
-        let server = Some(std::thread::spawn(move || server.run(s)));
-        Self {
-            socket,
-            stop,
-            server,
-            disks,
-            guest: Some(guest),
-            abandoned: false,
-        }
-    }
-
-    fn uri(&self, export: &str) -> String {
-        format!("nbd+unix:///{export}?socket={}", self.socket.display())
-    }
-
-    /// After the host died: fails whatever is queued or in flight on the disks (a dead host never
-    /// completes it), so that NBD requests waiting for it are answered with an error.
-    fn abandon(&mut self) {
-        self.abandoned = true;
-        for d in &self.disks {
-            let _ = d.shutdown();
-        }
-    }
-
-    /// Stops the NBD server (checking it stops cleanly) and detaches the guest.
-    fn stop(mut self) {
-        self.finish(true);
-    }
-
-    fn finish(&mut self, check: bool) {
-        let _ = self.stop.signal();
-        let Some(server) = self.server.take() else {
-            return;
-        };
-        if !check {
-            // Something failed: a connection may be stuck; do not wait for it.
-            return;
-        }
-        server
-            .join()
-            .expect("NBD server thread panicked")
-            .expect("NBD server failed");
-        assert!(!self.socket.exists(), "NBD socket left behind");
-        self.disks.clear();
-        let guest = self.guest.take().unwrap();
-        if self.abandoned {
-            drop(guest);
-        } else {
-            guest.detach().expect("guest detach");
-        }
-    }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        let check = !std::thread::panicking();
-        self.finish(check);
-    }
+/// The guest side of `vscd --nbd`, in this process, serving on `dir`'s `nbd.sock`.
+fn nbd_guest(vspd: &Vspd, dir: &Scratch) -> common::NbdGuest {
+    common::NbdGuest::attach(&vspd.socket, GUEST_MEMORY, dir.path("nbd.sock"))
 }
 
 /// qemu-io on `uri` with these commands; must exit 0 with no failure in its output.
@@ -319,7 +234,7 @@ fn qemu_img_convert_in_and_out_matches_source_and_image() {
     let src = random_bytes(size, seed);
     let src_path = dir.write("src.raw", &src);
     let vspd = Vspd::start(&dir, &["path=disk.img"]);
-    let guest = Guest::attach(&vspd, &dir);
+    let guest = nbd_guest(&vspd, &dir);
 
     let info = run(Command::new("qemu-img").args(["info", "--output=json", &guest.uri("disk0")]));
     assert!(
@@ -367,7 +282,7 @@ fn fio_nbd_randrw_with_verify() {
     // direct=on: requests that fit O_DIRECT's alignment go around the page cache, the others
     // through it; fio's reads and the verify pass check the two agree.
     let vspd = Vspd::start(&dir, &["path=disk.img,direct=on"]);
-    let guest = Guest::attach(&vspd, &dir);
+    let guest = nbd_guest(&vspd, &dir);
     let out = run(Command::new("fio")
         .args([
             "--name=v",
@@ -546,7 +461,7 @@ fn acknowledged_fua_writes_and_flushes_survive_kill_9_of_vspd() {
     let dir = Scratch::new("durable");
     let image = dir.sized("disk.img", 64 << 20);
     let mut vspd = Vspd::start(&dir, &["path=disk.img"]);
-    let mut guest = Guest::attach(&vspd, &dir);
+    let mut guest = nbd_guest(&vspd, &dir);
     let seed = fresh_seed();
     let flushes = Arc::new(AtomicUsize::new(0));
     let modes = [
@@ -627,7 +542,7 @@ fn read_only_disk_refuses_writes_and_serves_reads() {
     dir.sized("rw.img", 8 << 20);
     let ro_image = dir.write("ro.img", &data);
     let vspd = Vspd::start(&dir, &["path=rw.img", "path=ro.img,readonly=on"]);
-    let guest = Guest::attach(&vspd, &dir);
+    let guest = nbd_guest(&vspd, &dir);
 
     // The read-only flag reaches the NBD client; disk0 stays writable.
     let c0 = NbdClient::connect(&guest.socket, "disk0").unwrap();
@@ -727,7 +642,7 @@ fn vanished_clients_do_not_disturb_the_others() {
     let dir = Scratch::new("vanish");
     let image = dir.sized("disk.img", 32 << 20);
     let vspd = Vspd::start(&dir, &["path=disk.img"]);
-    let guest = Guest::attach(&vspd, &dir);
+    let guest = nbd_guest(&vspd, &dir);
 
     // A client that keeps working through it all: 64 KiB writes and read-backs in [0, 4M).
     let stop = Arc::new(AtomicU32::new(0));
@@ -821,7 +736,7 @@ fn four_qemu_io_clients_write_disjoint_regions_at_once() {
     let dir = Scratch::new("multi");
     let image = dir.sized("disk.img", 32 << 20);
     let vspd = Vspd::start(&dir, &["path=disk.img"]);
-    let guest = Guest::attach(&vspd, &dir);
+    let guest = nbd_guest(&vspd, &dir);
     // Client i owns [8i M, 8i+4 M): sixteen 256 KiB writes, a flush, a verifying read.
     let region = |i: u64| (i * (8 << 20), 4u64 << 20);
     let clients: Vec<_> = (0..4u64)
@@ -888,7 +803,7 @@ fn a_client_that_stops_reading_holds_up_no_other() {
     let dir = Scratch::new("stall");
     let _image = dir.sized("disk.img", 64 << 20);
     let vspd = Vspd::start(&dir, &["path=disk.img"]);
-    let guest = Guest::attach(&vspd, &dir);
+    let guest = nbd_guest(&vspd, &dir);
 
     // 48 MiB of reads asked for on one connection, the replies never taken: far more than its
     // socket buffer holds, so its replies stall on a socket that stays open.
@@ -960,7 +875,7 @@ fn with_polling_off_every_request_is_still_served() {
         &dir.0,
         ["--poll-us", "0", "--disk", "path=disk.img"],
     ));
-    let guest = Guest::attach(&vspd, &dir);
+    let guest = nbd_guest(&vspd, &dir);
     let socket = guest.socket.clone();
     let written = within(20, "the client", move || {
         let mut c = NbdClient::connect(&socket, "disk0").unwrap();
@@ -1004,7 +919,7 @@ fn clients_that_never_read_their_large_reads_starve_no_other() {
     let dir = Scratch::new("starve");
     let _image = dir.sized("disk.img", 96 << 20);
     let vspd = Vspd::start(&dir, &["path=disk.img"]);
-    let guest = Guest::attach(&vspd, &dir);
+    let guest = nbd_guest(&vspd, &dir);
     let hostile: Vec<UnixStream> = (0..8)
         .map(|_| {
             let (mut s, _, _) = raw_connect(&guest.socket, "disk0");
@@ -1062,7 +977,7 @@ fn pipelined_flushes_and_zeroing_keep_threads_bounded_and_are_all_answered() {
     let dir = Scratch::new("flood");
     let _image = dir.sized("disk.img", 16 << 20);
     let vspd = Vspd::start(&dir, &["path=disk.img"]);
-    let guest = Guest::attach(&vspd, &dir);
+    let guest = nbd_guest(&vspd, &dir);
     let before = threads();
     let clients: Vec<_> = (0..CONNECTIONS)
         .map(|_| {

@@ -27,11 +27,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vsc::guest::{GuestConfig, Reconnect, StorageGuest};
-use vsc::nbd::{BlockDevice, Export, NbdServer};
+use vsc::guest::{GuestConfig, Reconnect};
 use vsc::nbdclient::NbdClient;
 
 mod common;
@@ -41,11 +39,13 @@ mod tools;
 use tools::{have, text};
 
 /// The guest side of `vscd --nbd --reconnect-timeout 60`, in this process.
-struct Guest {
-    socket: PathBuf,
-    stop: Arc<ringbuf::Event>,
-    server: Option<JoinHandle<Result<(), vsc::Error>>>,
-    guest: Option<StorageGuest>,
+struct Guest(common::NbdGuest);
+
+impl std::ops::Deref for Guest {
+    type Target = common::NbdGuest;
+    fn deref(&self) -> &common::NbdGuest {
+        &self.0
+    }
 }
 
 impl Guest {
@@ -59,73 +59,47 @@ impl Guest {
                 retry: Duration::from_millis(50),
             }),
         };
-        let guest = StorageGuest::attach_with(vspd_socket, config).unwrap();
-        let exports = guest
-            .disks
-            .iter()
-            .enumerate()
-            .map(|(i, (_, d))| Export {
-                name: format!("disk{i}"),
-                description: String::new(),
-                device: d.clone() as Arc<dyn BlockDevice>,
-            })
-            .collect();
-        let socket = dir.join("nbd.sock");
-        let server = NbdServer::bind(&socket, exports).unwrap();
-        let stop = Arc::new(ringbuf::Event::new().unwrap());
-        let s = stop.clone();
-        Self {
-            socket,
-            stop,
-            server: Some(std::thread::spawn(move || server.run(s))),
-            guest: Some(guest),
-        }
+        Self(common::NbdGuest::attach_with(
+            vspd_socket,
+            config,
+            dir.join("nbd.sock"),
+        ))
     }
 
     /// The URI of export `disk{i}`.
     fn uri_of(&self, i: usize) -> String {
-        format!("nbd+unix:///disk{i}?socket={}", self.socket.display())
+        self.uri(&format!("disk{i}"))
     }
 
     /// The export whose disk has `size` bytes.
     fn export_of_size(&self, size: u64) -> usize {
-        let g = self.guest.as_ref().unwrap();
-        g.disks
+        self.storage()
+            .disks
             .iter()
             .position(|(_, d)| d.geometry().size() == size)
             .expect("a disk of that size")
     }
 
     fn reconnects(&self) -> u64 {
-        self.guest.as_ref().map_or(0, |g| g.reconnects())
+        self.storage().reconnects()
     }
 
     /// Free pages of the guest's memory.
     fn free_pages(&self) -> usize {
-        self.guest.as_ref().map_or(0, |g| g.front.free_page_count())
+        self.storage().front.free_page_count()
     }
 
     /// Requests sent again after a reconnection (each disk here is a controller of its own).
     fn resent(&self) -> u64 {
-        self.guest.as_ref().map_or(0, |g| {
-            g.disks
-                .iter()
-                .map(|(_, d)| d.controller().stats().resent)
-                .sum()
-        })
+        self.storage()
+            .disks
+            .iter()
+            .map(|(_, d)| d.controller().stats().resent)
+            .sum()
     }
 
-    fn stop(mut self) {
-        let _ = self.stop.signal();
-        self.server.take().unwrap().join().unwrap().unwrap();
-        self.guest.take().unwrap().detach().unwrap();
-    }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        // A failing test: do not wait for a connection that may be stuck.
-        let _ = self.stop.signal();
+    fn stop(self) {
+        self.0.stop();
     }
 }
 

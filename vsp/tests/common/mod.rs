@@ -132,8 +132,8 @@ pub fn fresh_dir(prefix: &str, name: &str) -> PathBuf {
     dir
 }
 
-/// A loopback guest attached to a `vspd`, its disks exported over NBD from this process as
-/// `disk0`, `disk1`, ... (what `vscd --nbd` does, without the `vscd` binary).
+/// The guest side of `vscd --nbd`, in this process: a loopback guest attached to a `vspd`,
+/// every disk it is offered exported over NBD as `disk0`, `disk1`, ...
 pub struct NbdGuest {
     /// The NBD server's socket.
     pub socket: PathBuf,
@@ -141,14 +141,25 @@ pub struct NbdGuest {
     server: Option<std::thread::JoinHandle<Result<(), vsc::Error>>>,
     disks: Vec<std::sync::Arc<vsc::storvsc::Disk>>,
     guest: Option<vsc::guest::StorageGuest>,
+    /// The host died and [`NbdGuest::abandon`] failed what it held: no detach at the end.
+    abandoned: bool,
 }
 
 impl NbdGuest {
-    /// Attaches a guest with `memory` bytes of guest memory to `daemon` and serves its disks on
-    /// `socket`.
-    pub fn attach(daemon: &Daemon, memory: u64, socket: PathBuf) -> Self {
+    /// Attaches a guest with `memory` bytes of guest memory to the daemon at `vspd_socket` and
+    /// serves its disks on `socket`.
+    pub fn attach(vspd_socket: &Path, memory: u64, socket: PathBuf) -> Self {
+        Self::attach_with(vspd_socket, vsc::guest::GuestConfig::new(memory), socket)
+    }
+
+    /// As [`NbdGuest::attach`], with the guest configured by `config` (queues, reconnection).
+    pub fn attach_with(
+        vspd_socket: &Path,
+        config: vsc::guest::GuestConfig,
+        socket: PathBuf,
+    ) -> Self {
         use vsc::nbd::{BlockDevice, Export, NbdServer};
-        let guest = vsc::guest::StorageGuest::attach(&daemon.socket, memory).unwrap();
+        let guest = vsc::guest::StorageGuest::attach_with(vspd_socket, config).unwrap();
         let disks: Vec<_> = guest.disks.iter().map(|(_, d)| d.clone()).collect();
         let exports = disks
             .iter()
@@ -168,22 +179,44 @@ impl NbdGuest {
             server: Some(std::thread::spawn(move || server.run(s))),
             disks,
             guest: Some(guest),
+            abandoned: false,
         }
+    }
+
+    /// The NBD URI of `export`.
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    /// The guest behind the exports.
+    pub fn storage(&self) -> &vsc::guest::StorageGuest {
+        self.guest.as_ref().expect("attached until stopped")
     }
 
     /// After the host died: fails whatever is queued or in flight on the disks (a dead host
     /// never completes it), so that NBD requests waiting for it are answered with an error.
-    pub fn abandon(&self) {
+    pub fn abandon(&mut self) {
+        self.abandoned = true;
         for d in &self.disks {
             let _ = d.shutdown();
         }
     }
 
     /// Stops the NBD server (checking it ends cleanly and removes its socket), then detaches
-    /// the guest, or with `host_alive` false (after [`abandon`](Self::abandon)) just drops it.
-    pub fn stop(mut self, host_alive: bool) {
+    /// the guest (or, after [`NbdGuest::abandon`], just drops it).
+    pub fn stop(mut self) {
+        self.finish(true);
+    }
+
+    fn finish(&mut self, check: bool) {
         let _ = self.stop.signal();
-        let server = self.server.take().unwrap();
+        let Some(server) = self.server.take() else {
+            return;
+        };
+        if !check {
+            // Something failed: a connection may be stuck; do not wait for it.
+            return;
+        }
         server
             .join()
             .expect("NBD server thread panicked")
@@ -191,7 +224,7 @@ impl NbdGuest {
         assert!(!self.socket.exists(), "NBD socket left behind");
         self.disks.clear();
         let guest = self.guest.take().unwrap();
-        if host_alive {
+        if !self.abandoned {
             guest.detach().expect("guest detach");
         }
     }
@@ -199,8 +232,7 @@ impl NbdGuest {
 
 impl Drop for NbdGuest {
     fn drop(&mut self) {
-        // Only reached without `stop` (a failing test): do not wait for a connection that may
-        // be stuck.
-        let _ = self.stop.signal();
+        let check = !std::thread::panicking();
+        self.finish(check);
     }
 }
