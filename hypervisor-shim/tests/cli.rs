@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{guests, kvm_or_skip};
+use common::{guests, kvm_or_skip, InProcessVspd};
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -159,32 +159,17 @@ fn attached_to_vspd_the_guest_gets_its_version_response() {
     if !kvm_or_skip("attached_to_vspd_the_guest_gets_its_version_response") {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("shim-cli-vspd-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("vspd.sock");
-    let daemon = vsp::daemon::Daemon::bind(
-        &socket,
-        vsp::daemon::DaemonConfig::default(),
-        Vec::new(),
-        Default::default(),
-        vsp::session::unimplemented_devices(),
-    )
-    .expect("bind vspd");
-    let stop = daemon.stop_handle();
-    let served = std::thread::spawn(move || daemon.run(|| Ok((Vec::new(), Default::default()))));
+    let vspd = InProcessVspd::start("cli-vspd", Vec::new());
     let k = scratch("contact.bin", &common::vmbus::contact_image());
     let o = vmbus_vm(&[
         "--memory",
         "16M",
         "--vsp",
-        socket.to_str().unwrap(),
+        vspd.socket.to_str().unwrap(),
         "--kernel",
         k.to_str().unwrap(),
     ]);
-    stop.signal().unwrap();
-    served.join().unwrap().expect("vspd ran");
-    let _ = std::fs::remove_dir_all(&dir);
+    vspd.stop();
     // 0x600D: a VersionResponse accepting VMBus 5.0 arrived in the SIMP slot.
     assert_eq!(o.status.code(), Some(0x0D), "stderr: {}", stderr(&o));
 }

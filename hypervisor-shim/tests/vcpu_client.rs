@@ -7,7 +7,7 @@
 mod common;
 
 use common::vmbus::wrmsr;
-use common::{guests, kvm_or_skip, Console};
+use common::{guests, kvm_or_skip, Console, InProcessVspd};
 use hypervisor_shim::hyperv::{self, status};
 use hypervisor_shim::vm::{ExitStatus, GuestRam, Vm, VmConfig};
 use iced_x86::code_asm::*;
@@ -146,10 +146,6 @@ fn vsc_client_through_a_vcpu_opens_a_channel_and_signals_without_exits() {
         return;
     }
     const SIGNALS: u64 = 200;
-    let dir = std::env::temp_dir().join(format!("shim-vcpu-client-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("vspd.sock");
     let class = Guid::from_fields(0x5EC0_0001, 1, 2, [3, 4, 5, 6, 7, 8, 9, 10]);
     let offer = vsp::server::OfferSpec {
         interface_type: class,
@@ -159,25 +155,14 @@ fn vsc_client_through_a_vcpu_opens_a_channel_and_signals_without_exits() {
         flags: 0,
         user_defined: [0; 120],
     };
-    let daemon = vsp::daemon::Daemon::bind(
-        &socket,
-        vsp::daemon::DaemonConfig::default(),
-        vec![offer.clone()],
-        Default::default(),
-        vsp::session::unimplemented_devices(),
-    )
-    .expect("bind vspd");
-    let stop = daemon.stop_handle();
-    let served = std::thread::spawn(move || {
-        daemon.run(move || Ok((vec![offer.clone()], Default::default())))
-    });
+    let vspd = InProcessVspd::start("vcpu-client", vec![offer]);
 
     let mut vm = Vm::new(VmConfig {
         memory: 4 << 20,
         vcpus: 1,
     })
     .expect("create VM");
-    vm.attach(&socket).expect("attach");
+    vm.attach(&vspd.socket).expect("attach");
     let link = vm.link().unwrap();
     let ram = vm.ram();
     let entry = vm.load_flat(&mailbox_guest()).unwrap();
@@ -251,9 +236,7 @@ fn vsc_client_through_a_vcpu_opens_a_channel_and_signals_without_exits() {
     drop(client);
     mailbox.run(CMD_EXIT, 0);
     let out = running.join().unwrap().expect("run");
-    stop.signal().unwrap();
-    served.join().unwrap().expect("vspd ran");
-    let _ = std::fs::remove_dir_all(&dir);
+    vspd.stop();
 
     assert_eq!(out.status, ExitStatus::DebugExit(0x600D));
     let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);

@@ -6,7 +6,7 @@
 mod common;
 
 use common::vmbus::{contact_guest, initiate_contact, INPUT, RESULTS, VECTOR};
-use common::{kvm_or_skip, Console};
+use common::{kvm_or_skip, Console, InProcessVspd};
 use hypervisor_shim::vm::{ExitStatus, Vm, VmConfig};
 use vmbus_proto::channel::{MessageType, VersionResponse};
 use zerocopy::{FromBytes, IntoBytes};
@@ -25,34 +25,19 @@ fn a_vcpu_posts_initiate_contact_and_vspd_answers_in_its_simp() {
         return;
     }
     let _serial = serial();
-    let dir = std::env::temp_dir().join(format!("shim-vspd-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("vspd.sock");
-    let daemon = vsp::daemon::Daemon::bind(
-        &socket,
-        vsp::daemon::DaemonConfig::default(),
-        Vec::new(),
-        Default::default(),
-        vsp::session::unimplemented_devices(),
-    )
-    .expect("bind vspd");
-    let stop = daemon.stop_handle();
-    let served = std::thread::spawn(move || daemon.run(|| Ok((Vec::new(), Default::default()))));
+    let vspd = InProcessVspd::start("vspd", Vec::new());
 
     let mut vm = Vm::new(VmConfig {
         memory: 4 << 20,
         vcpus: 1,
     })
     .expect("create VM");
-    vm.attach(&socket).expect("attach to vspd");
+    vm.attach(&vspd.socket).expect("attach to vspd");
     let ram = vm.ram();
     ram.write(INPUT, initiate_contact().as_bytes()).unwrap();
     let entry = vm.load_flat(&contact_guest(INPUT).unwrap()).unwrap();
     let out = vm.run(entry, Box::new(Console::default())).expect("run");
-    stop.signal().unwrap();
-    served.join().unwrap().expect("vspd ran");
-    let _ = std::fs::remove_dir_all(&dir);
+    vspd.stop();
 
     eprintln!("exits: {:?}", out.exits);
     assert_eq!(
@@ -101,20 +86,7 @@ fn a_misbehaving_guest_gets_statuses_and_another_guest_is_served() {
     }
     let _serial = serial();
     const FLOOD: u32 = 2000;
-    let dir = std::env::temp_dir().join(format!("shim-vspd-hostile-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("vspd.sock");
-    let daemon = vsp::daemon::Daemon::bind(
-        &socket,
-        vsp::daemon::DaemonConfig::default(),
-        Vec::new(),
-        Default::default(),
-        vsp::session::unimplemented_devices(),
-    )
-    .expect("bind vspd");
-    let stop = daemon.stop_handle();
-    let served = std::thread::spawn(move || daemon.run(|| Ok((Vec::new(), Default::default()))));
+    let vspd = InProcessVspd::start("vspd-hostile", Vec::new());
 
     // The hostile guest's input pages: a good one, one with 241 payload bytes, one naming an
     // unknown connection.
@@ -168,7 +140,9 @@ fn a_misbehaving_guest_gets_statuses_and_another_guest_is_served() {
         vcpus: 1,
     })
     .unwrap();
-    hostile.attach(&socket).expect("attach the hostile guest");
+    hostile
+        .attach(&vspd.socket)
+        .expect("attach the hostile guest");
     let hostile_ram = hostile.ram();
     hostile_ram.write(good_at, good.as_bytes()).unwrap();
     hostile_ram
@@ -184,7 +158,7 @@ fn a_misbehaving_guest_gets_statuses_and_another_guest_is_served() {
         vcpus: 1,
     })
     .expect("create VM");
-    vm.attach(&socket).expect("attach the good guest");
+    vm.attach(&vspd.socket).expect("attach the good guest");
     let ram = vm.ram();
     ram.write(INPUT, initiate_contact().as_bytes()).unwrap();
     let entry = vm.load_flat(&contact_guest(INPUT).unwrap()).unwrap();
@@ -193,9 +167,7 @@ fn a_misbehaving_guest_gets_statuses_and_another_guest_is_served() {
         .join()
         .unwrap()
         .expect("the hostile VM ends cleanly");
-    stop.signal().unwrap();
-    served.join().unwrap().expect("vspd ran");
-    let _ = std::fs::remove_dir_all(&dir);
+    vspd.stop();
 
     assert_eq!(
         out.status,
@@ -245,20 +217,7 @@ fn guests_that_reset_leave_nothing_behind() {
     }
     let _serial = serial();
     let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
-    let dir = std::env::temp_dir().join(format!("shim-vspd-reset-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("vspd.sock");
-    let daemon = vsp::daemon::Daemon::bind(
-        &socket,
-        vsp::daemon::DaemonConfig::default(),
-        Vec::new(),
-        Default::default(),
-        vsp::session::unimplemented_devices(),
-    )
-    .expect("bind vspd");
-    let stop = daemon.stop_handle();
-    let served = std::thread::spawn(move || daemon.run(|| Ok((Vec::new(), Default::default()))));
+    let vspd = InProcessVspd::start("vspd-reset", Vec::new());
     // The resetting guest: SynIC on, InitiateContact posted, then a reset through 0xCF9
     // while vspd may still be answering.
     let mut a = CodeAssembler::new(64).unwrap();
@@ -284,7 +243,7 @@ fn guests_that_reset_leave_nothing_behind() {
             vcpus: 2,
         })
         .expect("create VM");
-        vm.attach(&socket).expect("attach");
+        vm.attach(&vspd.socket).expect("attach");
         vm.ram()
             .write(INPUT, initiate_contact().as_bytes())
             .unwrap();
@@ -312,9 +271,7 @@ fn guests_that_reset_leave_nothing_behind() {
         ExitStatus::DebugExit(0x600D),
         "still served after the resets"
     );
-    stop.signal().unwrap();
-    served.join().unwrap().expect("vspd ran");
-    let _ = std::fs::remove_dir_all(&dir);
+    vspd.stop();
 }
 
 /// Two VPs: VP 1 programs its own SynIC, VP 0 posts InitiateContact naming VP 1 as the target;
@@ -392,27 +349,14 @@ fn messages_reach_the_vp_the_guest_names() {
     wait_for(&mut a, DONE, 0xDEAD0);
     guests::exit(&mut a, 0x600D).unwrap();
 
-    let dir = std::env::temp_dir().join(format!("shim-vspd-vp1-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("vspd.sock");
-    let daemon = vsp::daemon::Daemon::bind(
-        &socket,
-        vsp::daemon::DaemonConfig::default(),
-        Vec::new(),
-        Default::default(),
-        vsp::session::unimplemented_devices(),
-    )
-    .expect("bind vspd");
-    let stop = daemon.stop_handle();
-    let served = std::thread::spawn(move || daemon.run(|| Ok((Vec::new(), Default::default()))));
+    let vspd = InProcessVspd::start("vspd-vp1", Vec::new());
 
     let mut vm = Vm::new(VmConfig {
         memory: 4 << 20,
         vcpus: 2,
     })
     .expect("create VM");
-    vm.attach(&socket).expect("attach");
+    vm.attach(&vspd.socket).expect("attach");
     let ram = vm.ram();
     let mut contact = initiate_contact();
     contact.payload[12..16].copy_from_slice(&1u32.to_le_bytes()); // target_vcpu = 1
@@ -421,9 +365,7 @@ fn messages_reach_the_vp_the_guest_names() {
     vm.start_ap(1, AP_CODE).unwrap();
     let entry = vm.load_flat(&guests::assemble(a)).unwrap();
     let out = vm.run(entry, Box::new(Console::default())).expect("run");
-    stop.signal().unwrap();
-    served.join().unwrap().expect("vspd ran");
-    let _ = std::fs::remove_dir_all(&dir);
+    vspd.stop();
 
     assert_eq!(
         out.status,

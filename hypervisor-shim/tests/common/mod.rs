@@ -206,3 +206,58 @@ pub mod vmbus {
         input
     }
 }
+
+/// vsp's daemon run in this process (cargo builds no `vspd` binary for this crate's tests),
+/// listening in a fresh directory and serving `offers` onto channels that discard their
+/// packets.
+pub struct InProcessVspd {
+    /// Its directory.
+    pub dir: std::path::PathBuf,
+    /// Its partition socket.
+    pub socket: std::path::PathBuf,
+    stop: Arc<ringbuf::Event>,
+    served: Option<std::thread::JoinHandle<Result<(), vsp::Error>>>,
+}
+
+impl InProcessVspd {
+    /// Binds `TEMP/shim-NAME-PID/vspd.sock` and serves on a thread of its own.
+    pub fn start(name: &str, offers: Vec<vsp::server::OfferSpec>) -> Self {
+        let dir = std::env::temp_dir().join(format!("shim-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("vspd.sock");
+        let daemon = vsp::daemon::Daemon::bind(
+            &socket,
+            vsp::daemon::DaemonConfig::default(),
+            offers.clone(),
+            Default::default(),
+            vsp::session::unimplemented_devices(),
+        )
+        .expect("bind vspd");
+        let stop = daemon.stop_handle();
+        let served = std::thread::spawn(move || {
+            daemon.run(move || Ok((offers.clone(), Default::default())))
+        });
+        Self {
+            dir,
+            socket,
+            stop,
+            served: Some(served),
+        }
+    }
+
+    /// Stops the daemon, checks it ended cleanly, and removes its directory.
+    pub fn stop(mut self) {
+        self.stop.signal().unwrap();
+        let served = self.served.take().unwrap();
+        served.join().unwrap().expect("vspd ran");
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for InProcessVspd {
+    fn drop(&mut self) {
+        // Only reached without `stop` (a failing test): stop it, wait for nothing.
+        let _ = self.stop.signal();
+    }
+}
