@@ -10,9 +10,11 @@ use vmbus_proto::channel::Guid;
 use vsc::channel::GuestChannel;
 use vsc::client::{Client, SUPPORTED_VERSIONS};
 use vsc::loopback::Loopback;
-use vsc::storvsc::{Disk, DiskOp, IoError, Storvsc};
+use vsc::storvsc::{Disk, DiskOp, Storvsc};
 
 mod common;
+
+use common::{pattern, sense};
 
 /// A running `vspd` serving images it creates in its directory, killed on drop.
 struct Vspd(common::Daemon);
@@ -66,25 +68,6 @@ fn guest(socket: &Path) -> Guest {
         _front: front,
         _client: client,
         disks,
-    }
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn sense(e: IoError) -> (u8, u8) {
-    match e {
-        IoError::Sense { key, asc, .. } => (key, asc),
-        other => panic!("expected CHECK CONDITION, got {other:?}"),
     }
 }
 

@@ -10,9 +10,11 @@ use vmbus_proto::channel::Guid;
 use vsc::channel::GuestChannel;
 use vsc::client::{Client, Event, Offer, SUPPORTED_VERSIONS};
 use vsc::loopback::Loopback;
-use vsc::storvsc::{Controller, Disk, IoError, Storvsc};
+use vsc::storvsc::{Controller, Disk, Storvsc};
 
 mod common;
+
+use common::{pattern, sense};
 
 /// A guest that opened one controller's channels and drives each as its own queue: `queues[0]`
 /// is the primary channel, the others its subchannels, each a single-queue `Disk` (LUN 0), so a
@@ -79,25 +81,6 @@ impl QueueGuest {
             let ctl = Controller::start(sub, self.front.clone()).unwrap();
             self.queues.push(ctl.disk(0).unwrap());
         }
-    }
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn sense(e: IoError) -> (u8, u8) {
-    match e {
-        IoError::Sense { key, asc, .. } => (key, asc),
-        other => panic!("expected CHECK CONDITION, got {other:?}"),
     }
 }
 

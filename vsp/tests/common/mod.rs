@@ -236,3 +236,24 @@ impl Drop for NbdGuest {
         self.finish(check);
     }
 }
+
+/// `len` bytes of a xorshift pattern that differs with `seed`.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The sense key and additional sense code of a request that ended in CHECK CONDITION.
+pub fn sense(e: vsc::storvsc::IoError) -> (u8, u8) {
+    match e {
+        vsc::storvsc::IoError::Sense { key, asc, .. } => (key, asc),
+        other => panic!("expected CHECK CONDITION, got {other:?}"),
+    }
+}
