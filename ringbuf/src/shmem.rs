@@ -100,13 +100,8 @@ impl Mapping {
     /// `len` bytes of `fd` from `offset`, placed right after piece `i - 1`. This is how a ring
     /// whose pages are scattered through guest memory (a GPADL) becomes one contiguous view.
     /// Every offset and length must be a multiple of 4096. Each piece is a mapping of its own
-    /// in the kernel: the pieces are charged to the process's budget (see [`MapBudget`]).
-    pub fn from_pieces(pieces: &[(BorrowedFd<'_>, u64, usize)]) -> Result<Self, Error> {
-        Self::from_pieces_charged(pieces, None)
-    }
-
-    /// [`Mapping::from_pieces`], charging the pieces to `budget` as well as to the process's
-    /// budget; both are given back when the mapping is dropped.
+    /// in the kernel: the pieces are charged to the process's budget (see [`MapBudget`]) and,
+    /// if given, to `budget` too; both are given back when the mapping is dropped.
     pub fn from_pieces_charged(
         pieces: &[(BorrowedFd<'_>, u64, usize)],
         budget: Option<&Arc<MapBudget>>,
@@ -476,11 +471,14 @@ mod tests {
                 .unwrap();
         }
         // Pages 3, 1 and 2 (twice), in that order.
-        let view = Mapping::from_pieces(&[
-            (fd.as_fd(), 3 * 4096, 4096),
-            (fd.as_fd(), 4096, 2 * 4096),
-            (fd.as_fd(), 2 * 4096, 4096),
-        ])
+        let view = Mapping::from_pieces_charged(
+            &[
+                (fd.as_fd(), 3 * 4096, 4096),
+                (fd.as_fd(), 4096, 2 * 4096),
+                (fd.as_fd(), 2 * 4096, 4096),
+            ],
+            None,
+        )
         .unwrap();
         assert_eq!(view.len(), 4 * 4096);
         let mut b = [0u8; 1];
@@ -491,8 +489,8 @@ mod tests {
         view.write(3 * 4096, &[9]).unwrap();
         whole.read(2 * 4096, &mut b).unwrap();
         assert_eq!(b[0], 9, "writes through the view reach the file");
-        assert!(Mapping::from_pieces(&[(fd.as_fd(), 100, 4096)]).is_err());
-        assert!(Mapping::from_pieces(&[]).is_err());
+        assert!(Mapping::from_pieces_charged(&[(fd.as_fd(), 100, 4096)], None).is_err());
+        assert!(Mapping::from_pieces_charged(&[], None).is_err());
     }
 
     #[test]
