@@ -77,8 +77,11 @@ fn help_describes_the_kernel_format() {
         "--cpus",
         "--kernel",
         "--vsp",
+        "--initrd",
+        "--cmdline",
         "flat 64-bit binary",
         "bzImage",
+        "ACPI",
     ] {
         assert!(text.contains(needle), "--help lacks {needle:?}");
     }
@@ -94,12 +97,42 @@ fn refusals_say_why() {
         stderr(&missing)
     );
 
+    // A bzImage header of boot protocol 2.01: refused before any VM is built.
     let mut bz = vec![0u8; 0x400];
     bz[0x202..0x206].copy_from_slice(b"HdrS");
+    bz[0x206..0x208].copy_from_slice(&0x0201u16.to_le_bytes());
     let bz = scratch("bzImage", &bz);
     let o = vmbus_vm(&["--kernel", bz.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(125));
-    assert!(stderr(&o).contains("is a bzImage"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("boot protocol 2.01 is too old"),
+        "{}",
+        stderr(&o)
+    );
+    // 64-bit boot protocol but no 64-bit entry.
+    let mut bz32 = vec![0u8; 0x400];
+    bz32[0x202..0x206].copy_from_slice(b"HdrS");
+    bz32[0x206..0x208].copy_from_slice(&0x020Fu16.to_le_bytes());
+    bz32[0x211] = 1;
+    let bz32 = scratch("bzImage32", &bz32);
+    let o = vmbus_vm(&["--kernel", bz32.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("no 64-bit entry"), "{}", stderr(&o));
+
+    // --initrd and --cmdline belong to a bzImage; an ELF vmlinux is named as such.
+    let flat = scratch("flat.bin", &[0xF4; 16]);
+    let o = vmbus_vm(&[
+        "--kernel",
+        flat.to_str().unwrap(),
+        "--initrd",
+        flat.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("is not a bzImage"), "{}", stderr(&o));
+    let elf = scratch("vmlinux", b"\x7fELF\x02\x01\x01");
+    let o = vmbus_vm(&["--kernel", elf.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("is an ELF file"), "{}", stderr(&o));
 
     let k = scratch("tiny.bin", &[0xF4]);
     let o = vmbus_vm(&["--memory", "1P", "--kernel", k.to_str().unwrap()]);
