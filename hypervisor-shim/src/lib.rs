@@ -13,6 +13,7 @@ pub mod acpi;
 pub mod boot;
 pub mod frontend;
 pub mod hyperv;
+pub mod own_vspd;
 pub mod uart;
 pub mod vm;
 

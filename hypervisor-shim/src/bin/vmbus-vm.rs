@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use hypervisor_shim::boot::{self, DEFAULT_CMDLINE};
+use hypervisor_shim::own_vspd::{find_vspd, OwnVspd};
 use hypervisor_shim::vm::{ExitStatus, Vm, VmConfig, DEBUG_EXIT_PORT, FLAT_LOAD_ADDR};
 use std::fs::File;
 use std::io::Read;
@@ -47,8 +48,20 @@ struct Args {
     /// vspd's partition socket: the guest's SynIC, HvPostMessage, EOM and HvSignalEvent go to
     /// that daemon, which serves the guest's VMBus (without it, VMBus calls get
     /// HV_STATUS_INVALID_CONNECTION_ID).
-    #[arg(long, value_name = "SOCKET")]
+    #[arg(long, value_name = "SOCKET", conflicts_with_all = ["disk", "nic"])]
     vsp: Option<PathBuf>,
+    /// A disk for a vspd of the VM's own (vspd's --disk syntax:
+    /// path=FILE[,readonly=on][,direct=on][,queues=N][,controller=C][,lun=L]). Repeatable.
+    /// With --disk or --nic, vmbus-vm starts vspd as a child process on a private socket,
+    /// attaches to it, and stops it when the VM ends.
+    #[arg(long, value_name = "OPTIONS")]
+    disk: Vec<String>,
+    /// A NIC for a vspd of the VM's own (vspd's --nic syntax: tap=NAME). Repeatable.
+    #[arg(long, value_name = "OPTIONS")]
+    nic: Vec<String>,
+    /// The vspd program for --disk/--nic (default: the vspd next to vmbus-vm, else from PATH).
+    #[arg(long, value_name = "PATH")]
+    vspd: Option<PathBuf>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -110,6 +123,20 @@ fn run(args: Args) -> Result<ExitStatus, String> {
     if let Some(socket) = &args.vsp {
         vm.attach(socket).map_err(|e| e.to_string())?;
     }
+    // Dropped when run() returns, after the VM: SIGTERM, wait, remove its directory.
+    let mut own = None;
+    if !args.disk.is_empty() || !args.nic.is_empty() {
+        let vspd = find_vspd(args.vspd.as_deref());
+        let o = OwnVspd::start(&vspd, &args.disk, &args.nic).map_err(|e| e.to_string())?;
+        eprintln!(
+            "vmbus-vm: started {} (pid {}) on {}",
+            vspd.display(),
+            o.pid(),
+            o.socket().display()
+        );
+        vm.attach(o.socket()).map_err(|e| e.to_string())?;
+        own = Some(o);
+    }
     let entry = if bzimage {
         vm.load_linux(&mut kernel, initrd.as_mut(), &args.cmdline)
             .map_err(|e| format!("{kpath}: {e}"))?
@@ -120,6 +147,7 @@ fn run(args: Args) -> Result<ExitStatus, String> {
     let out = vm
         .run(entry, Box::new(std::io::stdout()))
         .map_err(|e| e.to_string())?;
+    drop(own);
     Ok(out.status)
 }
 
