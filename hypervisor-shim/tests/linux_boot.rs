@@ -320,3 +320,37 @@ fn a_bzimage_64_bit_entry_gets_the_zero_page_and_boot_segments() {
     assert_eq!(&report[5].to_le_bytes(), b"RSD PTR ");
     assert_eq!(&report[6].to_le_bytes(), b"INITRD!!");
 }
+
+#[test]
+fn vmbus_vm_names_what_a_bzimage_lacks() {
+    let test = "vmbus_vm_names_what_a_bzimage_lacks";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let Some(path) = debian_kernel(test) else {
+        return;
+    };
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_vmbus-vm"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let k = path.to_str().unwrap();
+    let o = run(&["--memory", "8M", "--kernel", k]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert!(err.contains("give more --memory"), "{err}");
+    let o = run(&["--kernel", k, "--initrd", "/nonexistent/initrd"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("cannot read initrd /nonexistent/initrd"),
+        "{err}"
+    );
+    let long = "x".repeat(70_000);
+    let o = run(&["--memory", "512M", "--kernel", k, "--cmdline", &long]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert!(err.contains("command line (70000 bytes"), "{err}");
+}
