@@ -17,6 +17,9 @@
 //! whose parts do not fit in the bytes the writer published, more packets read than those bytes
 //! can hold, or a writer that overwrites bytes the reader has not released.
 
+pub mod hyperv;
+pub use hyperv::hyperv_handlers;
+
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
