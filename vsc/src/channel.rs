@@ -149,13 +149,23 @@ impl GuestChannel {
         front.free_pages(&self.pages);
     }
 
-    /// Consumes a pending interrupt of the line (after `poll` said it fired) and counts it.
-    pub fn take_interrupt(&self) -> Result<(), Error> {
-        self.interrupt.wait()?;
+    /// Consumes the line's pending interrupts, if any, without blocking, and counts them as one
+    /// wakeup; whether there were some.
+    pub fn take_interrupt(&self) -> Result<bool, Error> {
+        let mut buf = [0u8; 8];
+        loop {
+            // The line is our own non-blocking eventfd (`Event::new`).
+            match rustix::io::read(&self.interrupt, &mut buf) {
+                Ok(_) => break,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(rustix::io::Errno::AGAIN) => return Ok(false),
+                Err(e) => return Err(Error::Ring(ringbuf::Error::Event(e))),
+            }
+        }
         self.stats
             .interrupts
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
+        Ok(true)
     }
 
     /// Commits what was written and signals the host if the rules say so.
