@@ -25,6 +25,7 @@ pub mod guest;
 pub mod loopback;
 pub mod nbd;
 pub mod nbdclient;
+pub mod netvsc;
 pub mod queue;
 pub mod storvsc;
 pub mod synic;
