@@ -201,6 +201,21 @@ impl GuestChannel {
         Ok(fired)
     }
 
+    /// For a loop reading the host-to-guest ring during a handshake (no queue thread yet):
+    /// arms the ring's interrupt and, if it is still empty, waits for it until `deadline` (at
+    /// most 100 ms at a time). Fails with [`Error::Timeout`] past the deadline.
+    pub fn await_incoming(&mut self, deadline: std::time::Instant) -> Result<(), Error> {
+        let (empty, _) = self.inc.prepare_sleep();
+        if empty {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(Error::Timeout);
+            }
+            self.wait_interrupt(left.min(Duration::from_millis(100)))?;
+        }
+        Ok(())
+    }
+
     /// Closes the channel, tears its GPADL down and frees its pages.
     pub fn close(self, client: &mut Client, front: &Loopback) -> Result<(), Error> {
         client.close(self.relid)?;

@@ -217,14 +217,7 @@ fn control(ch: &mut GuestChannel, p: VstorPacket, timeout: Duration) -> Result<V
         if let Some(v) = got {
             return Ok(v);
         }
-        let (empty, _) = ch.inc.prepare_sleep();
-        if empty {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Error::Timeout);
-            }
-            ch.wait_interrupt(left.min(Duration::from_millis(100)))?;
-        }
+        ch.await_incoming(deadline)?;
     }
 }
 

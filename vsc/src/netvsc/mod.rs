@@ -772,14 +772,7 @@ fn bring_up_on(
             if got && !more.is_empty() {
                 break;
             }
-            let (empty, _) = ch.inc.prepare_sleep();
-            if empty {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(Error::Timeout);
-                }
-                ch.wait_interrupt(left.min(Duration::from_millis(100)))?;
-            }
+            ch.await_incoming(deadline)?;
         }
         for r in more {
             match r {
@@ -1074,6 +1067,29 @@ impl NetQueue {
         Ok(true)
     }
 
+    /// Writes the completions owed (transfer pages given back): false if the ring had no room
+    /// for all of them.
+    fn flush_completions(&mut self) -> Result<bool, Error> {
+        let c = rndis_complete();
+        while let Some(&tx) = self.completions.front() {
+            match self
+                .ch
+                .out
+                .write(&OutgoingPacket::completion(tx, &[c.as_bytes()]))
+            {
+                Ok(()) => {
+                    self.completions.pop_front();
+                }
+                Err(ringbuf::Error::Full { needed, .. }) => {
+                    self.blocked = Some(needed);
+                    return Ok(false);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(true)
+    }
+
     /// Reads a frame from one of the ready TAP queues into `buf` (held): false if none.
     fn read_tap(&mut self) -> Result<bool, Error> {
         for _ in 0..self.taps.len() {
@@ -1135,24 +1151,8 @@ impl QueueWork for NetQueue {
             }
         }
         // Completions owed first.
-        while let Some(&tx) = self.completions.front() {
-            let c = rndis_complete();
-            match self
-                .ch
-                .out
-                .write(&OutgoingPacket::completion(tx, &[c.as_bytes()]))
-            {
-                Ok(()) => {
-                    self.completions.pop_front();
-                    moved = true;
-                }
-                Err(ringbuf::Error::Full { needed, .. }) => {
-                    self.blocked = Some(needed);
-                    break;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        moved |= !self.completions.is_empty();
+        self.flush_completions()?;
         // From the host.
         if self.completions.is_empty() {
             self.ch.inc.mask();
@@ -1187,25 +1187,9 @@ impl QueueWork for NetQueue {
                     }
                     _ => {}
                 }
-                if !self.completions.is_empty() {
-                    // Completed below, or by the next pass if the ring is full.
-                    let c = rndis_complete();
-                    while let Some(&tx) = self.completions.front() {
-                        match self
-                            .ch
-                            .out
-                            .write(&OutgoingPacket::completion(tx, &[c.as_bytes()]))
-                        {
-                            Ok(()) => {
-                                self.completions.pop_front();
-                            }
-                            Err(ringbuf::Error::Full { .. }) => break,
-                            Err(e) => return Err(e.into()),
-                        }
-                    }
-                    if !self.completions.is_empty() {
-                        break;
-                    }
+                // Completed now, or by the next pass if the ring is full (no more read then).
+                if !self.flush_completions()? {
+                    break;
                 }
             }
             self.ch.commit_in()?;
