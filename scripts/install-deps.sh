@@ -24,6 +24,8 @@ apt_packages=()
 command -v qemu-img >/dev/null 2>&1 || apt_packages+=(qemu-utils)
 command -v fio >/dev/null 2>&1 || apt_packages+=(fio)
 command -v nbdkit >/dev/null 2>&1 || apt_packages+=(nbdkit)
+# `ip` (addresses, neighbours and namespaces) for the TAP tests of netdev and netvsp.
+command -v ip >/dev/null 2>&1 || apt_packages+=(iproute2)
 if ((${#apt_packages[@]})); then
     sudo=()
     if [ "$(id -u)" -ne 0 ]; then

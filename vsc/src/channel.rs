@@ -149,13 +149,23 @@ impl GuestChannel {
         front.free_pages(&self.pages);
     }
 
-    /// Consumes a pending interrupt of the line (after `poll` said it fired) and counts it.
-    pub fn take_interrupt(&self) -> Result<(), Error> {
-        self.interrupt.wait()?;
+    /// Consumes the line's pending interrupts, if any, without blocking, and counts them as one
+    /// wakeup; whether there were some.
+    pub fn take_interrupt(&self) -> Result<bool, Error> {
+        let mut buf = [0u8; 8];
+        loop {
+            // The line is our own non-blocking eventfd (`Event::new`).
+            match rustix::io::read(&self.interrupt, &mut buf) {
+                Ok(_) => break,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(rustix::io::Errno::AGAIN) => return Ok(false),
+                Err(e) => return Err(Error::Ring(ringbuf::Error::Event(e))),
+            }
+        }
         self.stats
             .interrupts
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
+        Ok(true)
     }
 
     /// Commits what was written and signals the host if the rules say so.
@@ -189,6 +199,21 @@ impl GuestChannel {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(fired)
+    }
+
+    /// For a loop reading the host-to-guest ring during a handshake (no queue thread yet):
+    /// arms the ring's interrupt and, if it is still empty, waits for it until `deadline` (at
+    /// most 100 ms at a time). Fails with [`Error::Timeout`] past the deadline.
+    pub fn await_incoming(&mut self, deadline: std::time::Instant) -> Result<(), Error> {
+        let (empty, _) = self.inc.prepare_sleep();
+        if empty {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(Error::Timeout);
+            }
+            self.wait_interrupt(left.min(Duration::from_millis(100)))?;
+        }
+        Ok(())
     }
 
     /// Closes the channel, tears its GPADL down and frees its pages.
