@@ -8,13 +8,38 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ringbuf::guestmem::GuestMemory;
 use ringbuf::ring::Ring;
 use ringbuf::{Event, IncomingRing, OutgoingRing};
 
 use crate::client::{Client, Offer};
-use crate::loopback::Loopback;
 use crate::synic::HostInterface;
 use crate::Error;
+
+/// What channels and the device clients on them need of the front end they run on, besides
+/// its [`HostInterface`]: the guest's memory as this process sees it, and the guest pages free
+/// for rings and buffers. The loopback front end ([`crate::loopback::Loopback`]) is one; a VMM
+/// that runs the client against a VM's own memory (the hypervisor shim's tests) is another.
+pub trait FrontEnd: Send + Sync {
+    /// The guest's memory.
+    fn memory(&self) -> &GuestMemory;
+    /// Allocates `n` zeroed guest pages (not necessarily contiguous); their frame numbers.
+    fn alloc_pages(&self, n: usize) -> Result<Vec<u64>, Error>;
+    /// Returns pages to the allocator.
+    fn free_pages(&self, pages: &[u64]);
+}
+
+impl<T: FrontEnd + ?Sized> FrontEnd for Arc<T> {
+    fn memory(&self) -> &GuestMemory {
+        (**self).memory()
+    }
+    fn alloc_pages(&self, n: usize) -> Result<Vec<u64>, Error> {
+        (**self).alloc_pages(n)
+    }
+    fn free_pages(&self, pages: &[u64]) {
+        (**self).free_pages(pages)
+    }
+}
 
 /// An open channel, guest side.
 pub struct GuestChannel {
@@ -56,7 +81,7 @@ impl GuestChannel {
     /// Opens `offer` with rings of `ring_pages` pages each way (control page included).
     pub fn open(
         client: &mut Client,
-        front: &Loopback,
+        front: &dyn FrontEnd,
         offer: &Offer,
         ring_pages: usize,
     ) -> Result<Self, Error> {
@@ -85,7 +110,7 @@ impl GuestChannel {
 
     fn open_on(
         client: &mut Client,
-        front: &Loopback,
+        front: &dyn FrontEnd,
         offer: &Offer,
         ring_pages: usize,
         pages: &[u64],
@@ -145,7 +170,7 @@ impl GuestChannel {
 
     /// Drops a channel whose host session is gone (nothing to close: the host forgot it) and
     /// frees its ring pages.
-    pub fn abandon(self, front: &Loopback) {
+    pub fn abandon(self, front: &dyn FrontEnd) {
         front.free_pages(&self.pages);
     }
 
@@ -217,7 +242,7 @@ impl GuestChannel {
     }
 
     /// Closes the channel, tears its GPADL down and frees its pages.
-    pub fn close(self, client: &mut Client, front: &Loopback) -> Result<(), Error> {
+    pub fn close(self, client: &mut Client, front: &dyn FrontEnd) -> Result<(), Error> {
         client.close(self.relid)?;
         client.teardown_gpadl(self.relid, self.gpadl)?;
         front.free_pages(&self.pages);

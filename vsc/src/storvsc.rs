@@ -35,8 +35,7 @@ use vmbus_proto::storvsp::{
 };
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
-use crate::channel::GuestChannel;
-use crate::loopback::Loopback;
+use crate::channel::{FrontEnd, GuestChannel};
 use crate::queue::{
     BatchHook, BatchHookGuard, Doorbell, EventLoop, Handed, QueueSource, QueueWork, SourceWaker,
     Woke, MAX_SLEEP,
@@ -400,12 +399,15 @@ impl std::fmt::Debug for Disk {
 
 impl Controller {
     /// Starts the queue thread of `storvsc`'s channel.
-    pub fn start(storvsc: Storvsc, front: Arc<Loopback>) -> Result<Arc<Self>, Error> {
+    pub fn start(storvsc: Storvsc, front: Arc<dyn FrontEnd>) -> Result<Arc<Self>, Error> {
         Self::start_queues(vec![storvsc], front)
     }
 
     /// Starts a queue thread per channel: the primary first, then its subchannels.
-    pub fn start_queues(channels: Vec<Storvsc>, front: Arc<Loopback>) -> Result<Arc<Self>, Error> {
+    pub fn start_queues(
+        channels: Vec<Storvsc>,
+        front: Arc<dyn FrontEnd>,
+    ) -> Result<Arc<Self>, Error> {
         let max_transfer = channels
             .iter()
             .map(|c| c.max_transfer)
@@ -658,7 +660,7 @@ impl Drop for Controller {
 
 impl Disk {
     /// Starts a controller on `storvsc` and probes its LUN `lun` (a channel with one disk).
-    pub fn start(storvsc: Storvsc, front: Arc<Loopback>, lun: u8) -> Result<Arc<Self>, Error> {
+    pub fn start(storvsc: Storvsc, front: Arc<dyn FrontEnd>, lun: u8) -> Result<Arc<Self>, Error> {
         Controller::start(storvsc, front)?.disk(lun)
     }
 
@@ -858,7 +860,7 @@ impl Shared {
 struct Queue {
     shared: Arc<Shared>,
     st: Storvsc,
-    front: Arc<Loopback>,
+    front: Arc<dyn FrontEnd>,
     stop: Arc<AtomicBool>,
     free_pages: Vec<u64>,
     /// Requests taken from `shared` that do not fit yet (no slot, bounce pages or ring room).

@@ -299,6 +299,7 @@ pub mod mailbox {
     use hypervisor_shim::hyperv;
     use hypervisor_shim::vm::GuestRam;
     use iced_x86::code_asm::*;
+    use std::collections::HashMap;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
@@ -416,8 +417,21 @@ pub mod mailbox {
         }
     }
 
-    /// vsc's host interface, executed by the vCPU.
-    pub struct VcpuHost(pub Arc<Mailbox>);
+    /// vsc's host interface, executed by the vCPU; channel interrupts come from the event
+    /// flags vspd sets in the SIEFP page ([`pump`] takes them).
+    pub struct VcpuHost {
+        pub mailbox: Arc<Mailbox>,
+        interrupts: Mutex<HashMap<u32, ringbuf::Event>>,
+    }
+
+    impl VcpuHost {
+        pub fn new(mailbox: Arc<Mailbox>) -> Arc<Self> {
+            Arc::new(VcpuHost {
+                mailbox,
+                interrupts: Mutex::default(),
+            })
+        }
+    }
 
     impl vsc::synic::HostInterface for VcpuHost {
         fn post_message(&self, connection_id: u32, payload: &[u8]) -> Result<(), vsc::Error> {
@@ -426,45 +440,76 @@ pub mod mailbox {
             input.message_type = 1;
             input.payload_size = payload.len() as u32;
             input.payload[..payload.len()].copy_from_slice(payload);
-            self.0.ram.write(INPUT, input.as_bytes()).unwrap();
-            match self.0.run(CMD_POST, INPUT) {
+            self.mailbox.ram.write(INPUT, input.as_bytes()).unwrap();
+            match self.mailbox.run(CMD_POST, INPUT) {
                 0 => Ok(()),
                 s => Err(vsc::Error::Protocol(format!("HvPostMessage status {s}"))),
             }
         }
         fn signal_event(&self, connection_id: u32) -> Result<(), vsc::Error> {
-            match self.0.run(CMD_SIGNAL, u64::from(connection_id)) {
+            match self.mailbox.run(CMD_SIGNAL, u64::from(connection_id)) {
                 0 => Ok(()),
                 s => Err(vsc::Error::Protocol(format!("HvSignalEvent status {s}"))),
             }
         }
-        fn set_channel_interrupt(&self, _relid: u32, _event: Option<ringbuf::Event>) {}
+        fn set_channel_interrupt(&self, relid: u32, event: Option<ringbuf::Event>) {
+            let mut m = self.interrupts.lock().unwrap();
+            match event {
+                Some(e) => m.insert(relid, e),
+                None => m.remove(&relid),
+            };
+        }
     }
 
-    /// The message pump: takes what vspd wrote into the SIMP slot, frees the slot, and has the
-    /// guest write EOM when the daemon has more pending; until `done` is set.
+    /// The pump: takes the messages vspd wrote into the SIMP slot, frees the slot, and has the
+    /// guest write EOM when the daemon has more pending; takes the channel event flags vspd set
+    /// in the SIEFP page (an atomic swap, as the guest's handler does) and fires the channels'
+    /// interrupt lines. Until `done` is set.
     pub fn pump(
-        mailbox: &Arc<Mailbox>,
+        host: &Arc<VcpuHost>,
+        memory: &Arc<ringbuf::guestmem::GuestMemory>,
         done: &Arc<AtomicBool>,
     ) -> (
         std::sync::mpsc::Receiver<Vec<u8>>,
         std::thread::JoinHandle<()>,
     ) {
         let (tx, rx) = std::sync::mpsc::channel();
-        let (mailbox, done) = (Arc::clone(mailbox), Arc::clone(done));
+        let (host, memory, done) = (Arc::clone(host), Arc::clone(memory), Arc::clone(done));
         let t = std::thread::spawn(move || {
+            let mailbox = &host.mailbox;
             let mut slot = [0u8; 256];
+            // The VMBus SINT's 2048 event flags, as 32-bit words.
+            let flags: Vec<&std::sync::atomic::AtomicU32> = (0..64)
+                .map(|w| memory.atomic_u32(SIEFP + 2 * 256 + 4 * w).unwrap())
+                .collect();
             while !done.load(Ordering::SeqCst) {
-                mailbox.ram.read(SLOT, &mut slot).unwrap();
-                if u32::from_le_bytes(slot[..4].try_into().unwrap()) == 0 {
-                    std::thread::sleep(Duration::from_micros(200));
-                    continue;
+                let mut idle = true;
+                for (w, word) in flags.iter().enumerate() {
+                    if word.load(Ordering::Relaxed) == 0 {
+                        continue;
+                    }
+                    // Acquire: pairs with vspd's release fetch_or after its ring writes.
+                    let bits = word.swap(0, Ordering::Acquire);
+                    idle = false;
+                    let m = host.interrupts.lock().unwrap();
+                    for b in (0..32).filter(|b| bits & (1 << b) != 0) {
+                        if let Some(e) = m.get(&(32 * w as u32 + b)) {
+                            e.signal().unwrap();
+                        }
+                    }
                 }
-                let size = usize::from(slot[4]).min(240);
-                let _ = tx.send(slot[16..16 + size].to_vec());
-                mailbox.ram.write(SLOT, &0u32.to_le_bytes()).unwrap();
-                if slot[5] & 1 != 0 {
-                    assert_eq!(mailbox.run(CMD_EOM, 0), 0);
+                mailbox.ram.read(SLOT, &mut slot).unwrap();
+                if u32::from_le_bytes(slot[..4].try_into().unwrap()) != 0 {
+                    idle = false;
+                    let size = usize::from(slot[4]).min(240);
+                    let _ = tx.send(slot[16..16 + size].to_vec());
+                    mailbox.ram.write(SLOT, &0u32.to_le_bytes()).unwrap();
+                    if slot[5] & 1 != 0 {
+                        assert_eq!(mailbox.run(CMD_EOM, 0), 0);
+                    }
+                }
+                if idle {
+                    std::thread::sleep(Duration::from_micros(100));
                 }
             }
         });
@@ -487,12 +532,64 @@ pub mod client_vm {
     /// Where [`ClientVm::open`] puts a channel's ring, and its pages (both directions).
     pub const RING: u64 = 0x4_0000;
     pub const RING_PAGES: u64 = 8;
+    /// Guest RAM from here up is the pool [`Pages`] allocates from (VMs larger than 4 MiB).
+    pub const POOL: u64 = 4 << 20;
+
+    /// The VM's RAM as vsc's client sees it: the memfd mapped again (`ringbuf`'s
+    /// `GuestMemory`), and the pages from [`POOL`] up to allocate rings and buffers from.
+    pub struct Pages {
+        memory: Arc<ringbuf::guestmem::GuestMemory>,
+        free: std::sync::Mutex<Vec<u64>>,
+    }
+
+    impl Pages {
+        pub fn new(ram: &GuestRam) -> Arc<Self> {
+            let mut memory = ringbuf::guestmem::GuestMemory::new();
+            for (gpa, off, len) in ram.slots() {
+                let fd = ram.fd().try_clone_to_owned().unwrap();
+                memory.add_region(gpa, len, fd, off).expect("map guest RAM");
+            }
+            let top = ram.size().min(hypervisor_shim::vm::LOW_RAM_END);
+            Arc::new(Pages {
+                memory: Arc::new(memory),
+                free: std::sync::Mutex::new((POOL >> 12..top >> 12).rev().collect()),
+            })
+        }
+
+        pub fn memory_arc(&self) -> &Arc<ringbuf::guestmem::GuestMemory> {
+            &self.memory
+        }
+    }
+
+    impl vsc::channel::FrontEnd for Pages {
+        fn memory(&self) -> &ringbuf::guestmem::GuestMemory {
+            &self.memory
+        }
+        fn alloc_pages(&self, n: usize) -> Result<Vec<u64>, vsc::Error> {
+            let mut free = self.free.lock().unwrap();
+            if free.len() < n {
+                return Err(vsc::Error::OutOfGuestMemory(n));
+            }
+            let at = free.len() - n;
+            let pages: Vec<u64> = free.drain(at..).rev().collect();
+            for &p in &pages {
+                self.memory
+                    .fill(p << 12, 4096, 0)
+                    .map_err(vsc::Error::from)?;
+            }
+            Ok(pages)
+        }
+        fn free_pages(&self, pages: &[u64]) {
+            self.free.lock().unwrap().extend(pages.iter().rev());
+        }
+    }
 
     pub struct ClientVm {
         pub link: Arc<Link>,
         pub ram: Arc<GuestRam>,
         pub mailbox: Arc<Mailbox>,
         pub host: Arc<VcpuHost>,
+        pub pages: Arc<Pages>,
         pub client: vsc::client::Client,
         /// The VM's run, on its own thread.
         pub running: JoinHandle<hypervisor_shim::Result<Outcome>>,
@@ -503,20 +600,22 @@ pub mod client_vm {
     impl ClientVm {
         /// Starts a 4 MiB, 1-vCPU VM attached to `socket` and negotiates VMBus 5.0 through it.
         pub fn start(socket: &std::path::Path) -> Self {
-            let mut vm = Vm::new(VmConfig {
-                memory: 4 << 20,
-                vcpus: 1,
-            })
-            .expect("create VM");
+            Self::start_sized(socket, 4 << 20)
+        }
+
+        /// As [`ClientVm::start`], with `memory` bytes of RAM.
+        pub fn start_sized(socket: &std::path::Path, memory: u64) -> Self {
+            let mut vm = Vm::new(VmConfig { memory, vcpus: 1 }).expect("create VM");
             vm.attach(socket).expect("attach");
             let link = vm.link().unwrap();
             let ram = vm.ram();
             let entry = vm.load_flat(&mailbox::guest()).unwrap();
             let running = std::thread::spawn(move || vm.run(entry, Box::new(Console::default())));
             let mailbox = Mailbox::new(Arc::clone(&ram));
+            let pages = Pages::new(&ram);
             let pumping_done = Arc::new(AtomicBool::new(false));
-            let (rx, pump) = mailbox::pump(&mailbox, &pumping_done);
-            let host = Arc::new(VcpuHost(Arc::clone(&mailbox)));
+            let host = VcpuHost::new(Arc::clone(&mailbox));
+            let (rx, pump) = mailbox::pump(&host, pages.memory_arc(), &pumping_done);
             let client = vsc::client::Client::connect(
                 host.clone(),
                 rx,
@@ -529,6 +628,7 @@ pub mod client_vm {
                 ram,
                 mailbox,
                 host,
+                pages,
                 client,
                 running,
                 pumping_done,
