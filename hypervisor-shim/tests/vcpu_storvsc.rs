@@ -12,7 +12,6 @@ use common::mailbox::CMD_EXIT;
 use common::{kvm_or_skip, InProcessVspd};
 use hypervisor_shim::vm::ExitStatus;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use vmbus_proto::channel::Guid;
 use vsc::nbd::BlockDevice;
 
@@ -43,18 +42,7 @@ fn storvsc_through_a_vcpu_writes_and_reads_a_vspd_disk() {
         .find(|o| o.interface_type == Guid::SCSI)
         .expect("the disk's SCSI controller")
         .clone();
-    let ch = vsc::channel::GuestChannel::open(
-        &mut vm.client,
-        &*vm.pages,
-        &o,
-        vsc::guest::STORAGE_RING_PAGES,
-    )
-    .expect("storvsc channel open on rings in guest RAM");
-    let st = vsc::storvsc::Storvsc::init(ch).expect("storvsc handshake through the vCPU");
-    let front: Arc<dyn vsc::channel::FrontEnd> = vm.pages.clone();
-    let ctl = vsc::storvsc::Controller::start(st, front).expect("queue");
-    let luns = ctl.report_luns().expect("REPORT LUNS");
-    let disk = ctl.disk(luns[0]).expect("the disk");
+    let (ctl, disk) = vm.storvsc_disk(&o);
     assert_eq!(disk.size(), DISK_BYTES);
     let link = vm.link.clone();
     assert!(

@@ -381,6 +381,8 @@ pub mod mailbox {
     pub struct Mailbox {
         pub ram: Arc<GuestRam>,
         lock: Mutex<()>,
+        /// Set once the guest was told to exit or reset: it takes no more commands.
+        dead: AtomicBool,
     }
 
     impl Mailbox {
@@ -388,15 +390,26 @@ pub mod mailbox {
             Arc::new(Mailbox {
                 ram,
                 lock: Mutex::new(()),
+                dead: AtomicBool::new(false),
             })
         }
 
+        /// Whether the guest still takes commands.
+        pub fn alive(&self) -> bool {
+            !self.dead.load(Ordering::SeqCst)
+        }
+
         /// Runs `cmd` with `arg` and returns the guest's RAX; EXIT and RESET do not wait.
+        /// After those, every command returns `u64::MAX` at once.
         pub fn run(&self, cmd: u64, arg: u64) -> u64 {
             let _one = self.lock.lock().unwrap();
+            if !self.alive() {
+                return u64::MAX;
+            }
             self.ram.write(MAILBOX + 8, &arg.to_le_bytes()).unwrap();
             self.ram.write(MAILBOX, &cmd.to_le_bytes()).unwrap();
             if cmd == CMD_EXIT || cmd == CMD_RESET {
+                self.dead.store(true, Ordering::SeqCst);
                 return 0;
             }
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -443,14 +456,19 @@ pub mod mailbox {
             self.mailbox.ram.write(INPUT, input.as_bytes()).unwrap();
             match self.mailbox.run(CMD_POST, INPUT) {
                 0 => Ok(()),
+                u64::MAX => Err(vsc::Error::Disconnected),
                 s => Err(vsc::Error::Protocol(format!("HvPostMessage status {s}"))),
             }
         }
         fn signal_event(&self, connection_id: u32) -> Result<(), vsc::Error> {
             match self.mailbox.run(CMD_SIGNAL, u64::from(connection_id)) {
                 0 => Ok(()),
+                u64::MAX => Err(vsc::Error::Disconnected),
                 s => Err(vsc::Error::Protocol(format!("HvSignalEvent status {s}"))),
             }
+        }
+        fn host_alive(&self) -> bool {
+            self.mailbox.alive()
         }
         fn set_channel_interrupt(&self, relid: u32, event: Option<ringbuf::Event>) {
             let mut m = self.interrupts.lock().unwrap();
@@ -505,7 +523,8 @@ pub mod mailbox {
                     let _ = tx.send(slot[16..16 + size].to_vec());
                     mailbox.ram.write(SLOT, &0u32.to_le_bytes()).unwrap();
                     if slot[5] & 1 != 0 {
-                        assert_eq!(mailbox.run(CMD_EOM, 0), 0);
+                        let s = mailbox.run(CMD_EOM, 0);
+                        assert!(s == 0 || !mailbox.alive(), "EOM: {s}");
                     }
                 }
                 if idle {
@@ -655,6 +674,28 @@ pub mod client_vm {
                 );
                 std::thread::sleep(Duration::from_millis(5));
             }
+        }
+
+        /// Opens the SCSI controller `offer` with vsc's storvsc client (rings and bounce
+        /// buffers in this VM's RAM, from [`POOL`] up: give it 32 MiB) and starts its queue;
+        /// returns the controller and its first LUN's disk.
+        pub fn storvsc_disk(
+            &mut self,
+            offer: &vsc::client::Offer,
+        ) -> (Arc<vsc::storvsc::Controller>, Arc<vsc::storvsc::Disk>) {
+            let channel = vsc::channel::GuestChannel::open(
+                &mut self.client,
+                &*self.pages,
+                offer,
+                vsc::guest::STORAGE_RING_PAGES,
+            )
+            .expect("storvsc channel open on rings in guest RAM");
+            let st = vsc::storvsc::Storvsc::init(channel).expect("storvsc handshake");
+            let front: Arc<dyn vsc::channel::FrontEnd> = self.pages.clone();
+            let ctl = vsc::storvsc::Controller::start(st, front).expect("storvsc queue");
+            let luns = ctl.report_luns().expect("REPORT LUNS");
+            let disk = ctl.disk(luns[0]).expect("the disk");
+            (ctl, disk)
         }
 
         /// Stops taking messages from the SIMP page.
