@@ -3,9 +3,11 @@
 # inside the guest that hv_vmbus finds the VMBus, lists its devices, and that hv_storvsc's disk
 # reads back the pattern the host wrote and takes one the host then checks. Prints PASS or FAIL.
 #
-# Usage: scripts/boot-linux.sh [KERNEL.deb]
+# Usage: [NIC_TAP=NAME] scripts/boot-linux.sh [KERNEL.deb]
 #   KERNEL.deb: a linux-image-*-cloud-amd64 package already downloaded (default: the one
 #   linux-image-cloud-amd64 depends on, fetched with apt-get download).
+#   NIC_TAP: also give the guest a NIC on that host TAP (vspd --nic tap=NAME; needs a vspd
+#   with netvsp) and check that hv_netvsc brings its eth0 up.
 #
 # Needs a CPU with VT-x or AMD-V: on machines without (where KVM emulates guest code at CPL 0)
 # a stock kernel cannot boot, so the script says so and exits 77 without running anything.
@@ -62,7 +64,9 @@ add() {
     for dep in ${deps//,/ }; do add "$dep"; done
     order+=("$file")
 }
-for m in hv_vmbus hv_storvsc sd_mod; do add "$m"; done
+modules=(hv_vmbus hv_storvsc sd_mod)
+if [ -n "${NIC_TAP:-}" ]; then modules+=(hv_netvsc); fi
+for m in "${modules[@]}"; do add "$m"; done
 
 # The initramfs: busybox, the modules, and an /init that does the checks.
 rd="$work/initramfs"
@@ -88,6 +92,14 @@ else
     echo "BOOT-LINUX: /dev/sda does not hold the host's pattern"; ok=0
 fi
 printf 'GUEST-WROTE-THIS' | dd of=/dev/sda bs=512 seek=1 conv=sync,fsync 2>/dev/null || ok=0
+if [ -n "${NIC_TAP:-}" ]; then
+    for i in \$(seq 10); do [ -e /sys/class/net/eth0 ] && break; sleep 1; done
+    if ip link set eth0 up && [ "\$(cat /sys/class/net/eth0/operstate)" != down ]; then
+        echo "BOOT-LINUX: hv_netvsc's eth0 is up"
+    else
+        echo "BOOT-LINUX: no eth0 from hv_netvsc"; ok=0
+    fi
+fi
 [ \$ok = 1 ] && echo "BOOT-LINUX: guest checks passed" || echo "BOOT-LINUX: guest checks FAILED"
 poweroff -f
 EOF
@@ -103,7 +115,7 @@ set +e
 timeout 600 "$root/target/release/vmbus-vm" --memory 1G --cpus 2 \
     --kernel "$vmlinuz" --initrd "$work/initrd.gz" \
     --cmdline "console=ttyS0 rdinit=/init panic=-1" \
-    --disk "path=$work/disk.img" | tee "$work/console.log"
+    --disk "path=$work/disk.img" ${NIC_TAP:+--nic "tap=$NIC_TAP"} | tee "$work/console.log"
 status=${PIPESTATUS[0]}
 set -e
 
