@@ -198,6 +198,12 @@ impl Handoff {
         }
     }
 
+    /// How many packets the consumer has taken and validated so far (acquire: the space of
+    /// those packets may be reused).
+    pub fn consumed(&self) -> u64 {
+        self.consumed.0.load(Ordering::Acquire)
+    }
+
     /// Tells the consumer to return once the ring or queue is empty.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
