@@ -53,7 +53,7 @@ use ringbuf::pair::RingPair;
 use ringbuf::shmem::Mapping;
 use ringbuf::{Error, OutgoingPacket};
 use vmbus_benches::{
-    batch_len, check, data_len, ring_capacity, stamp, CachePadded, Handoff, Spinner,
+    batch_len, check, data_len, pin, ring_capacity, stamp, CachePadded, Handoff, Side, Spinner,
 };
 
 /// Criterion function `id` of a contestant: each measured run sends `iters` packets with
@@ -265,6 +265,7 @@ fn bench_size<const N: usize>(group: &mut BenchmarkGroup<'_, WallTime>, data_len
 
 /// The `ring` group: 64-byte and 4 KiB payloads.
 fn ring(c: &mut Criterion) {
+    pin(Side::Producer);
     let data_len = data_len();
     eprintln!(
         "ring data area: {} KiB; queue capacity: {} packets of 64 B, {} of 4 KiB",
