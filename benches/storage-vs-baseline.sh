@@ -150,22 +150,22 @@ perf_start() {
     done
     sleep 0.3 # perf has no ready signal
 }
-perf_stop() { # PID...: prints "<syscalls> <cpu seconds>" summed over them, or "? ?"
-    ((perf_ok)) || {
-        echo "? ?"
-        return 0
-    }
+# perf_stop PID...: sets perf_calls and perf_cpu (seconds), summed over the processes, or "?".
+# Runs in this shell (not in a $(...) subshell): it must wait for its own perf children.
+perf_stop() {
+    perf_calls="?" perf_cpu="?"
+    ((perf_ok)) || return 0
     local p
     for p in "${perf_pids[@]}"; do
         kill -INT "$p" 2>/dev/null || true
         wait "$p" 2>/dev/null || true
     done
-    for p in "$@"; do
+    read -r perf_calls perf_cpu < <(for p in "$@"; do
         cat "$dir/perf-$p.csv"
         rm -f "$dir/perf-$p.csv"
     done | awk -F, '$3 == "raw_syscalls:sys_enter" && $1 ~ /^[0-9]/ { n += $1 }
                     $3 == "task-clock" && $1 ~ /^[0-9]/ { c += $1 / 1e3 }
-                    END { printf "%d %.6f\n", n, c }'
+                    END { printf "%d %.6f\n", n, c }')
 }
 
 declare -A iops p50 p99 srv_cpu fio_cpu srv_sys # "mode rw qd target" -> values, one per round
@@ -193,9 +193,12 @@ run_fio() { # mode rw qd target round
     fio "${args[@]}" >/dev/null
     t1=$(date +%s.%N)
     c1=$(cpu_ticks "${srv[@]}")
-    read -r calls cpu < <(perf_stop "${srv[@]}")
+    perf_stop "${srv[@]}"
+    calls=$perf_calls cpu=$perf_cpu
     # perf's task-clock is exact; /proc's ticks (10 ms) are the fallback.
-    [[ $cpu == "?" ]] && cpu=$(awk -v t=$((c1 - c0)) -v hz="$(getconf CLK_TCK)" 'BEGIN { print t / hz }')
+    if [[ $cpu == "?" ]]; then
+        cpu=$(awk -v t=$((c1 - c0)) -v hz="$(getconf CLK_TCK)" 'BEGIN { print t / hz }')
+    fi
     local dirn=read
     [[ $rw == randwrite ]] && dirn=write
     local k="$mode $rw $qd $tgt" v
@@ -205,7 +208,7 @@ run_fio() { # mode rw qd target round
         "\($iops) \($j[$d].lat_ns.percentile["50.000000"] / 1000) \($j[$d].lat_ns.percentile["99.000000"] / 1000)" +
         " \($c / $w / $iops * 1e6)" +
         " \(($j.usr_cpu + $j.sys_cpu) / 100 / $iops * 1e6)" +
-        " \(if $calls == "?" then "?" else ($calls | tonumber) / $w / $iops end)"' "$out")
+        " \(if $calls == "?" then "?" else ($calls | tonumber) / $w / $iops * 1000 | round / 1000 end)"' "$out")
     local a
     read -r -a a <<<"$v"
     iops[$k]+="${a[0]} " p50[$k]+="${a[1]} " p99[$k]+="${a[2]} "
