@@ -12,7 +12,6 @@ mod hostile;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -42,72 +41,45 @@ fn missing() -> Option<String> {
         assert!(std::env::var("CI").as_deref() != Ok("true"), "{msg}");
         return Some(msg);
     }
-    if !rustix::process::geteuid().is_root() {
-        return Some("not root".into());
+    if let Some(why) = vsc::netns::unavailable() {
+        return Some(why);
     }
-    if !Path::new("/dev/net/tun").exists() {
-        return Some("/dev/net/tun is missing".into());
-    }
-    for tool in ["ip", "ping"] {
-        let found = Command::new(tool)
-            .arg("-V")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-        if !found {
-            return Some(format!(
-                "`{tool}` is missing (scripts/install-deps.sh installs it)"
-            ));
-        }
+    let ping = Command::new("ping")
+        .arg("-V")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if ping.is_err() {
+        return Some("`ping` is missing (scripts/install-deps.sh installs it)".into());
     }
     None
 }
 
-/// Runs `ip ARGS`; panics if it fails.
-fn ip(args: &str) {
-    let out = Command::new("ip")
-        .args(args.split_whitespace())
-        .output()
-        .expect("ip");
-    assert!(
-        out.status.success(),
-        "ip {args}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A network namespace, deleted on drop (with every interface in it).
-struct Netns(String);
+/// A network namespace (`vsc::netns::Netns`) with what the tests do in it.
+struct Netns(vsc::netns::Netns);
 
 impl Netns {
     fn new(name: String) -> Option<Self> {
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            return None;
-        }
-        let ns = Self(name);
-        ns.ip("link set lo up");
-        Some(ns)
+        vsc::netns::Netns::create(&name).ok().map(Self)
+    }
+
+    fn name(&self) -> &str {
+        self.0.name()
     }
 
     fn ip(&self, args: &str) {
-        ip(&format!("-n {} {args}", self.0));
+        self.0.ip(args).unwrap();
     }
 
     /// Runs `f` on a thread that lives in this namespace (sockets it makes stay there).
     fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        in_ns(&self.0, f)
+        self.0.run(f)
     }
 
     /// Starts `program ARGS` in this namespace.
     fn spawn(&self, program: &str, args: &[String], log: &Path) -> Child {
-        Command::new("ip")
-            .args(["netns", "exec", &self.0, program])
+        self.0
+            .command(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -118,8 +90,9 @@ impl Netns {
 
     /// Runs `ping ARGS` in this namespace: whether it got its answers.
     fn ping(&self, args: &str) -> bool {
-        Command::new("ip")
-            .args(["netns", "exec", &self.0, "ping", "-q"])
+        self.0
+            .command("ping")
+            .arg("-q")
             .args(args.split_whitespace())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -141,33 +114,11 @@ impl Netns {
     /// A line of `ip -o link show DEV`.
     fn link(&self, dev: &str) -> String {
         let out = Command::new("ip")
-            .args(["-n", &self.0, "-o", "link", "show", dev])
+            .args(["-n", self.name(), "-o", "link", "show", dev])
             .output()
             .expect("ip");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-/// Runs `f` on a thread that lives in the namespace `name`.
-fn in_ns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{name}");
-    std::thread::spawn(move || {
-        let fd = std::fs::File::open(&path).expect("the namespace's file");
-        rustix::thread::move_into_link_name_space(
-            fd.as_fd(),
-            Some(rustix::thread::LinkNameSpaceType::Network),
-        )
-        .expect("setns");
-        f()
-    })
-    .join()
-    .expect("a thread in the namespace panicked")
 }
 
 /// A child process killed on drop, its log printed if the test fails.
@@ -395,9 +346,9 @@ fn tcp_transfer(
     let (tx, rx) = mpsc::channel();
     let a: IpAddr = addr.parse().unwrap();
     let receiver = {
-        let to = to.0.clone();
+        let to = to.name().to_owned();
         std::thread::spawn(move || {
-            in_ns(&to, move || {
+            vsc::netns::run_in(&to, move || {
                 let l = TcpListener::bind(SocketAddr::new(a, 0)).unwrap();
                 tx.send(l.local_addr().unwrap().port()).unwrap();
                 let conns: Vec<TcpStream> = (0..streams).map(|_| l.accept().unwrap().0).collect();
@@ -504,22 +455,22 @@ fn tcp_transfers_each_way_arrive_intact_and_udp_datagrams_too() {
     ] {
         let t = Instant::now();
         for (sent, got, n) in tcp_transfer(from, to, addr, TCP_BYTES, 1) {
-            assert_eq!(n, TCP_BYTES, "{} -> {}: bytes", from.0, to.0);
-            assert_eq!(sent, got, "{} -> {}: hash", from.0, to.0);
+            assert_eq!(n, TCP_BYTES, "{} -> {}: bytes", from.name(), to.name());
+            assert_eq!(sent, got, "{} -> {}: hash", from.name(), to.name());
         }
         println!(
             "{} -> {}: {} MiB in {:?}",
-            from.0,
-            to.0,
+            from.name(),
+            to.name(),
             TCP_BYTES >> 20,
             t.elapsed()
         );
     }
     // UDP: 64- and 1400-byte datagrams, guest to host, every one intact.
     let (tx, rx) = mpsc::channel();
-    let host = net.host.0.clone();
+    let host = net.host.name().to_owned();
     let receiver = std::thread::spawn(move || {
-        in_ns(&host, move || {
+        vsc::netns::run_in(&host, move || {
             let s = UdpSocket::bind((HOST4, 0)).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
             tx.send(s.local_addr().unwrap().port()).unwrap();
