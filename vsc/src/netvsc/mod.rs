@@ -200,6 +200,7 @@ impl Nic {
             stop: stop.clone(),
             ready: ready.clone(),
             instance: None,
+            offer: None,
         };
         let thread = std::thread::Builder::new()
             .name("netvsc-sup".into())
@@ -297,6 +298,8 @@ struct Supervisor {
     ready: Arc<Ready>,
     /// The NIC's instance (the same one is looked for after a reconnection).
     instance: Option<Guid>,
+    /// Its offer in the current session (offers are requested once per session).
+    offer: Option<Offer>,
 }
 
 impl Supervisor {
@@ -375,6 +378,7 @@ impl Supervisor {
     /// Connects a new session (retrying until it works or the NIC stops: false).
     fn reconnect(&mut self) -> bool {
         self.client = None;
+        self.offer = None;
         loop {
             let attempt = self.front.reconnect(&self.socket).and_then(|messages| {
                 Client::connect(self.front.clone(), messages, 0, &SUPPORTED_VERSIONS)
@@ -420,15 +424,23 @@ impl Supervisor {
     /// Opens the NIC on the current session: channel, handshake, buffers, queue threads.
     fn bring_up(&mut self) -> Result<(Running, Negotiated), Error> {
         let client = self.client.as_mut().ok_or(Error::Disconnected)?;
-        let offers = client.request_offers()?;
-        let offer = offers
-            .into_iter()
-            .find(|o| {
-                o.interface_type == Guid::NETWORK
-                    && o.subchannel_index == 0
-                    && self.instance.is_none_or(|i| i == o.interface_instance)
-            })
-            .ok_or_else(|| Error::Refused("the daemon offers no network adapter".into()))?;
+        let offer = match self.offer.clone() {
+            Some(o) => o,
+            None => {
+                let instance = self.instance;
+                let o = client
+                    .request_offers()?
+                    .into_iter()
+                    .find(|o| {
+                        o.interface_type == Guid::NETWORK
+                            && o.subchannel_index == 0
+                            && instance.is_none_or(|i| i == o.interface_instance)
+                    })
+                    .ok_or_else(|| Error::Refused("the daemon offers no network adapter".into()))?;
+                self.offer = Some(o.clone());
+                o
+            }
+        };
         self.instance = Some(offer.interface_instance);
         let mtu = self
             .tap
@@ -523,6 +535,7 @@ impl Supervisor {
                 busy: vec![false; range.len()],
                 sections: range,
                 free_large: (0..large.len()).rev().collect(),
+                large_busy: vec![false; large.len()],
                 large,
                 completions: VecDeque::new(),
                 held: None,
@@ -829,6 +842,7 @@ struct NetQueue {
     busy: Vec<bool>,
     large: Vec<(Vec<u64>, Mapping)>,
     free_large: Vec<usize>,
+    large_busy: Vec<bool>,
     /// Transfer-page packets to complete (the ring had no room).
     completions: VecDeque<u64>,
     held: Option<Held>,
@@ -936,9 +950,11 @@ impl NetQueue {
         };
         match m.header.message_type {
             NvspMessageType::SEND_RNDIS_PACKET_COMPLETE if completion => {
-                if tx & LARGE_TX != 0 {
-                    let slot = (tx & 0xffff) as usize;
-                    if slot < self.large.len() && !self.free_large.contains(&slot) {
+                if tx >> 32 == LARGE_TX >> 32 {
+                    // Only a slot in flight (a forged or repeated completion frees nothing).
+                    let slot = (tx & 0xffff_ffff) as usize;
+                    if let Some(b @ true) = self.large_busy.get_mut(slot) {
+                        *b = false;
                         self.free_large.push(slot);
                     }
                 } else if tx < u64::from(INVALID_SECTION_INDEX) {
@@ -1051,6 +1067,7 @@ impl NetQueue {
             }) {
                 Ok(()) => {
                     self.free_large.pop();
+                    self.large_busy[slot] = true;
                 }
                 Err(ringbuf::Error::Full { needed, .. }) => {
                     self.blocked = Some(needed);
