@@ -1,0 +1,640 @@
+//! netvsp over real rings: a guest that speaks as Linux 6.1, and hostile ones. The backend is
+//! the in-memory stand-in here; `tap_tests` below runs a real TAP in a network namespace.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use netdev::VirtioNetHdr;
+use vmbus_proto::netvsp::{
+    NvspInit, NvspInitComplete, NvspMessageType, NvspStatus, NvspSubchannelOperation, NvspVersion,
+    SendReceiveBuffer, SendReceiveBufferComplete, SendRndisPacketComplete, SendSendBuffer,
+    SendSendBufferComplete, SubchannelComplete, SubchannelRequest, LINUX_RECEIVE_BUFFER_ID,
+};
+use vmbus_proto::rndis::{
+    NdisObjectHeader, NdisRecvScaleParam, Oid, PpiType, RndisMessageType, RndisStatus,
+};
+use zerocopy::IntoBytes;
+
+use super::harness::guest::*;
+use super::harness::{Harness, Received, Sent, StandIn};
+use super::*;
+
+fn settings(queues: u16) -> NicSettings {
+    NicSettings {
+        tap: "standin".into(),
+        mac: [2, 0, 0, 0, 0, 0x10],
+        mtu: 1500,
+        vlan: None,
+        queues,
+    }
+}
+
+/// A NIC on stand-in queues, and those queues.
+fn standin_nic(queues: u16) -> (Arc<Nic>, Vec<StandIn>) {
+    let qs: Vec<StandIn> = (0..queues).map(|_| StandIn::default()).collect();
+    let nic = Nic::with_queues(
+        &settings(queues),
+        qs.iter()
+            .map(|q| Box::new(q.clone()) as Box<dyn NetQueue>)
+            .collect(),
+        None,
+    );
+    (nic, qs)
+}
+
+fn harness(nic: &Arc<Nic>) -> Harness {
+    Harness::new(nic.clone(), MEM_BYTES, None).unwrap()
+}
+
+/// An Ethernet frame to `dst` of `len` bytes.
+fn frame(dst: [u8; 6], len: usize) -> Vec<u8> {
+    let mut f = dst.to_vec();
+    f.extend_from_slice(&[2, 0, 0, 0, 0, 0x99, 0x88, 0xb5]);
+    f.resize(len, 0);
+    for (i, b) in f[14..].iter_mut().enumerate() {
+        *b = (i * 7) as u8;
+    }
+    f
+}
+
+fn status_of(h: &mut Harness, tx: u64) -> NvspStatus {
+    completion(h, tx)
+        .map(|m| m.body::<SendRndisPacketComplete>().status)
+        .unwrap_or(NvspStatus(999))
+}
+
+#[test]
+fn every_linux_version_completes_the_handshake() {
+    for v in vmbus_proto::netvsp::LINUX_6_1_VERSIONS {
+        let (nic, _) = standin_nic(1);
+        let mut h = harness(&nic);
+        let hs = handshake(&mut h, v, 0)
+            .unwrap()
+            .unwrap_or_else(|| panic!("handshake at {v:?}"));
+        assert_eq!(hs.mac, nic.settings.mac);
+        let s = hs.recv.sections[0];
+        assert_eq!(s.sub_alloc_size, receive_section_size(1500));
+        assert_eq!(s.num_sub_allocs, RECV_LEN / s.sub_alloc_size);
+        assert_eq!(hs.send_section_size, SEND_SECTION_SIZE);
+        assert_eq!(nic.stats.bad_nvsp.load(Ordering::Relaxed), 0, "{v:?}");
+        assert_eq!(nic.stats.bad_rndis.load(Ordering::Relaxed), 0, "{v:?}");
+    }
+}
+
+#[test]
+fn other_versions_and_ranges_are_answered() {
+    let (nic, _) = standin_nic(1);
+    let mut h = harness(&nic);
+    for (tx, min, max, want) in [
+        (1, 0x30000, 0x30000, None),
+        (2, 0x70000, 0x70000, None),
+        (3, 0, 1, None),
+        (4, 2, 0x60001, Some(NvspVersion::V61)),
+        (5, 0x40000, 0x50001, Some(NvspVersion::V5)),
+    ] {
+        h.send(
+            tx,
+            &nvsp(
+                NvspMessageType::INIT,
+                &NvspInit {
+                    min_protocol_version: NvspVersion(min),
+                    max_protocol_version: NvspVersion(max),
+                },
+            ),
+            Sent::InBand,
+        )
+        .unwrap();
+        let c: NvspInitComplete = completion(&mut h, tx).unwrap().body();
+        match want {
+            Some(v) => assert_eq!(
+                (c.status, c.negotiated_protocol_version),
+                (NvspStatus::SUCCESS, v)
+            ),
+            None => assert_eq!(c.status, NvspStatus::FAIL, "{min:#x}..{max:#x}"),
+        }
+    }
+}
+
+#[test]
+fn nvsp_before_init_and_bad_buffers_fail() {
+    let (nic, _) = standin_nic(2);
+    let mut h = harness(&nic);
+    h.add_gpadl(RECV_GPADL, RECV_GPA, RECV_LEN);
+    h.add_gpadl(SEND_GPADL, SEND_GPA, SEND_LEN);
+    let recv = |g| {
+        nvsp(
+            NvspMessageType::SEND_RECEIVE_BUFFER,
+            &SendReceiveBuffer {
+                gpadl_handle: g,
+                id: LINUX_RECEIVE_BUFFER_ID,
+            },
+        )
+    };
+    let send = |g| {
+        nvsp(
+            NvspMessageType::SEND_SEND_BUFFER,
+            &SendSendBuffer {
+                gpadl_handle: g,
+                id: 0,
+            },
+        )
+    };
+    let recv_status = |h: &mut Harness, tx| {
+        completion(h, tx)
+            .unwrap()
+            .body::<SendReceiveBufferComplete>()
+            .status
+    };
+    // Before INIT.
+    h.send(1, &recv(RECV_GPADL), Sent::InBand).unwrap();
+    assert_eq!(recv_status(&mut h, 1), NvspStatus::FAIL);
+    h.send(2, &send(SEND_GPADL), Sent::InBand).unwrap();
+    assert_eq!(
+        completion(&mut h, 2)
+            .unwrap()
+            .body::<SendSendBufferComplete>()
+            .status,
+        NvspStatus::FAIL
+    );
+    h.send(
+        3,
+        &nvsp(
+            NvspMessageType::SUBCHANNEL,
+            &SubchannelRequest {
+                op: NvspSubchannelOperation::ALLOCATE,
+                num_subchannels: 1,
+            },
+        ),
+        Sent::InBand,
+    )
+    .unwrap();
+    assert_eq!(
+        completion(&mut h, 3)
+            .unwrap()
+            .body::<SubchannelComplete>()
+            .status,
+        NvspStatus::FAIL
+    );
+    h.send(
+        4,
+        &nvsp(
+            NvspMessageType::INIT,
+            &NvspInit {
+                min_protocol_version: NvspVersion::V61,
+                max_protocol_version: NvspVersion::V61,
+            },
+        ),
+        Sent::InBand,
+    )
+    .unwrap();
+    completion(&mut h, 4).unwrap();
+    // An unknown GPADL; one of another channel; one too small for a section per queue.
+    h.send(5, &recv(0xdead), Sent::InBand).unwrap();
+    assert_eq!(recv_status(&mut h, 5), NvspStatus::FAIL);
+    h.gpadls.insert(
+        0x200,
+        crate::server::SharedGpadl {
+            relid: 99,
+            byte_offset: 0,
+            byte_count: 8192,
+            pfns: vec![1, 2].into(),
+        },
+    );
+    h.send(6, &recv(0x200), Sent::InBand).unwrap();
+    assert_eq!(recv_status(&mut h, 6), NvspStatus::FAIL);
+    h.add_gpadl(0x201, 0x20000, 2000);
+    h.send(7, &recv(0x201), Sent::InBand).unwrap();
+    assert_eq!(recv_status(&mut h, 7), NvspStatus::FAIL);
+    // The real one, then again (reused), then as the send buffer (reused).
+    h.send(8, &recv(RECV_GPADL), Sent::InBand).unwrap();
+    assert_eq!(recv_status(&mut h, 8), NvspStatus::SUCCESS);
+    h.send(9, &recv(RECV_GPADL), Sent::InBand).unwrap();
+    assert_eq!(recv_status(&mut h, 9), NvspStatus::FAIL);
+    h.send(10, &send(RECV_GPADL), Sent::InBand).unwrap();
+    assert_eq!(
+        completion(&mut h, 10)
+            .unwrap()
+            .body::<SendSendBufferComplete>()
+            .status,
+        NvspStatus::FAIL
+    );
+    // A completion for a transaction never sent.
+    let before = nic.stats.bad_nvsp.load(Ordering::Relaxed);
+    h.send(
+        0x7777,
+        &nvsp(
+            NvspMessageType::SEND_RNDIS_PACKET_COMPLETE,
+            &SendRndisPacketComplete {
+                status: NvspStatus::SUCCESS,
+            },
+        ),
+        Sent::Completion,
+    )
+    .unwrap();
+    assert_eq!(nic.stats.bad_nvsp.load(Ordering::Relaxed), before + 1);
+    // Garbage shorter than a header.
+    h.send(11, &[1, 2], Sent::InBand).unwrap();
+    assert!(nic.stats.bad_nvsp.load(Ordering::Relaxed) >= before + 2);
+    // Revoke, then the buffer may be lent again.
+    h.send(
+        12,
+        &nvsp(
+            NvspMessageType::REVOKE_RECEIVE_BUFFER,
+            &vmbus_proto::netvsp::RevokeReceiveBuffer {
+                id: LINUX_RECEIVE_BUFFER_ID,
+            },
+        ),
+        Sent::InBand,
+    )
+    .unwrap();
+    h.send(13, &recv(RECV_GPADL), Sent::InBand).unwrap();
+    assert_eq!(recv_status(&mut h, 13), NvspStatus::SUCCESS);
+}
+
+#[test]
+fn frames_move_both_ways_with_their_offloads() {
+    let (nic, qs) = standin_nic(1);
+    let mut h = harness(&nic);
+    let hs = handshake(&mut h, NvspVersion::V61, 0).unwrap().unwrap();
+    // Guest to host: from a send section (two messages batched), and GPA-direct.
+    let f1 = frame([2, 9, 9, 9, 9, 9], 100);
+    let f2 = frame([0xff; 6], 1514);
+    let mut batch = data(&f1, &[]);
+    batch.resize(batch.len().next_multiple_of(8), 0);
+    let first_len = batch.len() as u32;
+    batch[4..8].copy_from_slice(&first_len.to_le_bytes());
+    batch.extend_from_slice(&data(
+        &f2,
+        &[(
+            PpiType::IEEE_8021Q,
+            vmbus_proto::rndis::NdisPkt8021qInfo::new(3, false, 7).0,
+        )],
+    ));
+    send_section(&mut h, 30, 3, hs.send_section_size, &batch).unwrap();
+    assert_eq!(status_of(&mut h, 30), NvspStatus::SUCCESS);
+    send_direct(&mut h, 31, &data(&f1, &[]), DATA_GPA + 4000).unwrap();
+    assert_eq!(status_of(&mut h, 31), NvspStatus::SUCCESS);
+    let out = qs[0].take_to_host();
+    assert_eq!(out.len(), 3);
+    assert_eq!(out[0].1, f1);
+    // The guest's 802.1Q info becomes a tag.
+    assert_eq!(
+        netdev::offload::Vlan::of_frame(&out[1].1),
+        Some(netdev::offload::Vlan { id: 7, priority: 3 })
+    );
+    assert_eq!(out[1].1.len(), f2.len() + 4);
+    assert_eq!(out[2].1, f1);
+    // Host to guest: one for us, one for another address (filtered), a broadcast.
+    let valid = VirtioNetHdr {
+        flags: netdev::VnetFlags::DATA_VALID.bits(),
+        ..Default::default()
+    };
+    qs[0].push_to_guest(valid, frame(hs.mac, 60));
+    qs[0].push_to_guest(VirtioNetHdr::default(), frame([2, 1, 1, 1, 1, 1], 60));
+    qs[0].push_to_guest(VirtioNetHdr::default(), frame([0xff; 6], 1514));
+    h.run().unwrap();
+    let got = frames_of(&take_received(&mut h, false).unwrap());
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].2, frame(hs.mac, 60));
+    // Checksum info: succeeded bits.
+    assert_eq!(&got[0].1[4..8], &[0, 0, 0, 0]);
+    assert_eq!(
+        u32::from_le_bytes(got[0].1[12..16].try_into().unwrap()) & 0x38,
+        0x38
+    );
+    assert_eq!(got[1].2, frame([0xff; 6], 1514));
+    assert_eq!(nic.stats.rx_dropped.load(Ordering::Relaxed), 1);
+    assert_eq!(nic.stats.rx_frames.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn hostile_data_messages_are_refused_and_counted() {
+    let (nic, qs) = standin_nic(1);
+    let mut h = harness(&nic);
+    let hs = handshake(&mut h, NvspVersion::V61, 0).unwrap().unwrap();
+    let good = data(&frame([2; 6], 100), &[]);
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    let mut m = good.clone();
+    m[4..8].copy_from_slice(&10_000u32.to_le_bytes());
+    cases.push(("length past the message", m));
+    let mut m = good.clone();
+    m[8..12].copy_from_slice(&5000u32.to_le_bytes());
+    cases.push(("data offset outside", m));
+    let mut m = good.clone();
+    m[12..16].copy_from_slice(&5000u32.to_le_bytes());
+    cases.push(("data length outside", m));
+    let mut m = data(&frame([2; 6], 100), &[(PpiType::TCPIP_CHKSUM, 0)]);
+    m[44..48].copy_from_slice(&0u32.to_le_bytes());
+    cases.push(("PPI of size 0", m));
+    let mut m = data(&frame([2; 6], 100), &[(PpiType::TCPIP_CHKSUM, 0)]);
+    m[44..48].copy_from_slice(&400u32.to_le_bytes());
+    cases.push(("PPI past its end", m));
+    let mut m = data(&frame([2; 6], 100), &[(PpiType::TCPIP_CHKSUM, 0)]);
+    m[28..32].copy_from_slice(&1000u32.to_le_bytes());
+    cases.push(("PPI area outside", m));
+    let tcp = netdev_tcp_frame();
+    cases.push((
+        "LSO with MSS 0",
+        data(&tcp, &[(PpiType::TCP_LARGESEND, 34 << 20 | 1 << 30)]),
+    ));
+    cases.push((
+        "LSO header offset past the frame",
+        data(
+            &tcp[..900],
+            &[(PpiType::TCP_LARGESEND, 1400 | 1000 << 20 | 1 << 30)],
+        ),
+    ));
+    cases.push(("frame over the MTU", data(&frame([2; 6], 1515), &[])));
+    cases.push(("runt frame", data(&frame([2; 6], 100)[..10], &[])));
+    for (i, (what, msg)) in cases.iter().enumerate() {
+        let tx = 100 + i as u64;
+        send_direct(&mut h, tx, msg, DATA_GPA).unwrap();
+        assert_eq!(
+            status_of(&mut h, tx),
+            NvspStatus::INVALID_RNDIS_PACKET,
+            "{what}"
+        );
+    }
+    assert!(qs[0].take_to_host().is_empty());
+    let s = &nic.stats;
+    assert_eq!(
+        s.tx_malformed.load(Ordering::Relaxed) + s.tx_over_mtu.load(Ordering::Relaxed),
+        cases.len() as u64
+    );
+    // Sections out of range or oversized.
+    let sections = SEND_LEN / hs.send_section_size;
+    send_section(&mut h, 200, 0, hs.send_section_size, &good).unwrap();
+    assert_eq!(status_of(&mut h, 200), NvspStatus::SUCCESS);
+    for (tx, idx, size) in [
+        (201, sections, 100),
+        (202, u32::MAX - 1, 100),
+        (203, 0, hs.send_section_size + 1),
+        (204, 0, 0),
+    ] {
+        let m = nvsp(
+            NvspMessageType::SEND_RNDIS_PACKET,
+            &vmbus_proto::netvsp::SendRndisPacket {
+                channel_type: 0,
+                send_buffer_section_index: idx,
+                send_buffer_section_size: size,
+            },
+        );
+        h.send(tx, &m, Sent::InBand).unwrap();
+        assert_eq!(
+            status_of(&mut h, tx),
+            NvspStatus::INVALID_RNDIS_PACKET,
+            "section {idx} size {size}"
+        );
+    }
+    // GPA-direct pages outside guest memory.
+    let m = nvsp(
+        NvspMessageType::SEND_RNDIS_PACKET,
+        &vmbus_proto::netvsp::SendRndisPacket {
+            channel_type: 0,
+            send_buffer_section_index: u32::MAX,
+            send_buffer_section_size: 0,
+        },
+    );
+    assert!(h
+        .send(205, &m, Sent::Direct(&[(0, 200, &[1 << 40])]))
+        .unwrap());
+    assert_eq!(status_of(&mut h, 205), NvspStatus::INVALID_RNDIS_PACKET);
+    assert!(h
+        .send(206, &m, Sent::Direct(&[(4095, 200, &[5, 1 << 40])]))
+        .unwrap());
+    assert_eq!(status_of(&mut h, 206), NvspStatus::INVALID_RNDIS_PACKET);
+    // A well-formed one still passes afterwards.
+    send_direct(&mut h, 207, &good, DATA_GPA).unwrap();
+    assert_eq!(status_of(&mut h, 207), NvspStatus::SUCCESS);
+    assert_eq!(qs[0].take_to_host().len(), 2);
+}
+
+/// A TCP/IPv4 frame with 3000 bytes of payload.
+fn netdev_tcp_frame() -> Vec<u8> {
+    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 8, 0];
+    let total = 20 + 20 + 3000;
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 6;
+    f.extend_from_slice(&ip);
+    let mut tcp = [0u8; 20];
+    tcp[12] = 5 << 4;
+    f.extend_from_slice(&tcp);
+    f.resize(14 + total, 0x5a);
+    f
+}
+
+#[test]
+fn rndis_control_is_answered_as_linux_expects() {
+    let (nic, _) = standin_nic(4);
+    let mut h = harness(&nic);
+    handshake(&mut h, NvspVersion::V61, 0).unwrap().unwrap();
+    // Unknown OIDs: NOT_SUPPORTED, both ways.
+    let (st, info) = query_info(&mut h, 40, Oid::GEN_VENDOR_ID, &[]).unwrap();
+    assert_eq!((st, info.len()), (RndisStatus::NOT_SUPPORTED.0, 0));
+    assert_eq!(
+        set_status(&mut h, 41, Oid::GEN_VENDOR_ID, &[0; 4]).unwrap(),
+        RndisStatus::NOT_SUPPORTED.0
+    );
+    // RSS: a table naming channel 1 while only the primary exists is refused; within range
+    // it is taken.
+    let rss = |entry: u32| {
+        let p = NdisRecvScaleParam {
+            header: NdisObjectHeader {
+                object_type: 0x89,
+                revision: 2,
+                size: 40,
+            },
+            hash_info: 1 | 0x200,
+            indirection_table_size: 128 * 4,
+            indirection_table_offset: 40,
+            hash_key_size: 40,
+            hash_key_offset: 40 + 512,
+            ..Default::default()
+        };
+        let mut v = p.as_bytes().to_vec();
+        for i in 0..128u32 {
+            v.extend_from_slice(&(if i == 5 { entry } else { 0 }).to_le_bytes());
+        }
+        v.extend_from_slice(&[0x6d; 40]);
+        v
+    };
+    assert_eq!(
+        set_status(&mut h, 42, Oid::GEN_RECEIVE_SCALE_PARAMETERS, &rss(1)).unwrap(),
+        RndisStatus::INVALID_DATA.0
+    );
+    assert_eq!(
+        set_status(&mut h, 43, Oid::GEN_RECEIVE_SCALE_PARAMETERS, &rss(0)).unwrap(),
+        0
+    );
+    // Lengths outside the message.
+    let mut q = query(44, Oid::GEN_MAXIMUM_FRAME_SIZE, &[]);
+    q[16..20].copy_from_slice(&100u32.to_le_bytes());
+    let body = request(&mut h, 44, &q).unwrap();
+    assert_eq!(
+        u32::from_le_bytes(body[4..8].try_into().unwrap()),
+        RndisStatus::INVALID_LENGTH.0
+    );
+    // A message whose length lies: dropped and counted, the channel keeps serving.
+    let before = nic.stats.bad_rndis.load(Ordering::Relaxed);
+    let mut lie = query(45, Oid::GEN_MAXIMUM_FRAME_SIZE, &[]);
+    lie[4..8].copy_from_slice(&12u32.to_le_bytes());
+    send_direct(&mut h, 45, &lie, SCRATCH_GPA).unwrap();
+    assert!(completion(&mut h, 45).is_some());
+    let (st, mtu) = query_info(&mut h, 46, Oid::GEN_MAXIMUM_FRAME_SIZE, &[]).unwrap();
+    assert_eq!((st, mtu), (0, 1500u32.to_le_bytes().to_vec()));
+    assert!(nic.stats.bad_rndis.load(Ordering::Relaxed) > before);
+    // KEEPALIVE and RESET are answered; HALT is not, and after it QUERY fails.
+    let body = request(
+        &mut h,
+        47,
+        &rndis(RndisMessageType::KEEPALIVE, &47u32.to_le_bytes()),
+    )
+    .unwrap();
+    assert_eq!(body[..8], [47, 0, 0, 0, 0, 0, 0, 0]);
+    let body = request(&mut h, 48, &rndis(RndisMessageType::RESET, &[0; 4])).unwrap();
+    assert_eq!(body[..4], [0; 4]);
+    send_direct(
+        &mut h,
+        49,
+        &rndis(RndisMessageType::HALT, &49u32.to_le_bytes()),
+        SCRATCH_GPA,
+    )
+    .unwrap();
+    assert!(take_received(&mut h, false).unwrap().is_empty());
+    let (st, _) = query_info(&mut h, 50, Oid::GEN_MAXIMUM_FRAME_SIZE, &[]).unwrap();
+    assert_eq!(st, RndisStatus::FAILURE.0);
+}
+
+#[test]
+fn subchannels_are_granted_up_to_the_queue_count() {
+    let (nic, qs) = standin_nic(3);
+    let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let a = asked.clone();
+    let mut h = Harness::new(
+        nic.clone(),
+        MEM_BYTES,
+        Some(Arc::new(move |n| {
+            a.lock().unwrap().push(n);
+            true
+        })),
+    )
+    .unwrap();
+    let hs = handshake(&mut h, NvspVersion::V61, 8).unwrap().unwrap();
+    assert_eq!(hs.subchannels, 2);
+    assert_eq!(*asked.lock().unwrap(), [2]);
+    // The send indirection table: 16 entries over 3 channels.
+    let table = h.received.iter().find_map(|r| match r {
+        Received::InBand(b) if b.len() >= 12 + 64 => Some(b.clone()),
+        _ => None,
+    });
+    let table = table.expect("indirection table");
+    assert_eq!(
+        u32::from_le_bytes(table[0..4].try_into().unwrap()),
+        NvspMessageType::SEND_INDIRECTION_TABLE.0
+    );
+    let entries: Vec<u32> = table[12..76]
+        .chunks(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(entries, (0..16).map(|i| i % 3).collect::<Vec<_>>());
+    // A subchannel moves data on its own queue with its own receive sections.
+    let mut sub = h.subchannel(2).unwrap();
+    sub.received.clear();
+    qs[2].push_to_guest(VirtioNetHdr::default(), frame(hs.mac, 80));
+    sub.run().unwrap();
+    let got = frames_of(&take_received(&mut sub, false).unwrap());
+    assert_eq!(got.len(), 1);
+    send_direct(&mut sub, 60, &data(&frame([2; 6], 64), &[]), DATA_GPA).unwrap();
+    assert_eq!(status_of(&mut sub, 60), NvspStatus::SUCCESS);
+    assert_eq!(qs[2].take_to_host().len(), 1);
+    assert_eq!(nic.stats.rx_queue[2].load(Ordering::Relaxed), 1);
+    assert_eq!(nic.stats.tx_queue[2].load(Ordering::Relaxed), 1);
+    // Control messages on a subchannel are refused.
+    send_direct(
+        &mut sub,
+        61,
+        &query(61, Oid::GEN_MAXIMUM_FRAME_SIZE, &[]),
+        SCRATCH_GPA,
+    )
+    .unwrap();
+    assert_eq!(status_of(&mut sub, 61), NvspStatus::INVALID_RNDIS_PACKET);
+    // A queue cannot be taken twice.
+    assert!(h.subchannel(2).is_err());
+    drop(sub);
+    assert!(h.subchannel(2).is_ok());
+}
+
+#[test]
+fn a_guest_that_keeps_its_receive_sections_stalls_only_itself() {
+    let (nic, qs) = standin_nic(1);
+    let mut h = harness(&nic);
+    let hs = handshake(&mut h, NvspVersion::V61, 0).unwrap().unwrap();
+    let sections = hs.recv.sections[0].num_sub_allocs as usize;
+    for _ in 0..sections + 100 {
+        qs[0].push_to_guest(VirtioNetHdr::default(), frame(hs.mac, 60));
+    }
+    for _ in 0..(sections / RX_BATCH + 4) {
+        h.run().unwrap();
+        take_received(&mut h, true).unwrap();
+    }
+    assert_eq!(
+        nic.stats.rx_frames.load(Ordering::Relaxed) as usize,
+        sections
+    );
+    assert!(nic.stats.rx_no_section.load(Ordering::Relaxed) > 0);
+    // The rest wait in the backend (the TAP's queue, bounded by the kernel).
+    assert_eq!(qs[0].0.lock().unwrap().to_guest.len(), 100);
+    // Sending still works.
+    send_direct(&mut h, 70, &data(&frame([2; 6], 64), &[]), DATA_GPA).unwrap();
+    assert_eq!(status_of(&mut h, 70), NvspStatus::SUCCESS);
+}
+
+#[test]
+fn host_link_changes_reach_the_guest_spaced_two_seconds_apart() {
+    let (nic, _) = standin_nic(1);
+    let mut h = harness(&nic);
+    handshake(&mut h, NvspVersion::V61, 0).unwrap().unwrap();
+    let indications = |h: &mut Harness| -> Vec<u32> {
+        take_received(h, false)
+            .unwrap()
+            .iter()
+            .filter(|m| {
+                m.len() >= 12 && m[0..4] == RndisMessageType::INDICATE_STATUS.0.to_le_bytes()
+            })
+            .map(|m| u32::from_le_bytes(m[8..12].try_into().unwrap()))
+            .collect()
+    };
+    nic.set_stand_in_link(false);
+    h.run().unwrap();
+    // The handshake's query was the baseline just now: not yet.
+    assert!(indications(&mut h).is_empty());
+    std::thread::sleep(LINK_INDICATION_SPACING);
+    h.run().unwrap();
+    assert_eq!(indications(&mut h), [RndisStatus::MEDIA_DISCONNECT.0]);
+    nic.set_stand_in_link(true);
+    h.run().unwrap();
+    assert!(indications(&mut h).is_empty(), "within 2 s of the last");
+    std::thread::sleep(LINK_INDICATION_SPACING);
+    h.run().unwrap();
+    assert_eq!(indications(&mut h), [RndisStatus::MEDIA_CONNECT.0]);
+}
+
+#[test]
+fn the_channel_reopens_any_number_of_times() {
+    let (nic, qs) = standin_nic(2);
+    for round in 0..5 {
+        let mut h = harness(&nic);
+        let hs = handshake(&mut h, NvspVersion::V61, 0)
+            .unwrap()
+            .unwrap_or_else(|| panic!("round {round}"));
+        send_direct(&mut h, 80, &data(&frame([2; 6], 64), &[]), DATA_GPA).unwrap();
+        assert_eq!(status_of(&mut h, 80), NvspStatus::SUCCESS);
+        qs[0].push_to_guest(VirtioNetHdr::default(), frame(hs.mac, 64));
+        h.run().unwrap();
+        assert_eq!(frames_of(&take_received(&mut h, false).unwrap()).len(), 1);
+    }
+    assert_eq!(qs[0].take_to_host().len(), 5);
+}
