@@ -494,6 +494,11 @@ impl Supervisor {
                 tracing::warn!("guest TAP offloads: {e}");
             }
         }
+        // The guest's address is the one the host gave (its packet filter passes frames to
+        // it), as Linux sets it on the interface.
+        if let Err(e) = self.tap.link().set_mac(n.mac) {
+            tracing::warn!("guest TAP address {:02x?}: {e}", n.mac);
+        }
         if let Some(q) = self.tap.queues().first() {
             let _ = q.set_carrier(n.connected);
         }
@@ -905,12 +910,39 @@ impl NetQueue {
                 len: flen,
                 offload,
             }) => {
-                let piece = IoPiece::Shared(Shared::Mapped {
-                    map: &self.recv,
-                    offset: off + offset,
-                    len: flen,
-                });
-                let written = self.tap.queues()[tap_i].write(&offload.to_vnet(), &[piece]);
+                tracing::trace!(len = flen, ?offload, "frame from the host");
+                let at = off + offset;
+                // Checksums the host vouches for: the frame's head rewritten so that the TAP
+                // takes them as good (see `wire::rx_checksum`); else as it is.
+                let mut fhead = [0u8; netdev::offload::MAX_HEAD];
+                let fh = &mut fhead[..flen.min(netdev::offload::MAX_HEAD)];
+                let plan = offload
+                    .checksum_ok
+                    .then(|| self.recv.read(at, fh).ok())
+                    .flatten()
+                    .and_then(|()| wire::rx_checksum(fh))
+                    .and_then(|c| c.prepare_tx(flen, fh).ok());
+                let written = match &plan {
+                    Some(p) => self.tap.queues()[tap_i].write(
+                        &p.hdr,
+                        &[
+                            IoPiece::Local(p.head()),
+                            IoPiece::Shared(Shared::Mapped {
+                                map: &self.recv,
+                                offset: at + p.consumed,
+                                len: flen - p.consumed,
+                            }),
+                        ],
+                    ),
+                    None => self.tap.queues()[tap_i].write(
+                        &offload.to_vnet(),
+                        &[IoPiece::Shared(Shared::Mapped {
+                            map: &self.recv,
+                            offset: at,
+                            len: flen,
+                        })],
+                    ),
+                };
                 let s = self.qstats(tap_i);
                 match written {
                     Ok(Some(_)) => {

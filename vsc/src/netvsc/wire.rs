@@ -3,7 +3,7 @@
 //! indication, a control completion). Pure functions over bytes, unit-tested; the host is not
 //! trusted, so every length and offset is checked against the message.
 
-use netdev::{RxOffload, TxOffload};
+use netdev::{ChecksumRequest, L4Protocol, RxOffload, TxOffload};
 use vmbus_proto::rndis::{
     IndicateStatus, NdisPkt8021qInfo, NdisTcpIpChecksumInfo, PerPacketInfo, PpiType,
     RndisMessageHeader, RndisMessageType, RndisPacket, RndisStatus,
@@ -163,6 +163,48 @@ pub fn parse(head: &[u8], len: usize) -> Result<Received, Malformed> {
         }
         t => Ok(Received::Control(t)),
     }
+}
+
+/// For a frame the host says has good checksums: the checksum request that makes the guest
+/// TAP take it as such, if it is TCP or UDP over IPv4 (not a fragment) or IPv6 (no extension
+/// header). A TAP ignores `DATA_VALID` on write, and the host may have left the transport
+/// checksum partial (the host kernel's own frames), so such a frame is written with
+/// `NEEDS_CSUM` and the pseudo-header sum in its checksum field (`TxOffload::prepare_tx`): the
+/// guest kernel then trusts it, and finishes it if it forwards the frame.
+pub fn rx_checksum(head: &[u8]) -> Option<TxOffload> {
+    let mut l3 = 14;
+    let mut ethertype = u16::from_be_bytes([*head.get(12)?, *head.get(13)?]);
+    if ethertype == 0x8100 {
+        ethertype = u16::from_be_bytes([*head.get(16)?, *head.get(17)?]);
+        l3 += 4;
+    }
+    let (ipv6, proto, l4) = match ethertype {
+        0x0800 => {
+            let ihl = usize::from(head.get(l3)? & 0x0f) * 4;
+            let frag = u16::from_be_bytes([*head.get(l3 + 6)?, *head.get(l3 + 7)?]);
+            if ihl < 20 || frag & 0x3fff != 0 {
+                return None;
+            }
+            (false, *head.get(l3 + 9)?, l3 + ihl)
+        }
+        0x86dd => (true, *head.get(l3 + 6)?, l3 + 40),
+        _ => return None,
+    };
+    let l4p = match proto {
+        6 => L4Protocol::Tcp,
+        17 => L4Protocol::Udp,
+        _ => return None,
+    };
+    Some(TxOffload {
+        checksum: Some(ChecksumRequest {
+            ipv6,
+            ip_header: false,
+            l4: Some(l4p),
+            l4_offset: u16::try_from(l4).ok()?,
+        }),
+        lso: None,
+        vlan: None,
+    })
 }
 
 #[cfg(test)]
