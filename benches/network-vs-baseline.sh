@@ -51,7 +51,8 @@ for _ in $(seq 100); do [ -S "$dir/vspd.sock" ] && break; sleep 0.1; done
 ip -n "$H" addr add 10.78.0.1/24 dev htap
 ip -n "$H" link set htap up
 ip netns exec "$G" "$bin/vscd" --connect "$dir/vspd.sock" --tap gtap --queues "$queues" 2>"$dir/vscd.log" &
-pids+=($!)
+vscd_pid=$!
+pids+=($vscd_pid)
 for _ in $(seq 100); do grep -q "network adapter behind" "$dir/vscd.log" && break; sleep 0.1; done
 ip -n "$G" addr add 10.78.0.2/24 dev gtap
 ip -n "$G" link set gtap up
@@ -124,6 +125,9 @@ for m in "${metrics[@]}"; do
     done
 done
 echo "ping_rtt_us: lower is better (ours/veth above 1 is slower); the rest: Gbit/s."
+# vscd prints its NIC's counters (frames per queue, wakeups per frame) when it stops.
+kill -TERM "$vscd_pid" 2>/dev/null || true
+wait "$vscd_pid" 2>/dev/null || true
 grep -h "NIC counters" "$dir/vscd.log" 2>/dev/null || true
 
 if [ "${RAW:-1}" = 1 ]; then

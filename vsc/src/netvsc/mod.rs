@@ -96,13 +96,31 @@ pub struct NicStats {
     pub channels: AtomicU64,
     /// The host's link state as last indicated (1: connected).
     pub connected: AtomicU64,
-    /// Guest signals sent over every channel.
-    pub signals: AtomicU64,
-    /// Interrupts taken over every channel.
-    pub interrupts: AtomicU64,
+    /// The counters of every channel opened (signals sent, interrupts taken), of this session
+    /// and the earlier ones.
+    pub channel_stats: Mutex<Vec<Arc<crate::channel::ChannelStats>>>,
 }
 
 impl NicStats {
+    /// Guest signals sent and interrupts taken, over every channel so far.
+    pub fn wakeups(&self) -> (u64, u64) {
+        let l = self.channel_stats.lock().unwrap_or_else(|e| e.into_inner());
+        l.iter().fold((0, 0), |(s, i), c| {
+            (
+                s + c.signals.load(Ordering::Relaxed),
+                i + c.interrupts.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    /// Frames moved (both ways, every queue).
+    pub fn frames(&self) -> u64 {
+        self.queues
+            .iter()
+            .map(|q| q.tx_frames.load(Ordering::Relaxed) + q.rx_frames.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// A one-line summary (per queue: tx/rx frames).
     pub fn summary(&self) -> String {
         let q: Vec<String> = self
@@ -118,12 +136,12 @@ impl NicStats {
                 )
             })
             .collect();
+        let (signals, interrupts) = self.wakeups();
         format!(
-            "sessions {} channels {} signals {} interrupts {}; {}",
+            "sessions {} channels {} signals {signals} interrupts {interrupts} ({:.3} per frame); {}",
             self.sessions.load(Ordering::Relaxed),
             self.channels.load(Ordering::Relaxed),
-            self.signals.load(Ordering::Relaxed),
-            self.interrupts.load(Ordering::Relaxed),
+            (signals + interrupts) as f64 / self.frames().max(1) as f64,
             q.join("; ")
         )
     }
@@ -507,6 +525,11 @@ impl Supervisor {
             .store(u64::from(n.connected), Ordering::Relaxed);
         let per = (n.send_sections as usize / k).max(1);
         let mut queues = Vec::new();
+        self.stats
+            .channel_stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(channels.iter().map(|c| c.stats().clone()));
         for (j, ch) in channels.into_iter().enumerate() {
             let taps: Vec<usize> = (0..self.tap.queues().len())
                 .filter(|i| i % k == j)
@@ -876,13 +899,6 @@ impl NetQueue {
             }
         }
         lp.close();
-        let s = self.ch.stats();
-        self.stats
-            .signals
-            .fetch_add(s.signals.swap(0, Ordering::Relaxed), Ordering::Relaxed);
-        self.stats
-            .interrupts
-            .fetch_add(s.interrupts.swap(0, Ordering::Relaxed), Ordering::Relaxed);
         self
     }
 

@@ -309,6 +309,43 @@ mod tests {
     }
 
     #[test]
+    fn checksums_the_host_vouches_for_become_a_partial_checksum_request() {
+        // Ethernet + IPv4 (IHL 5) + TCP.
+        let mut f = vec![0u8; 14 + 20 + 20];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        f[14] = 0x45;
+        f[23] = 6;
+        let c = rx_checksum(&f).unwrap().checksum.unwrap();
+        assert_eq!(
+            (c.ipv6, c.l4, c.l4_offset),
+            (false, Some(L4Protocol::Tcp), 34)
+        );
+        // IPv4 options move the transport header.
+        f[14] = 0x46;
+        assert_eq!(rx_checksum(&f).unwrap().checksum.unwrap().l4_offset, 38);
+        // A fragment, ICMP, ARP, a short frame: left alone.
+        f[14] = 0x45;
+        f[20] = 0x20;
+        assert!(rx_checksum(&f).is_none());
+        f[20] = 0;
+        f[23] = 1;
+        assert!(rx_checksum(&f).is_none());
+        f[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert!(rx_checksum(&f).is_none());
+        assert!(rx_checksum(&f[..13]).is_none());
+        // IPv6 UDP behind a VLAN tag.
+        let mut f = vec![0u8; 18 + 40 + 8];
+        f[12..14].copy_from_slice(&[0x81, 0x00]);
+        f[16..18].copy_from_slice(&[0x86, 0xdd]);
+        f[18 + 6] = 17;
+        let c = rx_checksum(&f).unwrap().checksum.unwrap();
+        assert_eq!(
+            (c.ipv6, c.l4, c.l4_offset),
+            (true, Some(L4Protocol::Udp), 58)
+        );
+    }
+
+    #[test]
     fn status_indications_and_control_messages() {
         let mut m = RndisMessageHeader {
             message_type: RndisMessageType::INDICATE_STATUS,
