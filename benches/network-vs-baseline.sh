@@ -62,24 +62,29 @@ ip -n "$A" addr add 10.79.0.1/24 dev "va$tag"
 ip -n "$B" addr add 10.79.0.2/24 dev "vb$tag"
 ip -n "$A" link set "va$tag" up
 ip -n "$B" link set "vb$tag" up
-ip netns exec "$H" iperf3 -s -D -1 >/dev/null 2>&1 || true
 for ns in $H $A; do ip netns exec "$ns" iperf3 -s -D >/dev/null; done
 for _ in $(seq 50); do
     ip netns exec "$G" ping -c1 -W1 10.78.0.1 >/dev/null 2>&1 && break
 done
 ip netns exec "$B" ping -c1 -W1 10.79.0.1 >/dev/null
 
-# iperf3 NS SERVER ARGS: the receiver's Gbit/s.
+# iperf3 NS SERVER ARGS: the receiver's Gbit/s (the run is tried again once if the server
+# was still busy with the previous one).
 gbps() {
-    local ns=$1 server=$2
+    local ns=$1 server=$2 v
     shift 2
-    ip netns exec "$ns" iperf3 -c "$server" -t "$secs" -f g "$@" 2>/dev/null |
-        awk '/receiver/ { v = $(NF-2) } END { print v + 0 }'
+    for _ in 1 2; do
+        v=$({ ip netns exec "$ns" iperf3 -c "$server" -t "$secs" -f g "$@" 2>/dev/null || true; } |
+            awk '/receiver/ { v = $(NF-2) } END { print v + 0 }')
+        [ "$v" != 0 ] && break
+        sleep 0.5
+    done
+    echo "$v"
 }
 # rtt NS ADDR: the mean ping RTT in microseconds (50 pings, 10 ms apart).
 rtt() {
-    ip netns exec "$1" ping -q -c 50 -i 0.01 "$2" |
-        awk -F'/' '/rtt|round-trip/ { print $5 * 1000 }'
+    { ip netns exec "$1" ping -q -c 50 -i 0.01 "$2" || true; } |
+        awk -F'/' '/rtt|round-trip/ { v = $5 * 1000 } END { print v + 0 }'
 }
 
 metrics=(tcp_g2h_1 tcp_h2g_1 tcp_g2h_4 tcp_h2g_4 ping_rtt_us)
