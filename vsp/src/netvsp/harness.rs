@@ -21,6 +21,9 @@ use crate::server::{GpadlIndex, SharedGpadl};
 use crate::session::SubchannelRequest;
 use crate::Error;
 
+/// The virtio-net header, for callers without a netdev dependency (the fuzz targets).
+pub use netdev::VirtioNetHdr as VnetHdr;
+
 /// Bytes of each ring's data area.
 const RING_BYTES: usize = 256 << 10;
 
