@@ -4,7 +4,7 @@
 
 use vmbus_proto::netvsp::{NvspInit, NvspMessageType, NvspVersion};
 use vmbus_proto::rndis::{InitializeRequest, Oid, PpiType, RndisMessageType};
-use vsp::netvsp::harness::guest::{data, nvsp, query, rndis, set};
+use vsp::netvsp::harness::guest::{data, nvsp, query, rndis, set, tcp_frame};
 use zerocopy::IntoBytes;
 
 fn record(out: &mut Vec<u8>, op: u8, body: &[u8]) {
@@ -19,18 +19,6 @@ fn frame(len: usize) -> Vec<u8> {
     f
 }
 
-fn tcp_frame(payload: usize) -> Vec<u8> {
-    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 8, 0];
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[9] = 6;
-    f.extend_from_slice(&ip);
-    let mut tcp = [0u8; 20];
-    tcp[12] = 5 << 4;
-    f.extend_from_slice(&tcp);
-    f.resize(54 + payload, 0x44);
-    f
-}
 
 fn main() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds/netvsp");

@@ -446,6 +446,24 @@ pub mod guest {
         rndis(RndisMessageType::PACKET, &b)
     }
 
+    /// A TCP/IPv4 frame (02:..:02 to 02:..:01) with `payload` bytes, its IPv4 total length
+    /// set, checksums left zero.
+    pub fn tcp_frame(payload: usize) -> Vec<u8> {
+        let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 8, 0];
+        let total = 20 + 20 + payload;
+        let mut ip = [0u8; 20];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&(total.min(65535) as u16).to_be_bytes());
+        ip[8] = 64;
+        ip[9] = 6;
+        f.extend_from_slice(&ip);
+        let mut tcp = [0u8; 20];
+        tcp[12] = 5 << 4;
+        f.extend_from_slice(&tcp);
+        f.resize(14 + total, 0x5a);
+        f
+    }
+
     /// Page ranges of `len` bytes at `gpa` (contiguous pages), as one GPA-direct range.
     pub fn pages(gpa: u64, len: usize) -> Vec<u64> {
         let first = gpa / 4096;

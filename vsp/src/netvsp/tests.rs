@@ -399,7 +399,7 @@ fn hostile_cases() -> Vec<(&'static str, Vec<u8>)> {
     let mut m = data(&frame([2; 6], 100), &[(PpiType::TCPIP_CHKSUM, 0)]);
     m[28..32].copy_from_slice(&1000u32.to_le_bytes());
     cases.push(("PPI area outside", m));
-    let tcp = netdev_tcp_frame();
+    let tcp = tcp_frame(3000);
     cases.push((
         "LSO with MSS 0",
         data(&tcp, &[(PpiType::TCP_LARGESEND, 34 << 20 | 1 << 30)]),
@@ -414,23 +414,6 @@ fn hostile_cases() -> Vec<(&'static str, Vec<u8>)> {
     cases.push(("frame over the MTU", data(&frame([2; 6], 1515), &[])));
     cases.push(("runt frame", data(&frame([2; 6], 100)[..10], &[])));
     cases
-}
-
-/// A TCP/IPv4 frame with 3000 bytes of payload.
-fn netdev_tcp_frame() -> Vec<u8> {
-    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 8, 0];
-    let total = 20 + 20 + 3000;
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    ip[8] = 64;
-    ip[9] = 6;
-    f.extend_from_slice(&ip);
-    let mut tcp = [0u8; 20];
-    tcp[12] = 5 << 4;
-    f.extend_from_slice(&tcp);
-    f.resize(14 + total, 0x5a);
-    f
 }
 
 #[test]
