@@ -214,16 +214,21 @@ pub struct NicSettings {
 
 impl Nic {
     /// Opens (or creates) the TAP with one queue per possible channel, sets its MTU, brings it
-    /// up, and detaches every queue but the first until its channel opens.
+    /// up, and detaches every queue but the first until its channel opens. The TAP takes no
+    /// offloads from us (see below).
     pub fn open_tap(s: &NicSettings) -> Result<Arc<Self>, Error> {
         let tap = netdev::Tap::open(&s.tap, usize::from(s.queues)).map_err(Error::Net)?;
         let (link, queues) = tap.into_parts();
-        link.set_mtu(s.mtu + if s.vlan.is_some() { 4 } else { 0 })
-            .map_err(Error::Net)?;
+        // A VLAN device on the TAP takes the TAP's MTU, so its frames carry at most `mtu`
+        // bytes of payload plus the tag: what a receive section holds.
+        link.set_mtu(s.mtu).map_err(Error::Net)?;
         link.set_up(true).map_err(Error::Net)?;
         let mut boxed: Vec<Box<dyn NetQueue>> = Vec::new();
         for (i, q) in queues.into_iter().enumerate() {
-            q.set_offload(netdev::TunOffload::CSUM)
+            // No offloads: RNDIS can say "checksum succeeded" but not "checksum still to do",
+            // so the host kernel finishes checksums (and segments) before a frame reaches us;
+            // frames it verified come with DATA_VALID, and only those are "succeeded".
+            q.set_offload(netdev::TunOffload::empty())
                 .map_err(Error::Net)?;
             if i > 0 {
                 q.set_attached(false).map_err(Error::Net)?;
