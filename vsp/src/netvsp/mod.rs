@@ -481,6 +481,8 @@ pub struct Netvsp {
     blocked: Option<u32>,
     /// Link state last told to the guest, and when.
     link_told: Option<(bool, Instant)>,
+    /// When the link was last looked at (the timer's expirations are read then too).
+    link_checked: Instant,
     epoll: OwnedFd,
     timer: Option<OwnedFd>,
     tap_armed: bool,
@@ -538,6 +540,7 @@ impl Netvsp {
             pending_answers: VecDeque::new(),
             blocked: None,
             link_told: None,
+            link_checked: Instant::now(),
             epoll: ep,
             timer: None,
             tap_armed: false,
@@ -554,28 +557,13 @@ impl Netvsp {
             .map_err(Error::Socket)?;
         }
         if me.index == 0 {
-            use rustix::time::{
-                timerfd_create, timerfd_settime, Itimerspec, TimerfdClockId, TimerfdFlags,
-                TimerfdTimerFlags, Timespec,
-            };
+            use rustix::time::{timerfd_create, TimerfdClockId, TimerfdFlags};
             let t = timerfd_create(
                 TimerfdClockId::Monotonic,
                 TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
             )
             .map_err(Error::Socket)?;
-            let every = Timespec {
-                tv_sec: LINK_POLL.as_secs() as i64,
-                tv_nsec: 0,
-            };
-            timerfd_settime(
-                &t,
-                TimerfdTimerFlags::empty(),
-                &Itimerspec {
-                    it_interval: every,
-                    it_value: every,
-                },
-            )
-            .map_err(Error::Socket)?;
+            arm_link_timer(&t)?;
             epoll::add(
                 &me.epoll,
                 &t,
@@ -899,7 +887,7 @@ impl Netvsp {
                 if r.op != NvspSubchannelOperation::ALLOCATE {
                     return self.refuse(out, packet, kind);
                 }
-                let max = u32::from(self.nic().queue_count()) - 1;
+                let max = u32::from(self.nic().queue_count()).saturating_sub(1);
                 let granted = r.num_subchannels.min(max);
                 if granted > 0 {
                     let asked = self
@@ -1477,9 +1465,17 @@ impl Netvsp {
 
     /// The primary channel tells the guest of host link changes, at most one per 2 s.
     fn watch_link(&mut self) {
+        // At most once per timer period: the worker calls `poll` on every turn of its loop.
+        if self.link_checked.elapsed() < LINK_POLL {
+            return;
+        }
+        self.link_checked = Instant::now();
         if let Some(t) = &self.timer {
+            // One-shot, armed after each look: it is readable only once `LINK_POLL` has
+            // passed, when this check runs and reads it, so it never keeps the worker awake.
             let mut b = [0u8; 8];
             let _ = rustix::io::read(t, &mut b);
+            let _ = arm_link_timer(t);
         }
         if self.index != 0 || !self.rndis.initialized {
             return;
@@ -1529,6 +1525,24 @@ impl Netvsp {
             }
         }
     }
+}
+
+/// Arms the primary channel's link timer to expire once, `LINK_POLL` from now.
+fn arm_link_timer(t: &OwnedFd) -> Result<(), Error> {
+    use rustix::time::{timerfd_settime, Itimerspec, TimerfdTimerFlags, Timespec};
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let once = Itimerspec {
+        it_interval: zero,
+        it_value: Timespec {
+            tv_sec: LINK_POLL.as_secs() as i64,
+            tv_nsec: 0,
+        },
+    };
+    timerfd_settime(t, TimerfdTimerFlags::empty(), &once).map_err(Error::Socket)?;
+    Ok(())
 }
 
 /// Whether a frame to `dst` passes the guest's packet filter for address `mac`.
