@@ -555,6 +555,22 @@ impl AsFd for TapQueue {
     }
 }
 
+/// Moves the calling thread (only it: a network namespace belongs to a thread) into a new,
+/// empty network namespace, which goes away with every interface in it when the thread and
+/// the descriptors it opened there are gone. Processes the thread starts inherit it. For tests
+/// and demonstrations that must not touch the host's interfaces.
+pub fn enter_new_netns() -> Result<(), Error> {
+    // SAFETY: unshare(2) with a flag constant and no pointers; CLONE_NEWNET changes only the
+    // calling thread's network namespace, which no Rust invariant depends on.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(Error::Ioctl(
+            "unshare(CLONE_NEWNET)",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
 /// Test helpers that need a TAP: a fresh network namespace for the calling thread.
 #[cfg(test)]
 pub(crate) mod testns {
@@ -565,12 +581,8 @@ pub(crate) mod testns {
             println!("SKIP {test}: /dev/net/tun is missing");
             return false;
         }
-        // SAFETY: unshare(2) with a flag constant; it changes only this thread's namespace.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            println!(
-                "SKIP {test}: cannot make a network namespace ({})",
-                std::io::Error::last_os_error()
-            );
+        if let Err(e) = super::enter_new_netns() {
+            println!("SKIP {test}: cannot make a network namespace ({e:?})");
             return false;
         }
         true

@@ -21,6 +21,9 @@ use crate::server::{GpadlIndex, SharedGpadl};
 use crate::session::SubchannelRequest;
 use crate::Error;
 
+/// The virtio-net header, for callers without a netdev dependency (the fuzz targets).
+pub use netdev::VirtioNetHdr as VnetHdr;
+
 /// Bytes of each ring's data area.
 const RING_BYTES: usize = 256 << 10;
 
@@ -441,6 +444,24 @@ pub mod guest {
         }
         b.extend_from_slice(frame);
         rndis(RndisMessageType::PACKET, &b)
+    }
+
+    /// A TCP/IPv4 frame (02:..:02 to 02:..:01) with `payload` bytes, its IPv4 total length
+    /// set, checksums left zero.
+    pub fn tcp_frame(payload: usize) -> Vec<u8> {
+        let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 8, 0];
+        let total = 20 + 20 + payload;
+        let mut ip = [0u8; 20];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&(total.min(65535) as u16).to_be_bytes());
+        ip[8] = 64;
+        ip[9] = 6;
+        f.extend_from_slice(&ip);
+        let mut tcp = [0u8; 20];
+        tcp[12] = 5 << 4;
+        f.extend_from_slice(&tcp);
+        f.resize(14 + total, 0x5a);
+        f
     }
 
     /// Page ranges of `len` bytes at `gpa` (contiguous pages), as one GPA-direct range.

@@ -214,16 +214,21 @@ pub struct NicSettings {
 
 impl Nic {
     /// Opens (or creates) the TAP with one queue per possible channel, sets its MTU, brings it
-    /// up, and detaches every queue but the first until its channel opens.
+    /// up, and detaches every queue but the first until its channel opens. The TAP takes no
+    /// offloads from us (see below).
     pub fn open_tap(s: &NicSettings) -> Result<Arc<Self>, Error> {
         let tap = netdev::Tap::open(&s.tap, usize::from(s.queues)).map_err(Error::Net)?;
         let (link, queues) = tap.into_parts();
-        link.set_mtu(s.mtu + if s.vlan.is_some() { 4 } else { 0 })
-            .map_err(Error::Net)?;
+        // A VLAN device on the TAP takes the TAP's MTU, so its frames carry at most `mtu`
+        // bytes of payload plus the tag: what a receive section holds.
+        link.set_mtu(s.mtu).map_err(Error::Net)?;
         link.set_up(true).map_err(Error::Net)?;
         let mut boxed: Vec<Box<dyn NetQueue>> = Vec::new();
         for (i, q) in queues.into_iter().enumerate() {
-            q.set_offload(netdev::TunOffload::CSUM)
+            // No offloads: RNDIS can say "checksum succeeded" but not "checksum still to do",
+            // so the host kernel finishes checksums (and segments) before a frame reaches us;
+            // frames it verified come with DATA_VALID, and only those are "succeeded".
+            q.set_offload(netdev::TunOffload::empty())
                 .map_err(Error::Net)?;
             if i > 0 {
                 q.set_attached(false).map_err(Error::Net)?;
@@ -476,6 +481,8 @@ pub struct Netvsp {
     blocked: Option<u32>,
     /// Link state last told to the guest, and when.
     link_told: Option<(bool, Instant)>,
+    /// When the link was last looked at (the timer's expirations are read then too).
+    link_checked: Instant,
     epoll: OwnedFd,
     timer: Option<OwnedFd>,
     tap_armed: bool,
@@ -533,6 +540,7 @@ impl Netvsp {
             pending_answers: VecDeque::new(),
             blocked: None,
             link_told: None,
+            link_checked: Instant::now(),
             epoll: ep,
             timer: None,
             tap_armed: false,
@@ -549,28 +557,13 @@ impl Netvsp {
             .map_err(Error::Socket)?;
         }
         if me.index == 0 {
-            use rustix::time::{
-                timerfd_create, timerfd_settime, Itimerspec, TimerfdClockId, TimerfdFlags,
-                TimerfdTimerFlags, Timespec,
-            };
+            use rustix::time::{timerfd_create, TimerfdClockId, TimerfdFlags};
             let t = timerfd_create(
                 TimerfdClockId::Monotonic,
                 TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
             )
             .map_err(Error::Socket)?;
-            let every = Timespec {
-                tv_sec: LINK_POLL.as_secs() as i64,
-                tv_nsec: 0,
-            };
-            timerfd_settime(
-                &t,
-                TimerfdTimerFlags::empty(),
-                &Itimerspec {
-                    it_interval: every,
-                    it_value: every,
-                },
-            )
-            .map_err(Error::Socket)?;
+            arm_link_timer(&t)?;
             epoll::add(
                 &me.epoll,
                 &t,
@@ -894,7 +887,7 @@ impl Netvsp {
                 if r.op != NvspSubchannelOperation::ALLOCATE {
                     return self.refuse(out, packet, kind);
                 }
-                let max = u32::from(self.nic().queue_count()) - 1;
+                let max = u32::from(self.nic().queue_count()).saturating_sub(1);
                 let granted = r.num_subchannels.min(max);
                 if granted > 0 {
                     let asked = self
@@ -1472,9 +1465,17 @@ impl Netvsp {
 
     /// The primary channel tells the guest of host link changes, at most one per 2 s.
     fn watch_link(&mut self) {
+        // At most once per timer period: the worker calls `poll` on every turn of its loop.
+        if self.link_checked.elapsed() < LINK_POLL {
+            return;
+        }
+        self.link_checked = Instant::now();
         if let Some(t) = &self.timer {
+            // One-shot, armed after each look: it is readable only once `LINK_POLL` has
+            // passed, when this check runs and reads it, so it never keeps the worker awake.
             let mut b = [0u8; 8];
             let _ = rustix::io::read(t, &mut b);
+            let _ = arm_link_timer(t);
         }
         if self.index != 0 || !self.rndis.initialized {
             return;
@@ -1524,6 +1525,24 @@ impl Netvsp {
             }
         }
     }
+}
+
+/// Arms the primary channel's link timer to expire once, `LINK_POLL` from now.
+fn arm_link_timer(t: &OwnedFd) -> Result<(), Error> {
+    use rustix::time::{timerfd_settime, Itimerspec, TimerfdTimerFlags, Timespec};
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let once = Itimerspec {
+        it_interval: zero,
+        it_value: Timespec {
+            tv_sec: LINK_POLL.as_secs() as i64,
+            tv_nsec: 0,
+        },
+    };
+    timerfd_settime(t, TimerfdTimerFlags::empty(), &once).map_err(Error::Socket)?;
+    Ok(())
 }
 
 /// Whether a frame to `dst` passes the guest's packet filter for address `mac`.

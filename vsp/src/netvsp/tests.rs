@@ -313,39 +313,7 @@ fn hostile_data_messages_are_refused_and_counted() {
     let mut h = harness(&nic);
     let hs = handshake(&mut h, NvspVersion::V61, 0).unwrap().unwrap();
     let good = data(&frame([2; 6], 100), &[]);
-    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
-    let mut m = good.clone();
-    m[4..8].copy_from_slice(&10_000u32.to_le_bytes());
-    cases.push(("length past the message", m));
-    let mut m = good.clone();
-    m[8..12].copy_from_slice(&5000u32.to_le_bytes());
-    cases.push(("data offset outside", m));
-    let mut m = good.clone();
-    m[12..16].copy_from_slice(&5000u32.to_le_bytes());
-    cases.push(("data length outside", m));
-    let mut m = data(&frame([2; 6], 100), &[(PpiType::TCPIP_CHKSUM, 0)]);
-    m[44..48].copy_from_slice(&0u32.to_le_bytes());
-    cases.push(("PPI of size 0", m));
-    let mut m = data(&frame([2; 6], 100), &[(PpiType::TCPIP_CHKSUM, 0)]);
-    m[44..48].copy_from_slice(&400u32.to_le_bytes());
-    cases.push(("PPI past its end", m));
-    let mut m = data(&frame([2; 6], 100), &[(PpiType::TCPIP_CHKSUM, 0)]);
-    m[28..32].copy_from_slice(&1000u32.to_le_bytes());
-    cases.push(("PPI area outside", m));
-    let tcp = netdev_tcp_frame();
-    cases.push((
-        "LSO with MSS 0",
-        data(&tcp, &[(PpiType::TCP_LARGESEND, 34 << 20 | 1 << 30)]),
-    ));
-    cases.push((
-        "LSO header offset past the frame",
-        data(
-            &tcp[..900],
-            &[(PpiType::TCP_LARGESEND, 1400 | 1000 << 20 | 1 << 30)],
-        ),
-    ));
-    cases.push(("frame over the MTU", data(&frame([2; 6], 1515), &[])));
-    cases.push(("runt frame", data(&frame([2; 6], 100)[..10], &[])));
+    let cases = hostile_cases();
     for (i, (what, msg)) in cases.iter().enumerate() {
         let tx = 100 + i as u64;
         send_direct(&mut h, tx, msg, DATA_GPA).unwrap();
@@ -409,21 +377,43 @@ fn hostile_data_messages_are_refused_and_counted() {
     assert_eq!(qs[0].take_to_host().len(), 2);
 }
 
-/// A TCP/IPv4 frame with 3000 bytes of payload.
-fn netdev_tcp_frame() -> Vec<u8> {
-    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 8, 0];
-    let total = 20 + 20 + 3000;
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    ip[8] = 64;
-    ip[9] = 6;
-    f.extend_from_slice(&ip);
-    let mut tcp = [0u8; 20];
-    tcp[12] = 5 << 4;
-    f.extend_from_slice(&tcp);
-    f.resize(14 + total, 0x5a);
-    f
+/// Malformed data messages (each with what is wrong), as the tests and the TAP test send them.
+fn hostile_cases() -> Vec<(&'static str, Vec<u8>)> {
+    let good = data(&frame([2; 6], 100), &[]);
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    let mut m = good.clone();
+    m[4..8].copy_from_slice(&10_000u32.to_le_bytes());
+    cases.push(("length past the message", m));
+    let mut m = good.clone();
+    m[8..12].copy_from_slice(&5000u32.to_le_bytes());
+    cases.push(("data offset outside", m));
+    let mut m = good.clone();
+    m[12..16].copy_from_slice(&5000u32.to_le_bytes());
+    cases.push(("data length outside", m));
+    let mut m = data(&frame([2; 6], 100), &[(PpiType::TCPIP_CHKSUM, 0)]);
+    m[44..48].copy_from_slice(&0u32.to_le_bytes());
+    cases.push(("PPI of size 0", m));
+    let mut m = data(&frame([2; 6], 100), &[(PpiType::TCPIP_CHKSUM, 0)]);
+    m[44..48].copy_from_slice(&400u32.to_le_bytes());
+    cases.push(("PPI past its end", m));
+    let mut m = data(&frame([2; 6], 100), &[(PpiType::TCPIP_CHKSUM, 0)]);
+    m[28..32].copy_from_slice(&1000u32.to_le_bytes());
+    cases.push(("PPI area outside", m));
+    let tcp = tcp_frame(3000);
+    cases.push((
+        "LSO with MSS 0",
+        data(&tcp, &[(PpiType::TCP_LARGESEND, 34 << 20 | 1 << 30)]),
+    ));
+    cases.push((
+        "LSO header offset past the frame",
+        data(
+            &tcp[..900],
+            &[(PpiType::TCP_LARGESEND, 1400 | 1000 << 20 | 1 << 30)],
+        ),
+    ));
+    cases.push(("frame over the MTU", data(&frame([2; 6], 1515), &[])));
+    cases.push(("runt frame", data(&frame([2; 6], 100)[..10], &[])));
+    cases
 }
 
 #[test]
@@ -623,6 +613,39 @@ fn host_link_changes_reach_the_guest_spaced_two_seconds_apart() {
 }
 
 #[test]
+fn a_vlan_nic_tags_and_untags() {
+    let qs = [StandIn::default()];
+    let mut s = settings(1);
+    s.vlan = Some(100);
+    let nic = Nic::with_queues(&s, vec![Box::new(qs[0].clone())], None);
+    let mut h = harness(&nic);
+    let hs = handshake(&mut h, NvspVersion::V61, 0).unwrap().unwrap();
+    let f = frame([2, 9, 9, 9, 9, 9], 1514);
+    send_direct(&mut h, 90, &data(&f, &[]), DATA_GPA).unwrap();
+    assert_eq!(status_of(&mut h, 90), NvspStatus::SUCCESS);
+    let out = qs[0].take_to_host();
+    assert_eq!(
+        netdev::offload::Vlan::of_frame(&out[0].1).map(|v| v.id),
+        Some(100)
+    );
+    assert_eq!([&out[0].1[..12], &out[0].1[16..]].concat(), f);
+    // Toward the guest: our VLAN untagged; another VLAN and untagged frames dropped.
+    let tagged = |id: u16| {
+        let g = frame(hs.mac, 1514);
+        let tag = netdev::offload::Vlan { id, priority: 0 }.tag_bytes();
+        [&g[..12], &tag[..], &g[12..]].concat()
+    };
+    qs[0].push_to_guest(VirtioNetHdr::default(), tagged(100));
+    qs[0].push_to_guest(VirtioNetHdr::default(), tagged(101));
+    qs[0].push_to_guest(VirtioNetHdr::default(), frame(hs.mac, 100));
+    h.run().unwrap();
+    let got = frames_of(&take_received(&mut h, false).unwrap());
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].2, frame(hs.mac, 1514));
+    assert_eq!(nic.stats.rx_dropped.load(Ordering::Relaxed), 2);
+}
+
+#[test]
 fn the_channel_reopens_any_number_of_times() {
     let (nic, qs) = standin_nic(2);
     for round in 0..5 {
@@ -637,4 +660,224 @@ fn the_channel_reopens_any_number_of_times() {
         assert_eq!(frames_of(&take_received(&mut h, false).unwrap()).len(), 1);
     }
     assert_eq!(qs[0].take_to_host().len(), 5);
+}
+
+/// netvsp over a real TAP, in a network namespace each test thread makes (and that goes away
+/// with the thread); skipped, with a message, where TAP or namespaces are missing.
+mod tap_tests {
+    use super::*;
+    use netdev::offload::internet_checksum;
+    use std::time::{Duration, Instant};
+
+    const GUEST_MAC: [u8; 6] = [2, 0x22, 0, 0, 0, 2];
+
+    /// Runs `f` on a thread in a fresh network namespace, or prints why not.
+    fn in_netns(test: &str, f: impl FnOnce() + Send + 'static) {
+        let test = test.to_string();
+        std::thread::spawn(move || {
+            if !std::path::Path::new("/dev/net/tun").exists() {
+                println!("SKIP {test}: /dev/net/tun is missing");
+                return;
+            }
+            if let Err(e) = netdev::enter_new_netns() {
+                println!("SKIP {test}: cannot make a network namespace: {e}");
+                return;
+            }
+            f();
+        })
+        .join()
+        .unwrap();
+    }
+
+    fn ip(args: &str) -> bool {
+        match std::process::Command::new("ip")
+            .args(args.split_whitespace())
+            .status()
+        {
+            Ok(s) => {
+                assert!(s.success(), "ip {args}");
+                true
+            }
+            Err(e) => {
+                println!("SKIP: no ip command ({e})");
+                false
+            }
+        }
+    }
+
+    fn tap_nic(name: &str, vlan: Option<u16>) -> Arc<Nic> {
+        Nic::open_tap(&NicSettings {
+            tap: name.into(),
+            mac: GUEST_MAC,
+            mtu: 1500,
+            vlan,
+            queues: 2,
+        })
+        .unwrap()
+    }
+
+    /// An ARP request from the guest for `target`.
+    fn arp_request(sender: [u8; 4], target: [u8; 4]) -> Vec<u8> {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&GUEST_MAC);
+        f.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+        f.extend_from_slice(&GUEST_MAC);
+        f.extend_from_slice(&sender);
+        f.extend_from_slice(&[0; 6]);
+        f.extend_from_slice(&target);
+        f.resize(60, 0);
+        f
+    }
+
+    /// An IPv4 frame from the guest to `dst_mac`/`dst`.
+    fn ipv4(dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8]) -> Vec<u8> {
+        let mut f = dst_mac.to_vec();
+        f.extend_from_slice(&GUEST_MAC);
+        f.extend_from_slice(&[8, 0]);
+        let mut h = [0u8; 20];
+        h[0] = 0x45;
+        h[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+        h[8] = 64;
+        h[9] = proto;
+        h[12..16].copy_from_slice(&src);
+        h[16..20].copy_from_slice(&dst);
+        let c = internet_checksum(&h);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        f.extend_from_slice(&h);
+        f.extend_from_slice(l4);
+        f
+    }
+
+    /// Runs the channel until a frame matching `want` reaches the guest (5 s at most).
+    fn wait_frame(h: &mut Harness, mut want: impl FnMut(&[u8]) -> bool) -> Vec<u8> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            h.run().unwrap();
+            for (_, _, f) in frames_of(&take_received(h, false).unwrap()) {
+                if want(&f) {
+                    return f;
+                }
+            }
+            assert!(Instant::now() < deadline, "no such frame reached the guest");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn arp_ping_and_checksum_offload_through_a_real_tap() {
+        in_netns("arp_ping_and_checksum_offload_through_a_real_tap", || {
+            let nic = tap_nic("nvt0", None);
+            if !ip("addr add 10.8.0.1/24 dev nvt0") {
+                return;
+            }
+            let mut h = harness(&nic);
+            handshake(&mut h, NvspVersion::V61, 0).unwrap().unwrap();
+            // ARP: the host answers the guest.
+            send_direct(
+                &mut h,
+                1000,
+                &data(&arp_request([10, 8, 0, 2], [10, 8, 0, 1]), &[]),
+                DATA_GPA,
+            )
+            .unwrap();
+            assert_eq!(status_of(&mut h, 1000), NvspStatus::SUCCESS);
+            let reply = wait_frame(&mut h, |f| {
+                f.len() >= 42 && f[12..14] == [8, 6] && f[20..22] == [0, 2]
+            });
+            assert_eq!(reply[..6], GUEST_MAC);
+            let host_mac: [u8; 6] = reply[6..12].try_into().unwrap();
+            // Ping: an ICMP echo answered.
+            let mut icmp = vec![8, 0, 0, 0, 0x12, 0x34, 0, 1];
+            icmp.extend_from_slice(&[0xab; 56]);
+            let c = internet_checksum(&icmp);
+            icmp[2..4].copy_from_slice(&c.to_be_bytes());
+            let ping = ipv4(host_mac, [10, 8, 0, 2], [10, 8, 0, 1], 1, &icmp);
+            send_direct(&mut h, 1001, &data(&ping, &[]), DATA_GPA).unwrap();
+            let pong = wait_frame(&mut h, |f| {
+                f.len() >= 42 && f[12..14] == [8, 0] && f[23] == 1 && f[34] == 0
+            });
+            assert_eq!(pong[38..40], [0x12, 0x34]);
+            // UDP with the checksum left to the host (a checksum PPI): a socket receives it.
+            let sock = std::net::UdpSocket::bind("10.8.0.1:9999").unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let payload = vec![0x42u8; 1000];
+            let mut udp = vec![0u8; 8];
+            udp[0..2].copy_from_slice(&4444u16.to_be_bytes());
+            udp[2..4].copy_from_slice(&9999u16.to_be_bytes());
+            udp[4..6].copy_from_slice(&1008u16.to_be_bytes());
+            udp.extend_from_slice(&payload);
+            let frame = ipv4(host_mac, [10, 8, 0, 2], [10, 8, 0, 1], 17, &udp);
+            let csum = 1 | 1 << 3 | 34 << 16;
+            send_direct(
+                &mut h,
+                1002,
+                &data(&frame, &[(PpiType::TCPIP_CHKSUM, csum)]),
+                DATA_GPA,
+            )
+            .unwrap();
+            assert_eq!(status_of(&mut h, 1002), NvspStatus::SUCCESS);
+            let mut got = [0u8; 2000];
+            let (n, from) = sock.recv_from(&mut got).unwrap();
+            assert_eq!((&got[..n], from.port()), (&payload[..], 4444));
+            // Hostile messages are refused; the host still answers afterwards.
+            for (i, (what, msg)) in hostile_cases().iter().enumerate() {
+                let tx = 1100 + i as u64;
+                send_direct(&mut h, tx, msg, DATA_GPA).unwrap();
+                assert_eq!(
+                    status_of(&mut h, tx),
+                    NvspStatus::INVALID_RNDIS_PACKET,
+                    "{what}"
+                );
+            }
+            send_direct(&mut h, 1200, &data(&ping, &[]), DATA_GPA).unwrap();
+            wait_frame(&mut h, |f| {
+                f.len() >= 42 && f[12..14] == [8, 0] && f[23] == 1 && f[34] == 0
+            });
+            // The host link goes down: the NIC sees it.
+            ip("link set nvt0 down");
+            assert!(!nic.link_connected());
+            assert_eq!(
+                nic.stats.tx_malformed.load(Ordering::Relaxed)
+                    + nic.stats.tx_over_mtu.load(Ordering::Relaxed),
+                hostile_cases().len() as u64
+            );
+        });
+    }
+
+    #[test]
+    fn a_vlan_nic_tags_toward_the_host_and_untags_toward_the_guest() {
+        in_netns(
+            "a_vlan_nic_tags_toward_the_host_and_untags_toward_the_guest",
+            || {
+                let nic = tap_nic("nvt1", Some(100));
+                let vlan = std::process::Command::new("ip")
+                    .args("link add link nvt1 name nvt1.100 type vlan id 100".split(' '))
+                    .status();
+                if !vlan.is_ok_and(|s| s.success()) {
+                    println!(
+                        "SKIP a_vlan_nic_tags...: this kernel cannot make VLAN devices (8021q)"
+                    );
+                    return;
+                }
+                ip("addr add 10.7.0.1/24 dev nvt1.100");
+                ip("link set nvt1.100 up");
+                let mut h = harness(&nic);
+                handshake(&mut h, NvspVersion::V61, 0).unwrap().unwrap();
+                send_direct(
+                    &mut h,
+                    2000,
+                    &data(&arp_request([10, 7, 0, 2], [10, 7, 0, 1]), &[]),
+                    DATA_GPA,
+                )
+                .unwrap();
+                assert_eq!(status_of(&mut h, 2000), NvspStatus::SUCCESS);
+                // Only the VLAN device answers, so the tag made it to the host; the guest sees
+                // the answer untagged.
+                let reply = wait_frame(&mut h, |f| {
+                    f.len() >= 42 && f[12..14] == [8, 6] && f[20..22] == [0, 2]
+                });
+                assert_eq!(reply[28..32], [10, 7, 0, 1]);
+            },
+        );
+    }
 }
