@@ -506,9 +506,9 @@ impl vsc::nbd::BlockDevice for FuzzDisk {
     }
     fn attach_source(
         &self,
-        mut source: Box<dyn vsc::storvsc::QueueSource>,
-    ) -> Result<vsc::storvsc::SourceWaker, Box<dyn vsc::storvsc::QueueSource>> {
-        use vsc::storvsc::SourcePoll;
+        mut source: Box<dyn vsc::queue::QueueSource>,
+    ) -> Result<vsc::queue::SourceWaker, Box<dyn vsc::queue::QueueSource>> {
+        use vsc::queue::SourcePoll;
         if !self.event {
             return Err(source);
         }
