@@ -109,7 +109,7 @@ fn setup() -> Result<Setup, String> {
     let socket = dir.join("vspd.sock");
     let child = Command::new(vspd)
         .args(["--socket", &socket.display().to_string()])
-        .args(["--nic", "tap=htap", "--poll-us", "0"])
+        .args(["--nic", "tap=htap"])
         .env("VSPD_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
