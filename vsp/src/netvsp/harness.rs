@@ -356,7 +356,7 @@ pub mod guest {
         SubchannelRequest as NvspSubchannelRequest, LINUX_RECEIVE_BUFFER_ID, LINUX_SEND_BUFFER_ID,
     };
     use vmbus_proto::rndis::{
-        packet_filter, InitializeRequest, Oid, PerPacketInfo, PpiType, QueryComplete, QueryRequest,
+        InitializeRequest, Oid, PacketFilter, PerPacketInfo, PpiType, QueryComplete, QueryRequest,
         RndisMessageHeader, RndisMessageType, RndisPacket, SetComplete, SetRequest,
     };
     use zerocopy::{FromBytes, Immutable, IntoBytes};
@@ -819,7 +819,7 @@ pub mod guest {
             }
         }
         let filter =
-            packet_filter::DIRECTED | packet_filter::BROADCAST | packet_filter::ALL_MULTICAST;
+            (PacketFilter::DIRECTED | PacketFilter::BROADCAST | PacketFilter::ALL_MULTICAST).bits();
         if set_status(h, 20, Oid::GEN_CURRENT_PACKET_FILTER, &filter.to_le_bytes())? != 0 {
             return Ok(None);
         }

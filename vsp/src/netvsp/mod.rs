@@ -41,7 +41,7 @@ use vmbus_proto::netvsp::{
     INVALID_SECTION_INDEX, SEND_INDIRECTION_TABLE_SIZE,
 };
 use vmbus_proto::ring::{PacketType, TransferPageRange, PACKET_FLAG_COMPLETION_REQUESTED};
-use vmbus_proto::rndis::{packet_filter, RndisMessageHeader, RndisMessageType};
+use vmbus_proto::rndis::{PacketFilter, RndisMessageHeader, RndisMessageType};
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::channel::Device;
@@ -1151,7 +1151,7 @@ impl Netvsp {
         // Relaxed: read per frame by every channel; a frame racing the change may see either.
         self.group.filter.store(
             if self.rndis.initialized {
-                self.rndis.filter
+                self.rndis.filter.bits()
             } else {
                 0
             },
@@ -1363,8 +1363,8 @@ impl Netvsp {
             moved = true;
         }
         // Relaxed: see `control`.
-        let filter = self.group.filter.load(Ordering::Relaxed);
-        if filter == 0 || self.queue.is_none() {
+        let filter = PacketFilter::from_bits_retain(self.group.filter.load(Ordering::Relaxed));
+        if filter.is_empty() || self.queue.is_none() {
             return Ok(moved);
         }
         let mac = *self.group.mac.lock().unwrap_or_else(|e| e.into_inner());
@@ -1546,17 +1546,17 @@ fn arm_link_timer(t: &OwnedFd) -> Result<(), Error> {
 }
 
 /// Whether a frame to `dst` passes the guest's packet filter for address `mac`.
-fn filter_passes(filter: u32, dst: &[u8; 6], mac: &[u8; 6]) -> bool {
-    if filter & packet_filter::PROMISCUOUS != 0 {
+fn filter_passes(filter: PacketFilter, dst: &[u8; 6], mac: &[u8; 6]) -> bool {
+    if filter.contains(PacketFilter::PROMISCUOUS) {
         return true;
     }
     if dst == &[0xff; 6] {
-        return filter & packet_filter::BROADCAST != 0;
+        return filter.contains(PacketFilter::BROADCAST);
     }
     if dst[0] & 1 != 0 {
-        return filter & (packet_filter::MULTICAST | packet_filter::ALL_MULTICAST) != 0;
+        return filter.intersects(PacketFilter::MULTICAST | PacketFilter::ALL_MULTICAST);
     }
-    dst == mac && filter & packet_filter::DIRECTED != 0
+    dst == mac && filter.contains(PacketFilter::DIRECTED)
 }
 
 impl Device for Netvsp {

@@ -7,6 +7,7 @@
 
 use netdev::{RxOffload, TxOffload};
 use vmbus_proto::netvsp::NvspVersion;
+use vmbus_proto::rndis::PacketFilter;
 use vmbus_proto::rndis::{
     object_type, IndicateStatus, InitializeComplete, InitializeRequest, KeepaliveComplete,
     KeepaliveRequest, NdisCsumOffload, NdisLsoV2Offload, NdisObjectHeader, NdisOffload,
@@ -109,8 +110,8 @@ pub struct RssSettings {
 pub struct RndisControl {
     /// INITIALIZE done (and no HALT since).
     pub initialized: bool,
-    /// The packet filter (`NDIS_PACKET_TYPE_*`); 0 delivers nothing.
-    pub filter: u32,
+    /// The packet filter; empty delivers nothing.
+    pub filter: PacketFilter,
     /// The current address, if the guest set one.
     pub current_mac: Option<[u8; 6]>,
     /// The multicast list's length (entries).
@@ -186,7 +187,7 @@ impl RndisControl {
                     return bad;
                 };
                 self.initialized = true;
-                self.filter = 0;
+                self.filter = PacketFilter::empty();
                 let status = if r.major_version == RNDIS_MAJOR_VERSION {
                     RndisStatus::SUCCESS
                 } else {
@@ -213,11 +214,11 @@ impl RndisControl {
             }
             RndisMessageType::HALT => {
                 self.initialized = false;
-                self.filter = 0;
+                self.filter = PacketFilter::empty();
                 None
             }
             RndisMessageType::RESET => {
-                self.filter = 0;
+                self.filter = PacketFilter::empty();
                 let c = ResetComplete {
                     status: RndisStatus::SUCCESS,
                     addressing_reset: 0,
@@ -334,7 +335,7 @@ impl RndisControl {
                 };
                 ok(c.as_bytes())
             }
-            Oid::GEN_CURRENT_PACKET_FILTER => ok(&self.filter.to_le_bytes()),
+            Oid::GEN_CURRENT_PACKET_FILTER => ok(&self.filter.bits().to_le_bytes()),
             Oid::GEN_MAXIMUM_TOTAL_SIZE => ok(&(nic.mtu + 14).to_le_bytes()),
             _ => (RndisStatus::NOT_SUPPORTED, Vec::new()),
         }
@@ -344,7 +345,7 @@ impl RndisControl {
         match oid {
             Oid::GEN_CURRENT_PACKET_FILTER => match read::<u32>(info) {
                 Some(f) if info.len() == 4 => {
-                    self.filter = f;
+                    self.filter = PacketFilter::from_bits_retain(f);
                     RndisStatus::SUCCESS
                 }
                 _ => RndisStatus::INVALID_LENGTH,
@@ -418,16 +419,17 @@ fn pad(b: &[u8], n: usize) -> Vec<u8> {
 /// Validates RSS parameters for `channels` channels: `Ok(None)` disables RSS; tables and keys
 /// left unchanged come back empty.
 pub fn parse_rss(info: &[u8], channels: u32) -> Result<Option<RssSettings>, RndisStatus> {
-    use vmbus_proto::rndis::rss_param_flag as f;
+    use vmbus_proto::rndis::RssParamFlags as F;
     let p = read::<NdisRecvScaleParam>(info).ok_or(RndisStatus::INVALID_LENGTH)?;
+    let flags = F::from_bits_retain(p.flags);
     if p.header.object_type != object_type::RSS_PARAMETERS {
         return Err(RndisStatus::INVALID_DATA);
     }
-    if p.flags & f::DISABLE_RSS != 0 {
+    if flags.contains(F::DISABLE_RSS) {
         return Ok(None);
     }
     let mut out = RssSettings::default();
-    if p.flags & f::ITABLE_UNCHANGED == 0 {
+    if !flags.contains(F::ITABLE_UNCHANGED) {
         let size = usize::from(p.indirection_table_size);
         let start = p.indirection_table_offset as usize;
         if !size.is_multiple_of(4) || size == 0 || size > RSS_INDIRECTION_TABLE_ENTRIES * 4 {
@@ -444,7 +446,7 @@ pub fn parse_rss(info: &[u8], channels: u32) -> Result<Option<RssSettings>, Rndi
             out.table.push(ch);
         }
     }
-    if p.flags & f::HASH_KEY_UNCHANGED == 0 {
+    if !flags.contains(F::HASH_KEY_UNCHANGED) {
         let size = usize::from(p.hash_key_size);
         let start = p.hash_key_offset as usize;
         if size != RSS_HASH_KEY_SIZE {
@@ -455,7 +457,7 @@ pub fn parse_rss(info: &[u8], channels: u32) -> Result<Option<RssSettings>, Rndi
             .ok_or(RndisStatus::INVALID_LENGTH)?;
         out.key = k.to_vec();
     }
-    if p.flags & f::HASH_INFO_UNCHANGED == 0
+    if !flags.contains(F::HASH_INFO_UNCHANGED)
         && p.hash_info & 0xff != vmbus_proto::rndis::rss_hash::FUNC_TOEPLITZ
     {
         return Err(RndisStatus::NOT_SUPPORTED);
