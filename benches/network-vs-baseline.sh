@@ -34,6 +34,7 @@ dir=$(mktemp -d)
 pids=()
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    for f in "$dir"/iperf3-*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
     wait 2>/dev/null || true
     for n in $H $G $A $B; do ip netns del "$n" 2>/dev/null || true; done
     rm -rf "$dir"
@@ -62,7 +63,7 @@ ip -n "$A" addr add 10.79.0.1/24 dev "va$tag"
 ip -n "$B" addr add 10.79.0.2/24 dev "vb$tag"
 ip -n "$A" link set "va$tag" up
 ip -n "$B" link set "vb$tag" up
-for ns in $H $A; do ip netns exec "$ns" iperf3 -s -D >/dev/null; done
+for ns in $H $A; do ip netns exec "$ns" iperf3 -s -D -I "$dir/iperf3-$ns.pid" >/dev/null; done
 for _ in $(seq 50); do
     ip netns exec "$G" ping -c1 -W1 10.78.0.1 >/dev/null 2>&1 && break
 done
