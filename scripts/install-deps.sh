@@ -26,6 +26,11 @@ command -v fio >/dev/null 2>&1 || apt_packages+=(fio)
 command -v nbdkit >/dev/null 2>&1 || apt_packages+=(nbdkit)
 # `ip` (addresses, neighbours and namespaces) for the TAP tests of netdev and netvsp.
 command -v ip >/dev/null 2>&1 || apt_packages+=(iproute2)
+# The network path's end-to-end tests (vsp/tests/network.rs) ping through it; the comparison
+# script (benches/network-vs-baseline.sh) runs iperf3; ethtool shows a TAP's offloads.
+command -v ping >/dev/null 2>&1 || apt_packages+=(iputils-ping)
+command -v iperf3 >/dev/null 2>&1 || apt_packages+=(iperf3)
+command -v ethtool >/dev/null 2>&1 || apt_packages+=(ethtool)
 if ((${#apt_packages[@]})); then
     sudo=()
     if [ "$(id -u)" -ne 0 ]; then

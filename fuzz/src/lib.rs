@@ -661,12 +661,15 @@ fn hostile_fd(sel: u8) -> Option<std::os::fd::OwnedFd> {
         1 => ringbuf::shmem::create_memfd("fuzz-mem", 1 << 20).ok(),
         2 => {
             // Right size, but no seal: the daemon must refuse it.
-            let fd = rustix::fs::memfd_create("fuzz-loose", rustix::fs::MemfdFlags::CLOEXEC).ok()?;
+            let fd =
+                rustix::fs::memfd_create("fuzz-loose", rustix::fs::MemfdFlags::CLOEXEC).ok()?;
             rustix::fs::ftruncate(&fd, 1 << 20).ok()?;
             Some(fd)
         }
         3 => ringbuf::shmem::create_memfd("fuzz-empty", 0).ok(),
-        4 => ringbuf::Event::new().ok().and_then(|e| e.as_fd().try_clone_to_owned().ok()),
+        4 => ringbuf::Event::new()
+            .ok()
+            .and_then(|e| e.as_fd().try_clone_to_owned().ok()),
         5 => {
             // An eventfd one below its maximum count: a blocking write would hang.
             let e = ringbuf::Event::new().ok()?;
@@ -697,26 +700,37 @@ pub fn partition_session(data: &[u8]) {
     use vmbus_proto::synic::MESSAGE_PAYLOAD_SIZE;
 
     ignore_sigpipe();
-    let Ok((ours, theirs)) = ringbuf::socket::SeqPacket::pair() else { return };
-    let Ok(stop) = ringbuf::Event::new() else { return };
+    let Ok((ours, theirs)) = ringbuf::socket::SeqPacket::pair() else {
+        return;
+    };
+    let Ok(stop) = ringbuf::Event::new() else {
+        return;
+    };
     let stop = Arc::new(stop);
-    let offers: Vec<vsp::server::OfferSpec> = [vmbus_proto::channel::Guid::SCSI, vmbus_proto::channel::Guid::NETWORK]
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| vsp::server::OfferSpec {
-            interface_type: t,
-            interface_instance: vmbus_proto::channel::Guid([i as u8 + 1; 16]),
-            subchannel_index: 0,
-            mmio_megabytes: 0,
-            flags: 0,
-            user_defined: [0; 120],
-        })
-        .collect();
+    let offers: Vec<vsp::server::OfferSpec> = [
+        vmbus_proto::channel::Guid::SCSI,
+        vmbus_proto::channel::Guid::NETWORK,
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, t)| vsp::server::OfferSpec {
+        interface_type: t,
+        interface_instance: vmbus_proto::channel::Guid([i as u8 + 1; 16]),
+        subchannel_index: 0,
+        mmio_megabytes: 0,
+        flags: 0,
+        user_defined: [0; 120],
+    })
+    .collect();
     let mut config = vsp::session::SessionConfig::default();
     config.limits.reply_timeout = std::time::Duration::from_millis(200);
-    let Ok((session, _handle)) =
-        vsp::session::Session::new(theirs, stop, config, &offers, vsp::session::unimplemented_devices())
-    else {
+    let Ok((session, _handle)) = vsp::session::Session::new(
+        theirs,
+        stop,
+        config,
+        &offers,
+        vsp::session::unimplemented_devices(),
+    ) else {
         return;
     };
     let served = std::thread::spawn(move || session.run());
@@ -732,17 +746,32 @@ pub fn partition_session(data: &[u8]) {
     };
     if data.first().is_some_and(|b| b & 1 != 0) {
         use zerocopy::IntoBytes;
-        let hello = wire::Hello { version: wire::VERSION, vp_count: 2 };
+        let hello = wire::Hello {
+            version: wire::VERSION,
+            vp_count: 2,
+        };
         send(Kind::HELLO, hello.as_bytes(), &[]);
-        let add = wire::AddMemory { gpa: 0, len: 1 << 20, fd_offset: 0 };
-        send(Kind::ADD_MEMORY, add.as_bytes(), &hostile_fd(1).into_iter().collect::<Vec<_>>());
+        let add = wire::AddMemory {
+            gpa: 0,
+            len: 1 << 20,
+            fd_offset: 0,
+        };
+        send(
+            Kind::ADD_MEMORY,
+            add.as_bytes(),
+            &hostile_fd(1).into_iter().collect::<Vec<_>>(),
+        );
         let vp = wire::SetVp {
             vp: 0,
             flags: wire::vp_flags::SIMP_ENABLED | wire::vp_flags::SIEFP_ENABLED,
             simp_gpa: 0,
             siefp_gpa: 4096,
         };
-        send(Kind::SET_VP, vp.as_bytes(), &hostile_fd(4).into_iter().collect::<Vec<_>>());
+        send(
+            Kind::SET_VP,
+            vp.as_bytes(),
+            &hostile_fd(4).into_iter().collect::<Vec<_>>(),
+        );
     }
     let mut rest = data.get(1..).unwrap_or_default();
     let mut steps = 0;
@@ -784,8 +813,14 @@ pub fn partition_session(data: &[u8]) {
         // Take whatever the session answered, so its replies never wait for room.
         let mut buf = [0u8; wire::MAX_MESSAGE_SIZE];
         while let Ok(true) = rustix::event::poll(
-            &mut [rustix::event::PollFd::new(&ours, rustix::event::PollFlags::IN)],
-            Some(&rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 }),
+            &mut [rustix::event::PollFd::new(
+                &ours,
+                rustix::event::PollFlags::IN,
+            )],
+            Some(&rustix::event::Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            }),
         )
         .map(|n| n > 0)
         {
@@ -928,6 +963,115 @@ pub fn storvsc_completions(data: &[u8]) {
         assert_eq!(g.size(), g.blocks * u64::from(g.block_size));
     }
     if let Ok(Ok(n)) = vsc::storvsc::completion_outcome(rest, data_in) {
-        assert!(n <= data_in as usize, "{n} bytes for a request of {data_in}");
+        assert!(
+            n <= data_in as usize,
+            "{n} bytes for a request of {data_in}"
+        );
     }
+}
+
+/// Fuzz target `netvsp`: a netvsp channel (`vsp::netvsp::Netvsp`, through `Device::handle`
+/// and `poll`, over real rings and 8 MiB of real guest memory) against a TAP stand-in, fed
+/// hostile NVSP messages, RNDIS messages in send sections and GPA-direct pages, completions
+/// and host frames.
+///
+/// Input: byte 0, flags: bit 0 runs Linux 6.1's handshake first (so most inputs reach the
+/// data path), bits 1-3 pick its NVSP version. Then records, each `op: u8`, `len: u16`
+/// (little-endian), `len` bytes, by `op % 6`: 0, an in-band NVSP message (the bytes);
+/// 1, RNDIS messages sent GPA-direct from the bytes; 2, RNDIS messages in send section
+/// `bytes[0]` (the rest); 3, a completion whose transaction id is `bytes[0..8]` and whose
+/// payload is the rest; 4, a frame from the host: a virtio-net header (`bytes[0..12]`) and the
+/// frame; 5, a SEND_RNDIS_PACKET naming section `bytes[0..4]` of size `bytes[4..8]`.
+/// Invariants: no panic (overflow checks are on), every completion answers a transaction the
+/// guest sent, and no control answers pile up beyond the device's bound.
+pub fn netvsp(data: &[u8]) {
+    use vsp::netvsp::harness::{guest, Harness, Received, Sent, StandIn};
+    use vsp::netvsp::{NetQueue, Nic, NicSettings};
+    let flags = data.first().copied().unwrap_or(0);
+    let queue = StandIn::default();
+    let nic = Nic::with_queues(
+        &NicSettings {
+            tap: "fuzz".into(),
+            mac: [2, 0, 0, 0, 0, 1],
+            mtu: 1500,
+            vlan: (flags & 0x10 != 0).then_some(5),
+            queues: 2,
+        },
+        vec![
+            Box::new(queue.clone()) as Box<dyn NetQueue>,
+            Box::new(StandIn::default()),
+        ],
+        None,
+    );
+    let mut h = Harness::new(nic, guest::MEM_BYTES, Some(Arc::new(|_| true))).expect("a channel");
+    let mut sent: Vec<u64> = Vec::new();
+    if flags & 1 != 0 {
+        let versions = vmbus_proto::netvsp::LINUX_6_1_VERSIONS;
+        let v = versions[usize::from(flags >> 1 & 7) % versions.len()];
+        let hs = guest::handshake(&mut h, v, 1).expect("the device failed");
+        assert!(hs.is_some(), "the handshake failed at {v:?}");
+        sent.extend(1..=20);
+    }
+    h.received.clear();
+    let mut rest = data.get(1..).unwrap_or_default();
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let (a, b) = (rest.get(..n)?, rest.get(n..)?);
+        rest = b;
+        Some(a)
+    };
+    for tx in 1000..1064u64 {
+        let Some(&[op, l0, l1]) = take(3) else { break };
+        let Some(body) = take(usize::from(u16::from_le_bytes([l0, l1]))) else {
+            break;
+        };
+        let result = match op % 6 {
+            0 => h.send(tx, body, Sent::InBand),
+            1 => guest::send_direct(&mut h, tx, body, guest::DATA_GPA),
+            2 if !body.is_empty() => guest::send_section(
+                &mut h,
+                tx,
+                u32::from(body[0]),
+                vsp::netvsp::SEND_SECTION_SIZE,
+                &body[1..body.len().min(vsp::netvsp::SEND_SECTION_SIZE as usize)],
+            ),
+            3 if body.len() >= 8 => {
+                let id = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
+                h.send(id, &body[8..], Sent::Completion)
+            }
+            4 if body.len() >= 12 => {
+                let hdr = <netdev_hdr::Hdr as zerocopy::FromBytes>::read_from_bytes(&body[..12])
+                    .expect("12 bytes");
+                queue.push_to_guest(hdr, body[12..].to_vec());
+                h.run().map(|_| true)
+            }
+            5 if body.len() >= 8 => {
+                let m = vsp::netvsp::protocol::send_rndis_message(
+                    false,
+                    Some((
+                        u32::from_le_bytes(body[..4].try_into().expect("4 bytes")),
+                        u32::from_le_bytes(body[4..8].try_into().expect("4 bytes")),
+                    )),
+                );
+                h.send(tx, zerocopy::IntoBytes::as_bytes(&m), Sent::InBand)
+            }
+            _ => Ok(false),
+        };
+        if result.expect("the device failed") {
+            sent.push(tx);
+        }
+    }
+    h.run().expect("the device failed");
+    for r in &h.received {
+        if let Received::Completion(tx, _) = r {
+            assert!(
+                sent.contains(tx),
+                "a completion of transaction {tx}, never sent"
+            );
+        }
+    }
+}
+
+/// The virtio-net header type, named for the fuzz library.
+mod netdev_hdr {
+    pub use vsp::netvsp::harness::VnetHdr as Hdr;
 }

@@ -13,7 +13,9 @@ pub mod tap;
 pub mod vnet;
 
 pub use offload::{ChecksumRequest, L4Protocol, Lso, RxOffload, TxOffload, TxPlan, Vlan};
-pub use tap::{IoPiece, IoPieceMut, Link, LinkState, Shared, Tap, TapQueue, TunOffload};
+pub use tap::{
+    enter_new_netns, IoPiece, IoPieceMut, Link, LinkState, Shared, Tap, TapQueue, TunOffload,
+};
 pub use vnet::{VirtioNetHdr, VnetFlags, VNET_HDR_SIZE};
 
 /// Errors of the network backends.

@@ -133,8 +133,9 @@ pub struct TxOffload {
 /// Offloads of a frame delivered to a guest (from the host's TAP).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RxOffload {
-    /// The IP and transport checksums are known good (or not yet computed by a local sender,
-    /// which the receiver may treat alike).
+    /// The IP and transport checksums are known good. (From a TAP that accepts `CSUM`, also a
+    /// local sender's frame whose checksum is still to be done, which RNDIS cannot express:
+    /// netvsp gives its TAP no offloads, so the kernel completes checksums first.)
     pub checksum_ok: bool,
     /// The tag the frame had (removed from its bytes).
     pub vlan: Option<Vlan>,
@@ -537,7 +538,8 @@ impl RxOffload {
         })
     }
 
-    /// The virtio-net header for writing this frame to a TAP.
+    /// The virtio-net header for writing this frame to a TAP. (The kernel's tun driver acts
+    /// on `NEEDS_CSUM` and GSO only: `DATA_VALID` is informative on this side.)
     pub fn to_vnet(&self) -> VirtioNetHdr {
         VirtioNetHdr {
             flags: if self.checksum_ok {

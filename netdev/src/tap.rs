@@ -145,7 +145,8 @@ impl LinkState {
 }
 
 /// The link-level settings of a network interface by name, in the network namespace this value
-/// was made in (through an `AF_INET` datagram socket it keeps for the ioctls).
+/// was made in (through a Unix datagram socket it keeps for the ioctls: the kernel answers
+/// interface ioctls on any socket, and a Unix one is what the daemons' seccomp filter allows).
 #[derive(Debug)]
 pub struct Link {
     name: String,
@@ -157,7 +158,7 @@ impl Link {
     pub fn new(name: &str) -> Result<Self, Error> {
         IfReq::new(name)?;
         // SAFETY: plain syscall with constant arguments; no pointers.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {
             return Err(Error::Ioctl("socket", std::io::Error::last_os_error()));
         }
@@ -333,6 +334,38 @@ impl Shared<'_> {
     }
 }
 
+impl Shared<'_> {
+    /// Bytes in the piece.
+    pub fn len(&self) -> usize {
+        match *self {
+            Shared::Mapped { len, .. } | Shared::Guest { len, .. } => len,
+        }
+    }
+
+    /// Whether the piece is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copies the piece's bytes to `dst` (exactly [`Shared::len`] long).
+    pub fn read(&self, dst: &mut [u8]) -> Result<(), Error> {
+        match *self {
+            Shared::Mapped { map, offset, .. } => map.read(offset, dst),
+            Shared::Guest { mem, gpa, .. } => mem.read(gpa, dst),
+        }
+        .map_err(|_| Error::PieceOutOfBounds)
+    }
+
+    /// Copies `src` (exactly [`Shared::len`] long) into the piece.
+    pub fn write(&self, src: &[u8]) -> Result<(), Error> {
+        match *self {
+            Shared::Mapped { map, offset, .. } => map.write(offset, src),
+            Shared::Guest { mem, gpa, .. } => mem.write(gpa, src),
+        }
+        .map_err(|_| Error::PieceOutOfBounds)
+    }
+}
+
 /// A piece of memory a frame is written from.
 #[derive(Debug, Clone, Copy)]
 pub enum IoPiece<'a> {
@@ -398,6 +431,23 @@ impl TapQueue {
             offload.bits() as i32,
             "TUNSETOFFLOAD",
         )
+    }
+
+    /// Attaches this queue to its TAP or detaches it (`TUNSETQUEUE`): the kernel spreads the
+    /// frames it sends to the TAP over the attached queues only, so a queue nobody serves
+    /// should be detached. A queue starts attached.
+    pub fn set_attached(&self, attached: bool) -> Result<(), Error> {
+        let mut req = IfReq {
+            name: [0; 16],
+            data: [0; 24],
+        };
+        let flags = if attached {
+            libc::IFF_ATTACH_QUEUE
+        } else {
+            libc::IFF_DETACH_QUEUE
+        };
+        req.data[..2].copy_from_slice(&(flags as i16).to_ne_bytes());
+        ioctl_ifreq(self.fd.as_fd(), libc::TUNSETQUEUE, &mut req, "TUNSETQUEUE")
     }
 
     /// Sets the TAP's carrier (seen by the host as the link's operational state).
@@ -505,6 +555,22 @@ impl AsFd for TapQueue {
     }
 }
 
+/// Moves the calling thread (only it: a network namespace belongs to a thread) into a new,
+/// empty network namespace, which goes away with every interface in it when the thread and
+/// the descriptors it opened there are gone. Processes the thread starts inherit it. For tests
+/// and demonstrations that must not touch the host's interfaces.
+pub fn enter_new_netns() -> Result<(), Error> {
+    // SAFETY: unshare(2) with a flag constant and no pointers; CLONE_NEWNET changes only the
+    // calling thread's network namespace, which no Rust invariant depends on.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(Error::Ioctl(
+            "unshare(CLONE_NEWNET)",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
 /// Test helpers that need a TAP: a fresh network namespace for the calling thread.
 #[cfg(test)]
 pub(crate) mod testns {
@@ -515,12 +581,8 @@ pub(crate) mod testns {
             println!("SKIP {test}: /dev/net/tun is missing");
             return false;
         }
-        // SAFETY: unshare(2) with a flag constant; it changes only this thread's namespace.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            println!(
-                "SKIP {test}: cannot make a network namespace ({})",
-                std::io::Error::last_os_error()
-            );
+        if let Err(e) = super::enter_new_netns() {
+            println!("SKIP {test}: cannot make a network namespace ({e:?})");
             return false;
         }
         true

@@ -116,10 +116,32 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_prlimit64,
     libc::SYS_getrandom,
     libc::SYS_uname,
+    // netvsp's link-state timer.
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_settime,
 ];
 
-/// `ioctl` requests allowed: descriptor flags and the terminal check of the log writer.
-const IOCTLS: &[libc::c_ulong] = &[libc::FIONBIO, libc::FIOCLEX, libc::FIONCLEX, libc::TCGETS];
+/// `ioctl` requests allowed: descriptor flags, the terminal check of the log writer, and what
+/// a TAP backend needs (netdev: opening a TAP queue on a reload that adds a NIC, attaching and
+/// detaching queues as channels open and close, its link's MTU, address, up/down and state
+/// through a Unix socket).
+const IOCTLS: &[libc::c_ulong] = &[
+    libc::FIONBIO,
+    libc::FIOCLEX,
+    libc::FIONCLEX,
+    libc::TCGETS,
+    libc::TUNSETIFF as libc::c_ulong,
+    libc::TUNSETVNETHDRSZ as libc::c_ulong,
+    libc::TUNSETOFFLOAD as libc::c_ulong,
+    libc::TUNSETQUEUE as libc::c_ulong,
+    libc::TUNSETCARRIER as libc::c_ulong,
+    libc::SIOCGIFFLAGS,
+    libc::SIOCSIFFLAGS,
+    libc::SIOCGIFMTU,
+    libc::SIOCSIFMTU,
+    libc::SIOCGIFHWADDR,
+    libc::SIOCSIFHWADDR,
+];
 
 /// `prctl` options allowed: thread names.
 const PRCTLS: &[u64] = &[libc::PR_SET_NAME as u64, libc::PR_GET_NAME as u64];

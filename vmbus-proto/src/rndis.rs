@@ -244,6 +244,44 @@ pub mod packet_filter {
     pub const MAC_FRAME: u32 = 0x0000_0800;
 }
 
+bitflags::bitflags! {
+    /// The RNDIS packet filter (`OID_GEN_CURRENT_PACKET_FILTER`) as a flag set; the values are
+    /// [`packet_filter`]'s. Unknown bits are kept.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+    pub struct PacketFilter: u32 {
+        /// Frames to the adapter's address.
+        const DIRECTED = packet_filter::DIRECTED;
+        /// Frames to the multicast list.
+        const MULTICAST = packet_filter::MULTICAST;
+        /// Every multicast frame.
+        const ALL_MULTICAST = packet_filter::ALL_MULTICAST;
+        /// Broadcast frames.
+        const BROADCAST = packet_filter::BROADCAST;
+        /// Every frame.
+        const PROMISCUOUS = packet_filter::PROMISCUOUS;
+        const _ = !0;
+    }
+}
+
+bitflags::bitflags! {
+    /// The `flags` of [`NdisRecvScaleParam`] as a flag set; the values are
+    /// [`rss_param_flag`]'s. Unknown bits are kept.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+    pub struct RssParamFlags: u16 {
+        /// The base CPU is unchanged.
+        const BASE_CPU_UNCHANGED = rss_param_flag::BASE_CPU_UNCHANGED;
+        /// The hash information is unchanged.
+        const HASH_INFO_UNCHANGED = rss_param_flag::HASH_INFO_UNCHANGED;
+        /// The indirection table is unchanged.
+        const ITABLE_UNCHANGED = rss_param_flag::ITABLE_UNCHANGED;
+        /// The hash key is unchanged.
+        const HASH_KEY_UNCHANGED = rss_param_flag::HASH_KEY_UNCHANGED;
+        /// RSS is off.
+        const DISABLE_RSS = rss_param_flag::DISABLE_RSS;
+        const _ = !0;
+    }
+}
+
 /// `struct rndis_message` less its union: the header of every RNDIS message.
 #[repr(C)]
 #[derive(

@@ -16,7 +16,8 @@
 //! - The `vscd` binary: attaches to a running `vspd`, lists the offers it sees (`--list`) or
 //!   exports every disk over NBD (`--nbd PATH`).
 //!
-//! Not filled in yet: the netvsc client with its TAP export. See `docs/ARCHITECTURE.md`.
+//! - [`netvsc`]: the netvsc client: the daemon's network adapter behind a guest-side TAP
+//!   (`vscd --tap`); [`netns`]: named network namespaces for its demo, tests and benches.
 
 pub mod channel;
 pub mod client;
@@ -25,6 +26,7 @@ pub mod guest;
 pub mod loopback;
 pub mod nbd;
 pub mod nbdclient;
+pub mod netns;
 pub mod netvsc;
 pub mod queue;
 pub mod storvsc;

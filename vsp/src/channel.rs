@@ -64,6 +64,13 @@ pub trait Device: Send + 'static {
     fn prepare_sleep(&mut self) -> bool {
         true
     }
+
+    /// A descriptor the worker also waits on when nothing is in flight: a source of work the
+    /// guest does not drive and that may come at any time (a TAP queue with frames for the
+    /// guest, a timer). The worker polls no longer for it than for the guest's ring.
+    fn idle_wake_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
 }
 
 /// A device whose protocol is not implemented yet: logs the first packet and discards all,
@@ -336,7 +343,7 @@ impl Worker {
         let device_fd = if self.device.in_flight() {
             self.device.wake_fd()
         } else {
-            None
+            self.device.idle_wake_fd()
         };
         let Some(dev) = device_fd else {
             self.wake.wait()?;

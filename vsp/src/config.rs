@@ -88,8 +88,22 @@ fn one() -> u16 {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NicConfig {
-    /// The TAP device's name.
+    /// The TAP device's name: created if missing, opened if it exists.
     pub tap: String,
+    /// The guest's MAC address (`02:00:00:00:00:01`); by default a stable locally administered
+    /// address derived from the NIC's instance id.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// The MTU, 68 to 9000 (default 1500); the TAP's is set to it (plus 4 with a VLAN).
+    #[serde(default)]
+    pub mtu: Option<u32>,
+    /// A VLAN id (1 to 4094): frames are tagged toward the host TAP and untagged toward the
+    /// guest.
+    #[serde(default)]
+    pub vlan: Option<u16>,
+    /// Queues (the primary channel plus subchannels, one TAP queue each), 1 to 64.
+    #[serde(default = "one")]
+    pub queues: u16,
     /// The uids of the front ends this NIC is offered to; by default every one (see
     /// [`DiskConfig::uids`]).
     #[serde(default)]
@@ -263,7 +277,47 @@ impl Config {
                 )));
             }
         }
+        self.nic_settings()?;
         Ok(())
+    }
+
+    /// Every NIC's settings, by instance GUID (the same as its offer's).
+    pub fn nic_settings(&self) -> Result<Vec<(Guid, crate::netvsp::NicSettings)>, Error> {
+        use crate::netvsp::{MAX_MTU, MAX_QUEUES, MIN_MTU};
+        let mut seen: Vec<&str> = Vec::new();
+        let mut out = Vec::new();
+        for n in &self.nics {
+            let k = seen.iter().filter(|s| **s == n.tap).count();
+            seen.push(&n.tap);
+            let id = instance(2, &n.tap, k);
+            let bad = |what: &str| Error::Config(format!("nic tap={}: {what}", n.tap));
+            let mtu = n.mtu.unwrap_or(1500);
+            if !(MIN_MTU..=MAX_MTU).contains(&mtu) {
+                return Err(bad(&format!("mtu must be {MIN_MTU} to {MAX_MTU}")));
+            }
+            if !(1..=MAX_QUEUES).contains(&n.queues) {
+                return Err(bad(&format!("queues must be 1 to {MAX_QUEUES}")));
+            }
+            if n.vlan.is_some_and(|v| !(1..=4094).contains(&v)) {
+                return Err(bad("vlan must be 1 to 4094"));
+            }
+            let mac = match &n.mac {
+                Some(m) => parse_mac(m)
+                    .ok_or_else(|| bad("mac must be a unicast address like 02:00:00:00:00:01"))?,
+                None => default_mac(id),
+            };
+            out.push((
+                id,
+                crate::netvsp::NicSettings {
+                    tap: n.tap.clone(),
+                    mac,
+                    mtu,
+                    vlan: n.vlan,
+                    queues: n.queues,
+                },
+            ));
+        }
+        Ok(out)
     }
 
     /// Which front ends each offer is for ([`DiskConfig::uids`], [`NicConfig::uids`]).
@@ -325,6 +379,26 @@ fn instance(kind: u8, name: &str, occurrence: usize) -> Guid {
     let mut g = *b"vmbus-st\0\0\0\0\0\0\0\0";
     g[8..16].copy_from_slice(&h.to_be_bytes());
     Guid(g)
+}
+
+/// `aa:bb:cc:dd:ee:ff` (or with `-`), unicast.
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split([':', '-']);
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    (parts.next().is_none() && mac[0] & 1 == 0 && mac != [0; 6]).then_some(mac)
+}
+
+/// A stable, locally administered, unicast address from an instance GUID.
+fn default_mac(id: Guid) -> [u8; 6] {
+    let g = id.0;
+    [0x02, g[11], g[12], g[13], g[14], g[15]]
 }
 
 fn offer(class: Guid, instance: Guid) -> OfferSpec {
@@ -399,6 +473,44 @@ mod tests {
         assert!(clash.controllers().is_err());
         let n: NicConfig = parse_kv("nic", "tap=tap0").unwrap();
         assert_eq!(n.tap, "tap0");
+        let n: NicConfig = parse_kv(
+            "nic",
+            "tap=t1,mac=02:aa:bb:cc:dd:ee,mtu=9000,vlan=100,queues=4",
+        )
+        .unwrap();
+        let c = Config {
+            nics: vec![n.clone()],
+            ..Default::default()
+        };
+        let s = c.nic_settings().unwrap();
+        assert_eq!(s[0].1.mac, [2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]);
+        assert_eq!(
+            (s[0].1.mtu, s[0].1.vlan, s[0].1.queues),
+            (9000, Some(100), 4)
+        );
+        assert_eq!(s[0].0, c.offers()[0].interface_instance);
+        for bad in [
+            "mac=01:00:00:00:00:01",
+            "mac=02:00",
+            "mtu=9001",
+            "mtu=67",
+            "vlan=4095",
+            "queues=0",
+            "queues=65",
+        ] {
+            let n: NicConfig = parse_kv("nic", &format!("tap=t1,{bad}")).unwrap();
+            let c = Config {
+                nics: vec![n],
+                ..Default::default()
+            };
+            assert!(c.nic_settings().is_err(), "{bad}");
+        }
+        // The default address: locally administered, unicast, stable, different per NIC.
+        let two: Config = toml::from_str("[[nic]]\ntap = \"a\"\n[[nic]]\ntap = \"b\"\n").unwrap();
+        let s = two.nic_settings().unwrap();
+        assert_eq!(s[0].1.mac[0], 2);
+        assert_ne!(s[0].1.mac, s[1].1.mac);
+        assert_eq!(two.nic_settings().unwrap(), s);
         assert!(parse_kv::<DiskConfig>("disk", "path=a,bogus=1").is_err());
         assert!(
             parse_kv::<DiskConfig>("disk", "readonly=on").is_err(),
@@ -495,6 +607,10 @@ mod tests {
         let c = Config {
             nics: vec![NicConfig {
                 tap: "a-name-that-is-too-long".into(),
+                mac: None,
+                mtu: None,
+                vlan: None,
+                queues: 1,
                 uids: None,
             }],
             ..Config::default()

@@ -18,6 +18,7 @@ use vmbus_proto::channel::Guid;
 use crate::channel::{Device, UnimplementedDevice};
 use crate::config::Config;
 use crate::disk::DiskFile;
+use crate::netvsp::{Group as NetGroup, Netvsp, NetvspSpec, Nic, NicSettings};
 use crate::scsi::LunState;
 use crate::server::OfferSpec;
 use crate::session::{DeviceContext, DeviceFactory};
@@ -44,6 +45,28 @@ struct Group {
     queues: u16,
 }
 
+/// Opens a NIC's TAP; a failure (no /dev/net/tun, no CAP_NET_ADMIN) is logged, and the NIC's
+/// channels fail to open until a later try succeeds.
+fn open_nic(s: &NicSettings) -> Option<Arc<Nic>> {
+    match Nic::open_tap(s) {
+        Ok(nic) => {
+            tracing::info!(tap = %s.tap, mtu = s.mtu, queues = s.queues, vlan = ?s.vlan, "NIC opened");
+            Some(nic)
+        }
+        Err(e) => {
+            tracing::warn!(tap = %s.tap, error = %e, source = ?std::error::Error::source(&e),
+                "cannot open the NIC's TAP; its channel will not open");
+            None
+        }
+    }
+}
+
+/// A configured NIC: its settings and its open TAP (`None` until it could be opened).
+type NicEntry = (NicSettings, Option<Arc<Nic>>);
+
+/// A NIC's channels in one guest: instance, guest memory, group.
+type NetGroupEntry = (Guid, Weak<GuestMemory>, Weak<NetGroup>);
+
 /// The devices behind the offers, by instance GUID.
 #[derive(Default)]
 pub struct Registry {
@@ -51,6 +74,10 @@ pub struct Registry {
     controllers: Mutex<HashMap<Guid, (Vec<LunConfig>, u16)>>,
     /// Controllers whose primary channel is open in some guest.
     groups: Mutex<Vec<Group>>,
+    /// The NICs, by instance: their settings and open TAP (`None` until it could be opened).
+    nics: Mutex<HashMap<Guid, NicEntry>>,
+    /// NICs whose primary channel is open in some guest: instance, guest memory, group.
+    net_groups: Mutex<Vec<NetGroupEntry>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -65,6 +92,7 @@ impl Registry {
     pub fn update(&self, config: &Config) -> Result<Vec<OfferSpec>, Error> {
         let offers = config.offers();
         let controllers = config.controllers()?;
+        self.update_nics(config)?;
         let open: HashMap<(PathBuf, bool, bool), Arc<DiskFile>> = {
             let current = self.controllers.lock().unwrap_or_else(|e| e.into_inner());
             current
@@ -121,6 +149,66 @@ impl Registry {
             }
         }
         Ok(offers)
+    }
+
+    /// Opens the TAPs of new or changed NICs (keeping those whose settings did not change) and
+    /// forgets removed ones (a TAP stays open while a channel uses its NIC).
+    fn update_nics(&self, config: &Config) -> Result<(), Error> {
+        let wanted = config.nic_settings()?;
+        let current = self.nics.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut next = HashMap::new();
+        for (id, s) in wanted {
+            let nic = match current.get(&id) {
+                Some((old, Some(nic))) if *old == s => Some(nic.clone()),
+                _ => open_nic(&s),
+            };
+            next.insert(id, (s, nic));
+        }
+        *self.nics.lock().unwrap_or_else(|e| e.into_inner()) = next;
+        Ok(())
+    }
+
+    /// The NIC `instance`, if configured, its TAP opened now if it could not be before.
+    pub fn nic(&self, instance: Guid) -> Option<Arc<Nic>> {
+        let mut nics = self.nics.lock().unwrap_or_else(|e| e.into_inner());
+        let (s, nic) = nics.get_mut(&instance)?;
+        if nic.is_none() {
+            *nic = open_nic(s);
+        }
+        nic.clone()
+    }
+
+    /// The group a channel of NIC `instance` joins in the guest whose memory is `mem`: a new
+    /// one for a primary channel, its primary's for a subchannel.
+    fn net_group_for(
+        &self,
+        instance: Guid,
+        mem: &Arc<GuestMemory>,
+        subchannel: bool,
+    ) -> Result<Arc<NetGroup>, Error> {
+        let mut groups = self.net_groups.lock().unwrap_or_else(|e| e.into_inner());
+        groups.retain(|(_, m, g)| m.strong_count() > 0 && g.strong_count() > 0);
+        let mine = |(i, m, _): &NetGroupEntry| {
+            *i == instance && std::ptr::eq(m.as_ptr(), Arc::as_ptr(mem))
+        };
+        if subchannel {
+            return groups
+                .iter()
+                .find(|g| mine(g))
+                .and_then(|(_, _, g)| g.upgrade())
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "subchannel of {instance} without its primary channel"
+                    ))
+                });
+        }
+        let nic = self
+            .nic(instance)
+            .ok_or_else(|| Error::Config(format!("no NIC for {instance}")))?;
+        let group = NetGroup::new(nic);
+        groups.retain(|g| !mine(g));
+        groups.push((instance, Arc::downgrade(mem), Arc::downgrade(&group)));
+        Ok(group)
     }
 
     /// The disks of every group with a channel still open (forgetting the others).
@@ -198,6 +286,18 @@ impl Registry {
                         subchannel,
                         Some(ctx.request_subchannels.clone()),
                     )?));
+                }
+                if ctx.interface_type == Guid::NETWORK {
+                    let subchannel = ctx.subchannel_index != 0;
+                    let group = me.net_group_for(ctx.interface_instance, ctx.mem, subchannel)?;
+                    return Ok(Box::new(Netvsp::new(NetvspSpec {
+                        group,
+                        index: ctx.subchannel_index,
+                        relid: ctx.relid,
+                        mem: ctx.mem.clone(),
+                        gpadls: ctx.gpadls.clone(),
+                        request_subchannels: Some(ctx.request_subchannels.clone()),
+                    })?));
                 }
                 Ok(Box::new(UnimplementedDevice::new(ctx.interface_type)))
             },

@@ -18,6 +18,7 @@ pub mod config;
 pub mod daemon;
 pub mod devices;
 pub mod disk;
+pub mod netvsp;
 pub mod scsi;
 pub mod server;
 pub mod session;
@@ -82,6 +83,9 @@ pub enum Error {
     /// A disk request is malformed or not supported.
     #[error("invalid disk request: {0}")]
     DiskRequest(&'static str),
+    /// The network backend (TAP) failed.
+    #[error("network backend")]
+    Net(#[source] netdev::Error),
     /// A disk request's buffer is not guest memory.
     #[error("disk request buffer")]
     DiskBuffer(#[source] ringbuf::Error),

@@ -118,6 +118,10 @@ pub struct DeviceContext<'a> {
     pub interface_instance: Guid,
     /// Subchannel index (0: primary).
     pub subchannel_index: u16,
+    /// The channel's relid.
+    pub relid: u32,
+    /// The partition's complete GPADLs (netvsp's receive and send buffers are GPADLs).
+    pub gpadls: crate::server::GpadlIndex,
     /// The partition's memory.
     pub mem: &'a Arc<GuestMemory>,
     /// Asks the session to offer this many subchannels of the channel (storvsc's and netvsc's
@@ -668,6 +672,8 @@ impl Session {
                         interface_type,
                         interface_instance,
                         subchannel_index,
+                        relid,
+                        gpadls: self.server.gpadl_index(),
                         mem: &p.mem,
                     };
                     let started = (self.devices)(&ctx).and_then(|device| {

@@ -60,7 +60,7 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(0..=86_400))]
     reconnect_timeout: u64,
     /// Run without the seccomp filter (for debugging: strace, gdb). By default, once the NBD
-    /// socket is bound, every thread runs under an allowlist of the system calls serving
+    /// socket is bound and the NIC is up, every thread runs under an allowlist of the system calls serving
     /// needs; anything else (running programs, network sockets, tracing) fails with EPERM.
     #[arg(long)]
     no_seccomp: bool,
@@ -95,7 +95,7 @@ fn run(args: Args) -> Result<(), vsc::Error> {
         None => None,
     };
     if let Some(path) = &args.nbd {
-        let r = export(&args, path, nic.is_some());
+        let r = export(&args, path);
         if let Some(nic) = nic {
             stop_nic(nic);
         }
@@ -107,6 +107,7 @@ fn run(args: Args) -> Result<(), vsc::Error> {
             signal_hook::consts::SIGINT,
         ])
         .map_err(vsc::Error::Thread)?;
+        sandbox(&args)?;
         signals.forever().next();
         stop_nic(nic);
         return Ok(());
@@ -146,6 +147,17 @@ fn run(args: Args) -> Result<(), vsc::Error> {
     Ok(())
 }
 
+/// From here on every thread runs under the seccomp allowlist (unless --no-seccomp): what
+/// needs more (the NBD socket, the TAP, the signal handlers) is done.
+fn sandbox(args: &Args) -> Result<(), vsc::Error> {
+    if args.no_seccomp {
+        tracing::warn!("running without the seccomp filter (--no-seccomp)");
+        Ok(())
+    } else {
+        Ok(ringbuf::sandbox::install()?)
+    }
+}
+
 fn start_nic(args: &Args, tap: &str) -> Result<vsc::netvsc::Nic, vsc::Error> {
     let config = vsc::netvsc::NicConfig {
         queues: args.queues,
@@ -167,7 +179,7 @@ fn stop_nic(nic: vsc::netvsc::Nic) {
     eprintln!("vscd: NIC counters: {}", stats.summary());
 }
 
-fn export(args: &Args, path: &std::path::Path, nic: bool) -> Result<(), vsc::Error> {
+fn export(args: &Args, path: &std::path::Path) -> Result<(), vsc::Error> {
     use vsc::guest::{GuestConfig, Reconnect, StorageGuest};
     use vsc::nbd::{Export, NbdServer};
     let config = GuestConfig {
@@ -225,15 +237,7 @@ fn export(args: &Args, path: &std::path::Path, nic: bool) -> Result<(), vsc::Err
     });
     // Everything that needs more than serving does (the NBD socket, the signal handlers) is
     // done: from here on every thread runs under the seccomp allowlist.
-    if args.no_seccomp {
-        tracing::warn!("running without the seccomp filter (--no-seccomp)");
-    } else if nic {
-        // The NIC's supervisor sets the TAP's carrier and reads its MTU (ioctls), and
-        // reconnects with a new socket: not in the allowlist yet.
-        tracing::warn!("--tap: running without the seccomp filter");
-    } else {
-        ringbuf::sandbox::install()?;
-    }
+    sandbox(args)?;
     eprintln!(
         "vscd: {} disk(s) exported on {} (for example: qemu-img info 'nbd+unix:///disk0?socket={}')",
         guest.disks.len(),

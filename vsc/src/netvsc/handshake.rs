@@ -29,6 +29,7 @@ use vmbus_proto::netvsp::{
     SubchannelRequest, LINUX_6_1_VERSIONS, LINUX_RECEIVE_BUFFER_ID, LINUX_SEND_BUFFER_ID,
     NDIS_VERSION_6_1, NDIS_VERSION_6_30,
 };
+pub use vmbus_proto::rndis::PacketFilter;
 use vmbus_proto::rndis::{
     self, InitializeComplete, InitializeRequest, NdisObjectHeader, NdisOffload, NdisOffloadParams,
     NdisRecvScaleCap, NdisRecvScaleParam, Oid, QueryComplete, QueryRequest, RndisMessageHeader,
@@ -68,23 +69,6 @@ pub const RSS_KEY: [u8; rndis::RSS_HASH_KEY_SIZE] = [
 /// The friendly name OID (`RNDIS_OID_GEN_FRIENDLY_NAME`), not in the NDIS list of
 /// [`rndis::Oid`].
 pub const OID_GEN_FRIENDLY_NAME: Oid = Oid(0x0002_0216);
-
-bitflags! {
-    /// The RNDIS packet filter (`NDIS_PACKET_TYPE_*`), what the guest asks the host to deliver.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub struct PacketFilter: u32 {
-        /// Frames to the guest's address.
-        const DIRECTED = rndis::packet_filter::DIRECTED;
-        /// Multicast frames of the guest's list.
-        const MULTICAST = rndis::packet_filter::MULTICAST;
-        /// Every multicast frame.
-        const ALL_MULTICAST = rndis::packet_filter::ALL_MULTICAST;
-        /// Broadcast frames.
-        const BROADCAST = rndis::packet_filter::BROADCAST;
-        /// Everything.
-        const PROMISCUOUS = rndis::packet_filter::PROMISCUOUS;
-    }
-}
 
 bitflags! {
     /// Transmit checksum capabilities of the host (`NDIS_TXCSUM_CAP_*`, in

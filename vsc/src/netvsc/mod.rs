@@ -96,13 +96,31 @@ pub struct NicStats {
     pub channels: AtomicU64,
     /// The host's link state as last indicated (1: connected).
     pub connected: AtomicU64,
-    /// Guest signals sent over every channel.
-    pub signals: AtomicU64,
-    /// Interrupts taken over every channel.
-    pub interrupts: AtomicU64,
+    /// The counters of every channel opened (signals sent, interrupts taken), of this session
+    /// and the earlier ones.
+    pub channel_stats: Mutex<Vec<Arc<crate::channel::ChannelStats>>>,
 }
 
 impl NicStats {
+    /// Guest signals sent and interrupts taken, over every channel so far.
+    pub fn wakeups(&self) -> (u64, u64) {
+        let l = self.channel_stats.lock().unwrap_or_else(|e| e.into_inner());
+        l.iter().fold((0, 0), |(s, i), c| {
+            (
+                s + c.signals.load(Ordering::Relaxed),
+                i + c.interrupts.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    /// Frames moved (both ways, every queue).
+    pub fn frames(&self) -> u64 {
+        self.queues
+            .iter()
+            .map(|q| q.tx_frames.load(Ordering::Relaxed) + q.rx_frames.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// A one-line summary (per queue: tx/rx frames).
     pub fn summary(&self) -> String {
         let q: Vec<String> = self
@@ -118,12 +136,12 @@ impl NicStats {
                 )
             })
             .collect();
+        let (signals, interrupts) = self.wakeups();
         format!(
-            "sessions {} channels {} signals {} interrupts {}; {}",
+            "sessions {} channels {} signals {signals} interrupts {interrupts} ({:.3} per frame); {}",
             self.sessions.load(Ordering::Relaxed),
             self.channels.load(Ordering::Relaxed),
-            self.signals.load(Ordering::Relaxed),
-            self.interrupts.load(Ordering::Relaxed),
+            (signals + interrupts) as f64 / self.frames().max(1) as f64,
             q.join("; ")
         )
     }
@@ -200,6 +218,7 @@ impl Nic {
             stop: stop.clone(),
             ready: ready.clone(),
             instance: None,
+            offer: None,
         };
         let thread = std::thread::Builder::new()
             .name("netvsc-sup".into())
@@ -297,6 +316,8 @@ struct Supervisor {
     ready: Arc<Ready>,
     /// The NIC's instance (the same one is looked for after a reconnection).
     instance: Option<Guid>,
+    /// Its offer in the current session (offers are requested once per session).
+    offer: Option<Offer>,
 }
 
 impl Supervisor {
@@ -375,6 +396,7 @@ impl Supervisor {
     /// Connects a new session (retrying until it works or the NIC stops: false).
     fn reconnect(&mut self) -> bool {
         self.client = None;
+        self.offer = None;
         loop {
             let attempt = self.front.reconnect(&self.socket).and_then(|messages| {
                 Client::connect(self.front.clone(), messages, 0, &SUPPORTED_VERSIONS)
@@ -420,15 +442,23 @@ impl Supervisor {
     /// Opens the NIC on the current session: channel, handshake, buffers, queue threads.
     fn bring_up(&mut self) -> Result<(Running, Negotiated), Error> {
         let client = self.client.as_mut().ok_or(Error::Disconnected)?;
-        let offers = client.request_offers()?;
-        let offer = offers
-            .into_iter()
-            .find(|o| {
-                o.interface_type == Guid::NETWORK
-                    && o.subchannel_index == 0
-                    && self.instance.is_none_or(|i| i == o.interface_instance)
-            })
-            .ok_or_else(|| Error::Refused("the daemon offers no network adapter".into()))?;
+        let offer = match self.offer.clone() {
+            Some(o) => o,
+            None => {
+                let instance = self.instance;
+                let o = client
+                    .request_offers()?
+                    .into_iter()
+                    .find(|o| {
+                        o.interface_type == Guid::NETWORK
+                            && o.subchannel_index == 0
+                            && instance.is_none_or(|i| i == o.interface_instance)
+                    })
+                    .ok_or_else(|| Error::Refused("the daemon offers no network adapter".into()))?;
+                self.offer = Some(o.clone());
+                o
+            }
+        };
         self.instance = Some(offer.interface_instance);
         let mtu = self
             .tap
@@ -482,6 +512,11 @@ impl Supervisor {
                 tracing::warn!("guest TAP offloads: {e}");
             }
         }
+        // The guest's address is the one the host gave (its packet filter passes frames to
+        // it), as Linux sets it on the interface.
+        if let Err(e) = self.tap.link().set_mac(n.mac) {
+            tracing::warn!("guest TAP address {:02x?}: {e}", n.mac);
+        }
         if let Some(q) = self.tap.queues().first() {
             let _ = q.set_carrier(n.connected);
         }
@@ -490,6 +525,11 @@ impl Supervisor {
             .store(u64::from(n.connected), Ordering::Relaxed);
         let per = (n.send_sections as usize / k).max(1);
         let mut queues = Vec::new();
+        self.stats
+            .channel_stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(channels.iter().map(|c| c.stats().clone()));
         for (j, ch) in channels.into_iter().enumerate() {
             let taps: Vec<usize> = (0..self.tap.queues().len())
                 .filter(|i| i % k == j)
@@ -523,6 +563,7 @@ impl Supervisor {
                 busy: vec![false; range.len()],
                 sections: range,
                 free_large: (0..large.len()).rev().collect(),
+                large_busy: vec![false; large.len()],
                 large,
                 completions: VecDeque::new(),
                 held: None,
@@ -829,6 +870,7 @@ struct NetQueue {
     busy: Vec<bool>,
     large: Vec<(Vec<u64>, Mapping)>,
     free_large: Vec<usize>,
+    large_busy: Vec<bool>,
     /// Transfer-page packets to complete (the ring had no room).
     completions: VecDeque<u64>,
     held: Option<Held>,
@@ -857,13 +899,6 @@ impl NetQueue {
             }
         }
         lp.close();
-        let s = self.ch.stats();
-        self.stats
-            .signals
-            .fetch_add(s.signals.swap(0, Ordering::Relaxed), Ordering::Relaxed);
-        self.stats
-            .interrupts
-            .fetch_add(s.interrupts.swap(0, Ordering::Relaxed), Ordering::Relaxed);
         self
     }
 
@@ -891,12 +926,39 @@ impl NetQueue {
                 len: flen,
                 offload,
             }) => {
-                let piece = IoPiece::Shared(Shared::Mapped {
-                    map: &self.recv,
-                    offset: off + offset,
-                    len: flen,
-                });
-                let written = self.tap.queues()[tap_i].write(&offload.to_vnet(), &[piece]);
+                tracing::trace!(len = flen, ?offload, "frame from the host");
+                let at = off + offset;
+                // Checksums the host vouches for: the frame's head rewritten so that the TAP
+                // takes them as good (see `wire::rx_checksum`); else as it is.
+                let mut fhead = [0u8; netdev::offload::MAX_HEAD];
+                let fh = &mut fhead[..flen.min(netdev::offload::MAX_HEAD)];
+                let plan = offload
+                    .checksum_ok
+                    .then(|| self.recv.read(at, fh).ok())
+                    .flatten()
+                    .and_then(|()| wire::rx_checksum(fh))
+                    .and_then(|c| c.prepare_tx(flen, fh).ok());
+                let written = match &plan {
+                    Some(p) => self.tap.queues()[tap_i].write(
+                        &p.hdr,
+                        &[
+                            IoPiece::Local(p.head()),
+                            IoPiece::Shared(Shared::Mapped {
+                                map: &self.recv,
+                                offset: at + p.consumed,
+                                len: flen - p.consumed,
+                            }),
+                        ],
+                    ),
+                    None => self.tap.queues()[tap_i].write(
+                        &offload.to_vnet(),
+                        &[IoPiece::Shared(Shared::Mapped {
+                            map: &self.recv,
+                            offset: at,
+                            len: flen,
+                        })],
+                    ),
+                };
                 let s = self.qstats(tap_i);
                 match written {
                     Ok(Some(_)) => {
@@ -936,9 +998,11 @@ impl NetQueue {
         };
         match m.header.message_type {
             NvspMessageType::SEND_RNDIS_PACKET_COMPLETE if completion => {
-                if tx & LARGE_TX != 0 {
-                    let slot = (tx & 0xffff) as usize;
-                    if slot < self.large.len() && !self.free_large.contains(&slot) {
+                if tx >> 32 == LARGE_TX >> 32 {
+                    // Only a slot in flight (a forged or repeated completion frees nothing).
+                    let slot = (tx & 0xffff_ffff) as usize;
+                    if let Some(b @ true) = self.large_busy.get_mut(slot) {
+                        *b = false;
                         self.free_large.push(slot);
                     }
                 } else if tx < u64::from(INVALID_SECTION_INDEX) {
@@ -1051,6 +1115,7 @@ impl NetQueue {
             }) {
                 Ok(()) => {
                     self.free_large.pop();
+                    self.large_busy[slot] = true;
                 }
                 Err(ringbuf::Error::Full { needed, .. }) => {
                     self.blocked = Some(needed);

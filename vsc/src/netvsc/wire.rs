@@ -3,7 +3,7 @@
 //! indication, a control completion). Pure functions over bytes, unit-tested; the host is not
 //! trusted, so every length and offset is checked against the message.
 
-use netdev::{RxOffload, TxOffload};
+use netdev::{ChecksumRequest, L4Protocol, RxOffload, TxOffload};
 use vmbus_proto::rndis::{
     IndicateStatus, NdisPkt8021qInfo, NdisTcpIpChecksumInfo, PerPacketInfo, PpiType,
     RndisMessageHeader, RndisMessageType, RndisPacket, RndisStatus,
@@ -165,6 +165,48 @@ pub fn parse(head: &[u8], len: usize) -> Result<Received, Malformed> {
     }
 }
 
+/// For a frame the host says has good checksums: the checksum request that makes the guest
+/// TAP take it as such, if it is TCP or UDP over IPv4 (not a fragment) or IPv6 (no extension
+/// header). A TAP ignores `DATA_VALID` on write, and the host may have left the transport
+/// checksum partial (the host kernel's own frames), so such a frame is written with
+/// `NEEDS_CSUM` and the pseudo-header sum in its checksum field (`TxOffload::prepare_tx`): the
+/// guest kernel then trusts it, and finishes it if it forwards the frame.
+pub fn rx_checksum(head: &[u8]) -> Option<TxOffload> {
+    let mut l3 = 14;
+    let mut ethertype = u16::from_be_bytes([*head.get(12)?, *head.get(13)?]);
+    if ethertype == 0x8100 {
+        ethertype = u16::from_be_bytes([*head.get(16)?, *head.get(17)?]);
+        l3 += 4;
+    }
+    let (ipv6, proto, l4) = match ethertype {
+        0x0800 => {
+            let ihl = usize::from(head.get(l3)? & 0x0f) * 4;
+            let frag = u16::from_be_bytes([*head.get(l3 + 6)?, *head.get(l3 + 7)?]);
+            if ihl < 20 || frag & 0x3fff != 0 {
+                return None;
+            }
+            (false, *head.get(l3 + 9)?, l3 + ihl)
+        }
+        0x86dd => (true, *head.get(l3 + 6)?, l3 + 40),
+        _ => return None,
+    };
+    let l4p = match proto {
+        6 => L4Protocol::Tcp,
+        17 => L4Protocol::Udp,
+        _ => return None,
+    };
+    Some(TxOffload {
+        checksum: Some(ChecksumRequest {
+            ipv6,
+            ip_header: false,
+            l4: Some(l4p),
+            l4_offset: u16::try_from(l4).ok()?,
+        }),
+        lso: None,
+        vlan: None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,6 +306,43 @@ mod tests {
         let past = with_ppi(17);
         assert_eq!(parse(&past, past.len()), Err(Malformed::Bounds));
         assert_eq!(parse(&msg[..4], 4), Err(Malformed::Short));
+    }
+
+    #[test]
+    fn checksums_the_host_vouches_for_become_a_partial_checksum_request() {
+        // Ethernet + IPv4 (IHL 5) + TCP.
+        let mut f = vec![0u8; 14 + 20 + 20];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        f[14] = 0x45;
+        f[23] = 6;
+        let c = rx_checksum(&f).unwrap().checksum.unwrap();
+        assert_eq!(
+            (c.ipv6, c.l4, c.l4_offset),
+            (false, Some(L4Protocol::Tcp), 34)
+        );
+        // IPv4 options move the transport header.
+        f[14] = 0x46;
+        assert_eq!(rx_checksum(&f).unwrap().checksum.unwrap().l4_offset, 38);
+        // A fragment, ICMP, ARP, a short frame: left alone.
+        f[14] = 0x45;
+        f[20] = 0x20;
+        assert!(rx_checksum(&f).is_none());
+        f[20] = 0;
+        f[23] = 1;
+        assert!(rx_checksum(&f).is_none());
+        f[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert!(rx_checksum(&f).is_none());
+        assert!(rx_checksum(&f[..13]).is_none());
+        // IPv6 UDP behind a VLAN tag.
+        let mut f = vec![0u8; 18 + 40 + 8];
+        f[12..14].copy_from_slice(&[0x81, 0x00]);
+        f[16..18].copy_from_slice(&[0x86, 0xdd]);
+        f[18 + 6] = 17;
+        let c = rx_checksum(&f).unwrap().checksum.unwrap();
+        assert_eq!(
+            (c.ipv6, c.l4, c.l4_offset),
+            (true, Some(L4Protocol::Udp), 58)
+        );
     }
 
     #[test]

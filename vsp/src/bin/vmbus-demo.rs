@@ -7,6 +7,12 @@
 //! a live progress line, then IOPS and latency percentiles, verifies every acknowledged write in
 //! the image file itself, and says how to point fio or qemu-img at the export.
 //!
+//! Then, run as root, it shows the network path: `vspd` (this machine's `vspd` binary, beside
+//! this one) with a NIC on a TAP in one network namespace, the netvsc client behind a TAP in
+//! another, and a verified TCP transfer between them with a live progress line: guest TCP ->
+//! guest TAP -> netvsc -> the VMBus ring -> netvsp -> host TAP -> host TCP; then the same
+//! transfer over a plain veth pair, for comparison. Elsewhere it says why it skips it.
+//!
 //! `--ring` runs the earlier ring demo instead: two processes exchanging verified packets over a
 //! pair of VMBus rings in one memfd.
 
@@ -58,6 +64,9 @@ struct Args {
     /// until Ctrl-C.
     #[arg(long)]
     keep: bool,
+    /// Seconds of the network demo's TCP transfer (each path); 0 skips the network demo.
+    #[arg(long, default_value_t = 5)]
+    net_seconds: u64,
     /// Run the ring demo instead (two processes, one memfd, verified packets).
     #[arg(long)]
     ring: bool,
@@ -86,7 +95,7 @@ fn main() -> ExitCode {
     } else if args.ring {
         run_ring(&args)
     } else {
-        run_storage(&args)
+        run_storage(&args).and_then(|()| run_network(&args))
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -519,5 +528,229 @@ fn run_peer(args: &Args) -> Result<(), BoxError> {
     if stats.lost_wakeups != 0 {
         return Err("lost wakeups detected in the peer".into());
     }
+    Ok(())
+}
+
+/// FNV-1a over the 64-bit words of a byte stream, however it is cut into reads (the network
+/// demo's check that every byte arrived intact; words, so that it costs less than the path).
+struct Fnv(u64, [u8; 8], usize);
+
+impl Fnv {
+    fn new() -> Self {
+        Self(0xcbf2_9ce4_8422_2325, [0; 8], 0)
+    }
+
+    fn word(&mut self, w: [u8; 8]) {
+        self.0 = (self.0 ^ u64::from_le_bytes(w)).wrapping_mul(0x100_0000_01b3);
+    }
+
+    fn add(&mut self, mut b: &[u8]) {
+        if self.2 > 0 {
+            let n = (8 - self.2).min(b.len());
+            self.1[self.2..self.2 + n].copy_from_slice(&b[..n]);
+            self.2 += n;
+            b = &b[n..];
+            if self.2 < 8 {
+                return;
+            }
+            let w = self.1;
+            self.word(w);
+            self.2 = 0;
+        }
+        let mut words = b.chunks_exact(8);
+        for w in &mut words {
+            self.word(w.try_into().expect("8 bytes"));
+        }
+        let rest = words.remainder();
+        self.1[..rest.len()].copy_from_slice(rest);
+        self.2 = rest.len();
+    }
+
+    /// The hash (the last partial word padded with zeros).
+    fn finish(mut self) -> u64 {
+        if self.2 > 0 {
+            let mut w = [0u8; 8];
+            w[..self.2].copy_from_slice(&self.1[..self.2]);
+            self.word(w);
+            self.0 ^= self.2 as u64;
+        }
+        self.0
+    }
+}
+
+/// A TCP transfer for `seconds` from a thread in `client` to a listener at `addr` in `server`,
+/// with a live progress line; returns Gbit/s once the receiver's hash matched the sender's.
+fn transfer(
+    server: &vsc::netns::Netns,
+    client: &vsc::netns::Netns,
+    addr: &'static str,
+    seconds: u64,
+    label: &str,
+) -> Result<f64, BoxError> {
+    use std::io::Read;
+    use std::net::{TcpListener, TcpStream};
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server_ns = server.name().to_owned();
+    let receiver = std::thread::spawn(move || {
+        vsc::netns::run_in(&server_ns, move || -> std::io::Result<(u64, u64)> {
+            let l = TcpListener::bind((addr, 0))?;
+            let _ = tx.send(l.local_addr()?.port());
+            let (mut c, _) = l.accept()?;
+            c.set_read_timeout(Some(Duration::from_secs(30)))?;
+            let (mut h, mut n, mut buf) = (Fnv::new(), 0u64, vec![0u8; 1 << 16]);
+            loop {
+                match c.read(&mut buf)? {
+                    0 => return Ok((n, h.finish())),
+                    k => {
+                        h.add(&buf[..k]);
+                        n += k as u64;
+                    }
+                }
+            }
+        })
+    });
+    let port = rx.recv_timeout(Duration::from_secs(10))?;
+    let sent = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let client_ns = client.name().to_owned();
+    let (s, d) = (sent.clone(), done.clone());
+    let sender = std::thread::spawn(move || {
+        vsc::netns::run_in(&client_ns, move || -> std::io::Result<u64> {
+            let target = std::net::SocketAddr::new(addr.parse().expect("an address"), port);
+            let mut c = TcpStream::connect_timeout(&target, Duration::from_secs(10))?;
+            let (mut h, mut buf) = (Fnv::new(), vec![0u8; 1 << 16]);
+            let end = Instant::now() + Duration::from_secs(seconds);
+            let mut block = 0u64;
+            while Instant::now() < end {
+                pattern(block, 1, &mut buf);
+                block += 1;
+                std::io::Write::write_all(&mut c, &buf)?;
+                h.add(&buf);
+                s.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            }
+            d.store(true, Ordering::Relaxed);
+            Ok(h.finish())
+        })
+    });
+    let start = Instant::now();
+    while !done.load(Ordering::Relaxed) && !sender.is_finished() {
+        std::thread::sleep(Duration::from_millis(250));
+        let n = sent.load(Ordering::Relaxed);
+        print!(
+            "\r  {label}: {:>6} MiB sent, {:>6.2} Gbit/s   ",
+            n >> 20,
+            n as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9
+        );
+        let _ = std::io::stdout().flush();
+    }
+    let hash = sender.join().map_err(|_| "the sender panicked")??;
+    let elapsed = start.elapsed();
+    let (got, got_hash) = receiver.join().map_err(|_| "the receiver panicked")??;
+    let n = sent.load(Ordering::Relaxed);
+    if got != n || got_hash != hash {
+        return Err(format!(
+            "{label}: {got} of {n} bytes arrived, hash {got_hash:#x} vs {hash:#x}"
+        )
+        .into());
+    }
+    let gbps = n as f64 * 8.0 / elapsed.as_secs_f64() / 1e9;
+    println!(
+        "\r  {label}: {} MiB in {:.1} s, {gbps:.2} Gbit/s, every byte verified   ",
+        n >> 20,
+        elapsed.as_secs_f64()
+    );
+    Ok(gbps)
+}
+
+/// The network demo (see the module's documentation).
+fn run_network(args: &Args) -> Result<(), BoxError> {
+    use vsc::netns::Netns;
+    if args.net_seconds == 0 {
+        return Ok(());
+    }
+    println!("\nvmbus-demo: the network path (netvsc -> VMBus ring -> netvsp, TAPs at both ends)");
+    if let Some(why) = vsc::netns::unavailable() {
+        println!("  skipped: {why}; run vmbus-demo as root to see it");
+        return Ok(());
+    }
+    let vspd = std::env::current_exe()?.with_file_name("vspd");
+    if !vspd.is_file() {
+        println!(
+            "  skipped: no vspd binary beside vmbus-demo ({}; cargo build --release --bins)",
+            vspd.display()
+        );
+        return Ok(());
+    }
+    let tag = std::process::id();
+    let host = Netns::create(&format!("demo-h{tag}"))?;
+    let guest = Netns::create(&format!("demo-g{tag}"))?;
+    let dir = std::env::temp_dir().join(format!("vmbus-demo-net-{tag}"));
+    std::fs::create_dir_all(&dir)?;
+    let socket = dir.join("vspd.sock");
+    let log = dir.join("vspd.log");
+    let daemon = Daemon(
+        host.command(&vspd.display().to_string())
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--nic", "tap=htap"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if Instant::now() > deadline {
+            return Err(format!("vspd did not start: {}", std::fs::read_to_string(&log)?).into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    host.ip("addr add 10.80.0.1/24 dev htap")?;
+    host.ip("link set htap up")?;
+    let s = socket.clone();
+    let nic = guest.run(move || {
+        vsc::netvsc::Nic::start(&s, vsc::netvsc::NicConfig::new("gtap")).map_err(|e| e.to_string())
+    })?;
+    guest.ip("addr add 10.80.0.2/24 dev gtap")?;
+    guest.ip("link set gtap up")?;
+    println!(
+        "  namespaces {} (vspd, TAP htap 10.80.0.1) and {} (netvsc, TAP gtap 10.80.0.2), {} channel(s)",
+        host.name(),
+        guest.name(),
+        nic.stats().channels.load(Ordering::Relaxed)
+    );
+    let ours = transfer(
+        &host,
+        &guest,
+        "10.80.0.1",
+        args.net_seconds,
+        "TCP guest -> host, netvsc/netvsp",
+    )?;
+    let a = Netns::create(&format!("demo-a{tag}"))?;
+    let b = Netns::create(&format!("demo-b{tag}"))?;
+    vsc::netns::ip(&format!(
+        "link add va{tag} netns {} type veth peer name vb{tag} netns {}",
+        a.name(),
+        b.name()
+    ))?;
+    a.ip(&format!("addr add 10.81.0.1/24 dev va{tag}"))?;
+    b.ip(&format!("addr add 10.81.0.2/24 dev vb{tag}"))?;
+    a.ip(&format!("link set va{tag} up"))?;
+    b.ip(&format!("link set vb{tag} up"))?;
+    let veth = transfer(
+        &a,
+        &b,
+        "10.81.0.1",
+        args.net_seconds,
+        "TCP over a plain veth pair   ",
+    )?;
+    println!(
+        "  netvsc/netvsp moved {ours:.2} Gbit/s, {:.2}x a veth pair's {veth:.2} (one run on a shared machine: benches/network-vs-baseline.sh measures properly)",
+        ours / veth
+    );
+    println!("  netvsc: {}", nic.stats().summary());
+    nic.stop();
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -24,7 +24,10 @@ struct Args {
     /// (1-64) lets the guest open that many channels (the primary and subchannels).
     #[arg(long, value_name = "OPTIONS")]
     disk: Vec<String>,
-    /// A NIC: tap=NAME. Repeatable.
+    /// A NIC: tap=NAME[,mac=MAC][,mtu=N][,vlan=ID][,queues=N][,uids=U:U]. Repeatable. The TAP
+    /// is created if missing (opened if it exists); the MAC defaults to a stable locally
+    /// administered address; MTU 68-9000 (1500); frames are tagged with the VLAN toward the
+    /// host and untagged toward the guest; queues (1-64) are TAP queues and channels.
     #[arg(long, value_name = "OPTIONS")]
     nic: Vec<String>,
     /// A TOML file with `socket`, `[[disk]]` and `[[nic]]` tables (same keys as the options);

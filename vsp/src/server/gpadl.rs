@@ -6,7 +6,8 @@
 //! size is checked against the limits before anything proportional to it is allocated, and the
 //! page numbers that follow are taken only up to the announced count.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
 use ringbuf::guestmem::{GuestMemory, PAGE_SIZE};
 use vmbus_proto::ring::GpaRangeHeader;
@@ -24,7 +25,7 @@ pub(super) struct Gpadl {
     /// Length of the buffer in bytes.
     pub byte_count: u32,
     /// The pages, in order; every one is guest memory.
-    pub pfns: Vec<u64>,
+    pub pfns: Arc<[u64]>,
     /// The guest asked to tear it down while an open channel uses it as its ring: the
     /// GpadlTorndown is sent when that channel closes.
     pub teardown_pending: bool,
@@ -68,6 +69,53 @@ pub(super) struct Gpadls {
     partial: BTreeMap<u32, Partial>,
     /// Bytes described by every GPADL in the table, complete or in progress (pages times 4096).
     total_bytes: u64,
+    /// The complete GPADLs again, for channel threads (see [`GpadlIndex`]).
+    index: GpadlIndex,
+}
+
+/// A complete GPADL as devices see it (netvsp's receive and send buffers).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedGpadl {
+    /// The channel the guest created it on.
+    pub relid: u32,
+    /// Offset of the buffer in its first page.
+    pub byte_offset: u32,
+    /// Length of the buffer in bytes.
+    pub byte_count: u32,
+    /// The pages, in order; each was guest memory when the GPADL was created.
+    pub pfns: Arc<[u64]>,
+}
+
+/// The complete GPADLs of one connection, readable from channel threads: the server keeps it
+/// equal to its own table (entries added when a GPADL completes, removed when it is torn
+/// down). Its lock is taken only when a GPADL is created or torn down and when a device looks
+/// one up, never per packet.
+#[derive(Clone, Debug, Default)]
+pub struct GpadlIndex(Arc<Mutex<HashMap<u32, SharedGpadl>>>);
+
+impl GpadlIndex {
+    /// The complete GPADL `gpadl`, if it exists now.
+    pub fn get(&self, gpadl: u32) -> Option<SharedGpadl> {
+        self.lock().get(&gpadl).cloned()
+    }
+
+    /// Adds (or replaces) a GPADL: the server's bookkeeping, and harnesses that run a device
+    /// without a server.
+    pub fn insert(&self, gpadl: u32, g: SharedGpadl) {
+        self.lock().insert(gpadl, g);
+    }
+
+    fn remove(&self, gpadl: u32) {
+        self.lock().remove(&gpadl);
+    }
+
+    fn retain(&self, keep: impl FnMut(&u32, &mut SharedGpadl) -> bool) {
+        self.lock().retain(keep);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, SharedGpadl>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Gpadls {
@@ -165,13 +213,23 @@ impl Gpadls {
             return Err(status::INVALID_PARAMETER);
         }
         self.total_bytes += bytes;
+        let pfns: Arc<[u64]> = partial.pfns.into();
+        self.index.insert(
+            gpadl,
+            SharedGpadl {
+                relid: partial.relid,
+                byte_offset: partial.byte_offset,
+                byte_count: partial.byte_count,
+                pfns: pfns.clone(),
+            },
+        );
         self.complete.insert(
             gpadl,
             Gpadl {
                 relid: partial.relid,
                 byte_offset: partial.byte_offset,
                 byte_count: partial.byte_count,
-                pfns: partial.pfns,
+                pfns,
                 teardown_pending: false,
             },
         );
@@ -191,6 +249,7 @@ impl Gpadls {
     /// Removes the complete GPADL `gpadl`.
     pub fn remove(&mut self, gpadl: u32) -> Option<Gpadl> {
         let g = self.complete.remove(&gpadl)?;
+        self.index.remove(gpadl);
         self.total_bytes = self
             .total_bytes
             .saturating_sub(g.pfns.len() as u64 * PAGE_SIZE);
@@ -214,6 +273,7 @@ impl Gpadls {
     /// Removes every GPADL, complete or not, of channel `relid`.
     pub fn remove_channel(&mut self, relid: u32) {
         let mut freed = 0;
+        self.index.retain(|_, g| g.relid != relid);
         self.complete.retain(|_, g| {
             let keep = g.relid != relid;
             if !keep {
@@ -233,9 +293,15 @@ impl Gpadls {
 
     /// Removes every GPADL.
     pub fn clear(&mut self) {
+        self.index.retain(|_, _| false);
         self.complete.clear();
         self.partial.clear();
         self.total_bytes = 0;
+    }
+
+    /// The index channel threads read.
+    pub fn index(&self) -> &GpadlIndex {
+        &self.index
     }
 
     /// Number of complete GPADLs.

@@ -29,6 +29,7 @@
 //! sends makes the server allocate beyond the limits of [`ServerConfig`].
 
 mod gpadl;
+pub use gpadl::{GpadlIndex, SharedGpadl};
 #[cfg(test)]
 mod tests;
 
@@ -630,6 +631,11 @@ impl Server {
             byte_count: g.byte_count,
             pfns: &g.pfns,
         })
+    }
+
+    /// The complete GPADLs, readable from channel threads (kept current by this server).
+    pub fn gpadl_index(&self) -> GpadlIndex {
+        self.gpadls.index().clone()
     }
 
     /// Number of complete GPADLs.

@@ -1,0 +1,883 @@
+//! netvsp over real rings: a guest that speaks as Linux 6.1, and hostile ones. The backend is
+//! the in-memory stand-in here; `tap_tests` below runs a real TAP in a network namespace.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use netdev::VirtioNetHdr;
+use vmbus_proto::netvsp::{
+    NvspInit, NvspInitComplete, NvspMessageType, NvspStatus, NvspSubchannelOperation, NvspVersion,
+    SendReceiveBuffer, SendReceiveBufferComplete, SendRndisPacketComplete, SendSendBuffer,
+    SendSendBufferComplete, SubchannelComplete, SubchannelRequest, LINUX_RECEIVE_BUFFER_ID,
+};
+use vmbus_proto::rndis::{
+    NdisObjectHeader, NdisRecvScaleParam, Oid, PpiType, RndisMessageType, RndisStatus,
+};
+use zerocopy::IntoBytes;
+
+use super::harness::guest::*;
+use super::harness::{Harness, Received, Sent, StandIn};
+use super::*;
+
+fn settings(queues: u16) -> NicSettings {
+    NicSettings {
+        tap: "standin".into(),
+        mac: [2, 0, 0, 0, 0, 0x10],
+        mtu: 1500,
+        vlan: None,
+        queues,
+    }
+}
+
+/// A NIC on stand-in queues, and those queues.
+fn standin_nic(queues: u16) -> (Arc<Nic>, Vec<StandIn>) {
+    let qs: Vec<StandIn> = (0..queues).map(|_| StandIn::default()).collect();
+    let nic = Nic::with_queues(
+        &settings(queues),
+        qs.iter()
+            .map(|q| Box::new(q.clone()) as Box<dyn NetQueue>)
+            .collect(),
+        None,
+    );
+    (nic, qs)
+}
+
+fn harness(nic: &Arc<Nic>) -> Harness {
+    Harness::new(nic.clone(), MEM_BYTES, None).unwrap()
+}
+
+/// An Ethernet frame to `dst` of `len` bytes.
+fn frame(dst: [u8; 6], len: usize) -> Vec<u8> {
+    let mut f = dst.to_vec();
+    f.extend_from_slice(&[2, 0, 0, 0, 0, 0x99, 0x88, 0xb5]);
+    f.resize(len, 0);
+    for (i, b) in f[14..].iter_mut().enumerate() {
+        *b = (i * 7) as u8;
+    }
+    f
+}
+
+fn status_of(h: &mut Harness, tx: u64) -> NvspStatus {
+    completion(h, tx)
+        .map(|m| m.body::<SendRndisPacketComplete>().status)
+        .unwrap_or(NvspStatus(999))
+}
+
+#[test]
+fn every_linux_version_completes_the_handshake() {
+    for v in vmbus_proto::netvsp::LINUX_6_1_VERSIONS {
+        let (nic, _) = standin_nic(1);
+        let mut h = harness(&nic);
+        let hs = handshake(&mut h, v, 0)
+            .unwrap()
+            .unwrap_or_else(|| panic!("handshake at {v:?}"));
+        assert_eq!(hs.mac, nic.settings.mac);
+        let s = hs.recv.sections[0];
+        assert_eq!(s.sub_alloc_size, receive_section_size(1500));
+        assert_eq!(s.num_sub_allocs, RECV_LEN / s.sub_alloc_size);
+        assert_eq!(hs.send_section_size, SEND_SECTION_SIZE);
+        assert_eq!(nic.stats.bad_nvsp.load(Ordering::Relaxed), 0, "{v:?}");
+        assert_eq!(nic.stats.bad_rndis.load(Ordering::Relaxed), 0, "{v:?}");
+    }
+}
+
+#[test]
+fn other_versions_and_ranges_are_answered() {
+    let (nic, _) = standin_nic(1);
+    let mut h = harness(&nic);
+    for (tx, min, max, want) in [
+        (1, 0x30000, 0x30000, None),
+        (2, 0x70000, 0x70000, None),
+        (3, 0, 1, None),
+        (4, 2, 0x60001, Some(NvspVersion::V61)),
+        (5, 0x40000, 0x50001, Some(NvspVersion::V5)),
+    ] {
+        h.send(
+            tx,
+            &nvsp(
+                NvspMessageType::INIT,
+                &NvspInit {
+                    min_protocol_version: NvspVersion(min),
+                    max_protocol_version: NvspVersion(max),
+                },
+            ),
+            Sent::InBand,
+        )
+        .unwrap();
+        let c: NvspInitComplete = completion(&mut h, tx).unwrap().body();
+        match want {
+            Some(v) => assert_eq!(
+                (c.status, c.negotiated_protocol_version),
+                (NvspStatus::SUCCESS, v)
+            ),
+            None => assert_eq!(c.status, NvspStatus::FAIL, "{min:#x}..{max:#x}"),
+        }
+    }
+}
+
+#[test]
+fn nvsp_before_init_and_bad_buffers_fail() {
+    let (nic, _) = standin_nic(2);
+    let mut h = harness(&nic);
+    h.add_gpadl(RECV_GPADL, RECV_GPA, RECV_LEN);
+    h.add_gpadl(SEND_GPADL, SEND_GPA, SEND_LEN);
+    let recv = |g| {
+        nvsp(
+            NvspMessageType::SEND_RECEIVE_BUFFER,
+            &SendReceiveBuffer {
+                gpadl_handle: g,
+                id: LINUX_RECEIVE_BUFFER_ID,
+            },
+        )
+    };
+    let send = |g| {
+        nvsp(
+            NvspMessageType::SEND_SEND_BUFFER,
+            &SendSendBuffer {
+                gpadl_handle: g,
+                id: 0,
+            },
+        )
+    };
+    let recv_status = |h: &mut Harness, tx| {
+        completion(h, tx)
+            .unwrap()
+            .body::<SendReceiveBufferComplete>()
+            .status
+    };
+    // Before INIT.
+    h.send(1, &recv(RECV_GPADL), Sent::InBand).unwrap();
+    assert_eq!(recv_status(&mut h, 1), NvspStatus::FAIL);
+    h.send(2, &send(SEND_GPADL), Sent::InBand).unwrap();
+    assert_eq!(
+        completion(&mut h, 2)
+            .unwrap()
+            .body::<SendSendBufferComplete>()
+            .status,
+        NvspStatus::FAIL
+    );
+    h.send(
+        3,
+        &nvsp(
+            NvspMessageType::SUBCHANNEL,
+            &SubchannelRequest {
+                op: NvspSubchannelOperation::ALLOCATE,
+                num_subchannels: 1,
+            },
+        ),
+        Sent::InBand,
+    )
+    .unwrap();
+    assert_eq!(
+        completion(&mut h, 3)
+            .unwrap()
+            .body::<SubchannelComplete>()
+            .status,
+        NvspStatus::FAIL
+    );
+    h.send(
+        4,
+        &nvsp(
+            NvspMessageType::INIT,
+            &NvspInit {
+                min_protocol_version: NvspVersion::V61,
+                max_protocol_version: NvspVersion::V61,
+            },
+        ),
+        Sent::InBand,
+    )
+    .unwrap();
+    completion(&mut h, 4).unwrap();
+    // An unknown GPADL; one of another channel; one too small for a section per queue.
+    h.send(5, &recv(0xdead), Sent::InBand).unwrap();
+    assert_eq!(recv_status(&mut h, 5), NvspStatus::FAIL);
+    h.gpadls.insert(
+        0x200,
+        crate::server::SharedGpadl {
+            relid: 99,
+            byte_offset: 0,
+            byte_count: 8192,
+            pfns: vec![1, 2].into(),
+        },
+    );
+    h.send(6, &recv(0x200), Sent::InBand).unwrap();
+    assert_eq!(recv_status(&mut h, 6), NvspStatus::FAIL);
+    h.add_gpadl(0x201, 0x20000, 2000);
+    h.send(7, &recv(0x201), Sent::InBand).unwrap();
+    assert_eq!(recv_status(&mut h, 7), NvspStatus::FAIL);
+    // The real one, then again (reused), then as the send buffer (reused).
+    h.send(8, &recv(RECV_GPADL), Sent::InBand).unwrap();
+    assert_eq!(recv_status(&mut h, 8), NvspStatus::SUCCESS);
+    h.send(9, &recv(RECV_GPADL), Sent::InBand).unwrap();
+    assert_eq!(recv_status(&mut h, 9), NvspStatus::FAIL);
+    h.send(10, &send(RECV_GPADL), Sent::InBand).unwrap();
+    assert_eq!(
+        completion(&mut h, 10)
+            .unwrap()
+            .body::<SendSendBufferComplete>()
+            .status,
+        NvspStatus::FAIL
+    );
+    // A completion for a transaction never sent.
+    let before = nic.stats.bad_nvsp.load(Ordering::Relaxed);
+    h.send(
+        0x7777,
+        &nvsp(
+            NvspMessageType::SEND_RNDIS_PACKET_COMPLETE,
+            &SendRndisPacketComplete {
+                status: NvspStatus::SUCCESS,
+            },
+        ),
+        Sent::Completion,
+    )
+    .unwrap();
+    assert_eq!(nic.stats.bad_nvsp.load(Ordering::Relaxed), before + 1);
+    // Garbage shorter than a header.
+    h.send(11, &[1, 2], Sent::InBand).unwrap();
+    assert!(nic.stats.bad_nvsp.load(Ordering::Relaxed) >= before + 2);
+    // Revoke, then the buffer may be lent again.
+    h.send(
+        12,
+        &nvsp(
+            NvspMessageType::REVOKE_RECEIVE_BUFFER,
+            &vmbus_proto::netvsp::RevokeReceiveBuffer {
+                id: LINUX_RECEIVE_BUFFER_ID,
+            },
+        ),
+        Sent::InBand,
+    )
+    .unwrap();
+    h.send(13, &recv(RECV_GPADL), Sent::InBand).unwrap();
+    assert_eq!(recv_status(&mut h, 13), NvspStatus::SUCCESS);
+}
+
+#[test]
+fn frames_move_both_ways_with_their_offloads() {
+    let (nic, qs) = standin_nic(1);
+    let mut h = harness(&nic);
+    let hs = handshake(&mut h, NvspVersion::V61, 0).unwrap().unwrap();
+    // Guest to host: from a send section (two messages batched), and GPA-direct.
+    let f1 = frame([2, 9, 9, 9, 9, 9], 100);
+    let f2 = frame([0xff; 6], 1514);
+    let mut batch = data(&f1, &[]);
+    batch.resize(batch.len().next_multiple_of(8), 0);
+    let first_len = batch.len() as u32;
+    batch[4..8].copy_from_slice(&first_len.to_le_bytes());
+    batch.extend_from_slice(&data(
+        &f2,
+        &[(
+            PpiType::IEEE_8021Q,
+            vmbus_proto::rndis::NdisPkt8021qInfo::new(3, false, 7).0,
+        )],
+    ));
+    send_section(&mut h, 30, 3, hs.send_section_size, &batch).unwrap();
+    assert_eq!(status_of(&mut h, 30), NvspStatus::SUCCESS);
+    send_direct(&mut h, 31, &data(&f1, &[]), DATA_GPA + 4000).unwrap();
+    assert_eq!(status_of(&mut h, 31), NvspStatus::SUCCESS);
+    let out = qs[0].take_to_host();
+    assert_eq!(out.len(), 3);
+    assert_eq!(out[0].1, f1);
+    // The guest's 802.1Q info becomes a tag.
+    assert_eq!(
+        netdev::offload::Vlan::of_frame(&out[1].1),
+        Some(netdev::offload::Vlan { id: 7, priority: 3 })
+    );
+    assert_eq!(out[1].1.len(), f2.len() + 4);
+    assert_eq!(out[2].1, f1);
+    // Host to guest: one for us, one for another address (filtered), a broadcast.
+    let valid = VirtioNetHdr {
+        flags: netdev::VnetFlags::DATA_VALID.bits(),
+        ..Default::default()
+    };
+    qs[0].push_to_guest(valid, frame(hs.mac, 60));
+    qs[0].push_to_guest(VirtioNetHdr::default(), frame([2, 1, 1, 1, 1, 1], 60));
+    qs[0].push_to_guest(VirtioNetHdr::default(), frame([0xff; 6], 1514));
+    h.run().unwrap();
+    let got = frames_of(&take_received(&mut h, false).unwrap());
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].2, frame(hs.mac, 60));
+    // Checksum info: succeeded bits.
+    assert_eq!(&got[0].1[4..8], &[0, 0, 0, 0]);
+    assert_eq!(
+        u32::from_le_bytes(got[0].1[12..16].try_into().unwrap()) & 0x38,
+        0x38
+    );
+    assert_eq!(got[1].2, frame([0xff; 6], 1514));
+    assert_eq!(nic.stats.rx_dropped.load(Ordering::Relaxed), 1);
+    assert_eq!(nic.stats.rx_frames.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn hostile_data_messages_are_refused_and_counted() {
+    let (nic, qs) = standin_nic(1);
+    let mut h = harness(&nic);
+    let hs = handshake(&mut h, NvspVersion::V61, 0).unwrap().unwrap();
+    let good = data(&frame([2; 6], 100), &[]);
+    let cases = hostile_cases();
+    for (i, (what, msg)) in cases.iter().enumerate() {
+        let tx = 100 + i as u64;
+        send_direct(&mut h, tx, msg, DATA_GPA).unwrap();
+        assert_eq!(
+            status_of(&mut h, tx),
+            NvspStatus::INVALID_RNDIS_PACKET,
+            "{what}"
+        );
+    }
+    assert!(qs[0].take_to_host().is_empty());
+    let s = &nic.stats;
+    assert_eq!(
+        s.tx_malformed.load(Ordering::Relaxed) + s.tx_over_mtu.load(Ordering::Relaxed),
+        cases.len() as u64
+    );
+    // Sections out of range or oversized.
+    let sections = SEND_LEN / hs.send_section_size;
+    send_section(&mut h, 200, 0, hs.send_section_size, &good).unwrap();
+    assert_eq!(status_of(&mut h, 200), NvspStatus::SUCCESS);
+    for (tx, idx, size) in [
+        (201, sections, 100),
+        (202, u32::MAX - 1, 100),
+        (203, 0, hs.send_section_size + 1),
+        (204, 0, 0),
+    ] {
+        let m = nvsp(
+            NvspMessageType::SEND_RNDIS_PACKET,
+            &vmbus_proto::netvsp::SendRndisPacket {
+                channel_type: 0,
+                send_buffer_section_index: idx,
+                send_buffer_section_size: size,
+            },
+        );
+        h.send(tx, &m, Sent::InBand).unwrap();
+        assert_eq!(
+            status_of(&mut h, tx),
+            NvspStatus::INVALID_RNDIS_PACKET,
+            "section {idx} size {size}"
+        );
+    }
+    // GPA-direct pages outside guest memory.
+    let m = nvsp(
+        NvspMessageType::SEND_RNDIS_PACKET,
+        &vmbus_proto::netvsp::SendRndisPacket {
+            channel_type: 0,
+            send_buffer_section_index: u32::MAX,
+            send_buffer_section_size: 0,
+        },
+    );
+    assert!(h
+        .send(205, &m, Sent::Direct(&[(0, 200, &[1 << 40])]))
+        .unwrap());
+    assert_eq!(status_of(&mut h, 205), NvspStatus::INVALID_RNDIS_PACKET);
+    assert!(h
+        .send(206, &m, Sent::Direct(&[(4095, 200, &[5, 1 << 40])]))
+        .unwrap());
+    assert_eq!(status_of(&mut h, 206), NvspStatus::INVALID_RNDIS_PACKET);
+    // A well-formed one still passes afterwards.
+    send_direct(&mut h, 207, &good, DATA_GPA).unwrap();
+    assert_eq!(status_of(&mut h, 207), NvspStatus::SUCCESS);
+    assert_eq!(qs[0].take_to_host().len(), 2);
+}
+
+/// Malformed data messages (each with what is wrong), as the tests and the TAP test send them.
+fn hostile_cases() -> Vec<(&'static str, Vec<u8>)> {
+    let good = data(&frame([2; 6], 100), &[]);
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    let mut m = good.clone();
+    m[4..8].copy_from_slice(&10_000u32.to_le_bytes());
+    cases.push(("length past the message", m));
+    let mut m = good.clone();
+    m[8..12].copy_from_slice(&5000u32.to_le_bytes());
+    cases.push(("data offset outside", m));
+    let mut m = good.clone();
+    m[12..16].copy_from_slice(&5000u32.to_le_bytes());
+    cases.push(("data length outside", m));
+    let mut m = data(&frame([2; 6], 100), &[(PpiType::TCPIP_CHKSUM, 0)]);
+    m[44..48].copy_from_slice(&0u32.to_le_bytes());
+    cases.push(("PPI of size 0", m));
+    let mut m = data(&frame([2; 6], 100), &[(PpiType::TCPIP_CHKSUM, 0)]);
+    m[44..48].copy_from_slice(&400u32.to_le_bytes());
+    cases.push(("PPI past its end", m));
+    let mut m = data(&frame([2; 6], 100), &[(PpiType::TCPIP_CHKSUM, 0)]);
+    m[28..32].copy_from_slice(&1000u32.to_le_bytes());
+    cases.push(("PPI area outside", m));
+    let tcp = tcp_frame(3000);
+    cases.push((
+        "LSO with MSS 0",
+        data(&tcp, &[(PpiType::TCP_LARGESEND, 34 << 20 | 1 << 30)]),
+    ));
+    cases.push((
+        "LSO header offset past the frame",
+        data(
+            &tcp[..900],
+            &[(PpiType::TCP_LARGESEND, 1400 | 1000 << 20 | 1 << 30)],
+        ),
+    ));
+    cases.push(("frame over the MTU", data(&frame([2; 6], 1515), &[])));
+    cases.push(("runt frame", data(&frame([2; 6], 100)[..10], &[])));
+    cases
+}
+
+#[test]
+fn rndis_control_is_answered_as_linux_expects() {
+    let (nic, _) = standin_nic(4);
+    let mut h = harness(&nic);
+    handshake(&mut h, NvspVersion::V61, 0).unwrap().unwrap();
+    // Unknown OIDs: NOT_SUPPORTED, both ways.
+    let (st, info) = query_info(&mut h, 40, Oid::GEN_VENDOR_ID, &[]).unwrap();
+    assert_eq!((st, info.len()), (RndisStatus::NOT_SUPPORTED.0, 0));
+    assert_eq!(
+        set_status(&mut h, 41, Oid::GEN_VENDOR_ID, &[0; 4]).unwrap(),
+        RndisStatus::NOT_SUPPORTED.0
+    );
+    // RSS: a table naming channel 1 while only the primary exists is refused; within range
+    // it is taken.
+    let rss = |entry: u32| {
+        let p = NdisRecvScaleParam {
+            header: NdisObjectHeader {
+                object_type: 0x89,
+                revision: 2,
+                size: 40,
+            },
+            hash_info: 1 | 0x200,
+            indirection_table_size: 128 * 4,
+            indirection_table_offset: 40,
+            hash_key_size: 40,
+            hash_key_offset: 40 + 512,
+            ..Default::default()
+        };
+        let mut v = p.as_bytes().to_vec();
+        for i in 0..128u32 {
+            v.extend_from_slice(&(if i == 5 { entry } else { 0 }).to_le_bytes());
+        }
+        v.extend_from_slice(&[0x6d; 40]);
+        v
+    };
+    assert_eq!(
+        set_status(&mut h, 42, Oid::GEN_RECEIVE_SCALE_PARAMETERS, &rss(1)).unwrap(),
+        RndisStatus::INVALID_DATA.0
+    );
+    assert_eq!(
+        set_status(&mut h, 43, Oid::GEN_RECEIVE_SCALE_PARAMETERS, &rss(0)).unwrap(),
+        0
+    );
+    // Lengths outside the message.
+    let mut q = query(44, Oid::GEN_MAXIMUM_FRAME_SIZE, &[]);
+    q[16..20].copy_from_slice(&100u32.to_le_bytes());
+    let body = request(&mut h, 44, &q).unwrap();
+    assert_eq!(
+        u32::from_le_bytes(body[4..8].try_into().unwrap()),
+        RndisStatus::INVALID_LENGTH.0
+    );
+    // A message whose length lies: dropped and counted, the channel keeps serving.
+    let before = nic.stats.bad_rndis.load(Ordering::Relaxed);
+    let mut lie = query(45, Oid::GEN_MAXIMUM_FRAME_SIZE, &[]);
+    lie[4..8].copy_from_slice(&12u32.to_le_bytes());
+    send_direct(&mut h, 45, &lie, SCRATCH_GPA).unwrap();
+    assert!(completion(&mut h, 45).is_some());
+    let (st, mtu) = query_info(&mut h, 46, Oid::GEN_MAXIMUM_FRAME_SIZE, &[]).unwrap();
+    assert_eq!((st, mtu), (0, 1500u32.to_le_bytes().to_vec()));
+    assert!(nic.stats.bad_rndis.load(Ordering::Relaxed) > before);
+    // KEEPALIVE and RESET are answered; HALT is not, and after it QUERY fails.
+    let body = request(
+        &mut h,
+        47,
+        &rndis(RndisMessageType::KEEPALIVE, &47u32.to_le_bytes()),
+    )
+    .unwrap();
+    assert_eq!(body[..8], [47, 0, 0, 0, 0, 0, 0, 0]);
+    let body = request(&mut h, 48, &rndis(RndisMessageType::RESET, &[0; 4])).unwrap();
+    assert_eq!(body[..4], [0; 4]);
+    send_direct(
+        &mut h,
+        49,
+        &rndis(RndisMessageType::HALT, &49u32.to_le_bytes()),
+        SCRATCH_GPA,
+    )
+    .unwrap();
+    assert!(take_received(&mut h, false).unwrap().is_empty());
+    let (st, _) = query_info(&mut h, 50, Oid::GEN_MAXIMUM_FRAME_SIZE, &[]).unwrap();
+    assert_eq!(st, RndisStatus::FAILURE.0);
+}
+
+#[test]
+fn subchannels_are_granted_up_to_the_queue_count() {
+    let (nic, qs) = standin_nic(3);
+    let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let a = asked.clone();
+    let mut h = Harness::new(
+        nic.clone(),
+        MEM_BYTES,
+        Some(Arc::new(move |n| {
+            a.lock().unwrap().push(n);
+            true
+        })),
+    )
+    .unwrap();
+    let hs = handshake(&mut h, NvspVersion::V61, 8).unwrap().unwrap();
+    assert_eq!(hs.subchannels, 2);
+    assert_eq!(*asked.lock().unwrap(), [2]);
+    // The send indirection table: 16 entries over 3 channels.
+    let table = h.received.iter().find_map(|r| match r {
+        Received::InBand(b) if b.len() >= 12 + 64 => Some(b.clone()),
+        _ => None,
+    });
+    let table = table.expect("indirection table");
+    assert_eq!(
+        u32::from_le_bytes(table[0..4].try_into().unwrap()),
+        NvspMessageType::SEND_INDIRECTION_TABLE.0
+    );
+    let entries: Vec<u32> = table[12..76]
+        .chunks(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(entries, (0..16).map(|i| i % 3).collect::<Vec<_>>());
+    // A subchannel moves data on its own queue with its own receive sections.
+    let mut sub = h.subchannel(2).unwrap();
+    sub.received.clear();
+    qs[2].push_to_guest(VirtioNetHdr::default(), frame(hs.mac, 80));
+    sub.run().unwrap();
+    let got = frames_of(&take_received(&mut sub, false).unwrap());
+    assert_eq!(got.len(), 1);
+    send_direct(&mut sub, 60, &data(&frame([2; 6], 64), &[]), DATA_GPA).unwrap();
+    assert_eq!(status_of(&mut sub, 60), NvspStatus::SUCCESS);
+    assert_eq!(qs[2].take_to_host().len(), 1);
+    assert_eq!(nic.stats.rx_queue[2].load(Ordering::Relaxed), 1);
+    assert_eq!(nic.stats.tx_queue[2].load(Ordering::Relaxed), 1);
+    // Control messages on a subchannel are refused.
+    send_direct(
+        &mut sub,
+        61,
+        &query(61, Oid::GEN_MAXIMUM_FRAME_SIZE, &[]),
+        SCRATCH_GPA,
+    )
+    .unwrap();
+    assert_eq!(status_of(&mut sub, 61), NvspStatus::INVALID_RNDIS_PACKET);
+    // A queue cannot be taken twice.
+    assert!(h.subchannel(2).is_err());
+    drop(sub);
+    assert!(h.subchannel(2).is_ok());
+}
+
+#[test]
+fn a_guest_that_keeps_its_receive_sections_stalls_only_itself() {
+    let (nic, qs) = standin_nic(1);
+    let mut h = harness(&nic);
+    let hs = handshake(&mut h, NvspVersion::V61, 0).unwrap().unwrap();
+    let sections = hs.recv.sections[0].num_sub_allocs as usize;
+    for _ in 0..sections + 100 {
+        qs[0].push_to_guest(VirtioNetHdr::default(), frame(hs.mac, 60));
+    }
+    for _ in 0..(sections / RX_BATCH + 4) {
+        h.run().unwrap();
+        take_received(&mut h, true).unwrap();
+    }
+    assert_eq!(
+        nic.stats.rx_frames.load(Ordering::Relaxed) as usize,
+        sections
+    );
+    assert!(nic.stats.rx_no_section.load(Ordering::Relaxed) > 0);
+    // The rest wait in the backend (the TAP's queue, bounded by the kernel).
+    assert_eq!(qs[0].0.lock().unwrap().to_guest.len(), 100);
+    // Sending still works.
+    send_direct(&mut h, 70, &data(&frame([2; 6], 64), &[]), DATA_GPA).unwrap();
+    assert_eq!(status_of(&mut h, 70), NvspStatus::SUCCESS);
+}
+
+#[test]
+fn host_link_changes_reach_the_guest_spaced_two_seconds_apart() {
+    let (nic, _) = standin_nic(1);
+    let mut h = harness(&nic);
+    handshake(&mut h, NvspVersion::V61, 0).unwrap().unwrap();
+    let indications = |h: &mut Harness| -> Vec<u32> {
+        take_received(h, false)
+            .unwrap()
+            .iter()
+            .filter(|m| {
+                m.len() >= 12 && m[0..4] == RndisMessageType::INDICATE_STATUS.0.to_le_bytes()
+            })
+            .map(|m| u32::from_le_bytes(m[8..12].try_into().unwrap()))
+            .collect()
+    };
+    nic.set_stand_in_link(false);
+    h.run().unwrap();
+    // The handshake's query was the baseline just now: not yet.
+    assert!(indications(&mut h).is_empty());
+    std::thread::sleep(LINK_INDICATION_SPACING);
+    h.run().unwrap();
+    assert_eq!(indications(&mut h), [RndisStatus::MEDIA_DISCONNECT.0]);
+    nic.set_stand_in_link(true);
+    h.run().unwrap();
+    assert!(indications(&mut h).is_empty(), "within 2 s of the last");
+    std::thread::sleep(LINK_INDICATION_SPACING);
+    h.run().unwrap();
+    assert_eq!(indications(&mut h), [RndisStatus::MEDIA_CONNECT.0]);
+}
+
+#[test]
+fn a_vlan_nic_tags_and_untags() {
+    let qs = [StandIn::default()];
+    let mut s = settings(1);
+    s.vlan = Some(100);
+    let nic = Nic::with_queues(&s, vec![Box::new(qs[0].clone())], None);
+    let mut h = harness(&nic);
+    let hs = handshake(&mut h, NvspVersion::V61, 0).unwrap().unwrap();
+    let f = frame([2, 9, 9, 9, 9, 9], 1514);
+    send_direct(&mut h, 90, &data(&f, &[]), DATA_GPA).unwrap();
+    assert_eq!(status_of(&mut h, 90), NvspStatus::SUCCESS);
+    let out = qs[0].take_to_host();
+    assert_eq!(
+        netdev::offload::Vlan::of_frame(&out[0].1).map(|v| v.id),
+        Some(100)
+    );
+    assert_eq!([&out[0].1[..12], &out[0].1[16..]].concat(), f);
+    // Toward the guest: our VLAN untagged; another VLAN and untagged frames dropped.
+    let tagged = |id: u16| {
+        let g = frame(hs.mac, 1514);
+        let tag = netdev::offload::Vlan { id, priority: 0 }.tag_bytes();
+        [&g[..12], &tag[..], &g[12..]].concat()
+    };
+    qs[0].push_to_guest(VirtioNetHdr::default(), tagged(100));
+    qs[0].push_to_guest(VirtioNetHdr::default(), tagged(101));
+    qs[0].push_to_guest(VirtioNetHdr::default(), frame(hs.mac, 100));
+    h.run().unwrap();
+    let got = frames_of(&take_received(&mut h, false).unwrap());
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].2, frame(hs.mac, 1514));
+    assert_eq!(nic.stats.rx_dropped.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn the_channel_reopens_any_number_of_times() {
+    let (nic, qs) = standin_nic(2);
+    for round in 0..5 {
+        let mut h = harness(&nic);
+        let hs = handshake(&mut h, NvspVersion::V61, 0)
+            .unwrap()
+            .unwrap_or_else(|| panic!("round {round}"));
+        send_direct(&mut h, 80, &data(&frame([2; 6], 64), &[]), DATA_GPA).unwrap();
+        assert_eq!(status_of(&mut h, 80), NvspStatus::SUCCESS);
+        qs[0].push_to_guest(VirtioNetHdr::default(), frame(hs.mac, 64));
+        h.run().unwrap();
+        assert_eq!(frames_of(&take_received(&mut h, false).unwrap()).len(), 1);
+    }
+    assert_eq!(qs[0].take_to_host().len(), 5);
+}
+
+/// netvsp over a real TAP, in a network namespace each test thread makes (and that goes away
+/// with the thread); skipped, with a message, where TAP or namespaces are missing.
+mod tap_tests {
+    use super::*;
+    use netdev::offload::internet_checksum;
+    use std::time::{Duration, Instant};
+
+    const GUEST_MAC: [u8; 6] = [2, 0x22, 0, 0, 0, 2];
+
+    /// Runs `f` on a thread in a fresh network namespace, or prints why not.
+    fn in_netns(test: &str, f: impl FnOnce() + Send + 'static) {
+        let test = test.to_string();
+        std::thread::spawn(move || {
+            if !std::path::Path::new("/dev/net/tun").exists() {
+                println!("SKIP {test}: /dev/net/tun is missing");
+                return;
+            }
+            if let Err(e) = netdev::enter_new_netns() {
+                println!("SKIP {test}: cannot make a network namespace: {e}");
+                return;
+            }
+            f();
+        })
+        .join()
+        .unwrap();
+    }
+
+    fn ip(args: &str) -> bool {
+        match std::process::Command::new("ip")
+            .args(args.split_whitespace())
+            .status()
+        {
+            Ok(s) => {
+                assert!(s.success(), "ip {args}");
+                true
+            }
+            Err(e) => {
+                println!("SKIP: no ip command ({e})");
+                false
+            }
+        }
+    }
+
+    fn tap_nic(name: &str, vlan: Option<u16>) -> Arc<Nic> {
+        Nic::open_tap(&NicSettings {
+            tap: name.into(),
+            mac: GUEST_MAC,
+            mtu: 1500,
+            vlan,
+            queues: 2,
+        })
+        .unwrap()
+    }
+
+    /// An ARP request from the guest for `target`.
+    fn arp_request(sender: [u8; 4], target: [u8; 4]) -> Vec<u8> {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&GUEST_MAC);
+        f.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+        f.extend_from_slice(&GUEST_MAC);
+        f.extend_from_slice(&sender);
+        f.extend_from_slice(&[0; 6]);
+        f.extend_from_slice(&target);
+        f.resize(60, 0);
+        f
+    }
+
+    /// An IPv4 frame from the guest to `dst_mac`/`dst`.
+    fn ipv4(dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8]) -> Vec<u8> {
+        let mut f = dst_mac.to_vec();
+        f.extend_from_slice(&GUEST_MAC);
+        f.extend_from_slice(&[8, 0]);
+        let mut h = [0u8; 20];
+        h[0] = 0x45;
+        h[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+        h[8] = 64;
+        h[9] = proto;
+        h[12..16].copy_from_slice(&src);
+        h[16..20].copy_from_slice(&dst);
+        let c = internet_checksum(&h);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        f.extend_from_slice(&h);
+        f.extend_from_slice(l4);
+        f
+    }
+
+    /// Runs the channel until a frame matching `want` reaches the guest (5 s at most).
+    fn wait_frame(h: &mut Harness, mut want: impl FnMut(&[u8]) -> bool) -> Vec<u8> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            h.run().unwrap();
+            for (_, _, f) in frames_of(&take_received(h, false).unwrap()) {
+                if want(&f) {
+                    return f;
+                }
+            }
+            assert!(Instant::now() < deadline, "no such frame reached the guest");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn arp_ping_and_checksum_offload_through_a_real_tap() {
+        in_netns("arp_ping_and_checksum_offload_through_a_real_tap", || {
+            let nic = tap_nic("nvt0", None);
+            if !ip("addr add 10.8.0.1/24 dev nvt0") {
+                return;
+            }
+            let mut h = harness(&nic);
+            handshake(&mut h, NvspVersion::V61, 0).unwrap().unwrap();
+            // ARP: the host answers the guest.
+            send_direct(
+                &mut h,
+                1000,
+                &data(&arp_request([10, 8, 0, 2], [10, 8, 0, 1]), &[]),
+                DATA_GPA,
+            )
+            .unwrap();
+            assert_eq!(status_of(&mut h, 1000), NvspStatus::SUCCESS);
+            let reply = wait_frame(&mut h, |f| {
+                f.len() >= 42 && f[12..14] == [8, 6] && f[20..22] == [0, 2]
+            });
+            assert_eq!(reply[..6], GUEST_MAC);
+            let host_mac: [u8; 6] = reply[6..12].try_into().unwrap();
+            // Ping: an ICMP echo answered.
+            let mut icmp = vec![8, 0, 0, 0, 0x12, 0x34, 0, 1];
+            icmp.extend_from_slice(&[0xab; 56]);
+            let c = internet_checksum(&icmp);
+            icmp[2..4].copy_from_slice(&c.to_be_bytes());
+            let ping = ipv4(host_mac, [10, 8, 0, 2], [10, 8, 0, 1], 1, &icmp);
+            send_direct(&mut h, 1001, &data(&ping, &[]), DATA_GPA).unwrap();
+            let pong = wait_frame(&mut h, |f| {
+                f.len() >= 42 && f[12..14] == [8, 0] && f[23] == 1 && f[34] == 0
+            });
+            assert_eq!(pong[38..40], [0x12, 0x34]);
+            // UDP with the checksum left to the host (a checksum PPI): a socket receives it.
+            let sock = std::net::UdpSocket::bind("10.8.0.1:9999").unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let payload = vec![0x42u8; 1000];
+            let mut udp = vec![0u8; 8];
+            udp[0..2].copy_from_slice(&4444u16.to_be_bytes());
+            udp[2..4].copy_from_slice(&9999u16.to_be_bytes());
+            udp[4..6].copy_from_slice(&1008u16.to_be_bytes());
+            udp.extend_from_slice(&payload);
+            let frame = ipv4(host_mac, [10, 8, 0, 2], [10, 8, 0, 1], 17, &udp);
+            let csum = 1 | 1 << 3 | 34 << 16;
+            send_direct(
+                &mut h,
+                1002,
+                &data(&frame, &[(PpiType::TCPIP_CHKSUM, csum)]),
+                DATA_GPA,
+            )
+            .unwrap();
+            assert_eq!(status_of(&mut h, 1002), NvspStatus::SUCCESS);
+            let mut got = [0u8; 2000];
+            let (n, from) = sock.recv_from(&mut got).unwrap();
+            assert_eq!((&got[..n], from.port()), (&payload[..], 4444));
+            // Hostile messages are refused; the host still answers afterwards.
+            for (i, (what, msg)) in hostile_cases().iter().enumerate() {
+                let tx = 1100 + i as u64;
+                send_direct(&mut h, tx, msg, DATA_GPA).unwrap();
+                assert_eq!(
+                    status_of(&mut h, tx),
+                    NvspStatus::INVALID_RNDIS_PACKET,
+                    "{what}"
+                );
+            }
+            send_direct(&mut h, 1200, &data(&ping, &[]), DATA_GPA).unwrap();
+            wait_frame(&mut h, |f| {
+                f.len() >= 42 && f[12..14] == [8, 0] && f[23] == 1 && f[34] == 0
+            });
+            // The host link goes down: the NIC sees it.
+            ip("link set nvt0 down");
+            assert!(!nic.link_connected());
+            assert_eq!(
+                nic.stats.tx_malformed.load(Ordering::Relaxed)
+                    + nic.stats.tx_over_mtu.load(Ordering::Relaxed),
+                hostile_cases().len() as u64
+            );
+        });
+    }
+
+    #[test]
+    fn a_vlan_nic_tags_toward_the_host_and_untags_toward_the_guest() {
+        in_netns(
+            "a_vlan_nic_tags_toward_the_host_and_untags_toward_the_guest",
+            || {
+                let nic = tap_nic("nvt1", Some(100));
+                let vlan = std::process::Command::new("ip")
+                    .args("link add link nvt1 name nvt1.100 type vlan id 100".split(' '))
+                    .status();
+                if !vlan.is_ok_and(|s| s.success()) {
+                    println!(
+                        "SKIP a_vlan_nic_tags...: this kernel cannot make VLAN devices (8021q)"
+                    );
+                    return;
+                }
+                ip("addr add 10.7.0.1/24 dev nvt1.100");
+                ip("link set nvt1.100 up");
+                let mut h = harness(&nic);
+                handshake(&mut h, NvspVersion::V61, 0).unwrap().unwrap();
+                send_direct(
+                    &mut h,
+                    2000,
+                    &data(&arp_request([10, 7, 0, 2], [10, 7, 0, 1]), &[]),
+                    DATA_GPA,
+                )
+                .unwrap();
+                assert_eq!(status_of(&mut h, 2000), NvspStatus::SUCCESS);
+                // Only the VLAN device answers, so the tag made it to the host; the guest sees
+                // the answer untagged.
+                let reply = wait_frame(&mut h, |f| {
+                    f.len() >= 42 && f[12..14] == [8, 6] && f[20..22] == [0, 2]
+                });
+                assert_eq!(reply[28..32], [10, 7, 0, 1]);
+            },
+        );
+    }
+}
