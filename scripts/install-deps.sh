@@ -38,3 +38,9 @@ if ((${#apt_packages[@]})); then
         "${sudo[@]}" apt-get install -y --no-install-recommends "${apt_packages[@]}"
     fi
 fi
+
+# hypervisor-shim/tests/linux_boot.rs loads Debian's cloud bzImage, which it fetches once with
+# `apt-get download` (cached under target/): apt's package lists must know the package.
+if command -v apt-cache >/dev/null 2>&1 && ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
+    if [ "$(id -u)" -ne 0 ]; then sudo apt-get update; else apt-get update; fi
+fi

@@ -32,8 +32,16 @@
 //! (allocate on one thread, free on the other), which is neither what the ring does nor what a
 //! fair comparison of payload transport needs. `ArrayQueue` publishes every element on its own;
 //! that per-packet cost, against the ring's per-batch commit, is part of what is compared.
+//!
+//! The physical limit, at 4 KiB only (`memcpy/4096`): the same bytes moved between the same two
+//! threads by two plain `memcpy`s and nothing else: a shared mapping of the ring's size cut into
+//! fixed `N`-byte slots, the producer copying each payload into the next slot and publishing a
+//! count per batch, the consumer copying each slot out and checking it as above, publishing its
+//! count per drain. No descriptor, no trailer, no validation: what the ring's bytes/s is held
+//! against (`benches/ring-ratio.sh` prints ring bytes/s ÷ memcpy bytes/s).
 
-use std::thread;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::{self, ScopedJoinHandle};
 use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
@@ -42,8 +50,34 @@ use criterion::{
 };
 use crossbeam_queue::ArrayQueue;
 use ringbuf::pair::RingPair;
+use ringbuf::shmem::Mapping;
 use ringbuf::{Error, OutgoingPacket};
-use vmbus_benches::{batch_len, check, data_len, ring_capacity, stamp, Handoff, Spinner};
+use vmbus_benches::{
+    batch_len, check, data_len, pin, ring_capacity, stamp, CachePadded, Handoff, Side, Spinner,
+};
+
+/// Criterion function `id` of a contestant: each measured run sends `iters` packets with
+/// `produce(sent, end)` (which sends packets `sent..end`), then waits
+/// until the consumer thread has taken and validated all of them.
+fn measure(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    id: BenchmarkId,
+    handoff: &Handoff,
+    consumer: &ScopedJoinHandle<'_, ()>,
+    mut produce: impl FnMut(u64, u64),
+) {
+    let mut sent = 0u64;
+    group.bench_function(id, |b| {
+        b.iter_custom(|iters| {
+            let end = sent + iters;
+            let start = Instant::now();
+            produce(sent, end);
+            sent = end;
+            handoff.wait_consumed(end, || consumer.is_finished());
+            start.elapsed()
+        })
+    });
+}
 
 /// The VMBus ring with `N`-byte payloads and a `data_len`-byte data area.
 fn bench_ring<const N: usize>(group: &mut BenchmarkGroup<'_, WallTime>, data_len: usize) {
@@ -76,12 +110,13 @@ fn bench_ring<const N: usize>(group: &mut BenchmarkGroup<'_, WallTime>, data_len
             })
         });
         let mut payload = [0u8; N];
-        let mut sent = 0u64;
-        group.bench_function(BenchmarkId::new("vmbus_ring", N), |b| {
-            b.iter_custom(|iters| {
-                let end = sent + iters;
+        measure(
+            group,
+            BenchmarkId::new("vmbus_ring", N),
+            handoff,
+            &consumer,
+            |mut sent, end| {
                 let mut spinner = Spinner::default();
-                let start = Instant::now();
                 while sent < end {
                     let mut batch = 0;
                     while batch < batch_len && sent < end {
@@ -102,10 +137,8 @@ fn bench_ring<const N: usize>(group: &mut BenchmarkGroup<'_, WallTime>, data_len
                         spinner.spin();
                     }
                 }
-                handoff.wait_consumed(end, || consumer.is_finished());
-                start.elapsed()
-            })
-        });
+            },
+        );
         handoff.stop();
     });
 }
@@ -135,12 +168,13 @@ fn bench_arrayqueue<const N: usize>(group: &mut BenchmarkGroup<'_, WallTime>, da
             })
         });
         let mut payload = [0u8; N];
-        let mut sent = 0u64;
-        group.bench_function(BenchmarkId::new("arrayqueue", N), |b| {
-            b.iter_custom(|iters| {
-                let end = sent + iters;
+        measure(
+            group,
+            BenchmarkId::new("arrayqueue", N),
+            handoff,
+            &consumer,
+            |mut sent, end| {
                 let mut spinner = Spinner::default();
-                let start = Instant::now();
                 while sent < end {
                     stamp(&mut payload, sent);
                     match queue.push(payload) {
@@ -151,10 +185,70 @@ fn bench_arrayqueue<const N: usize>(group: &mut BenchmarkGroup<'_, WallTime>, da
                         Err(_) => spinner.spin(),
                     }
                 }
-                handoff.wait_consumed(end, || consumer.is_finished());
-                start.elapsed()
+            },
+        );
+        handoff.stop();
+    });
+}
+
+/// The physical limit: `N`-byte payloads copied into fixed slots of a shared mapping of
+/// `data_len` bytes and copied out by the consumer, with the same batching as the ring.
+fn bench_memcpy<const N: usize>(group: &mut BenchmarkGroup<'_, WallTime>, data_len: usize) {
+    let slots = (data_len / N) as u64;
+    let mem = Mapping::anonymous(data_len).expect("mapping the slots");
+    let mem = &mem;
+    // Slots written and published by the producer; `Handoff::consumed` is the consumer's count.
+    let written = CachePadded(AtomicU64::new(0));
+    let written = &written;
+    let batch_len = batch_len(data_len, N) as u64;
+    let handoff = Handoff::new();
+    let handoff = &handoff;
+    let slot = |seq: u64| (seq % slots) as usize * N;
+    thread::scope(|s| {
+        let consumer = s.spawn(move || {
+            let mut buf = [0u8; N];
+            handoff.consume(|next| {
+                // Acquire: pairs with the producer's release store; the slots are written.
+                let avail = written.0.load(Ordering::Acquire) - *next;
+                let n = avail.min(batch_len);
+                for _ in 0..n {
+                    mem.read(slot(*next), &mut buf).expect("inside the mapping");
+                    assert!(check(&buf, *next, N), "packet {next} is corrupt");
+                    *next += 1;
+                }
+                n as usize
             })
         });
+        let mut payload = [0u8; N];
+        measure(
+            group,
+            BenchmarkId::new("memcpy", N),
+            handoff,
+            &consumer,
+            |mut sent, end| {
+                let mut spinner = Spinner::default();
+                let mut free = 0u64;
+                while sent < end {
+                    if free == 0 {
+                        free = slots - (sent - handoff.consumed());
+                        if free == 0 {
+                            spinner.spin();
+                            continue;
+                        }
+                        spinner.reset();
+                    }
+                    let n = free.min(batch_len).min(end - sent);
+                    for _ in 0..n {
+                        stamp(&mut payload, sent);
+                        mem.write(slot(sent), &payload).expect("inside the mapping");
+                        sent += 1;
+                    }
+                    free -= n;
+                    // Release: the slots' bytes are visible before the count that covers them.
+                    written.0.store(sent, Ordering::Release);
+                }
+            },
+        );
         handoff.stop();
     });
 }
@@ -171,6 +265,7 @@ fn bench_size<const N: usize>(group: &mut BenchmarkGroup<'_, WallTime>, data_len
 
 /// The `ring` group: 64-byte and 4 KiB payloads.
 fn ring(c: &mut Criterion) {
+    pin(Side::Producer);
     let data_len = data_len();
     eprintln!(
         "ring data area: {} KiB; queue capacity: {} packets of 64 B, {} of 4 KiB",
@@ -181,6 +276,7 @@ fn ring(c: &mut Criterion) {
     let mut group = c.benchmark_group("ring");
     bench_size::<64>(&mut group, data_len);
     bench_size::<4096>(&mut group, data_len);
+    bench_memcpy::<4096>(&mut group, data_len);
     group.finish();
 }
 

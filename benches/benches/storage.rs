@@ -22,8 +22,14 @@
 //!   read once before measuring so buffered reads hit the page cache. It is kept between runs
 //!   (`<target>/storage-bench/image.raw`, or `$VMBUS_BENCH_STORAGE_DIR`).
 //!
-//! After each `vmbus_*` function, a fixed run of requests at the same queue depth counts
-//! wake-ups from `/proc` (see [`measure_wakeups`]) and prints a `wakeups ...` line.
+//! After each function, a fixed run of requests at the same queue depth measures what they cost
+//! and prints a `cost ...` line ([`Cost`]): CPU time per request of the processes that carry
+//! them (from `/proc/<pid>/stat`: `vspd` and this process, the guest side, for the library
+//! path; this process for io_uring) and system calls per request (counted by `perf stat` on the
+//! `raw_syscalls:sys_enter` tracepoint, where available). For the library path the same run
+//! also counts wake-ups ([`measure_wakeups`]) and prints a `wakeups ...` line.
+//! `VMBUS_BENCH_POLL_US=N` sets how long both sides poll before sleeping (`vspd --poll-us N`
+//! and this process's pollers); `benches/storage-ratio.sh` runs with polling on and with 0.
 //!
 //! In criterion's test mode (`cargo test --benches`) the image is 16 MiB and each function runs
 //! once; without a `vspd` binary the bench says so and skips everything.
@@ -45,8 +51,8 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use io_uring::{opcode, types, IoUring};
 use vmbus_benches::storage::{
-    block_of, check_block, prepare_image, stamp_block, thread_counters, ThreadCounters, BLOCK,
-    IMAGE_BYTES, TEST_IMAGE_BYTES,
+    block_of, check_block, cpu_seconds, prepare_image, stamp_block, thread_counters, PerfCount,
+    PerfCounts, ThreadCounters, BLOCK, IMAGE_BYTES, TEST_IMAGE_BYTES,
 };
 use vsc::guest::StorageGuest;
 use vsc::storvsc::{Disk, DiskOp, IoResult};
@@ -57,10 +63,13 @@ const VSPD_ENV: &str = "VMBUS_BENCH_VSPD";
 const DIR_ENV: &str = "VMBUS_BENCH_STORAGE_DIR";
 /// Environment variable: `1` opens the image with `O_DIRECT` on both sides.
 const DIRECT_ENV: &str = "VMBUS_BENCH_STORAGE_DIRECT";
+/// Environment variable: how long (us) the library path's threads poll before they sleep, on
+/// both sides (`vspd --poll-us` and this process's pollers); unset: their defaults.
+const POLL_ENV: &str = "VMBUS_BENCH_POLL_US";
 /// Guest memory of the loopback guest (storvsc's 32 MiB of bounce pages and the rings).
 const GUEST_MEMORY: u64 = 64 << 20;
-/// Requests of the wake-up count after each QD32 library function (a tenth of it at QD1).
-const WAKEUP_REQUESTS: u64 = 200_000;
+/// Requests of the wake-up and cost counts after each QD32 function (a tenth of it at QD1).
+const COST_REQUESTS: u64 = 200_000;
 
 /// The `vspd` binary: `$VMBUS_BENCH_VSPD`, else `vspd` beside the bench's profile directory
 /// (`target/<profile>/vspd`), else `target/release/vspd`. `None` if none exists.
@@ -108,6 +117,8 @@ impl Drop for Vspd {
 /// The running library path: `vspd` serving the image, the guest attached to it.
 struct Setup {
     image: PathBuf,
+    /// Scratch file of the system call counts.
+    perf_out: PathBuf,
     blocks: u64,
     direct: bool,
     disk: Arc<Disk>,
@@ -151,7 +162,23 @@ impl Setup {
             image.display(),
             if direct { ",direct=on" } else { "" }
         );
-        let child = Command::new(&vspd_bin)
+        let poll_us = match std::env::var(POLL_ENV) {
+            Ok(v) => Some(
+                v.trim()
+                    .parse::<u64>()
+                    .map_err(|_| format!("{POLL_ENV}={v:?} is not a number of microseconds"))?,
+            ),
+            Err(_) => None,
+        };
+        if let Some(us) = poll_us {
+            // The guest's pollers are created when it attaches, below.
+            ringbuf::poller::set_default_limit(Duration::from_micros(us));
+        }
+        let mut cmd = Command::new(&vspd_bin);
+        if let Some(us) = poll_us {
+            cmd.arg(format!("--poll-us={us}"));
+        }
+        let child = cmd
             .arg("--socket")
             .arg(&socket)
             .arg("--disk")
@@ -183,15 +210,17 @@ impl Setup {
             return Err(format!("unexpected disk geometry {g:?}"));
         }
         eprintln!(
-            "storage bench: vspd {} (pid {}) serving {} ({} MiB{}), page cache warm",
+            "storage bench: vspd {} (pid {}) serving {} ({} MiB{}), page cache warm, polling {}",
             vspd_bin.display(),
             vspd.0.id(),
             image.display(),
             bytes >> 20,
             if direct { ", O_DIRECT" } else { ", buffered" },
+            poll_us.map_or("as by default".to_owned(), |us| format!("{us} us")),
         );
         Ok(Self {
             image,
+            perf_out: dir.join(format!("perf-{}.csv", std::process::id())),
             blocks: bytes / BLOCK as u64,
             direct,
             disk,
@@ -421,11 +450,13 @@ fn measure_wakeups(setup: &Setup, id: &str, write: bool, qd: u64, n: u64) {
         ]
         .map(|r| r.unwrap_or_default())
     };
+    let cost = Cost::start(setup, &[vspd, me]);
     let (before, stats_before) = (snap(), setup.disk.stats());
     let start = Instant::now();
     run_vmbus(setup, write, qd, 1 << 40, n);
     let elapsed = start.elapsed();
     let (after, stats) = (snap(), setup.disk.stats());
+    cost.stop(id, n, elapsed, &["vspd", "guest"]);
     let [q, chan, iou] = [0, 1, 2].map(|i| after[i] - before[i]);
     let done = stats
         .completed
@@ -448,6 +479,97 @@ fn measure_wakeups(setup: &Setup, id: &str, write: bool, qd: u64, n: u64) {
         per(iou.sleeps),
         iou.threads,
     );
+}
+
+/// What a run of requests cost the processes that carried it, per request: CPU time and
+/// system calls, counted by `perf` where it can here; else CPU time from `/proc` (in 10 ms
+/// ticks: coarse for short runs) and the system calls unknown.
+struct Cost {
+    pids: Vec<u32>,
+    cpu: Vec<f64>,
+    perf: Vec<Result<PerfCount, String>>,
+}
+
+impl Cost {
+    /// Starts counting for `pids` (perf first: attaching it takes a while).
+    fn start(setup: &Setup, pids: &[u32]) -> Self {
+        let perf = pids
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| PerfCount::start(p, &setup.perf_out.with_extension(format!("{i}"))))
+            .collect();
+        let cpu = pids
+            .iter()
+            .map(|&p| cpu_seconds(p).unwrap_or(0.0))
+            .collect();
+        Self {
+            pids: pids.to_vec(),
+            cpu,
+            perf,
+        }
+    }
+
+    /// Stops counting after `n` requests that took `elapsed`, and prints one line for `id`:
+    /// `cost <id>: iops X cpu_us_per_io T (<name> t ...) syscalls_per_io S (<name> s ...)`.
+    fn stop(self, id: &str, n: u64, elapsed: Duration, names: &[&str]) {
+        let ticks: Vec<f64> = self
+            .pids
+            .iter()
+            .zip(&self.cpu)
+            .map(|(&p, before)| cpu_seconds(p).unwrap_or(0.0) - before)
+            .collect();
+        let counted: Result<Vec<PerfCounts>, String> = self
+            .perf
+            .into_iter()
+            .map(|c| c.and_then(PerfCount::stop))
+            .collect();
+        let per = |x: f64| x / n as f64;
+        let (cpu, calls, how): (Vec<f64>, Option<Vec<f64>>, String) = match counted {
+            Ok(c) => (
+                c.iter().map(|c| per(c.cpu * 1e6)).collect(),
+                Some(c.iter().map(|c| per(c.syscalls as f64)).collect()),
+                "perf".into(),
+            ),
+            Err(e) => (
+                ticks.iter().map(|t| per(t * 1e6)).collect(),
+                None,
+                format!("/proc ticks; syscalls unknown: {e}"),
+            ),
+        };
+        let detail = |v: &[f64], prec: usize| -> String {
+            if names.len() < 2 {
+                return String::new();
+            }
+            let parts: Vec<String> = names
+                .iter()
+                .zip(v)
+                .map(|(m, x)| format!("{m} {x:.prec$}"))
+                .collect();
+            format!(" ({})", parts.join(" "))
+        };
+        let mut line = format!(
+            "cost {id}: iops {:.0} cpu_us_per_io {:.2}{}",
+            n as f64 / elapsed.as_secs_f64(),
+            cpu.iter().sum::<f64>(),
+            detail(&cpu, 2)
+        );
+        if let Some(calls) = calls {
+            line += &format!(
+                " syscalls_per_io {:.4}{}",
+                calls.iter().sum::<f64>(),
+                detail(&calls, 4)
+            );
+        }
+        println!("{line} [{how}]");
+    }
+}
+
+/// Runs `n` requests at queue depth `qd` through raw io_uring and prints their [`Cost`].
+fn measure_uring_cost(setup: &Setup, uring: &mut Uring, id: &str, write: bool, n: u64) {
+    let cost = Cost::start(setup, &[std::process::id()]);
+    let start = Instant::now();
+    uring.run(write, 1 << 40, n);
+    cost.stop(id, n, start.elapsed(), &["io_uring"]);
 }
 
 /// Whether criterion runs in test mode (`cargo test --benches`: no `--bench` argument).
@@ -478,6 +600,18 @@ fn storage(c: &mut Criterion) {
                     start.elapsed()
                 })
             });
+            let n = match (test_mode, qd) {
+                (true, _) => 1000,
+                (false, 1) => COST_REQUESTS / 10,
+                (false, _) => COST_REQUESTS,
+            };
+            measure_uring_cost(
+                &setup,
+                &mut uring,
+                &format!("storage/uring_{op}_qd{qd}"),
+                write,
+                n,
+            );
             drop(uring);
             let mut next = 0u64;
             let id = format!("vmbus_{op}_qd{qd}");
@@ -489,11 +623,6 @@ fn storage(c: &mut Criterion) {
                     start.elapsed()
                 })
             });
-            let n = match (test_mode, qd) {
-                (true, _) => 1000,
-                (false, 1) => WAKEUP_REQUESTS / 10,
-                (false, _) => WAKEUP_REQUESTS,
-            };
             measure_wakeups(&setup, &format!("storage/{id}"), write, qd, n);
         }
     }

@@ -87,6 +87,51 @@ pub fn batch_len(data_len: usize, payload: usize) -> usize {
     BATCH.min(ring_capacity(data_len, payload) / 4).max(1)
 }
 
+/// Environment variable: `P,C` pins the producer (the bench thread) to CPU `P` and each
+/// consumer thread to CPU `C` (with `taskset`), e.g. `0,1` to force every packet across the
+/// two cores, or `0,0` to keep both on one core. Unset: the scheduler places them.
+pub const PIN_ENV: &str = "VMBUS_BENCH_PIN";
+
+/// Which side of a two-thread bench the calling thread is.
+#[derive(Debug, Clone, Copy)]
+pub enum Side {
+    /// The bench thread, which sends.
+    Producer,
+    /// The thread that receives.
+    Consumer,
+}
+
+/// Pins the calling thread as [`PIN_ENV`] says for `side` (nothing if it is unset).
+///
+/// # Panics
+/// If the variable is malformed or `taskset` fails.
+pub fn pin(side: Side) {
+    let Ok(v) = std::env::var(PIN_ENV) else {
+        return;
+    };
+    let cpus: Vec<&str> = v.split(',').map(str::trim).collect();
+    let [p, c] = cpus[..] else {
+        panic!("{PIN_ENV}={v:?}: expected PRODUCER_CPU,CONSUMER_CPU")
+    };
+    let cpu = match side {
+        Side::Producer => p,
+        Side::Consumer => c,
+    };
+    // "/proc/thread-self" links to "<pid>/task/<tid>": the calling thread's id.
+    let link = std::fs::read_link("/proc/thread-self").expect("reading /proc/thread-self");
+    let tid = link
+        .file_name()
+        .and_then(|t| t.to_str())
+        .expect("a thread id")
+        .to_owned();
+    let ok = std::process::Command::new("taskset")
+        .args(["-p", "-c", cpu, &tid])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "taskset -p -c {cpu} {tid} failed");
+}
+
 /// The value of the last byte of packet `seq`'s payload.
 #[inline]
 fn tail_byte(seq: u64) -> u8 {
@@ -166,6 +211,7 @@ impl Handoff {
     /// many it took. After every non-empty drain the count is published for the producer; on an
     /// empty ring or queue the loop spins ([`Spinner`], no sleeping) until [`stop`](Self::stop).
     pub fn consume(&self, mut drain: impl FnMut(&mut u64) -> usize) {
+        pin(Side::Consumer);
         let mut next = 0u64;
         let mut spinner = Spinner::default();
         loop {
@@ -196,6 +242,12 @@ impl Handoff {
                 panic!("the consumer thread stopped before consuming every packet");
             }
         }
+    }
+
+    /// How many packets the consumer has taken and validated so far (acquire: the space of
+    /// those packets may be reused).
+    pub fn consumed(&self) -> u64 {
+        self.consumed.0.load(Ordering::Acquire)
     }
 
     /// Tells the consumer to return once the ring or queue is empty.

@@ -1,6 +1,7 @@
 //! What the `storage` bench's contestants share: the image file and its contents, the request
-//! sequence (which block request `i` touches), the check every read makes, and the per-thread
-//! counters read from `/proc` to count wake-ups.
+//! sequence (which block request `i` touches), the check every read makes, the per-thread
+//! counters read from `/proc` to count wake-ups, and the cost counters: CPU time per process
+//! from `/proc` ([`cpu_seconds`]), or exact, with system calls, from `perf` ([`PerfCount`]).
 //!
 //! Every 4 KiB block of the image starts with its own block number (little endian) and a
 //! version; the rest is filler. Reads check the first 8 bytes, writes keep the invariant (they
@@ -11,6 +12,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 /// Request size, and the block the image is stamped in.
 pub const BLOCK: usize = 4096;
@@ -138,6 +141,101 @@ pub fn thread_counters(pid: u32, prefix: &str) -> std::io::Result<ThreadCounters
     Ok(sum)
 }
 
+/// CPU time (user plus system) process `pid` has used so far, all its threads (live or exited)
+/// included, in seconds: `utime + stime` from `/proc/<pid>/stat`, in clock ticks (10 ms), so a
+/// difference is exact to a few ticks: measure over a second or more.
+pub fn cpu_seconds(pid: u32) -> std::io::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces and parentheses): state is field 3,
+    // utime and stime are fields 14 and 15 of the whole line.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| std::io::Error::other("malformed /proc/<pid>/stat"))?;
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    let hz = rustix::param::clock_ticks_per_second() as f64;
+    Ok(ticks as f64 / hz)
+}
+
+/// What `perf stat` counted for one process (all its threads) between
+/// [`PerfCount::start`] and [`PerfCount::stop`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PerfCounts {
+    /// System calls (`raw_syscalls:sys_enter` tracepoint).
+    pub syscalls: u64,
+    /// CPU time in seconds (`task-clock`, exact, unlike the ticks of [`cpu_seconds`]).
+    pub cpu: f64,
+}
+
+/// A count, by `perf stat`, of the system calls and CPU time of one process (all its threads),
+/// between [`start`](Self::start) and [`stop`](Self::stop). Needs `perf` (Debian: linux-perf)
+/// and the tracepoint; without them `start` or `stop` says so and the count is unknown.
+#[derive(Debug)]
+pub struct PerfCount {
+    perf: Child,
+    out: PathBuf,
+}
+
+impl PerfCount {
+    /// Starts counting for process `pid`; `out` is a scratch file. Waits until `perf` has had
+    /// time to attach.
+    pub fn start(pid: u32, out: &Path) -> Result<Self, String> {
+        let _ = std::fs::remove_file(out);
+        let perf = Command::new("perf")
+            .args(["stat", "-e", "raw_syscalls:sys_enter,task-clock", "-x", ","])
+            .arg("-o")
+            .arg(out)
+            .args(["-p", &pid.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("perf: {e}"))?;
+        // perf attaches to every thread of the process before it counts and has no ready
+        // signal: give it time (what the process does meanwhile is counted too).
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Self {
+            perf,
+            out: out.to_owned(),
+        })
+    }
+
+    /// Stops counting and returns the counts, or why there are none.
+    pub fn stop(mut self) -> Result<PerfCounts, String> {
+        let pid = i32::try_from(self.perf.id())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .ok_or("perf has no pid")?;
+        // perf prints its counts when interrupted (and then exits with 130).
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+        let _ = self.perf.wait();
+        let text = std::fs::read_to_string(&self.out).map_err(|e| format!("perf output: {e}"))?;
+        let _ = std::fs::remove_file(&self.out);
+        parse_perf_csv(&text).ok_or_else(|| format!("perf counted nothing: {}", text.trim()))
+    }
+}
+
+/// Parses `perf stat -x ,` output of the events `raw_syscalls:sys_enter` and `task-clock`:
+/// lines "<count>,<unit>,<event>,..." ("<not counted>" where perf could not count).
+fn parse_perf_csv(text: &str) -> Option<PerfCounts> {
+    let value = |event: &str| -> Option<f64> {
+        text.lines().find_map(|l| {
+            let mut f = l.split(',');
+            let v = f.next()?.trim();
+            (f.nth(1)? == event).then(|| v.parse().ok())?
+        })
+    };
+    Some(PerfCounts {
+        syscalls: value("raw_syscalls:sys_enter")? as u64,
+        cpu: value("task-clock")? / 1e3,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,6 +250,36 @@ mod tests {
             seen[b as usize] = true;
         }
         assert!(seen.iter().filter(|&&s| s).count() > 990);
+    }
+
+    #[test]
+    fn cpu_time_grows_with_work() {
+        let before = cpu_seconds(std::process::id()).unwrap();
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < Duration::from_millis(100) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let after = cpu_seconds(std::process::id()).unwrap();
+        assert!(after >= before, "{before} -> {after}");
+        assert!(cpu_seconds(u32::MAX).is_err(), "no such process");
+    }
+
+    #[test]
+    fn perf_output_is_parsed() {
+        let text = "# started on Sun Dec  6 07:00:37 2026\n\n\
+                    1234,,raw_syscalls:sys_enter,322847,100.00,0.000,/sec\n\
+                    250.5,msec,task-clock,322847,100.00,0.001,CPUs utilized\n";
+        assert_eq!(
+            parse_perf_csv(text),
+            Some(PerfCounts {
+                syscalls: 1234,
+                cpu: 0.2505
+            })
+        );
+        let not_counted = "<not counted>,,raw_syscalls:sys_enter,0,100.00,,\n\
+                           <not counted>,msec,task-clock,0,100.00,,\n";
+        assert_eq!(parse_perf_csv(not_counted), None);
     }
 
     #[test]

@@ -17,6 +17,9 @@
 //! whose parts do not fit in the bytes the writer published, more packets read than those bytes
 //! can hold, or a writer that overwrites bytes the reader has not released.
 
+pub mod hyperv;
+pub use hyperv::hyperv_handlers;
+
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
@@ -506,9 +509,9 @@ impl vsc::nbd::BlockDevice for FuzzDisk {
     }
     fn attach_source(
         &self,
-        mut source: Box<dyn vsc::storvsc::QueueSource>,
-    ) -> Result<vsc::storvsc::SourceWaker, Box<dyn vsc::storvsc::QueueSource>> {
-        use vsc::storvsc::SourcePoll;
+        mut source: Box<dyn vsc::queue::QueueSource>,
+    ) -> Result<vsc::queue::SourceWaker, Box<dyn vsc::queue::QueueSource>> {
+        use vsc::queue::SourcePoll;
         if !self.event {
             return Err(source);
         }

@@ -4,12 +4,16 @@
 //! to `vspd`), an in-kernel irqchip, 1 to [`vm::MAX_VCPUS`] vCPUs with a thread each, a 16550
 //! UART at 0x3F8 ([`uart`]), a debug-exit port ([`vm::DEBUG_EXIT_PORT`]) and a clean end of the
 //! VM with an [`vm::ExitStatus`]; the Hyper-V CPUID leaves and synthetic MSRs handled in
-//! userspace through KVM's MSR filter ([`hyperv`]). Guests are flat 64-bit binaries started in
-//! long mode (see [`vm::Vm::load_flat`]); bzImage loading, ACPI and the partition-socket front
-//! end to `vspd` are not written yet. See `docs/ARCHITECTURE.md`.
+//! userspace through KVM's MSR filter ([`hyperv`]); the partition-socket front end to `vspd`
+//! ([`frontend`]). Guests are Linux bzImages with an initrd and a command line, booted through
+//! the 64-bit boot protocol with a zero page and ACPI tables ([`boot`], [`acpi`]), or flat
+//! 64-bit binaries started in long mode ([`vm::Vm::load_flat`]). See `docs/ARCHITECTURE.md`.
 
+pub mod acpi;
+pub mod boot;
 pub mod frontend;
 pub mod hyperv;
+pub mod own_vspd;
 pub mod uart;
 pub mod vm;
 
@@ -85,6 +89,9 @@ pub enum Error {
     /// The partition socket to `vspd`: connecting, a refusal, or a protocol error.
     #[error("vspd: {0}")]
     Vsp(String),
+    /// The kernel, initrd or command line cannot be loaded as the Linux boot protocol asks.
+    #[error("Linux boot: {0}")]
+    Boot(String),
     /// Writing console output failed.
     #[error("console output: {0}")]
     Console(#[source] std::io::Error),

@@ -58,6 +58,10 @@ pub const PAGE_TABLES: u64 = 0x9000;
 /// RAM above this (3 GiB) is placed from 4 GiB up, leaving the MMIO hole of the LAPIC/IOAPIC.
 pub const LOW_RAM_END: u64 = 0xC000_0000;
 const HIGH_RAM_BASE: u64 = 1 << 32;
+/// A flat 64-bit code segment descriptor (execute/read, L).
+const CODE64_DESC: u64 = 0x00AF_9A00_0000_FFFF;
+/// A flat data segment descriptor (read/write, 4 GiB).
+const DATA_DESC: u64 = 0x00CF_9200_0000_FFFF;
 
 /// How a VM ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,7 +114,8 @@ pub struct GuestRam {
 }
 
 impl GuestRam {
-    fn new(size: u64) -> Result<Self> {
+    /// Creates `size` bytes of guest RAM (a sparse memfd, mapped once).
+    pub fn new(size: u64) -> Result<Self> {
         let fd =
             create_memfd("guest-ram", size).map_err(|source| Error::Memory { size, source })?;
         let len = usize::try_from(size).map_err(|_| Error::Config("memory too large".into()))?;
@@ -201,6 +206,8 @@ pub struct Vm {
     link: Option<Arc<Link>>,
     /// Application processors started at an entry of their own ([`Vm::start_ap`]).
     ap_entries: Vec<(u32, u64)>,
+    /// Set by [`Vm::load_linux`]: vCPU 0 enters a Linux kernel with RSI = this zero page.
+    linux_zero_page: Option<u64>,
 }
 
 /// First GSI of the per-VP MSI routes that the irqfds handed to `vspd` use (0-23 are the
@@ -317,6 +324,7 @@ impl Vm {
             tsc_hz,
             link: None,
             ap_entries: Vec::new(),
+            linux_zero_page: None,
         })
     }
 
@@ -353,6 +361,20 @@ impl Vm {
         Ok(FLAT_LOAD_ADDR)
     }
 
+    /// Loads a Linux bzImage, an initrd and a command line with the zero page and the ACPI
+    /// tables (see [`crate::boot`]); returns the kernel's 64-bit entry for [`Vm::run`].
+    pub fn load_linux(
+        &mut self,
+        kernel: &mut std::fs::File,
+        initrd: Option<&mut std::fs::File>,
+        cmdline: &str,
+    ) -> Result<u64> {
+        let loaded =
+            crate::boot::load(&self.ram, self.vcpus.len() as u32, kernel, initrd, cmdline)?;
+        self.linux_zero_page = Some(loaded.zero_page);
+        Ok(loaded.entry)
+    }
+
     /// Starts vCPU `vp` (not 0) at `entry` too, in the same long-mode state as vCPU 0 with
     /// RSP = `entry`, instead of waiting for INIT/SIPI: for flat guests that use several VPs.
     pub fn start_ap(&mut self, vp: u32, entry: u64) -> Result<()> {
@@ -364,8 +386,12 @@ impl Vm {
     }
 
     fn setup_long_mode(&self, entry: u64) -> Result<()> {
-        // GDT: null, 64-bit code (0x08), data (0x10).
-        let gdt: [u64; 3] = [0, 0x00AF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF];
+        // GDT: null, 64-bit code (0x08), data (0x10); for Linux, the boot protocol's
+        // __BOOT_CS (0x10) and __BOOT_DS (0x18).
+        let gdt: &[u64] = match self.linux_zero_page {
+            None => &[0, CODE64_DESC, DATA_DESC],
+            Some(_) => &[0, 0, CODE64_DESC, DATA_DESC],
+        };
         let bytes: Vec<u8> = gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
         self.ram.write(GDT_ADDR, &bytes)?;
         // PML4 -> PDPT -> 4 page directories of 2 MiB pages: 0..4 GiB identity-mapped.
@@ -381,13 +407,23 @@ impl Vm {
         }
         let starts = std::iter::once((0, entry)).chain(self.ap_entries.iter().copied());
         for (vp, entry) in starts {
-            self.enter_long_mode(&self.vcpus[vp as usize], entry, vp != 0)?;
+            let linux = self.linux_zero_page.filter(|_| vp == 0);
+            self.enter_long_mode(&self.vcpus[vp as usize], entry, vp != 0, linux)?;
         }
         Ok(())
     }
 
-    fn enter_long_mode(&self, vcpu: &VcpuFd, entry: u64, ap: bool) -> Result<()> {
-        let gdt_len = 3;
+    fn enter_long_mode(
+        &self,
+        vcpu: &VcpuFd,
+        entry: u64,
+        ap: bool,
+        linux_zero_page: Option<u64>,
+    ) -> Result<()> {
+        let (gdt_len, cs, ds) = match linux_zero_page {
+            None => (3, 0x08, 0x10),
+            Some(_) => (4, 0x10, 0x18),
+        };
         let pml4 = PAGE_TABLES;
         if ap {
             // Out of wait-for-SIPI: runnable from the state set below.
@@ -401,7 +437,7 @@ impl Vm {
         let code = kvm_segment {
             base: 0,
             limit: 0xFFFF_FFFF,
-            selector: 0x08,
+            selector: cs,
             type_: 0xB,
             present: 1,
             dpl: 0,
@@ -412,7 +448,7 @@ impl Vm {
             ..Default::default()
         };
         let data = kvm_segment {
-            selector: 0x10,
+            selector: ds,
             type_: 0x3,
             db: 1,
             l: 0,
@@ -430,6 +466,7 @@ impl Vm {
         let regs = kvm_bindings::kvm_regs {
             rip: entry,
             rsp: entry,
+            rsi: linux_zero_page.unwrap_or(0),
             rflags: 2,
             ..Default::default()
         };
@@ -474,6 +511,7 @@ impl Vm {
             tsc_hz: _,
             link,
             ap_entries: _,
+            linux_zero_page: _,
         } = self;
         // The daemon's messages: STATUS answers and the channels' eventfds, bound as they come.
         let reader = match &link {
@@ -707,6 +745,9 @@ fn port_out(shared: &Shared, port: u16, data: &[u8]) -> Result<Io> {
         DEBUG_EXIT_PORT => Io::End(ExitStatus::DebugExit(value)),
         RESET_PORT if value & 0x4 != 0 => Io::End(ExitStatus::Reset),
         KBD_COMMAND_PORT if value & 0xFF == 0xFE => Io::End(ExitStatus::Reset),
+        crate::acpi::SLEEP_PORT if crate::acpi::is_power_off(value as u8) => {
+            Io::End(ExitStatus::PowerOff)
+        }
         p if (uart::COM1..uart::COM1 + uart::PORTS).contains(&p) => {
             let mut u = shared.uart.lock().unwrap_or_else(|e| e.into_inner());
             u.write(p - uart::COM1, data[0]).map_err(Error::Console)?;

@@ -8,13 +8,38 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ringbuf::guestmem::GuestMemory;
 use ringbuf::ring::Ring;
 use ringbuf::{Event, IncomingRing, OutgoingRing};
 
 use crate::client::{Client, Offer};
-use crate::loopback::Loopback;
 use crate::synic::HostInterface;
 use crate::Error;
+
+/// What channels and the device clients on them need of the front end they run on, besides
+/// its [`HostInterface`]: the guest's memory as this process sees it, and the guest pages free
+/// for rings and buffers. The loopback front end ([`crate::loopback::Loopback`]) is one; a VMM
+/// that runs the client against a VM's own memory (the hypervisor shim's tests) is another.
+pub trait FrontEnd: Send + Sync {
+    /// The guest's memory.
+    fn memory(&self) -> &GuestMemory;
+    /// Allocates `n` zeroed guest pages (not necessarily contiguous); their frame numbers.
+    fn alloc_pages(&self, n: usize) -> Result<Vec<u64>, Error>;
+    /// Returns pages to the allocator.
+    fn free_pages(&self, pages: &[u64]);
+}
+
+impl<T: FrontEnd + ?Sized> FrontEnd for Arc<T> {
+    fn memory(&self) -> &GuestMemory {
+        (**self).memory()
+    }
+    fn alloc_pages(&self, n: usize) -> Result<Vec<u64>, Error> {
+        (**self).alloc_pages(n)
+    }
+    fn free_pages(&self, pages: &[u64]) {
+        (**self).free_pages(pages)
+    }
+}
 
 /// An open channel, guest side.
 pub struct GuestChannel {
@@ -56,7 +81,7 @@ impl GuestChannel {
     /// Opens `offer` with rings of `ring_pages` pages each way (control page included).
     pub fn open(
         client: &mut Client,
-        front: &Loopback,
+        front: &dyn FrontEnd,
         offer: &Offer,
         ring_pages: usize,
     ) -> Result<Self, Error> {
@@ -85,7 +110,7 @@ impl GuestChannel {
 
     fn open_on(
         client: &mut Client,
-        front: &Loopback,
+        front: &dyn FrontEnd,
         offer: &Offer,
         ring_pages: usize,
         pages: &[u64],
@@ -145,17 +170,27 @@ impl GuestChannel {
 
     /// Drops a channel whose host session is gone (nothing to close: the host forgot it) and
     /// frees its ring pages.
-    pub fn abandon(self, front: &Loopback) {
+    pub fn abandon(self, front: &dyn FrontEnd) {
         front.free_pages(&self.pages);
     }
 
-    /// Consumes a pending interrupt of the line (after `poll` said it fired) and counts it.
-    pub fn take_interrupt(&self) -> Result<(), Error> {
-        self.interrupt.wait()?;
+    /// Consumes the line's pending interrupts, if any, without blocking, and counts them as one
+    /// wakeup; whether there were some.
+    pub fn take_interrupt(&self) -> Result<bool, Error> {
+        let mut buf = [0u8; 8];
+        loop {
+            // The line is our own non-blocking eventfd (`Event::new`).
+            match rustix::io::read(&self.interrupt, &mut buf) {
+                Ok(_) => break,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(rustix::io::Errno::AGAIN) => return Ok(false),
+                Err(e) => return Err(Error::Ring(ringbuf::Error::Event(e))),
+            }
+        }
         self.stats
             .interrupts
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
+        Ok(true)
     }
 
     /// Commits what was written and signals the host if the rules say so.
@@ -191,8 +226,23 @@ impl GuestChannel {
         Ok(fired)
     }
 
+    /// For a loop reading the host-to-guest ring during a handshake (no queue thread yet):
+    /// arms the ring's interrupt and, if it is still empty, waits for it until `deadline` (at
+    /// most 100 ms at a time). Fails with [`Error::Timeout`] past the deadline.
+    pub fn await_incoming(&mut self, deadline: std::time::Instant) -> Result<(), Error> {
+        let (empty, _) = self.inc.prepare_sleep();
+        if empty {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(Error::Timeout);
+            }
+            self.wait_interrupt(left.min(Duration::from_millis(100)))?;
+        }
+        Ok(())
+    }
+
     /// Closes the channel, tears its GPADL down and frees its pages.
-    pub fn close(self, client: &mut Client, front: &Loopback) -> Result<(), Error> {
+    pub fn close(self, client: &mut Client, front: &dyn FrontEnd) -> Result<(), Error> {
         client.close(self.relid)?;
         client.teardown_gpadl(self.relid, self.gpadl)?;
         front.free_pages(&self.pages);

@@ -67,8 +67,8 @@ impl BlockDevice for Disk {
 
     fn attach_source(
         &self,
-        source: Box<dyn crate::storvsc::QueueSource>,
-    ) -> Result<crate::storvsc::SourceWaker, Box<dyn crate::storvsc::QueueSource>> {
+        source: Box<dyn crate::queue::QueueSource>,
+    ) -> Result<crate::queue::SourceWaker, Box<dyn crate::queue::QueueSource>> {
         self.controller().add_source(source)
     }
 

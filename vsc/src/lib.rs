@@ -7,8 +7,10 @@
 //!   interrupt line.
 //! - [`channel`]: the guest's end of an open channel; [`guest`]: a loopback guest with its
 //!   disks attached.
-//! - [`storvsc`]: the storvsc client: a `Controller` with a queue thread per channel (an event
-//!   loop that also runs [`storvsc::QueueSource`]s) and a `Disk` per LUN.
+//! - [`queue`]: the queue loop every client's channels run on (a thread per channel: its ring,
+//!   the [`queue::QueueSource`]s that feed it, polling, then sleeping on mio).
+//! - [`storvsc`]: the storvsc client: a `Controller` with a queue per channel and a `Disk` per
+//!   LUN.
 //! - [`nbd`]: an NBD server; [`export`]: `Disk` as its block device; [`nbdclient`]: a small
 //!   NBD client for the demo and tests.
 //! - The `vscd` binary: attaches to a running `vspd`, lists the offers it sees (`--list`) or
@@ -23,6 +25,8 @@ pub mod guest;
 pub mod loopback;
 pub mod nbd;
 pub mod nbdclient;
+pub mod netvsc;
+pub mod queue;
 pub mod storvsc;
 pub mod synic;
 

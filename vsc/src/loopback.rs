@@ -323,6 +323,18 @@ fn handshake(
     Ok((sock, irq))
 }
 
+impl crate::channel::FrontEnd for Loopback {
+    fn memory(&self) -> &GuestMemory {
+        Loopback::memory(self)
+    }
+    fn alloc_pages(&self, n: usize) -> Result<Vec<u64>, Error> {
+        Loopback::alloc_pages(self, n)
+    }
+    fn free_pages(&self, pages: &[u64]) {
+        Loopback::free_pages(self, pages)
+    }
+}
+
 impl HostInterface for Loopback {
     fn post_message(&self, connection_id: u32, payload: &[u8]) -> Result<(), Error> {
         let m = wire::PostMessage::vmbus(0, connection_id, payload)

@@ -17,8 +17,8 @@
 //! with [`IoError::Disconnected`], and so do new ones until a channel comes back.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -26,8 +26,6 @@ use std::time::{Duration, Instant};
 
 use crossbeam_queue::SegQueue;
 use ringbuf::packet::{gpa_direct_header, OutgoingPacket, PacketKind};
-use ringbuf::Event;
-use rustix::event::epoll;
 use vmbus_proto::ring::PacketType;
 use vmbus_proto::storvsp::scsi::{self as scsi_proto, Opcode};
 use vmbus_proto::storvsp::{
@@ -37,8 +35,11 @@ use vmbus_proto::storvsp::{
 };
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
-use crate::channel::GuestChannel;
-use crate::loopback::Loopback;
+use crate::channel::{FrontEnd, GuestChannel};
+use crate::queue::{
+    BatchHook, BatchHookGuard, Doorbell, EventLoop, Handed, QueueSource, QueueWork, SourceWaker,
+    Woke, MAX_SLEEP,
+};
 use crate::Error;
 
 /// Versions proposed, newest first (Linux 6.1's list).
@@ -215,14 +216,7 @@ fn control(ch: &mut GuestChannel, p: VstorPacket, timeout: Duration) -> Result<V
         if let Some(v) = got {
             return Ok(v);
         }
-        let (empty, _) = ch.inc.prepare_sleep();
-        if empty {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Error::Timeout);
-            }
-            ch.wait_interrupt(left.min(Duration::from_millis(100)))?;
-        }
+        ch.await_incoming(deadline)?;
     }
 }
 
@@ -312,249 +306,9 @@ pub type IoResult = Result<Vec<u8>, IoError>;
 /// A completion callback.
 pub type Callback = Box<dyn FnOnce(IoResult) + Send>;
 
-/// Runs on a queue thread after each batch of completion callbacks (see
-/// [`Controller::add_batch_hook`]).
-pub type BatchHook = Arc<dyn Fn() + Send + Sync>;
-
-/// What a [`QueueSource`] needs next.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SourcePoll {
-    /// It did some work: poll it again at once.
-    Progress,
-    /// Nothing to do until its file descriptor is readable.
-    Readable,
-    /// Waiting for something that has no file descriptor (memory budget, a full queue): poll
-    /// it again within a millisecond.
-    Soon,
-    /// Finished: the queue thread drops it.
-    Done,
-}
-
-/// Work a queue thread does between its batches, without a thread of its own: typically
-/// reading requests from a client's socket and submitting them, so that they reach the ring
-/// with no handoff between threads (see [`Controller::add_source`]). Requests a source submits
-/// on a controller's queue thread go to that queue.
-pub trait QueueSource: Send {
-    /// Does what can be done now. Must never block: the queue thread serves every disk of its
-    /// channel.
-    fn poll(&mut self) -> SourcePoll;
-    /// Whether it has work that does not wait for its descriptor (for example output to
-    /// retry), though its last poll said [`SourcePoll::Readable`]: it is then polled anyway,
-    /// and the queue thread sleeps at most a millisecond.
-    fn busy(&self) -> bool {
-        false
-    }
-    /// The descriptor whose readability [`SourcePoll::Readable`] waits for.
-    fn fd(&self) -> BorrowedFd<'_>;
-}
-
-/// Wakes the queue thread running a source (see [`Controller::add_source`]): for work the
-/// source has that its descriptor does not show ([`QueueSource::busy`]).
-pub type SourceWaker = Arc<dyn Fn() + Send + Sync>;
-
-/// Idle iterations of the queue loop between two polls of its sources (each poll is usually
-/// a system call).
-const SOURCE_POLL_EVERY: u32 = 32;
-
-/// How long a queue thread sleeps at most while a source waits for something other than its
-/// descriptor.
-const SOURCE_RETRY: Duration = Duration::from_millis(1);
-
-/// Up to this many sources are read directly on each poll (the read is the readiness check);
-/// with more, epoll is asked first which are readable, in one call.
-const DIRECT_SOURCES: usize = 2;
-
-/// A source on its queue thread.
-struct SourceSlot {
-    src: Box<dyn QueueSource>,
-    /// What its last poll said.
-    state: SourcePoll,
-    /// Its key in the epoll set.
-    id: u64,
-    /// In the epoll set (out of it while it waits for something else than input).
-    armed: bool,
-}
-
-/// The sources a queue thread runs, and the epoll set of their descriptors (level-triggered):
-/// one call says which of many are readable, and the thread sleeps on it.
-#[derive(Default)]
-struct Sources {
-    list: Vec<SourceSlot>,
-    epoll: Option<OwnedFd>,
-    next_id: u64,
-}
-
-impl Sources {
-    fn is_empty(&self) -> bool {
-        self.list.is_empty()
-    }
-
-    fn add(&mut self, src: Box<dyn QueueSource>) {
-        let id = self.next_id;
-        self.next_id += 1;
-        let mut slot = SourceSlot {
-            src,
-            state: SourcePoll::Progress,
-            id,
-            armed: false,
-        };
-        if let Err(e) = self.arm(&mut slot, true) {
-            // Dropping it ends it (its connection is closed).
-            tracing::warn!("cannot watch an I/O source: {e}");
-            return;
-        }
-        self.list.push(slot);
-    }
-
-    /// Puts `slot` in the epoll set or takes it out. Out rather than watching no events:
-    /// epoll reports a hang-up even then, and a source waiting for budget would wake the thread
-    /// at once.
-    fn arm(&mut self, slot: &mut SourceSlot, on: bool) -> rustix::io::Result<()> {
-        if slot.armed == on {
-            return Ok(());
-        }
-        let ep = match &self.epoll {
-            Some(ep) => ep,
-            None => self
-                .epoll
-                .insert(epoll::create(epoll::CreateFlags::CLOEXEC)?),
-        };
-        if on {
-            epoll::add(
-                ep,
-                slot.src.fd(),
-                epoll::EventData::new_u64(slot.id),
-                epoll::EventFlags::IN,
-            )?;
-        } else {
-            epoll::delete(ep, slot.src.fd())?;
-        }
-        slot.armed = on;
-        Ok(())
-    }
-
-    /// Polls the sources that may have work: whether any did some.
-    fn poll(&mut self) -> bool {
-        let ask = self.list.len() > DIRECT_SOURCES;
-        // The ids epoll says are readable (up to 64 at a time; level-triggered, the rest are
-        // said again next time).
-        let mut events = [std::mem::MaybeUninit::<epoll::Event>::uninit(); 64];
-        let ready: &[epoll::Event] = match &self.epoll {
-            Some(ep) if ask => {
-                let zero = rustix::event::Timespec::default();
-                epoll::wait(ep, &mut events, Some(&zero)).map_or(&[], |(ready, _)| ready)
-            }
-            _ => &[],
-        };
-        let mut moved = false;
-        let mut list = std::mem::take(&mut self.list);
-        list.retain_mut(|slot| {
-            let readable = || ready.iter().any(|ev| ev.data.u64() == slot.id);
-            if ask && slot.state == SourcePoll::Readable && !slot.src.busy() && !readable() {
-                return true;
-            }
-            slot.state = slot.src.poll();
-            moved |= slot.state == SourcePoll::Progress;
-            let keep = slot.state != SourcePoll::Done;
-            // Watched unless it waits for something else (or is done).
-            let watch = keep && slot.state != SourcePoll::Soon;
-            if let Err(e) = self.arm(slot, watch) {
-                tracing::warn!("cannot watch an I/O source: {e}");
-                return false;
-            }
-            keep
-        });
-        self.list = list;
-        moved
-    }
-
-    /// What a sleep waits on: the epoll set if a source waits for input, and whether one waits
-    /// for something else (then the sleep is short).
-    fn sleep_set(&self) -> (Option<BorrowedFd<'_>>, bool) {
-        let watched = self.list.iter().any(|s| s.armed);
-        let retry = self
-            .list
-            .iter()
-            .any(|s| s.state != SourcePoll::Readable || s.src.busy());
-        (
-            self.epoll.as_ref().filter(|_| watched).map(|e| e.as_fd()),
-            retry,
-        )
-    }
-}
-
 thread_local! {
     /// The queue whose thread this is (null elsewhere): requests submitted here stay on it.
     static ON_QUEUE: std::cell::Cell<*const Shared> = const { std::cell::Cell::new(std::ptr::null()) };
-}
-
-/// Keeps a [`BatchHook`] registered; dropping it unregisters the hook (a queue thread may
-/// still call it once, for a batch already under way).
-pub struct BatchHookGuard {
-    ctl: Arc<Controller>,
-    id: u64,
-}
-
-impl Drop for BatchHookGuard {
-    fn drop(&mut self) {
-        for q in &self.ctl.queues {
-            q.shared.hooks.remove(self.id);
-        }
-    }
-}
-
-impl std::fmt::Debug for BatchHookGuard {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BatchHookGuard")
-            .field("id", &self.id)
-            .finish()
-    }
-}
-
-/// The batch hooks of a queue: changed rarely (under the lock), read by the queue thread
-/// through a copy it refreshes when `version` moves.
-#[derive(Default)]
-struct Hooks {
-    list: Mutex<Vec<(u64, BatchHook)>>,
-    version: AtomicU64,
-}
-
-impl Hooks {
-    fn add(&self, id: u64, hook: BatchHook) {
-        let mut l = self.list.lock().unwrap_or_else(|e| e.into_inner());
-        l.push((id, hook));
-        // Release: the queue thread's acquire load of `version` then sees the new list (it
-        // also takes the lock to copy it).
-        self.version.fetch_add(1, Ordering::Release);
-    }
-
-    fn remove(&self, id: u64) {
-        let mut l = self.list.lock().unwrap_or_else(|e| e.into_inner());
-        l.retain(|(i, _)| *i != id);
-        self.version.fetch_add(1, Ordering::Release);
-    }
-
-    /// Runs every hook (after callbacks that ran outside a batch: failed requests).
-    fn run_all(&self) {
-        let list: Vec<BatchHook> = {
-            let l = self.list.lock().unwrap_or_else(|e| e.into_inner());
-            l.iter().map(|(_, h)| h.clone()).collect()
-        };
-        for h in list {
-            h();
-        }
-    }
-
-    /// Refreshes `copy` if the list changed since `seen`.
-    fn refresh(&self, seen: &mut u64, copy: &mut Vec<BatchHook>) {
-        let v = self.version.load(Ordering::Acquire);
-        if v != *seen {
-            let l = self.list.lock().unwrap_or_else(|e| e.into_inner());
-            copy.clear();
-            copy.extend(l.iter().map(|(_, h)| h.clone()));
-            *seen = v;
-        }
-    }
 }
 
 struct Request {
@@ -645,12 +399,15 @@ impl std::fmt::Debug for Disk {
 
 impl Controller {
     /// Starts the queue thread of `storvsc`'s channel.
-    pub fn start(storvsc: Storvsc, front: Arc<Loopback>) -> Result<Arc<Self>, Error> {
+    pub fn start(storvsc: Storvsc, front: Arc<dyn FrontEnd>) -> Result<Arc<Self>, Error> {
         Self::start_queues(vec![storvsc], front)
     }
 
     /// Starts a queue thread per channel: the primary first, then its subchannels.
-    pub fn start_queues(channels: Vec<Storvsc>, front: Arc<Loopback>) -> Result<Arc<Self>, Error> {
+    pub fn start_queues(
+        channels: Vec<Storvsc>,
+        front: Arc<dyn FrontEnd>,
+    ) -> Result<Arc<Self>, Error> {
         let max_transfer = channels
             .iter()
             .map(|c| c.max_transfer)
@@ -658,14 +415,11 @@ impl Controller {
             .unwrap_or(4096);
         let mut queues = Vec::new();
         for storvsc in channels {
+            let (mut lp, bell) = EventLoop::new()?;
+            lp.set_interrupt(storvsc.ch.interrupt().as_fd())?;
             let shared = Arc::new(Shared {
                 requests: SegQueue::new(),
-                sleeping: AtomicBool::new(false),
-                closed: AtomicBool::new(false),
-                wake: Event::new()?,
-                hooks: Hooks::default(),
-                new_sources: Mutex::new(Vec::new()),
-                sources_added: AtomicBool::new(false),
+                bell,
                 replacement: Mutex::new(None),
                 hold_ms: AtomicU64::new(0),
                 resent: AtomicU64::new(0),
@@ -699,11 +453,13 @@ impl Controller {
                 header: Vec::new(),
                 callbacks_ran: false,
                 completed: completed.clone(),
-                sources: Sources::default(),
+                hooks: Vec::new(),
+                hooks_seen: 0,
+                blocked: None,
             };
             let thread = std::thread::Builder::new()
                 .name(format!("storvsc-{relid}"))
-                .spawn(move || q.run())
+                .spawn(move || q.run(lp))
                 .map_err(Error::Thread)?;
             queues.push(QueueHandle {
                 shared,
@@ -725,16 +481,9 @@ impl Controller {
     /// it ran: callbacks can leave their results for the hook to deliver together (for
     /// example several replies in one socket write). The hook must not block for long: the
     /// queue thread serves every disk of the controller.
-    pub fn add_batch_hook(self: &Arc<Self>, hook: BatchHook) -> BatchHookGuard {
-        static NEXT: AtomicU64 = AtomicU64::new(1);
-        let id = NEXT.fetch_add(1, Ordering::Relaxed);
-        for q in &self.queues {
-            q.shared.hooks.add(id, hook.clone());
-        }
-        BatchHookGuard {
-            ctl: self.clone(),
-            id,
-        }
+    pub fn add_batch_hook(&self, hook: BatchHook) -> BatchHookGuard {
+        let bells = self.queues.iter().map(|q| q.shared.bell.clone()).collect();
+        BatchHookGuard::register(bells, hook)
     }
 
     /// Runs `source` on one of the queue threads (round-robin), between its batches, until the
@@ -745,23 +494,7 @@ impl Controller {
         source: Box<dyn QueueSource>,
     ) -> Result<SourceWaker, Box<dyn QueueSource>> {
         let i = self.next_source.fetch_add(1, Ordering::Relaxed) % self.queues.len();
-        let shared = &self.queues[i].shared;
-        {
-            let mut l = shared.new_sources.lock().unwrap_or_else(|e| e.into_inner());
-            // Under the lock: the queue thread sets `closed` before it takes the lock to drop
-            // the sources left, so either this sees the flag or the thread sees the source.
-            if shared.closed.load(Ordering::Relaxed) {
-                return Err(source);
-            }
-            l.push(source);
-        }
-        // Release: the queue thread's acquire swap then finds the list changed.
-        shared.sources_added.store(true, Ordering::Release);
-        let _ = shared.wake.signal();
-        let shared = shared.clone();
-        Ok(Arc::new(move || {
-            let _ = shared.wake.signal();
-        }))
+        self.queues[i].shared.bell.add_source(source)
     }
 
     /// Number of queues (channels).
@@ -779,14 +512,14 @@ impl Controller {
         let ms = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX);
         for q in &self.queues {
             q.shared.hold_ms.store(ms, Ordering::Relaxed);
-            let _ = q.shared.wake.signal();
+            q.shared.bell.ring();
         }
     }
 
     /// Tells the queues the host went away (they would notice within a second anyway).
     pub fn host_lost(&self) {
         for q in &self.queues {
-            let _ = q.shared.wake.signal();
+            q.shared.bell.ring();
         }
     }
 
@@ -807,7 +540,7 @@ impl Controller {
                 .unwrap_or_else(|e| e.into_inner())
                 .replace(st);
             left.extend(old);
-            let _ = q.shared.wake.signal();
+            q.shared.bell.ring();
         }
         left.extend(channels);
         left
@@ -903,7 +636,7 @@ impl Controller {
     pub fn shutdown(&self) -> Result<Vec<Storvsc>, Error> {
         for q in &self.queues {
             q.stop.store(true, std::sync::atomic::Ordering::Release);
-            let _ = q.shared.wake.signal();
+            q.shared.bell.ring();
         }
         let mut out = Vec::new();
         for q in &self.queues {
@@ -927,7 +660,7 @@ impl Drop for Controller {
 
 impl Disk {
     /// Starts a controller on `storvsc` and probes its LUN `lun` (a channel with one disk).
-    pub fn start(storvsc: Storvsc, front: Arc<Loopback>, lun: u8) -> Result<Arc<Self>, Error> {
+    pub fn start(storvsc: Storvsc, front: Arc<dyn FrontEnd>, lun: u8) -> Result<Arc<Self>, Error> {
         Controller::start(storvsc, front)?.disk(lun)
     }
 
@@ -1091,15 +824,8 @@ struct InFlight {
 struct Shared {
     /// Requests submitted and not yet taken by the queue thread.
     requests: SegQueue<Request>,
-    /// Set before the queue thread sleeps, so submitters know to signal `wake`.
-    sleeping: AtomicBool,
-    /// Set when the queue thread has stopped: submitters fail their requests themselves.
-    closed: AtomicBool,
-    wake: Event,
-    hooks: Hooks,
-    /// Sources added and not yet taken by the queue thread.
-    new_sources: Mutex<Vec<Box<dyn QueueSource>>>,
-    sources_added: AtomicBool,
+    /// The queue thread's doorbell (its sleep flag, waker, batch hooks and sources).
+    bell: Arc<Doorbell>,
     /// The channel reopened on a new host session, for the queue thread to take.
     replacement: Mutex<Option<Storvsc>>,
     /// How long requests are held while the host is away, in milliseconds.
@@ -1113,14 +839,9 @@ impl Shared {
     /// the thread has stopped.
     fn submit(&self, r: Request) {
         self.requests.push(r);
-        // SeqCst fence: pairs with the queue thread's fence between its `sleeping` (or
-        // `closed`) store and its last look at `requests` (a Dekker pair): either that look
-        // finds this request, or this load sees the flag.
-        fence(Ordering::SeqCst);
-        if self.closed.load(Ordering::Relaxed) {
+        // The queue thread looks at `requests` after announcing its sleep or its stop.
+        if self.bell.handed() == Handed::Closed {
             self.fail_queued();
-        } else if self.sleeping.load(Ordering::Relaxed) {
-            let _ = self.wake.signal();
         }
     }
 
@@ -1131,7 +852,7 @@ impl Shared {
             failed = true;
         }
         if failed {
-            self.hooks.run_all();
+            self.bell.hooks().run_all();
         }
     }
 }
@@ -1139,7 +860,7 @@ impl Shared {
 struct Queue {
     shared: Arc<Shared>,
     st: Storvsc,
-    front: Arc<Loopback>,
+    front: Arc<dyn FrontEnd>,
     stop: Arc<AtomicBool>,
     free_pages: Vec<u64>,
     /// Requests taken from `shared` that do not fit yet (no slot, bounce pages or ring room).
@@ -1156,8 +877,120 @@ struct Queue {
     /// Callbacks ran outside the completion loop (failed requests): the batch hooks are due.
     callbacks_ran: bool,
     completed: Arc<AtomicU64>,
-    /// The sources this thread runs.
-    sources: Sources,
+    /// The batch hooks as last copied, and the version copied.
+    hooks: Vec<BatchHook>,
+    hooks_seen: u64,
+    /// The ring bytes the last request that did not fit needed (`None`: it waited for a slot
+    /// or bounce pages, or nothing waited).
+    blocked: Option<u32>,
+}
+
+impl QueueWork for Queue {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    fn pass(&mut self, _lp: &mut EventLoop) -> Result<bool, Error> {
+        let mut moved = false;
+        // New requests.
+        while let Some(r) = self.shared.requests.pop() {
+            self.waiting.push_back(r);
+        }
+        // Issue what fits: requests to send again first, then new ones.
+        self.blocked = None;
+        while let Some(&slot_no) = self.resend.front() {
+            match self.reissue(slot_no)? {
+                None => {
+                    self.resend.pop_front();
+                    moved = true;
+                }
+                Some(needed) => {
+                    self.blocked = Some(needed);
+                    break;
+                }
+            }
+        }
+        while let Some(r) = self
+            .resend
+            .is_empty()
+            .then(|| self.waiting.pop_front())
+            .flatten()
+        {
+            match self.issue(r)? {
+                Ok(()) => moved = true,
+                Err((r, needed)) => {
+                    self.waiting.push_front(r);
+                    self.blocked = needed;
+                    break;
+                }
+            }
+        }
+        self.st.ch.commit_out()?;
+        // Completions.
+        self.st.ch.inc.mask();
+        let mut completed = false;
+        for _ in 0..COMPLETE_BATCH {
+            match self.complete_one()? {
+                Some(n) => completed |= n,
+                None => break,
+            }
+        }
+        self.st.ch.commit_in()?;
+        if completed || std::mem::take(&mut self.callbacks_ran) {
+            moved = true;
+            self.shared
+                .bell
+                .hooks()
+                .refresh(&mut self.hooks_seen, &mut self.hooks);
+            for h in &self.hooks {
+                h();
+            }
+        }
+        Ok(moved)
+    }
+
+    fn in_flight(&self) -> bool {
+        Queue::in_flight(self) > 0
+    }
+
+    fn prepare_sleep(&mut self) -> Result<bool, Error> {
+        let (empty, signal) = self.st.ch.inc.prepare_sleep();
+        if signal {
+            self.st.ch.signal_host()?;
+        }
+        let still_blocked = match self.blocked {
+            Some(n) => self.st.ch.out.prepare_sleep(n),
+            None => true,
+        };
+        Ok(empty && still_blocked)
+    }
+
+    fn cancel_sleep(&mut self) {
+        self.st.ch.out.clear_pending();
+    }
+
+    fn handed_work(&self) -> bool {
+        !self.shared.requests.is_empty()
+    }
+
+    fn before_sleep(&mut self) {
+        // Drops the copies of hooks unregistered since the last batch.
+        self.shared
+            .bell
+            .hooks()
+            .refresh(&mut self.hooks_seen, &mut self.hooks);
+    }
+
+    fn woke(&mut self, woke: Woke) -> Result<(), Error> {
+        if woke.interrupt {
+            self.st.ch.take_interrupt()?;
+        }
+        if !self.st.ch.host_alive() {
+            // The daemon is gone: nothing will complete; fail what is pending.
+            return Err(Error::Disconnected);
+        }
+        Ok(())
+    }
 }
 
 /// What an SRB needs: CDB, direction, bytes, and the data-out bytes (borrowed from the
@@ -1184,14 +1017,15 @@ fn cdb_of(bytes: &[u8]) -> ([u8; 16], u8) {
 }
 
 impl Queue {
-    fn run(mut self) -> Result<Storvsc, Error> {
+    fn run(mut self, mut lp: EventLoop) -> Result<Storvsc, Error> {
+        ON_QUEUE.with(|c| c.set(Arc::as_ptr(&self.shared)));
         let result = loop {
-            match self.serve() {
+            match lp.run(&mut self) {
                 // Its session is over (the daemon went away): hold the requests until the
                 // channel is reopened on a new one.
                 Err(e) if !self.st.ch.host_alive() => {
                     tracing::debug!(error = %e, "storvsc queue lost its host");
-                    match self.host_down() {
+                    match self.host_down(&mut lp) {
                         Ok(true) => continue,
                         Ok(false) => break Ok(()),
                         Err(e) => break Err(e),
@@ -1210,19 +1044,10 @@ impl Queue {
             (r.done)(Err(IoError::Disconnected));
         }
         // The callbacks above may have left results for the hooks to deliver.
-        self.shared.hooks.run_all();
-        self.shared.closed.store(true, Ordering::Relaxed);
-        // SeqCst fence: see `Shared::submit`.
-        fence(Ordering::SeqCst);
-        // The sources end with the queue (see `Controller::add_source` for the order).
-        self.sources = Sources::default();
-        drop(std::mem::take(
-            &mut *self
-                .shared
-                .new_sources
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        ));
+        self.shared.bell.hooks().run_all();
+        // From here submitters fail their requests themselves; the sources end with the queue
+        // (see `Doorbell::add_source` for the order).
+        lp.close();
         self.shared.fail_queued();
         if let Err(e) = &result {
             tracing::warn!(error = %e, "storvsc queue stopped");
@@ -1233,181 +1058,6 @@ impl Queue {
     fn in_flight(&self) -> usize {
         MAX_IN_FLIGHT - self.free_slots.len()
     }
-
-    /// Polls the sources: whether any did some work.
-    fn poll_sources(&mut self) -> bool {
-        if self.shared.sources_added.swap(false, Ordering::Acquire) {
-            let mut l = self
-                .shared
-                .new_sources
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            for src in l.drain(..) {
-                self.sources.add(src);
-            }
-        }
-        self.sources.poll()
-    }
-
-    fn serve(&mut self) -> Result<(), Error> {
-        let mut poller = ringbuf::poller::Poller::default();
-        let (mut hooks_seen, mut hooks) = (0u64, Vec::new());
-        ON_QUEUE.with(|c| c.set(Arc::as_ptr(&self.shared)));
-        let (mut last_moved, mut idle_spins) = (true, 0u32);
-        loop {
-            if self.stop.load(Ordering::Acquire) {
-                return Ok(());
-            }
-            let mut moved = false;
-            // Sources: after work, and every few idle spins.
-            idle_spins = if last_moved { 0 } else { idle_spins + 1 };
-            if (last_moved || idle_spins.is_multiple_of(SOURCE_POLL_EVERY))
-                && (!self.sources.is_empty() || self.shared.sources_added.load(Ordering::Relaxed))
-            {
-                moved |= self.poll_sources();
-            }
-            last_moved = false;
-            // New requests.
-            while let Some(r) = self.shared.requests.pop() {
-                self.waiting.push_back(r);
-            }
-            // Issue what fits: requests to send again first, then new ones.
-            let mut blocked = None;
-            while let Some(&slot_no) = self.resend.front() {
-                match self.reissue(slot_no)? {
-                    None => {
-                        self.resend.pop_front();
-                        moved = true;
-                    }
-                    Some(needed) => {
-                        blocked = Some(needed);
-                        break;
-                    }
-                }
-            }
-            while let Some(r) = self
-                .resend
-                .is_empty()
-                .then(|| self.waiting.pop_front())
-                .flatten()
-            {
-                match self.issue(r)? {
-                    Ok(()) => moved = true,
-                    Err((r, needed)) => {
-                        self.waiting.push_front(r);
-                        blocked = needed;
-                        break;
-                    }
-                }
-            }
-            self.st.ch.commit_out()?;
-            // Completions.
-            self.st.ch.inc.mask();
-            let mut completed = false;
-            for _ in 0..COMPLETE_BATCH {
-                match self.complete_one()? {
-                    Some(n) => completed |= n,
-                    None => break,
-                }
-            }
-            self.st.ch.commit_in()?;
-            if completed || std::mem::take(&mut self.callbacks_ran) {
-                moved = true;
-                self.shared.hooks.refresh(&mut hooks_seen, &mut hooks);
-                for h in &hooks {
-                    h();
-                }
-            }
-            if moved {
-                poller.busy();
-                last_moved = true;
-                continue;
-            }
-            // Poll before sleeping: a wakeup costs more. With requests in flight their
-            // completions are due soon: poll longer.
-            if poller.idle(self.in_flight() > 0) {
-                continue;
-            }
-            let (empty, signal) = self.st.ch.inc.prepare_sleep();
-            if signal {
-                self.st.ch.signal_host()?;
-            }
-            let still_blocked = match blocked {
-                Some(n) => self.st.ch.out.prepare_sleep(n),
-                None => true,
-            };
-            if !empty || !still_blocked {
-                self.st.ch.out.clear_pending();
-                continue;
-            }
-            // The sources once more (before the flag: their requests then need no signal).
-            if self.poll_sources() {
-                self.st.ch.out.clear_pending();
-                last_moved = true;
-                continue;
-            }
-            // Announce the sleep, then look for requests once more: a submitter either sees
-            // the flag (and signals) or its request is found here (see `Shared::submit`).
-            self.shared.sleeping.store(true, Ordering::Relaxed);
-            fence(Ordering::SeqCst);
-            if !self.shared.requests.is_empty() {
-                self.shared.sleeping.store(false, Ordering::Relaxed);
-                self.st.ch.out.clear_pending();
-                last_moved = true;
-                continue;
-            }
-            // Drops the copies of hooks unregistered since the last batch.
-            self.shared.hooks.refresh(&mut hooks_seen, &mut hooks);
-            poller.sleeping();
-            if self.sleep()? {
-                poller.woke();
-            } else {
-                // A source's retry timer, not a wakeup that polling would have saved.
-                poller.retried();
-            }
-            last_moved = true;
-            self.shared.sleeping.store(false, Ordering::Relaxed);
-            self.st.ch.out.clear_pending();
-            if !self.st.ch.host_alive() {
-                // The daemon is gone: nothing will complete; fail what is pending.
-                return Err(Error::Disconnected);
-            }
-        }
-    }
-
-    /// Sleeps until the host interrupts, a submitter signals, a source's descriptor is
-    /// readable, or (a source waiting for something else) a millisecond passes; false in that
-    /// last case.
-    fn sleep(&self) -> Result<bool, Error> {
-        use rustix::event::{poll, PollFd, PollFlags, Timespec};
-        let mut fds = vec![
-            PollFd::new(self.st.ch.interrupt(), PollFlags::IN),
-            PollFd::new(&self.shared.wake, PollFlags::IN),
-        ];
-        let (watched, retry) = self.sources.sleep_set();
-        if let Some(fd) = watched {
-            fds.push(PollFd::from_borrowed_fd(fd, PollFlags::IN));
-        }
-        let ts = Timespec::try_from(if retry {
-            SOURCE_RETRY
-        } else {
-            Duration::from_secs(1)
-        })
-        .expect("a short timeout fits a timespec");
-        let ready = match poll(&mut fds, Some(&ts)) {
-            Ok(n) => n > 0,
-            Err(rustix::io::Errno::INTR) => true,
-            Err(e) => return Err(Error::Ring(ringbuf::Error::Event(e))),
-        };
-        if !fds[0].revents().is_empty() {
-            self.st.ch.take_interrupt()?;
-        }
-        if !fds[1].revents().is_empty() {
-            self.shared.wake.wait()?;
-        }
-        Ok(ready || !retry)
-    }
-
     fn srb_for(op: &DiskOp, bs: u32) -> Result<Srb<'_>, IoError> {
         use std::borrow::Cow;
         Ok(match op {
@@ -1639,7 +1289,7 @@ impl Queue {
     /// The host went away: holds the requests (those in flight keep their slots and bounce
     /// pages) until the channel is reopened (true: serve it) or the queue stops (false). After
     /// the hold time, fails them and every new one until then.
-    fn host_down(&mut self) -> Result<bool, Error> {
+    fn host_down(&mut self, lp: &mut EventLoop) -> Result<bool, Error> {
         // Completions the host wrote before it went are real answers: take them. The batch
         // hooks are due in any case: the loop may have left before running them for the
         // callbacks of its last batch (a failed signal).
@@ -1669,7 +1319,7 @@ impl Queue {
                 .unwrap_or_else(|e| e.into_inner())
                 .take();
             if let Some(st) = new {
-                self.adopt(st);
+                self.adopt(st, lp)?;
                 return Ok(true);
             }
             while let Some(r) = self.shared.requests.pop() {
@@ -1695,25 +1345,22 @@ impl Queue {
                     self.fail(r.done, IoError::Disconnected);
                 }
             }
-            let moved = self.poll_sources();
+            let moved = lp.has_sources() && lp.poll_sources();
             if std::mem::take(&mut self.callbacks_ran) {
-                self.shared.hooks.run_all();
+                self.shared.bell.hooks().run_all();
             }
             if moved {
                 continue;
             }
-            // Announce the sleep, then look once more (see `Shared::submit`).
-            self.shared.sleeping.store(true, Ordering::Relaxed);
-            fence(Ordering::SeqCst);
-            if self.shared.requests.is_empty() {
-                let left = if failing {
-                    Duration::from_secs(1)
-                } else {
-                    deadline.saturating_duration_since(Instant::now())
-                };
-                self.sleep_down(left)?;
-            }
-            self.shared.sleeping.store(false, Ordering::Relaxed);
+            let left = if failing {
+                MAX_SLEEP
+            } else {
+                deadline.saturating_duration_since(Instant::now())
+            };
+            // Wakes for a submitter, the reconnection, a source, or the deadline (the dead
+            // channel's line is ignored).
+            let requests = &self.shared.requests;
+            lp.sleep_unless(left.min(MAX_SLEEP), || !requests.is_empty())?;
         }
     }
 
@@ -1733,8 +1380,10 @@ impl Queue {
 
     /// Takes a channel reopened on a new host session: the dead one's ring pages are freed,
     /// and the requests in flight are written again, oldest first.
-    fn adopt(&mut self, mut st: Storvsc) {
+    fn adopt(&mut self, mut st: Storvsc, lp: &mut EventLoop) -> Result<(), Error> {
         st.ch.adopt_stats(self.st.ch.stats().clone());
+        // Watch the new line before the old one closes.
+        lp.set_interrupt(st.ch.interrupt().as_fd())?;
         let old = std::mem::replace(&mut self.st, st);
         old.into_channel().abandon(&self.front);
         let mut busy: Vec<(u64, u8)> = self
@@ -1755,31 +1404,6 @@ impl Queue {
             waiting = self.waiting.len(),
             "storvsc: channel reopened; sending the requests in flight again"
         );
-    }
-
-    /// Sleeps, while the host is away, until a submitter or the reconnection signals, a
-    /// source's descriptor is readable, or `left` passes (a millisecond while a source waits
-    /// for something else).
-    fn sleep_down(&self, left: Duration) -> Result<(), Error> {
-        use rustix::event::{poll, PollFd, PollFlags, Timespec};
-        let mut fds = vec![PollFd::new(&self.shared.wake, PollFlags::IN)];
-        let (watched, retry) = self.sources.sleep_set();
-        if let Some(fd) = watched {
-            fds.push(PollFd::from_borrowed_fd(fd, PollFlags::IN));
-        }
-        let t = if retry {
-            left.min(SOURCE_RETRY)
-        } else {
-            left.min(Duration::from_secs(1))
-        };
-        let ts = Timespec::try_from(t).expect("a short timeout fits a timespec");
-        match poll(&mut fds, Some(&ts)) {
-            Ok(_) | Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(Error::Ring(ringbuf::Error::Event(e))),
-        }
-        if !fds[0].revents().is_empty() {
-            self.shared.wake.wait()?;
-        }
         Ok(())
     }
 
@@ -2014,83 +1638,6 @@ mod tests {
             })
         ));
         assert!(completion_outcome(&vp.as_bytes()[..10], 4096).is_err());
-    }
-
-    /// A source over one end of a socketpair: it reads what is there, and counts its polls.
-    struct Probe {
-        sock: std::os::unix::net::UnixStream,
-        polls: Arc<AtomicU64>,
-        busy: Arc<AtomicBool>,
-    }
-
-    impl QueueSource for Probe {
-        fn poll(&mut self) -> SourcePoll {
-            use std::io::Read;
-            self.polls.fetch_add(1, Ordering::SeqCst);
-            self.sock.set_nonblocking(true).unwrap();
-            let mut b = [0u8; 64];
-            match self.sock.read(&mut b) {
-                Ok(0) => SourcePoll::Done,
-                Ok(_) => SourcePoll::Progress,
-                Err(_) => SourcePoll::Readable,
-            }
-        }
-        fn busy(&self) -> bool {
-            self.busy.load(Ordering::SeqCst)
-        }
-        fn fd(&self) -> BorrowedFd<'_> {
-            self.sock.as_fd()
-        }
-    }
-
-    #[test]
-    fn sources_are_polled_when_readable_or_busy_and_dropped_when_done() {
-        let mut sources = Sources::default();
-        let mut probes = Vec::new();
-        for _ in 0..4 {
-            let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-            let (polls, busy) = (
-                Arc::new(AtomicU64::new(0)),
-                Arc::new(AtomicBool::new(false)),
-            );
-            sources.add(Box::new(Probe {
-                sock: ours,
-                polls: polls.clone(),
-                busy: busy.clone(),
-            }));
-            probes.push((theirs, polls, busy));
-        }
-        // New sources are polled once; then, all quiet, none is (more than two: epoll decides).
-        assert!(!sources.poll());
-        assert!(!sources.poll());
-        let counts = |p: &Vec<(
-            std::os::unix::net::UnixStream,
-            Arc<AtomicU64>,
-            Arc<AtomicBool>,
-        )>| {
-            p.iter()
-                .map(|(_, n, _)| n.load(Ordering::SeqCst))
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(counts(&probes), [1, 1, 1, 1]);
-        assert!(!sources.sleep_set().1, "nothing to retry");
-        assert!(sources.sleep_set().0.is_some(), "sleeps on the epoll set");
-        // Input on one: that one is polled (and again, having made progress).
-        std::io::Write::write_all(&mut probes[2].0, b"x").unwrap();
-        assert!(sources.poll());
-        assert!(!sources.poll());
-        assert_eq!(counts(&probes), [1, 1, 3, 1]);
-        // Busy with no input (replies waiting, say): polled anyway, and the sleep is short.
-        probes[1].2.store(true, Ordering::SeqCst);
-        assert!(sources.sleep_set().1, "a busy source makes the sleep short");
-        sources.poll();
-        sources.poll();
-        assert_eq!(counts(&probes), [1, 3, 3, 1]);
-        probes[1].2.store(false, Ordering::SeqCst);
-        // A hang-up ends that source, and the others stay.
-        drop(probes.remove(3).0);
-        sources.poll();
-        assert_eq!(sources.list.len(), 3);
     }
 
     fn slot(tx: u64, busy: bool) -> InFlight {

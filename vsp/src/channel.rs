@@ -64,6 +64,13 @@ pub trait Device: Send + 'static {
     fn idle_wake_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         None
     }
+
+    /// Called before the worker sleeps on [`wake_fd`](Self::wake_fd) (with work in flight):
+    /// re-arm it (a device that does not reset it while polling saves a system call per poll)
+    /// and say whether nothing is ready (true: sleep; false: poll again).
+    fn prepare_sleep(&mut self) -> bool {
+        true
+    }
 }
 
 /// A device whose protocol is not implemented yet: logs the first packet and discards all,
@@ -311,7 +318,12 @@ impl Worker {
                 None => false,
             };
             let can_read = !empty && !self.device.busy();
-            if can_read || (self.device.blocked_on_ring().is_some() && !ring_blocked) {
+            // Likewise re-arm the device's wakeup, then re-check it.
+            let device_ready = self.device.in_flight() && !self.device.prepare_sleep();
+            if can_read
+                || device_ready
+                || (self.device.blocked_on_ring().is_some() && !ring_blocked)
+            {
                 self.outgoing.clear_pending();
                 continue;
             }

@@ -854,6 +854,17 @@ impl Device for Storvsp {
         use std::os::fd::AsFd;
         Some(self.wake.as_fd())
     }
+
+    fn prepare_sleep(&mut self) -> bool {
+        let mut idle = true;
+        for &id in &self.lun_ids {
+            if let Some(lun) = self.luns.get_mut(usize::from(id)).and_then(Option::as_mut) {
+                // Every LUN's event is re-armed, even after one found work.
+                idle &= lun.queue.prepare_sleep();
+            }
+        }
+        idle
+    }
 }
 
 impl Drop for Storvsp {

@@ -1,6 +1,7 @@
 //! `vscd`: the guest side as a host process. Attaches to a running `vspd` as a loopback guest
 //! and lists the channels it offers (`--list`), or exports every disk over NBD (`--nbd PATH`),
-//! riding out restarts of the daemon (`--reconnect-timeout`); the network export comes later.
+//! riding out restarts of the daemon (`--reconnect-timeout`), and/or puts its network adapter
+//! behind a guest-side TAP (`--tap NAME`), which also rides out restarts.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,6 +28,17 @@ struct Args {
     /// clients can make it hold is bounded by the --nbd-* options.
     #[arg(long, value_name = "PATH", conflicts_with = "list")]
     nbd: Option<PathBuf>,
+    /// Put the daemon's network adapter behind this TAP (created if missing, in vscd's network
+    /// namespace): frames written to it travel netvsc -> VMBus ring -> netvsp -> the host's
+    /// TAP, and back. The NIC uses a loopback guest of its own (a second session), survives
+    /// restarts of vspd and reopens its channels when the TAP's MTU changes. Serves until
+    /// SIGTERM or SIGINT, then prints its counters. Needs CAP_NET_ADMIN.
+    #[arg(long, value_name = "NAME", conflicts_with = "list")]
+    tap: Option<String>,
+    /// With --tap: queues (TAP queues, and channels as the host grants subchannels).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    queues: u16,
     #[command(flatten)]
     nbd_limits: NbdLimits,
     /// Guest memory of the loopback guest, in MiB (each disk controller takes about 9 MiB of
@@ -78,12 +90,30 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<(), vsc::Error> {
     ringbuf::poller::set_default_limit(std::time::Duration::from_micros(args.poll_us));
+    let nic = match &args.tap {
+        Some(tap) => Some(start_nic(&args, tap)?),
+        None => None,
+    };
     if let Some(path) = &args.nbd {
-        return export(&args, path);
+        let r = export(&args, path, nic.is_some());
+        if let Some(nic) = nic {
+            stop_nic(nic);
+        }
+        return r;
+    }
+    if let Some(nic) = nic {
+        let mut signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGINT,
+        ])
+        .map_err(vsc::Error::Thread)?;
+        signals.forever().next();
+        stop_nic(nic);
+        return Ok(());
     }
     if !args.list {
         return Err(vsc::Error::Protocol(
-            "nothing to do: give --list or --nbd PATH".into(),
+            "nothing to do: give --list, --nbd PATH or --tap NAME".into(),
         ));
     }
     let (front, messages) = Loopback::connect(&args.connect, args.memory_mib << 20)?;
@@ -116,7 +146,28 @@ fn run(args: Args) -> Result<(), vsc::Error> {
     Ok(())
 }
 
-fn export(args: &Args, path: &std::path::Path) -> Result<(), vsc::Error> {
+fn start_nic(args: &Args, tap: &str) -> Result<vsc::netvsc::Nic, vsc::Error> {
+    let config = vsc::netvsc::NicConfig {
+        queues: args.queues,
+        ..vsc::netvsc::NicConfig::new(tap)
+    };
+    let nic = vsc::netvsc::Nic::start(&args.connect, config)?;
+    eprintln!(
+        "vscd: network adapter behind TAP {tap} ({} channel(s))",
+        nic.stats()
+            .channels
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    Ok(nic)
+}
+
+fn stop_nic(nic: vsc::netvsc::Nic) {
+    let stats = nic.stats().clone();
+    nic.stop();
+    eprintln!("vscd: NIC counters: {}", stats.summary());
+}
+
+fn export(args: &Args, path: &std::path::Path, nic: bool) -> Result<(), vsc::Error> {
     use vsc::guest::{GuestConfig, Reconnect, StorageGuest};
     use vsc::nbd::{Export, NbdServer};
     let config = GuestConfig {
@@ -176,6 +227,10 @@ fn export(args: &Args, path: &std::path::Path) -> Result<(), vsc::Error> {
     // done: from here on every thread runs under the seccomp allowlist.
     if args.no_seccomp {
         tracing::warn!("running without the seccomp filter (--no-seccomp)");
+    } else if nic {
+        // The NIC's supervisor sets the TAP's carrier and reads its MTU (ioctls), and
+        // reconnects with a new socket: not in the allowlist yet.
+        tracing::warn!("--tap: running without the seccomp filter");
     } else {
         ringbuf::sandbox::install()?;
     }

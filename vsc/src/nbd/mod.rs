@@ -156,8 +156,8 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// with [`batch_hook`](Self::batch_hook).
     fn attach_source(
         &self,
-        source: Box<dyn crate::storvsc::QueueSource>,
-    ) -> Result<crate::storvsc::SourceWaker, Box<dyn crate::storvsc::QueueSource>> {
+        source: Box<dyn crate::queue::QueueSource>,
+    ) -> Result<crate::queue::SourceWaker, Box<dyn crate::queue::QueueSource>> {
         Err(source)
     }
     /// Whether [`trim`](Self::trim) does anything (advertised as `NBD_FLAG_SEND_TRIM`).

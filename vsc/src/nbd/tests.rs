@@ -13,7 +13,7 @@ use proptest::prelude::*;
 use super::proto::*;
 use super::transmission::Budget;
 use super::*;
-use crate::storvsc::{QueueSource, SourcePoll, SourceWaker};
+use crate::queue::{QueueSource, SourcePoll, SourceWaker};
 
 /// A device in memory, optionally slow (to see requests overlap), optionally with an event
 /// loop (`event`: connections are then read by [`QueueSource`]s, as on a storvsc disk).

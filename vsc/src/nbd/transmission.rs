@@ -14,7 +14,7 @@ use crossbeam_queue::ArrayQueue;
 
 use super::proto::*;
 use super::{BlockDevice, Export, IoError, Limits};
-use crate::storvsc::{QueueSource, SourcePoll};
+use crate::queue::{QueueSource, SourcePoll};
 
 /// Locks, ignoring poisoning (every critical section here leaves its data consistent).
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -233,7 +233,7 @@ struct Replies {
     buffers: ArrayQueue<Vec<u8>>,
     /// Wakes the event loop running the connection's source (set once it is attached): a
     /// flush that leaves replies on a full socket calls it, so the source retries them.
-    waker: std::sync::OnceLock<crate::storvsc::SourceWaker>,
+    waker: std::sync::OnceLock<crate::queue::SourceWaker>,
     /// How long a reply may wait for a client that takes none of it ([`Limits::reply_timeout`]).
     reply_timeout: Duration,
 }

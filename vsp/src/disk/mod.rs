@@ -268,6 +268,12 @@ pub trait IoQueue: Send {
     fn abandon(&mut self) {}
     /// Readable when completions may be ready (for the worker's epoll set).
     fn completion_event(&self) -> BorrowedFd<'_>;
+    /// Before the worker sleeps on [`completion_event`](IoQueue::completion_event): re-arms it
+    /// and says whether no completion is ready (true: sleep). See [`DiskQueue::prepare_sleep`].
+    /// By default always true (an engine whose event needs no re-arming).
+    fn prepare_sleep(&mut self) -> bool {
+        true
+    }
 }
 
 impl IoQueue for DiskQueue {
@@ -294,6 +300,9 @@ impl IoQueue for DiskQueue {
     }
     fn completion_event(&self) -> BorrowedFd<'_> {
         DiskQueue::completion_event(self)
+    }
+    fn prepare_sleep(&mut self) -> bool {
+        DiskQueue::prepare_sleep(self)
     }
 }
 

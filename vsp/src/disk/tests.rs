@@ -680,10 +680,28 @@ fn completion_event_wakes_a_poller() {
     q.queue(1, read).unwrap();
     q.submit().unwrap();
     assert!(readable(&q, 5000), "the event fires on completion");
+    assert!(!q.prepare_sleep(), "a completion is waiting: no sleep");
     let mut out = Vec::new();
     assert_eq!(q.reap(&mut out), 1);
     assert_eq!(out[0].result, Ok(4096));
-    assert!(!readable(&q, 0), "reap resets the event");
+    assert!(q.prepare_sleep(), "nothing is waiting: sleep");
+    assert!(!readable(&q, 0), "prepare_sleep re-arms the event");
+    // Polling (reap) does not touch the event: a completion after the re-arm still wakes a
+    // sleeper, however often the queue was reaped meanwhile.
+    q.queue(
+        2,
+        IoOp::Read {
+            offset: 0,
+            segments: &[Segment { gpa: 0, len: 4096 }],
+        },
+    )
+    .unwrap();
+    q.submit().unwrap();
+    assert!(readable(&q, 5000), "the event fires on completion");
+    assert_eq!(q.reap(&mut out), 1);
+    assert!(readable(&q, 0), "reap leaves the event set");
+    assert!(q.prepare_sleep());
+    assert!(!readable(&q, 0));
 }
 
 #[test]

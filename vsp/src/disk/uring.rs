@@ -308,10 +308,21 @@ impl DiskQueue {
     }
 
     /// An eventfd registered with the ring (`IORING_REGISTER_EVENTFD`): readable when
-    /// completions may be ready, so a worker can `poll` it with its other wakeups. `reap` and
-    /// `wait` reset it when they find completions.
+    /// completions may be ready, so a worker can `poll` it with its other wakeups. Only
+    /// [`prepare_sleep`](Self::prepare_sleep) resets it: a worker that polls calls `reap` many
+    /// times per sleep, and a reset there would cost a system call per batch of completions.
     pub fn completion_event(&self) -> BorrowedFd<'_> {
         self.event.as_fd()
+    }
+
+    /// Before a worker sleeps on [`completion_event`](Self::completion_event): resets it, then
+    /// says whether no completion is waiting (true: sleep; a completion posted from now on
+    /// signals the event anew; false: `reap` first). Reset first, check second: a completion
+    /// posted between a check and a reset would otherwise never wake the worker.
+    pub fn prepare_sleep(&mut self) -> bool {
+        // Non-blocking; nothing to read is fine.
+        let _ = rustix::io::read(&self.event, &mut [0u8; 8]);
+        self.done.is_empty() && self.ring.completion().is_empty()
     }
 
     /// Validates and queues an operation; [`DiskQueue::submit`] hands it to the kernel (many
@@ -606,10 +617,6 @@ impl DiskQueue {
         if self.ring.completion().is_empty() {
             return;
         }
-        // Reset the eventfd before draining, so that a CQE posted after the drain signals it
-        // anew (a CQE drained now that had signalled it only causes a spurious wakeup). It is
-        // non-blocking; nothing to read is fine.
-        let _ = rustix::io::read(&self.event, &mut [0u8; 8]);
         let mut cqes = std::mem::take(&mut self.cqes);
         cqes.extend(
             self.ring
