@@ -331,6 +331,8 @@ pub struct EventLoop {
     /// What the poll reported and the user has not taken yet.
     woke: Woke,
     poller: ringbuf::poller::Poller,
+    /// Descriptors watched with [`EventLoop::register`].
+    registered: usize,
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -371,6 +373,7 @@ impl EventLoop {
                 interrupt: None,
                 woke: Woke::default(),
                 poller: ringbuf::poller::Poller::default(),
+                registered: 0,
             },
             doorbell,
         ))
@@ -422,20 +425,44 @@ impl EventLoop {
             .map_err(io_error)?;
         // Edge-triggered: whatever is there already was not reported.
         self.woke.ready.push(token);
+        self.registered += 1;
         Ok(())
     }
 
     /// Stops watching `fd`.
     pub fn deregister(&mut self, fd: BorrowedFd<'_>) {
-        let _ = self
+        if self
             .poll
             .registry()
-            .deregister(&mut SourceFd(&fd.as_raw_fd()));
+            .deregister(&mut SourceFd(&fd.as_raw_fd()))
+            .is_ok()
+        {
+            self.registered = self.registered.saturating_sub(1);
+        }
     }
 
     /// Takes what the poll reported since the last call.
     pub fn take_woke(&mut self) -> Woke {
         std::mem::take(&mut self.woke)
+    }
+
+    /// Takes the tokens of registered descriptors reported ready since the last call, and
+    /// leaves the rest of what was reported for the next sleep.
+    pub fn take_ready(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.woke.ready)
+    }
+
+    /// Looks, without sleeping, at what is ready (one system call): while the loop polls, the
+    /// registered descriptors' readiness would otherwise be seen only when it sleeps, so a
+    /// frame arriving in the polling window would wait out the whole window.
+    fn peek(&mut self) {
+        if self
+            .poll
+            .poll(&mut self.events, Some(Duration::ZERO))
+            .is_ok()
+        {
+            self.record();
+        }
     }
 
     /// Whether the loop has sources.
@@ -607,6 +634,10 @@ impl EventLoop {
             idle_spins = if last_moved { 0 } else { idle_spins + 1 };
             if (last_moved || idle_spins.is_multiple_of(SOURCE_POLL_EVERY)) && self.has_sources() {
                 moved |= self.poll_sources();
+            }
+            // Registered descriptors: every few idle spins.
+            if !last_moved && self.registered > 0 && idle_spins.is_multiple_of(SOURCE_POLL_EVERY) {
+                self.peek();
             }
             last_moved = false;
             moved |= work.pass(self)?;

@@ -1210,7 +1210,7 @@ impl QueueWork for NetQueue {
     fn pass(&mut self, lp: &mut EventLoop) -> Result<bool, Error> {
         let mut moved = false;
         self.blocked = None;
-        for t in lp.take_woke().ready {
+        for t in lp.take_ready() {
             if let Some(r) = self.tap_ready.get_mut(t - 2) {
                 *r = true;
             }
