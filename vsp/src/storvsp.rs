@@ -1318,15 +1318,7 @@ mod tests {
         assert!(h.send(3, write.as_bytes(), Some(buf)).unwrap());
         assert_eq!(sense_of(&h, 3), (0x07, 0x27));
         // UNMAP of three ranges; the first cannot be done.
-        let mut list = vec![0u8; 8 + 3 * 16];
-        list[1] = 6 + 48;
-        list[3] = 48;
-        for (i, lba) in [0u64, 64, 128].iter().enumerate() {
-            list[8 + 16 * i..][..8].copy_from_slice(&lba.to_be_bytes());
-            list[8 + 16 * i + 8..][..4].copy_from_slice(&8u32.to_be_bytes());
-        }
-        h.mem.write(6 * 4096, &list).unwrap();
-        let unmap = srb(&[0x42, 0, 0, 0, 0, 0, 0, 0, list.len() as u8, 0], 56, false);
+        let unmap = unmap_of_three_ranges(&h);
         assert!(h.send(4, unmap.as_bytes(), Some(&[(0, 56, &[6])])).unwrap());
         let (_, p) = h.answers.iter().find(|(t, _)| *t == 4).unwrap();
         let r: ScsiRequest = p.body();
@@ -1336,12 +1328,8 @@ mod tests {
         assert_eq!(discards, 3, "{asked:?}");
     }
 
-    /// An UNMAP whose ranges do not all fit the LUN's queue now is answered BUSY (the guest
-    /// retries) with nothing queued, not INVALID_REQUEST with some of its ranges done.
-    #[test]
-    fn a_request_the_queue_cannot_take_whole_is_busy() {
-        let img = Scratch::new("room", 1 << 20);
-        let (mut h, asked) = scripted_with_room(&img, |_| Ok(0), 2);
+    /// An UNMAP of 8 blocks at LBAs 0, 64 and 128, its parameter list written to guest page 6.
+    fn unmap_of_three_ranges(h: &Harness) -> VstorPacket {
         let mut list = vec![0u8; 8 + 3 * 16];
         list[1] = 6 + 48;
         list[3] = 48;
@@ -1350,7 +1338,16 @@ mod tests {
             list[8 + 16 * i + 8..][..4].copy_from_slice(&8u32.to_be_bytes());
         }
         h.mem.write(6 * 4096, &list).unwrap();
-        let unmap = srb(&[0x42, 0, 0, 0, 0, 0, 0, 0, list.len() as u8, 0], 56, false);
+        srb(&[0x42, 0, 0, 0, 0, 0, 0, 0, list.len() as u8, 0], 56, false)
+    }
+
+    /// An UNMAP whose ranges do not all fit the LUN's queue now is answered BUSY (the guest
+    /// retries) with nothing queued, not INVALID_REQUEST with some of its ranges done.
+    #[test]
+    fn a_request_the_queue_cannot_take_whole_is_busy() {
+        let img = Scratch::new("room", 1 << 20);
+        let (mut h, asked) = scripted_with_room(&img, |_| Ok(0), 2);
+        let unmap = unmap_of_three_ranges(&h);
         assert!(h.send(1, unmap.as_bytes(), Some(&[(0, 56, &[6])])).unwrap());
         assert_eq!(srb_status_of(&h, 1), srb_status::BUSY);
         assert!(asked.lock().unwrap().is_empty(), "nothing queued");
