@@ -45,6 +45,8 @@ impl<T: FrontEnd + ?Sized> FrontEnd for Arc<T> {
 pub struct GuestChannel {
     /// The channel's relid.
     pub relid: u32,
+    /// The VP its interrupts target (one of the front end's own per channel, or 0).
+    pub target_vp: u32,
     connection_id: u32,
     host: Arc<dyn HostInterface>,
     /// The guest-to-host ring (written by the guest).
@@ -94,9 +96,10 @@ impl GuestChannel {
             front.free_pages(&pages);
         }
         let session = client.host().session();
-        result.map(|(out, inc, interrupt, gpadl)| Self {
+        result.map(|(out, inc, interrupt, gpadl, target_vp)| Self {
             session,
             relid: offer.relid,
+            target_vp,
             connection_id: offer.connection_id,
             host: client.host().clone(),
             out,
@@ -114,7 +117,7 @@ impl GuestChannel {
         offer: &Offer,
         ring_pages: usize,
         pages: &[u64],
-    ) -> Result<(OutgoingRing, IncomingRing, Event, u32), Error> {
+    ) -> Result<(OutgoingRing, IncomingRing, Event, u32, u32), Error> {
         let view = Arc::new(front.memory().map_pages(pages)?);
         let half = ring_pages * 4096;
         let down = Ring::new(view.clone(), 0, half)?;
@@ -128,10 +131,10 @@ impl GuestChannel {
                 .try_clone_to_owned()
                 .map_err(|e| Error::Protocol(e.to_string()))?,
         );
-        client
+        let target_vp = client
             .host()
             .set_channel_interrupt(offer.relid, Some(for_host));
-        if let Err(e) = client.open(offer.relid, gpadl, ring_pages as u32, 0, &[]) {
+        if let Err(e) = client.open(offer.relid, gpadl, ring_pages as u32, target_vp, &[]) {
             client.host().set_channel_interrupt(offer.relid, None);
             let _ = client.teardown_gpadl(offer.relid, gpadl);
             return Err(e);
@@ -141,6 +144,7 @@ impl GuestChannel {
             IncomingRing::new(up)?,
             interrupt,
             gpadl,
+            target_vp,
         ))
     }
 

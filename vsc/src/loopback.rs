@@ -7,6 +7,13 @@
 //! and dispatches channel interrupts from the event flags to the channels' events. The rest of
 //! guest memory is a page allocator for rings and buffers.
 //!
+//! A channel's interrupts skip that thread: the front end declares [`DIRECT_VPS`] more VPs, and
+//! each channel opened gets one of its own (its target VP), whose irqfd is the channel's
+//! interrupt eventfd and whose SIEFP is a page nobody reads. The daemon then wakes the
+//! channel's queue thread itself, one wakeup instead of two per interrupt. (The ring is the
+//! truth of what there is to do, so the flags need no reading.) When the VPs run out, or the
+//! daemon refuses one, the channel's interrupts go to VP 0 and its thread dispatches them.
+//!
 //! When the daemon goes away (restarted, killed) the guest does not: [`Loopback::reconnect`]
 //! starts a new session on the same guest memory (HELLO, ADD_MEMORY of the same memfd, SET_VP),
 //! so data in guest pages (bounce buffers of requests in flight) survives; channels then have
@@ -38,6 +45,10 @@ pub const SIMP_GPA: u64 = 0;
 pub const SIEFP_GPA: u64 = PAGE_SIZE;
 /// First page the allocator hands out.
 const FIRST_FREE_PAGE: u64 = 2;
+/// VPs besides VP 0, each lent to one open channel as its own interrupt line.
+pub const DIRECT_VPS: u32 = 63;
+/// How long a channel's VP setup waits for the daemon's answer before it falls back to VP 0.
+const SET_VP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 const SINT_OFFSET: u64 = VMBUS_SINT as u64 * MESSAGE_SLOT_SIZE as u64;
 
 /// Shared state of the front end.
@@ -49,8 +60,12 @@ struct Shared {
     memfd: OwnedFd,
     /// Eventfds the daemon handed over per connection id (HvSignalEvent fast path).
     signals: Mutex<HashMap<u32, Event>>,
-    /// Where each channel's interrupts go.
+    /// Where each channel's interrupts go, for channels dispatched by the front-end thread.
     interrupts: Mutex<HashMap<u32, Event>>,
+    /// Channels with a VP of their own.
+    direct: Mutex<DirectVps>,
+    /// Where the front-end thread hands the daemon's answer to a SET_VP sent while it runs.
+    set_vp_answer: Mutex<Option<Sender<u32>>>,
     /// Free guest pages.
     free: Mutex<Vec<u64>>,
     /// Cleared when the front-end thread ends (the daemon went away, or the front end stopped).
@@ -59,6 +74,33 @@ struct Shared {
     lost: Event,
     /// The session number: 0 for the first, one more per reconnection.
     session: AtomicU64,
+}
+
+/// The VPs lent to channels as interrupt lines ([`DIRECT_VPS`]).
+#[derive(Default)]
+struct DirectVps {
+    /// VPs free in this session.
+    free: Vec<u32>,
+    /// Channel relid -> its VP.
+    by_relid: HashMap<u32, u32>,
+    /// Each VP's SIEFP page (allocated when the VP is first lent, kept for the front end's
+    /// life: the daemon may set a flag in it at any time).
+    pages: HashMap<u32, u64>,
+}
+
+impl DirectVps {
+    fn new() -> Self {
+        Self {
+            free: (1..=DIRECT_VPS).rev().collect(),
+            ..Self::default()
+        }
+    }
+
+    /// A new session: every VP is free again (the pages stay).
+    fn reset(&mut self) {
+        self.free = (1..=DIRECT_VPS).rev().collect();
+        self.by_relid.clear();
+    }
 }
 
 /// The front-end thread of the current session.
@@ -151,6 +193,8 @@ impl Loopback {
             memfd,
             signals: Mutex::new(HashMap::new()),
             interrupts: Mutex::new(HashMap::new()),
+            direct: Mutex::new(DirectVps::new()),
+            set_vp_answer: Mutex::new(None),
             free: Mutex::new((FIRST_FREE_PAGE..pages).rev().collect()),
             alive: AtomicBool::new(true),
             lost: Event::new()?,
@@ -185,6 +229,11 @@ impl Loopback {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+        self.shared
+            .direct
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .reset();
         self.shared.mem.fill(SIMP_GPA, 2 * PAGE_SIZE as usize, 0)?;
         // A new session number first: a channel of the old one never looks alive again.
         self.shared.session.fetch_add(1, Ordering::AcqRel);
@@ -278,7 +327,7 @@ fn handshake(
             Kind::HELLO,
             &wire::Hello {
                 version: wire::VERSION,
-                vp_count: 1,
+                vp_count: 1 + DIRECT_VPS,
             },
         ),
         &[],
@@ -373,22 +422,87 @@ impl HostInterface for Loopback {
         Loopback::session(self)
     }
 
-    fn set_channel_interrupt(&self, relid: u32, event: Option<Event>) {
-        let mut m = self
-            .shared
+    fn set_channel_interrupt(&self, relid: u32, event: Option<Event>) -> u32 {
+        self.shared
             .interrupts
             .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        match event {
-            Some(e) => m.insert(relid, e),
-            None => m.remove(&relid),
-        };
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&relid);
+        let mut direct = self.shared.direct.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(vp) = direct.by_relid.remove(&relid) {
+            // The daemon keeps the VP's old line until the VP is lent again: a late signal
+            // finds a channel that no longer waits, which is harmless.
+            direct.free.push(vp);
+        }
+        let Some(event) = event else { return 0 };
+        match self.shared.lend_vp(&mut direct, &event) {
+            Ok(vp) => {
+                direct.by_relid.insert(relid, vp);
+                vp
+            }
+            Err(why) => {
+                tracing::debug!(relid, why, "channel interrupts dispatched from VP 0");
+                drop(direct);
+                self.shared
+                    .interrupts
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(relid, event);
+                0
+            }
+        }
     }
 }
 
 impl Shared {
     fn socket(&self) -> Arc<SeqPacket> {
         self.sock.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Lends a free VP to a channel: SET_VP with its SIEFP page and `event` as its irqfd,
+    /// answered by the daemon (through the front-end thread). Returns the VP, or why not.
+    fn lend_vp(&self, direct: &mut DirectVps, event: &Event) -> Result<u32, &'static str> {
+        let vp = *direct.free.last().ok_or("no VP left")?;
+        let page = match direct.pages.get(&vp) {
+            Some(&p) => p,
+            None => {
+                let p = self
+                    .free
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .pop()
+                    .ok_or("no guest page for the VP's event flags")?;
+                direct.pages.insert(vp, p);
+                p
+            }
+        };
+        // The flags of an earlier channel on this VP mean nothing now.
+        self.mem
+            .fill(page * PAGE_SIZE, PAGE_SIZE as usize, 0)
+            .map_err(|_| "VP page outside guest memory")?;
+        let (tx, rx) = channel();
+        *self.set_vp_answer.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        let set = wire::SetVp {
+            vp,
+            flags: vp_flags::SIEFP_ENABLED,
+            simp_gpa: 0,
+            siefp_gpa: page * PAGE_SIZE,
+        };
+        let sent = self
+            .socket()
+            .send(&wire::encode(Kind::SET_VP, &set), &[event.as_fd()]);
+        let answer = sent
+            .ok()
+            .and_then(|()| rx.recv_timeout(SET_VP_TIMEOUT).ok());
+        *self.set_vp_answer.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        match answer {
+            Some(status::OK) => {
+                direct.free.pop();
+                Ok(vp)
+            }
+            Some(_) => Err("the daemon refused the VP"),
+            None => Err("no answer from the daemon"),
+        }
     }
 
     /// Starts the front-end thread of a session on `sock` with interrupt line `irq`.
@@ -542,6 +656,17 @@ impl Shared {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .remove(&s.connection_id);
+                }
+            }
+            Kind::STATUS => {
+                if let Ok(s) = wire::body::<wire::Status>(kind, body) {
+                    let waiter = self.set_vp_answer.lock().unwrap_or_else(|e| e.into_inner());
+                    match waiter.as_ref() {
+                        Some(tx) if s.request == Kind::SET_VP => {
+                            let _ = tx.send(s.status);
+                        }
+                        _ => tracing::debug!(?s, "unexpected status from the daemon ignored"),
+                    }
                 }
             }
             other => tracing::debug!(?other, "unexpected message from the daemon ignored"),

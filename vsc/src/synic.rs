@@ -16,7 +16,10 @@ pub trait HostInterface: Send + Sync {
     /// HvSignalEvent: signals the host on `connection_id`.
     fn signal_event(&self, connection_id: u32) -> Result<(), Error>;
     /// Routes the interrupts of channel `relid` (its event flag) to `event`; `None` stops.
-    fn set_channel_interrupt(&self, relid: u32, event: Option<Event>);
+    /// Returns the VP the channel's open must name as its target: a front end may give a
+    /// channel a VP of its own whose interrupt line is `event` itself, so that the host wakes
+    /// the channel's thread with no dispatching thread between (0 otherwise).
+    fn set_channel_interrupt(&self, relid: u32, event: Option<Event>) -> u32;
     /// Whether the host is still there (a loopback front end's daemon can go away).
     fn host_alive(&self) -> bool {
         true

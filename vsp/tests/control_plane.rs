@@ -6,10 +6,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ringbuf::packet::OutgoingPacket;
 use ringbuf::socket::SeqPacket;
 use vmbus_proto::channel::{
     Guid, InitiateContact, Message, MessageHeader, MessageType, VmbusVersion,
 };
+use vmbus_proto::storvsp::{VstorOperation, VstorPacket, REQUEST_COMPLETION_FLAG};
 use vsc::client::{Client, Event, SUPPORTED_VERSIONS};
 use vsc::loopback::Loopback;
 use vsc::synic::{HostInterface, MessageStream};
@@ -148,6 +150,46 @@ fn offers_match_the_configuration_and_are_stable() {
     let (_front, mut c) = guest(&d2.socket);
     let again = c.request_offers().unwrap();
     assert_eq!(offers, again);
+}
+
+#[test]
+fn each_channel_gets_an_interrupt_line_of_its_own() {
+    let d = Vspd::start("direct-vps", TWO_DISKS_ONE_NIC);
+    let (front, mut c) = guest(&d.socket);
+    let offers = c.request_offers().unwrap();
+    assert!(offers.len() >= 2);
+    let open = |c: &mut Client, i: usize| {
+        vsc::channel::GuestChannel::open(c, front.as_ref(), &offers[i], 4).unwrap()
+    };
+    let (a, b) = (open(&mut c, 0), open(&mut c, 1));
+    // Each channel's interrupts go to a VP of its own (whose irqfd is the channel's eventfd),
+    // not to VP 0's dispatching thread.
+    assert_ne!(a.target_vp, 0);
+    assert_ne!(b.target_vp, 0);
+    assert_ne!(a.target_vp, b.target_vp);
+    let vp_of_b = b.target_vp;
+    b.close(&mut c, front.as_ref()).unwrap();
+    // A closed channel's VP is lent again.
+    let b2 = open(&mut c, 1);
+    assert_eq!(b2.target_vp, vp_of_b);
+    // The daemon delivers to that line: the host's answer to a packet reaches the channel's
+    // eventfd with no front-end thread in between (storvsc: BEGIN_INITIALIZATION).
+    let mut ch = b2;
+    let pkt = VstorPacket::new(
+        VstorOperation::BEGIN_INITIALIZATION,
+        REQUEST_COMPLETION_FLAG,
+        0,
+    );
+    ch.out
+        .write(&OutgoingPacket::in_band(1, true, &[pkt.as_bytes()]))
+        .unwrap();
+    ch.commit_out().unwrap();
+    assert!(
+        ch.wait_interrupt(Duration::from_secs(5)).unwrap(),
+        "no interrupt on the channel's own line"
+    );
+    drop(a);
+    c.unload().unwrap();
 }
 
 #[test]

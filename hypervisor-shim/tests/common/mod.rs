@@ -470,12 +470,13 @@ pub mod mailbox {
         fn host_alive(&self) -> bool {
             self.mailbox.alive()
         }
-        fn set_channel_interrupt(&self, relid: u32, event: Option<ringbuf::Event>) {
+        fn set_channel_interrupt(&self, relid: u32, event: Option<ringbuf::Event>) -> u32 {
             let mut m = self.interrupts.lock().unwrap();
             match event {
                 Some(e) => m.insert(relid, e),
                 None => m.remove(&relid),
             };
+            0
         }
     }
 
