@@ -58,3 +58,31 @@ summary() {
             printf "\n"
         }'
 }
+
+# wait_socket PATH PID: waits (up to 10 s) for the server PID to create its socket PATH; exits
+# the script if the server ends first or never does.
+wait_socket() {
+    local i
+    for ((i = 0; i < 500; i++)); do
+        [[ -S $1 ]] && return 0
+        kill -0 "$2" 2>/dev/null || {
+            echo "$(basename "$0"): the server for $1 exited" >&2
+            exit 1
+        }
+        sleep 0.02
+    done
+    echo "$(basename "$0"): no socket $1 after 10 s" >&2
+    exit 1
+}
+
+# bench_image DIR: the 1 GiB image of random bytes the storage scripts share (made once, in
+# DIR); prints its path.
+bench_image() {
+    mkdir -p "$1"
+    local img=$1/image.raw
+    if [[ $(stat -c %s "$img" 2>/dev/null || echo 0) != $((1 << 30)) ]]; then
+        echo "creating $img (1 GiB)" >&2
+        dd if=/dev/urandom of="$img" bs=1M count=1024 conv=fsync status=none
+    fi
+    echo "$img"
+}

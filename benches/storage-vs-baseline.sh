@@ -57,12 +57,7 @@ vspd=$target/release/vspd
 vscd=$target/release/vscd
 
 dir=$target/storage-fio
-mkdir -p "$dir"
-img=$dir/image.raw
-if [[ $(stat -c %s "$img" 2>/dev/null || echo 0) != $((1 << 30)) ]]; then
-    echo "creating $img (1 GiB)" >&2
-    dd if=/dev/urandom of="$img" bs=1M count=1024 conv=fsync status=none
-fi
+img=$(bench_image "$dir")
 
 pids=()
 declare -A server_pids # target -> its server processes
@@ -80,20 +75,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-wait_socket() { # path pid
-    local i
-    for ((i = 0; i < 500; i++)); do
-        [[ -S $1 ]] && return 0
-        kill -0 "$2" 2>/dev/null || {
-            echo "storage-vs-baseline: the server for $1 exited" >&2
-            exit 1
-        }
-        sleep 0.02
-    done
-    echo "storage-vs-baseline: no socket $1 after 10 s" >&2
-    exit 1
-}
 
 start_ours() { # name mode poll-args...
     local name=$1 direct=$2

@@ -11,6 +11,7 @@
 //!   checks the very code the ring runs.
 //! - [`packet`]: parsing and validation of packets (in-band, completion, transfer pages, GPA
 //!   direct) from the reader's local copy.
+//! - [`latency`]: per-hop latency histograms (the latency breakdown of vspd and vscd).
 //! - [`poller`]: how long a consumer polls before it sleeps (time-adaptive).
 //! - [`event`]: eventfd-based signals, and [`pair`]: two rings in one memfd, as two processes
 //!   share them.
@@ -21,6 +22,7 @@
 
 pub mod event;
 pub mod guestmem;
+pub mod latency;
 pub mod packet;
 pub mod pair;
 pub mod poller;

@@ -25,6 +25,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::SegQueue;
+use ringbuf::latency::{self, Hop};
 use ringbuf::packet::{gpa_direct_header, OutgoingPacket, PacketKind};
 use vmbus_proto::ring::PacketType;
 use vmbus_proto::storvsp::scsi::{self as scsi_proto, Opcode};
@@ -318,7 +319,14 @@ struct Request {
     lun: u8,
     /// That LUN's block size (the CDB counts blocks).
     block_size: u32,
+    /// When it was submitted (with the latency breakdown).
+    born: Option<std::time::Instant>,
 }
+
+/// The storvsc hops of the latency breakdown (`vscd --latency-breakdown`).
+pub static HOP_ISSUE: Hop = Hop::new("vscd storvsc: request submitted -> SRB in the ring");
+/// See [`HOP_ISSUE`]: the host's hops and the transport both ways.
+pub static HOP_ROUND_TRIP: Hop = Hop::new("vscd storvsc: SRB in the ring -> its completion read");
 
 /// Size and properties of the disk, from INQUIRY, READ CAPACITY(16) and MODE SENSE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -446,6 +454,7 @@ impl Controller {
                         given_back: Vec::new(),
                         req: ScsiRequest::new_zeroed(),
                         len: 0,
+                        sent: None,
                     })
                     .collect(),
                 free_slots: (0..=(MAX_IN_FLIGHT - 1) as u8).rev().collect(),
@@ -563,6 +572,7 @@ impl Controller {
             done,
             lun,
             block_size,
+            born: latency::now(),
         });
     }
 
@@ -818,6 +828,8 @@ struct InFlight {
     /// The SRB as sent, and its data length: to send it again on a reopened channel.
     req: ScsiRequest,
     len: u32,
+    /// When it was written to the ring (with the latency breakdown).
+    sent: Option<std::time::Instant>,
 }
 
 /// What the queue thread shares with submitters.
@@ -1258,6 +1270,8 @@ impl Queue {
         };
         slot.done = Some(r.done);
         slot.data_in = data_in;
+        slot.sent = latency::now();
+        HOP_ISSUE.between(r.born, slot.sent);
         slot.req = req;
         slot.len = len;
         Ok(Ok(()))
@@ -1421,6 +1435,7 @@ impl Queue {
             return Ok(Some(false));
         };
         let slot = &mut self.slots[usize::from(slot_no)];
+        HOP_ROUND_TRIP.since(slot.sent.take());
         let outcome = completion_outcome(pkt.payload, slot.data_in)?;
         let done = slot.done.take().expect("checked above");
         let given_back = std::mem::take(&mut slot.given_back);
@@ -1649,6 +1664,7 @@ mod tests {
             given_back: Vec::new(),
             req: ScsiRequest::new_zeroed(),
             len: 0,
+            sent: None,
         }
     }
 

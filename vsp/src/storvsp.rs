@@ -17,6 +17,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use ringbuf::guestmem::GuestMemory;
+use ringbuf::latency::{self, Hop};
 use ringbuf::packet::{GpaRanges, OutgoingPacket, PacketKind};
 use ringbuf::{OutgoingRing, Packet};
 use vmbus_proto::storvsp::scsi::SenseData;
@@ -133,7 +134,17 @@ struct Slot {
     expected: u32,
     /// The first error.
     error: Option<i32>,
+    /// When its packet was read, and when its I/O was submitted (with the latency breakdown).
+    received: Option<std::time::Instant>,
+    submitted: Option<std::time::Instant>,
 }
+
+/// The storvsp hops of the latency breakdown (`vspd --latency-breakdown`).
+pub static HOP_SUBMIT: Hop = Hop::new("vspd storvsp: SRB read -> I/O submitted");
+/// See [`HOP_SUBMIT`].
+pub static HOP_IO: Hop = Hop::new("vspd storvsp: I/O submitted -> completion reaped");
+/// See [`HOP_SUBMIT`].
+pub static HOP_ANSWER: Hop = Hop::new("vspd storvsp: completion reaped -> answer in the ring");
 
 /// One disk on a controller: its LUN, path (for its identity), open file, and the unit state
 /// that every channel (queue) of the controller serving it shares.
@@ -629,6 +640,8 @@ impl Storvsp {
             remaining: queued,
             expected,
             error,
+            received: latency::now(),
+            submitted: None,
         });
         Ok(())
     }
@@ -682,6 +695,8 @@ impl Storvsp {
         }
         let slot = self.slots[idx].take().expect("present");
         self.free.push(idx);
+        let reaped = latency::now();
+        HOP_IO.between(slot.submitted, reaped);
         let result = match slot.error {
             Some(e) => Err(e),
             None => Ok(()),
@@ -690,7 +705,9 @@ impl Storvsp {
         let moved = if result.is_ok() { slot.expected } else { 0 };
         let mut srb = slot.srb;
         apply_response(&mut srb, &resp, moved);
-        self.complete(out, slot.transaction_id, srb)
+        let r = self.complete(out, slot.transaction_id, srb);
+        HOP_ANSWER.since(reaped);
+        r
     }
 }
 
@@ -825,6 +842,15 @@ impl Device for Storvsp {
             if lun.unsubmitted {
                 lun.queue.submit()?;
                 lun.unsubmitted = false;
+                if latency::enabled() {
+                    let t = latency::now();
+                    for s in self.slots.iter_mut().flatten() {
+                        if s.submitted.is_none() {
+                            s.submitted = t;
+                            HOP_SUBMIT.between(s.received, t);
+                        }
+                    }
+                }
             }
             // Unconditionally: some requests complete when queued (inline buffered writes).
             lun.queue.reap(&mut done);

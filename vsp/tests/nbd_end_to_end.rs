@@ -1026,3 +1026,82 @@ fn pipelined_flushes_and_zeroing_keep_threads_bounded_and_are_all_answered() {
     assert!(server <= cap, "{server} NBD server threads");
     guest.stop();
 }
+
+/// `--latency-breakdown` on both daemons: each request's stages are timed on both sides and
+/// printed, with their sample counts, when the daemons stop.
+#[test]
+fn both_daemons_print_a_latency_breakdown_of_what_they_served() {
+    let test = "both_daemons_print_a_latency_breakdown_of_what_they_served";
+    let Some(vscd) = common::vscd_binary(test) else {
+        return;
+    };
+    let dir = Scratch::new("latency");
+    dir.sized("disk.img", 8 << 20);
+    let vspd = Vspd(common::Daemon::spawn(
+        &dir.0,
+        ["--latency-breakdown", "--disk", "path=disk.img"],
+    ));
+    let nbd = dir.path("nbd.sock");
+    let mut guest = Command::new(vscd)
+        .args(["--latency-breakdown", "--connect"])
+        .arg(&vspd.socket)
+        .arg("--nbd")
+        .arg(&nbd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !nbd.exists() {
+        assert!(guest.try_wait().unwrap().is_none(), "vscd exited");
+        assert!(
+            Instant::now() < deadline,
+            "vscd did not bind its NBD socket"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let socket = nbd.clone();
+    within(30, "the client", move || {
+        let mut c = NbdClient::connect(&socket, "disk0").unwrap();
+        let data = random_bytes(4096, 5);
+        for i in 0..100u64 {
+            write_read_back(&mut c, i * 4096, &data, "a request");
+        }
+        c.disconnect();
+    });
+    let pid = rustix::process::Pid::from_raw(guest.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let out = guest.wait_with_output().unwrap();
+    let guest_log = String::from_utf8_lossy(&out.stderr).into_owned();
+    let host_log = vspd.0.terminate();
+    // "NAME: p50 X us, p99 Y us, mean Z us (N samples)": N for the hop named.
+    let samples = |log: &str, hop: &str| -> u64 {
+        let line = log
+            .lines()
+            .find(|l| l.starts_with(hop))
+            .unwrap_or_else(|| panic!("no line for {hop:?} in:\n{log}"));
+        let n = line.rsplit('(').next().unwrap();
+        n.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    assert!(guest_log.contains("vscd latency breakdown:"), "{guest_log}");
+    assert!(host_log.contains("vspd latency breakdown:"), "{host_log}");
+    // 100 writes and 100 reads, each a request on both sides (the reads found data in the
+    // page cache or not: every one is counted whatever its path).
+    for hop in [
+        "vscd storvsc: request submitted -> SRB in the ring",
+        "vscd storvsc: SRB in the ring -> its completion read",
+        "vscd nbd: completion -> reply write starts",
+    ] {
+        assert!(samples(&guest_log, hop) >= 200, "{hop}:\n{guest_log}");
+    }
+    for hop in [
+        "vspd storvsp: SRB read -> I/O submitted",
+        "vspd storvsp: I/O submitted -> completion reaped",
+        "vspd storvsp: completion reaped -> answer in the ring",
+    ] {
+        assert!(samples(&host_log, hop) >= 200, "{hop}:\n{host_log}");
+    }
+    // A QD1 client: after every reply but the last, the next request.
+    assert!(samples(&guest_log, "vscd nbd: reply write -> next request read") >= 150);
+}

@@ -689,26 +689,10 @@ fn held_requests_fail_after_the_hold_time_and_service_resumes() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The `vscd` binary, beside `vspd` in the build tree (a workspace build makes both; vsc's
-/// binary is not one of this package's, so cargo does not name it here).
-fn vscd_binary(test: &str) -> Option<PathBuf> {
-    let bin = Path::new(env!("CARGO_BIN_EXE_vspd")).with_file_name("vscd");
-    if bin.exists() {
-        return Some(bin);
-    }
-    let msg = format!(
-        "{test}: {} is not built (cargo build -p vsc)",
-        bin.display()
-    );
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "{msg}");
-    eprintln!("SKIP {msg}");
-    None
-}
-
 #[test]
 fn the_vscd_binary_serves_under_seccomp_across_a_restart() {
     let test = "the_vscd_binary_serves_under_seccomp_across_a_restart";
-    let (Some(vscd), true) = (vscd_binary(test), tools::have_qemu(test)) else {
+    let (Some(vscd), true) = (common::vscd_binary(test), tools::have_qemu(test)) else {
         return;
     };
     let dir = common::fresh_dir("vspd-restart", "vscd-seccomp");

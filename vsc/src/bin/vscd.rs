@@ -64,6 +64,11 @@ struct Args {
     /// needs; anything else (running programs, network sockets, tracing) fails with EPERM.
     #[arg(long)]
     no_seccomp: bool,
+    /// Time each NBD request's stages on this side (submitted -> SRB in the ring -> its
+    /// completion read -> reply written) and print their percentiles when vscd stops (a few
+    /// clock reads per request; `vspd --latency-breakdown` times the host's).
+    #[arg(long)]
+    latency_breakdown: bool,
 }
 
 fn main() -> ExitCode {
@@ -95,9 +100,24 @@ fn run(args: Args) -> Result<(), vsc::Error> {
         None => None,
     };
     if let Some(path) = &args.nbd {
+        if args.latency_breakdown {
+            ringbuf::latency::enable();
+        }
         let r = export(&args, path);
         if let Some(nic) = nic {
             stop_nic(nic);
+        }
+        if args.latency_breakdown {
+            use vsc::storvsc::{HOP_ISSUE, HOP_ROUND_TRIP};
+            eprint!(
+                "vscd latency breakdown:\n{}",
+                ringbuf::latency::report(&[
+                    &vsc::nbd::HOP_TURN,
+                    &HOP_ISSUE,
+                    &HOP_ROUND_TRIP,
+                    &vsc::nbd::HOP_REPLY
+                ])
+            );
         }
         return r;
     }

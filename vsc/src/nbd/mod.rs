@@ -32,6 +32,7 @@ mod transmission;
 use std::sync::Arc;
 
 pub use server::{serve_stream, Limits, NbdServer};
+pub use transmission::{HOP_REPLY, HOP_TURN};
 
 /// What a device operation can fail with; each maps to one NBD error value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -236,6 +236,8 @@ struct Replies {
     waker: std::sync::OnceLock<crate::queue::SourceWaker>,
     /// How long a reply may wait for a client that takes none of it ([`Limits::reply_timeout`]).
     reply_timeout: Duration,
+    /// When the last batch of replies was written (with the latency breakdown).
+    replied_at: Mutex<Option<std::time::Instant>>,
 }
 
 /// Write buffers kept for reuse per connection.
@@ -271,7 +273,18 @@ impl Output {
 struct Pending {
     bytes: Vec<u8>,
     permits: Vec<(Permit, Permit)>,
+    /// When its first reply was queued (with the latency breakdown).
+    since: Option<std::time::Instant>,
 }
+
+/// The NBD hop of the latency breakdown (`vscd --latency-breakdown`): from a batch's first
+/// reply queued (its completion's callback) to the start of the batch's write to the socket.
+pub static HOP_REPLY: ringbuf::latency::Hop =
+    ringbuf::latency::Hop::new("vscd nbd: completion -> reply write starts");
+/// From the last reply's write, with nothing outstanding, to the next request read: at QD1,
+/// the client's turn, the socket both ways and how soon the queue thread looks at it.
+pub static HOP_TURN: ringbuf::latency::Hop =
+    ringbuf::latency::Hop::new("vscd nbd: reply write -> next request read (idle connection)");
 
 impl Replies {
     /// Sends a reply (header, and data for a successful read) in one piece.
@@ -300,6 +313,9 @@ impl Replies {
         if self.batched.load(Ordering::Relaxed) {
             {
                 let mut p = lock(&self.pending);
+                if p.bytes.is_empty() {
+                    p.since = ringbuf::latency::now();
+                }
                 for part in parts {
                     p.bytes.extend_from_slice(part);
                 }
@@ -374,6 +390,14 @@ impl Replies {
             return false;
         }
         std::mem::swap(&mut *lock(&self.pending), &mut out.writing);
+        let since = out.writing.since.take();
+        if since.is_some() {
+            // Stamped before the write: once it returns, the client may already have had the
+            // core (and sent its next request).
+            let t = ringbuf::latency::now();
+            HOP_REPLY.between(since, t);
+            *lock(&self.replied_at) = t;
+        }
         self.write_out(out, wait)
     }
 
@@ -832,6 +856,7 @@ pub(crate) fn serve(
         buffers: ArrayQueue::new(POOLED_BUFFERS),
         waker: std::sync::OnceLock::new(),
         reply_timeout: limits.reply_timeout,
+        replied_at: Mutex::new(None),
     });
     let for_hook = replies.clone();
     let batch_guard = export.device.batch_hook(Arc::new(move || for_hook.flush()));
@@ -1268,6 +1293,11 @@ impl EventSource {
                     Some(global) => {
                         let job = Job::new(&req, data, (local, global));
                         let replies = &self.conn.replies;
+                        if ringbuf::latency::enabled()
+                            && replies.outstanding.load(Ordering::SeqCst) == 0
+                        {
+                            HOP_TURN.since(lock(&replies.replied_at).take());
+                        }
                         replies.outstanding.fetch_add(1, Ordering::SeqCst);
                         if let Some(job) = self.conn.start_async(job) {
                             // Counted again when it is queued.

@@ -61,6 +61,11 @@ struct Args {
     /// needs; anything else (running programs, network sockets, tracing) fails with EPERM.
     #[arg(long)]
     no_seccomp: bool,
+    /// Time each storage request's stages (SRB read -> I/O submitted -> completion reaped ->
+    /// answer in the ring) and print their percentiles when vspd stops (a few clock reads per
+    /// request; for benches: `benches/storage-vs-baseline.sh` uses it at QD1).
+    #[arg(long)]
+    latency_breakdown: bool,
 }
 
 fn main() -> ExitCode {
@@ -121,5 +126,16 @@ fn load(args: &Args) -> Result<Config, vsp::Error> {
 fn run(args: Args) -> Result<(), vsp::Error> {
     ringbuf::poller::set_default_limit(std::time::Duration::from_micros(args.poll_us));
     let config = load(&args)?;
-    vsp::daemon::serve(config, || load(&args))
+    if args.latency_breakdown {
+        ringbuf::latency::enable();
+    }
+    let r = vsp::daemon::serve(config, || load(&args));
+    if args.latency_breakdown {
+        use vsp::storvsp::{HOP_ANSWER, HOP_IO, HOP_SUBMIT};
+        eprint!(
+            "vspd latency breakdown:\n{}",
+            ringbuf::latency::report(&[&HOP_SUBMIT, &HOP_IO, &HOP_ANSWER])
+        );
+    }
+    r
 }

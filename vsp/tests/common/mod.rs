@@ -92,6 +92,18 @@ impl Daemon {
         self.status_field("Threads:")
     }
 
+    /// Stops it with SIGTERM and returns its log (stderr) once it has ended.
+    pub fn terminate(mut self) -> String {
+        let pid = rustix::process::Pid::from_raw(self.pid() as i32).unwrap();
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "vspd did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// Waits until `f` holds (the daemon tears down asynchronously).
     pub fn eventually(&self, what: &str, mut f: impl FnMut(&Self) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -256,4 +268,21 @@ pub fn sense(e: vsc::storvsc::IoError) -> (u8, u8) {
         vsc::storvsc::IoError::Sense { key, asc, .. } => (key, asc),
         other => panic!("expected CHECK CONDITION, got {other:?}"),
     }
+}
+
+/// The `vscd` binary, beside `vspd` in the build tree (a workspace build makes both; vsc's
+/// binary is not one of this package's, so cargo does not name it here). `None`, said, where it
+/// is not built (never in CI).
+pub fn vscd_binary(test: &str) -> Option<PathBuf> {
+    let bin = Path::new(env!("CARGO_BIN_EXE_vspd")).with_file_name("vscd");
+    if bin.exists() {
+        return Some(bin);
+    }
+    let msg = format!(
+        "{test}: {} is not built (cargo build -p vsc)",
+        bin.display()
+    );
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "{msg}");
+    eprintln!("SKIP {msg}");
+    None
 }
