@@ -63,6 +63,14 @@ const RNDIS_CONTROL_TX: u64 = CONTROL_TX | 1;
 const LARGE_SLOTS: usize = 16;
 /// Bytes of a large-send slot: the largest TSO frame with its RNDIS header.
 const LARGE_BYTES: usize = 68 << 10;
+/// Where a frame starts in a large-send slot: its RNDIS header (at most this long) goes right
+/// before it, and the packet's GPA range starts at the header.
+const HEAD_ROOM: usize = 128;
+/// Bytes of a frame read into the local buffer when a large-send slot takes the rest: a frame
+/// this long or shorter goes to a send section (copied), a longer one stays in the slot and only
+/// these first bytes are copied after it was read (TSO frames cross without a copy of their
+/// payload).
+const LOCAL_PART: usize = 2048;
 /// Largest frame read from the guest TAP (a 64 KiB GSO frame and its headers).
 const MAX_FRAME: usize = 65_550;
 
@@ -850,6 +858,9 @@ fn rndis_complete() -> NvspMessage {
 struct Held {
     len: usize,
     offload: TxOffload,
+    /// The large-send slot holding the frame's bytes past [`LOCAL_PART`] (at `HEAD_ROOM +
+    /// LOCAL_PART`); `None`: the whole frame is in `buf`.
+    slot: Option<usize>,
 }
 
 /// One channel's queue: its ring, its TAP queues, its share of the send buffer.
@@ -1051,7 +1062,8 @@ impl NetQueue {
         };
         let len = h.len;
         let total = wire::packet_head(&mut self.head, len, &h.offload);
-        if total <= self.section_size as usize {
+        // A frame partly in a large-send slot is sent from there.
+        if total <= self.section_size as usize && h.slot.is_none() {
             let Some(&s) = self.free_sections.last() else {
                 return Ok(false);
             };
@@ -1082,21 +1094,33 @@ impl NetQueue {
                 Err(e) => return Err(e.into()),
             }
         } else {
-            if total > LARGE_BYTES {
+            if HEAD_ROOM + len > LARGE_BYTES || self.head.len() > HEAD_ROOM {
                 self.held = None;
                 self.qstats(self.taps[0])
                     .dropped
                     .fetch_add(1, Ordering::Relaxed);
                 return Ok(true);
             }
-            let Some(&slot) = self.free_large.last() else {
+            // The slot the frame was read into, else any free one.
+            let Some(at) = (match h.slot {
+                Some(slot) => self.free_large.iter().position(|&s| s == slot),
+                None => self.free_large.len().checked_sub(1),
+            }) else {
                 return Ok(false);
             };
+            let slot = self.free_large[at];
             let (pages, map) = &self.large[slot];
-            map.write(0, &self.head)?;
-            map.write(self.head.len(), &self.buf[..len])?;
-            let npages = total.div_ceil(4096);
-            gpa_direct_header(&mut self.header, &[(0, total as u32, &pages[..npages])]);
+            map.write(HEAD_ROOM, &self.buf[..len.min(LOCAL_PART)])?;
+            if h.slot.is_none() && len > LOCAL_PART {
+                map.write(HEAD_ROOM + LOCAL_PART, &self.buf[LOCAL_PART..len])?;
+            }
+            let start = HEAD_ROOM - self.head.len();
+            map.write(start, &self.head)?;
+            let npages = (start + total).div_ceil(4096);
+            gpa_direct_header(
+                &mut self.header,
+                &[(start as u32, total as u32, &pages[..npages])],
+            );
             let m = NvspMessage::new(
                 NvspMessageType::SEND_RNDIS_PACKET,
                 &SendRndisPacket {
@@ -1114,7 +1138,7 @@ impl NetQueue {
                 payload: &parts,
             }) {
                 Ok(()) => {
-                    self.free_large.pop();
+                    self.free_large.swap_remove(at);
                     self.large_busy[slot] = true;
                 }
                 Err(ringbuf::Error::Full { needed, .. }) => {
@@ -1164,14 +1188,39 @@ impl NetQueue {
                 continue;
             }
             let mut hdr = VirtioNetHdr::default();
-            let r = self.tap.queues()[self.taps[t]]
-                .read(&mut hdr, &mut [IoPieceMut::Local(&mut self.buf[..])]);
+            // With a large-send slot free, a frame's bytes past LOCAL_PART go straight into
+            // it (guest memory), where the packet will send them from.
+            let slot = self.free_large.last().copied();
+            let queue = &self.tap.queues()[self.taps[t]];
+            let (r, room) = match slot {
+                Some(slot) => {
+                    let (local, _) = self.buf.split_at_mut(LOCAL_PART);
+                    let rest = Shared::Mapped {
+                        map: &self.large[slot].1,
+                        offset: HEAD_ROOM + LOCAL_PART,
+                        len: LARGE_BYTES - HEAD_ROOM - LOCAL_PART,
+                    };
+                    let r = queue.read(
+                        &mut hdr,
+                        &mut [IoPieceMut::Local(local), IoPieceMut::Shared(rest)],
+                    );
+                    (r, LARGE_BYTES - HEAD_ROOM)
+                }
+                None => (
+                    queue.read(&mut hdr, &mut [IoPieceMut::Local(&mut self.buf[..])]),
+                    self.buf.len(),
+                ),
+            };
             match r {
-                Ok(Some(n)) if n <= self.buf.len() => {
+                Ok(Some(n)) if n <= room => {
                     let head = &self.buf[..n.min(netdev::offload::MAX_HEAD)];
                     match TxOffload::from_vnet(&hdr, head) {
                         Ok(offload) => {
-                            self.held = Some(Held { len: n, offload });
+                            self.held = Some(Held {
+                                len: n,
+                                offload,
+                                slot: slot.filter(|_| n > LOCAL_PART),
+                            });
                             return Ok(true);
                         }
                         Err(e) => {
