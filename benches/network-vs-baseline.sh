@@ -25,6 +25,8 @@ for t in ip iperf3 ping; do
     command -v "$t" >/dev/null || { echo "network-vs-baseline: $t is missing (scripts/install-deps.sh)" >&2; exit 1; }
 done
 cd "$root"
+# shellcheck source=benches/criterion-lib.sh
+source "$root/benches/criterion-lib.sh"
 cargo build -q --release --bins >&2
 bin=$target/release
 
@@ -82,11 +84,12 @@ gbps() {
     done
     echo "$v"
 }
-# rtt NS ADDR COUNT INTERVAL: the mean ping RTT in microseconds. 10 ms apart, every hop has
-# gone to sleep (idle: each wakeup is paid); 0.2 ms apart, the two sides are still polling.
+# rtt NS ADDR COUNT INTERVAL: the median ping RTT in microseconds (the mean would follow the
+# few pings a busy machine delays by milliseconds). 10 ms apart, every hop has gone to sleep
+# (idle: each wakeup is paid); 0.2 ms apart, the two sides are still polling.
 rtt() {
-    { ip netns exec "$1" ping -q -c "$3" -i "$4" "$2" || true; } |
-        awk -F'/' '/rtt|round-trip/ { v = $5 * 1000 } END { print v + 0 }'
+    { ip netns exec "$1" ping -c "$3" -i "$4" "$2" || true; } |
+        sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p' | median | awk '{ print $1 * 1000 }'
 }
 
 metrics=(tcp_g2h_1 tcp_h2g_1 tcp_g2h_4 tcp_h2g_4 ping_idle_us ping_busy_us tcp_g2h_1_notso)
@@ -160,8 +163,6 @@ grep -h "NIC counters" "$dir/vscd.log" 2>/dev/null || true
 if [ "${RAW:-1}" = 1 ]; then
     echo
     echo "raw TAP frames/s vs ours, 64-byte frames (criterion bench network, one run):"
-    # shellcheck source=benches/criterion-lib.sh
-    source "$root/benches/criterion-lib.sh"
     cargo bench -q -p vmbus-benches --bench network -- --warm-up-time 1 --measurement-time 2 \
         'network/(vmbus|tap)_(tx|rx)_64$' >"$dir/bench.log" 2>&1 || true
     if grep -q "bench skipped" "$dir/bench.log"; then

@@ -1322,8 +1322,11 @@ impl QueueWork for NetQueue {
         Ok(moved)
     }
 
+    /// Frames sent and not completed yet: the host's answer (its completion, and often the
+    /// peer's reply to the frame) is due soon, so the loop polls at least its in-flight floor
+    /// rather than sleeping and paying a wakeup for it (an idle ping's reply).
     fn in_flight(&self) -> bool {
-        false
+        self.free_sections.len() < self.sections.len() || self.free_large.len() < self.large.len()
     }
 
     fn prepare_sleep(&mut self) -> Result<bool, Error> {
