@@ -252,6 +252,7 @@ impl<'a> OutgoingPacket<'a> {
     }
 
     /// The payload's length in bytes, before padding.
+    #[inline]
     pub fn payload_len(&self) -> usize {
         self.payload.iter().map(|p| p.len()).sum()
     }
@@ -272,6 +273,7 @@ impl<'a> OutgoingPacket<'a> {
     }
 
     /// The descriptor for this packet.
+    #[inline]
     pub(crate) fn descriptor(&self, len: u32) -> PacketDescriptor {
         PacketDescriptor {
             packet_type: self.packet_type,
