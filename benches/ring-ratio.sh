@@ -15,6 +15,11 @@
 #   e.g. ROUNDS=7 benches/ring-ratio.sh --measurement-time 3
 #        BASELINE=target/baseline/ring-main benches/ring-ratio.sh 5
 # The ring's data area is VMBUS_BENCH_RING_KIB (KiB) if set, else the bench's default.
+# RT=1 runs the bench under SCHED_FIFO (chrt -f 10; root): each of its two threads then keeps
+# a core to itself, where under normal scheduling the ratios depend on whether the scheduler
+# puts both on one core (no cross-core traffic: ArrayQueue's 85 instructions per element win)
+# or on two, and swing by several times on a shared machine. It takes both cores for the
+# run (the kernel's RT throttling leaves 5% to everything else).
 # Criterion's own report goes to stderr (HTML under <target>/criterion); stdout has the ratios.
 set -euo pipefail
 
@@ -26,17 +31,25 @@ rounds_arg "$@"
 shift "$shift_args"
 
 exe=$(bench_exe ring)
+run=()
+if [[ ${RT:-0} == 1 ]]; then
+    command -v chrt >/dev/null && [[ $(id -u) == 0 ]] || {
+        echo "ring-ratio: RT=1 needs root and chrt" >&2
+        exit 1
+    }
+    run=(chrt -f 10)
+fi
 base_home=$target/criterion-baseline
 ns() { criterion_ns ring "$@"; } # function/parameter [home] -> time per packet in ns
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a / b }'; }
 
 r64=() r4k=() rmem=() old64=() old4k=()
-echo "ring: $rounds rounds; $(uptime)"
+echo "ring: $rounds rounds$([[ ${RT:-0} == 1 ]] && echo ", SCHED_FIFO"); $(uptime)"
 for ((i = 1; i <= rounds; i++)); do
     if [[ -n ${BASELINE:-} ]]; then
-        CRITERION_HOME=$base_home "$BASELINE" --bench "$@" >&2
+        CRITERION_HOME=$base_home "${run[@]}" "$BASELINE" --bench "$@" >&2
     fi
-    "$exe" --bench "$@" >&2
+    "${run[@]}" "$exe" --bench "$@" >&2
     line="round $i:"
     for size in 64 4096; do
         ring=$(ns "vmbus_ring/$size") aq=$(ns "arrayqueue/$size")
