@@ -1873,8 +1873,11 @@ impl Netvsp {
 
     /// Arms the TAP queue in the wake set only while a frame could be taken.
     fn arm(&mut self) {
+        // A held frame waits for sections or ring room (the guest's completions or reads wake
+        // us), not for the TAP.
         let want = self.rx.is_some()
             && !self.free.is_empty()
+            && self.rx_held.is_none()
             && self.group.filter.load(Ordering::Relaxed) != 0
             && self.blocked.is_none();
         if want == self.tap_armed {
