@@ -135,7 +135,8 @@ pub struct TxOffload {
 pub struct RxOffload {
     /// The IP and transport checksums are known good. (From a TAP that accepts `CSUM`, also a
     /// local sender's frame whose checksum is still to be done, which RNDIS cannot express:
-    /// netvsp gives its TAP no offloads, so the kernel completes checksums first.)
+    /// netvsp gives its TAP offloads only for a guest that takes coalesced (RSC) frames, whose
+    /// checksums count as verified.)
     pub checksum_ok: bool,
     /// The tag the frame had (removed from its bytes).
     pub vlan: Option<Vlan>,
@@ -522,8 +523,10 @@ fn prepare_checksum(
 }
 
 impl RxOffload {
-    /// From the virtio-net header of a frame read from a TAP. GSO frames are refused (the TAP
-    /// is not told to accept them, so the kernel segments before they reach us).
+    /// From the virtio-net header of a frame read from a TAP. GSO frames are refused: without
+    /// RSC the TAP is not told to accept them (the kernel segments before they reach us), and
+    /// with it netvsp delivers them as fragments and asks this of the header without its GSO
+    /// part.
     pub fn from_vnet(hdr: &VirtioNetHdr) -> Result<Self, Error> {
         let t = hdr.gso_type & !gso::ECN;
         if t != gso::NONE {

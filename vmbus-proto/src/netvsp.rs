@@ -159,6 +159,10 @@ pub const LINUX_RECEIVE_BUFFER_ID: u16 = 0xCAFE;
 /// The send buffer id Linux uses (`NETVSC_SEND_BUFFER_ID`).
 pub const LINUX_SEND_BUFFER_ID: u16 = 0;
 
+/// Most RNDIS packets (fragments) a receive-segment-coalesced frame may come in, all in one
+/// transfer-page packet (`NVSP_RSC_MAX`; RSC is a capability from NVSP 6.1).
+pub const RSC_MAX_FRAGMENTS: usize = 562;
+
 /// NDIS 6.1 (`0x0006_0001`): what Linux sends for NVSP 4 and below.
 pub const NDIS_VERSION_6_1: u32 = 0x0006_0001;
 /// NDIS 6.30 (`0x0006_001E`): what Linux sends above NVSP 4.

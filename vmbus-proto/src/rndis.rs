@@ -606,6 +606,23 @@ pub mod pktinfo_flags {
     pub const LAST_FRAGMENT: u8 = 4;
 }
 
+bitflags::bitflags! {
+    /// The `flag` of [`PktInfoId`] as a flag set; the values are [`pktinfo_flags`]'s. A
+    /// receive-segment-coalesced (RSC) frame comes as several RNDIS packets of one transfer-page
+    /// packet, each with `SUBALLOC`: the first also with `FIRST_FRAGMENT`, the last with
+    /// `LAST_FRAGMENT`. Unknown bits are kept.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+    pub struct PktInfoFlags: u8 {
+        /// `RNDIS_PKTINFO_SUBALLOC`: a fragment of a coalesced frame.
+        const SUBALLOC = pktinfo_flags::SUBALLOC;
+        /// `RNDIS_PKTINFO_1ST_FRAG`.
+        const FIRST_FRAGMENT = pktinfo_flags::FIRST_FRAGMENT;
+        /// `RNDIS_PKTINFO_LAST_FRAG`.
+        const LAST_FRAGMENT = pktinfo_flags::LAST_FRAGMENT;
+        const _ = !0;
+    }
+}
+
 /// Version of [`PktInfoId`] (`RNDIS_PKTINFO_ID_V1`).
 pub const PKTINFO_ID_V1: u8 = 1;
 
@@ -619,6 +636,22 @@ rndis_struct! {
         /// Packet id.
         pub packet_id: u16,
     } = 4;
+}
+
+impl PktInfoId {
+    /// A version-1 entry with `flags` and packet id 0.
+    pub const fn new(flags: PktInfoFlags) -> Self {
+        Self {
+            version: PKTINFO_ID_V1,
+            flag: flags.bits(),
+            packet_id: 0,
+        }
+    }
+
+    /// The flags.
+    pub const fn flags(&self) -> PktInfoFlags {
+        PktInfoFlags::from_bits_retain(self.flag)
+    }
 }
 
 macro_rules! bit_accessors {
@@ -1188,6 +1221,12 @@ mod tests {
         assert!(i.internal());
         assert_eq!(i.ppi_type(), PpiType(1));
         assert_eq!(i.as_bytes()[4..8], [1, 0, 0, 0x80]);
+        let id = PktInfoId::new(PktInfoFlags::SUBALLOC | PktInfoFlags::LAST_FRAGMENT);
+        assert_eq!(id.as_bytes(), &[1, 5, 0, 0]);
+        assert_eq!(
+            PktInfoId::read_from_bytes(&[1, 3, 0, 0]).unwrap().flags(),
+            PktInfoFlags::SUBALLOC | PktInfoFlags::FIRST_FRAGMENT
+        );
         let v = NdisPkt8021qInfo::new(5, false, 100);
         assert_eq!((v.priority(), v.cfi(), v.vlan_id()), (5, 0, 100));
         let c = NdisTcpIpChecksumInfo(1 | 1 << 2 | 34 << 16);

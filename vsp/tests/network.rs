@@ -447,7 +447,7 @@ fn ping_both_ways_ipv4_and_ipv6() {
 
 #[test]
 fn tcp_transfers_each_way_arrive_intact_and_udp_datagrams_too() {
-    let Some(net) = Net::start("tcp_and_udp", "", &[], &[]) else {
+    let Some(mut net) = Net::start("tcp_and_udp", "", &[], &[]) else {
         return;
     };
     net.assert_pings();
@@ -507,6 +507,35 @@ fn tcp_transfers_each_way_arrive_intact_and_udp_datagrams_too() {
             "datagram intact"
         );
     }
+    // Host to guest went coalesced (RSC): the host TAP handed over TCP super-frames, and
+    // netvsc put them back together from their fragments.
+    let log = net.stop_vscd();
+    let line = counters_line(&log);
+    println!("{line}");
+    let rsc = queue_counter(&line, "q0", "rsc");
+    assert!(rsc >= 100, "coalesced frames received: {line}");
+}
+
+/// The "NIC counters" line of vscd's log.
+fn counters_line(log: &str) -> String {
+    log.lines()
+        .find(|l| l.contains("NIC counters"))
+        .unwrap_or_else(|| panic!("no counters in vscd's log:\n{log}"))
+        .to_owned()
+}
+
+/// Counter `name` of queue `q` (`q0 tx N rx N drop N rsc N`) in a counters line.
+fn queue_counter(line: &str, q: &str, name: &str) -> u64 {
+    let part = line
+        .split(';')
+        .find(|p| p.trim().starts_with(q))
+        .unwrap_or_else(|| panic!("no {q} in {line}"));
+    let words: Vec<&str> = part.split_whitespace().collect();
+    words
+        .windows(2)
+        .find(|w| w[0] == name)
+        .and_then(|w| w[1].parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {part}"))
 }
 
 #[test]
@@ -639,11 +668,7 @@ fn two_queues_both_carry_traffic() {
     for (sent, got, n) in tcp_transfer(&net.host, &net.guest, GUEST4, 16 << 20, 8) {
         assert_eq!((sent, n), (got, 16 << 20));
     }
-    let log = net.stop_vscd();
-    let line = log
-        .lines()
-        .find(|l| l.contains("NIC counters"))
-        .unwrap_or_else(|| panic!("no counters in vscd's log:\n{log}"));
+    let line = counters_line(&net.stop_vscd());
     println!("{line}");
     assert!(line.contains("channels 2"), "{line}");
     for q in ["q0", "q1"] {

@@ -14,7 +14,8 @@
 //!    [`MIN_SECTION`].
 //! 3. RNDIS INITIALIZE, then the OIDs: maximum frame size, permanent and current address,
 //!    friendly name, offload hardware capabilities (object type 0xA7, revision and size
-//!    checked), offload parameters (set; must succeed), media connect status; from NVSP 5 link
+//!    checked), offload parameters (set; must succeed; RSC enabled both ways from NVSP 6.1 when
+//!    the host does RSC over IPv4 and IPv6, as Linux with LRO on), media connect status; from NVSP 5 link
 //!    speed and RSS capabilities, and with two queues or more the subchannel request (at most
 //!    what was asked) and, once the driver opened them, the RSS parameters; last the packet
 //!    filter.
@@ -175,6 +176,9 @@ pub struct Negotiated {
     pub lso4: Option<u32>,
     /// Large send over IPv6.
     pub lso6: Option<u32>,
+    /// Receive segment coalescing is on (NVSP 6.1, the host does it over IPv4 and IPv6, and
+    /// the guest enabled it): the host may send one frame as fragments in several ranges.
+    pub rsc: bool,
     /// The medium is connected.
     pub connected: bool,
     /// Link speed in units of 100 bit/s, if the host said.
@@ -579,6 +583,11 @@ impl Handshake {
                     && caps.lsov2.ip6_encap & e8023 != 0
                     && caps.lsov2.ip6_opts & 0x5 == 0x5)
                     .then_some(caps.lsov2.ip6_max_size);
+                // Only the full (NDIS 6.30) capabilities reach the RSC bytes.
+                self.out.rsc = self.out.version.0 >= NvspVersion::V61.0
+                    && n > core::mem::offset_of!(NdisOffload, rsc) + 1
+                    && caps.rsc.ip4 != 0
+                    && caps.rsc.ip6 != 0;
                 Step::OffloadParams
             }
             Step::OffloadParams => {
@@ -685,7 +694,9 @@ impl Handshake {
                 )
             }
             Step::OffloadParams => {
-                use rndis::offload_param::{LSOV2_ENABLED, TX_RX_DISABLED, TX_RX_ENABLED};
+                use rndis::offload_param::{
+                    LSOV2_ENABLED, RSC_ENABLED, TX_RX_DISABLED, TX_RX_ENABLED,
+                };
                 let n = &self.out;
                 let on = |b: bool| if b { TX_RX_ENABLED } else { 0 };
                 let lso = |b: bool| if b { LSOV2_ENABLED } else { 0 };
@@ -697,6 +708,8 @@ impl Handshake {
                     udp_ip_v6_csum: on(n.csum_udp6),
                     lso_v2_ipv4: lso(n.lso4.is_some()),
                     lso_v2_ipv6: lso(n.lso6.is_some()),
+                    rsc_ip_v4: if n.rsc { RSC_ENABLED } else { 0 },
+                    rsc_ip_v6: if n.rsc { RSC_ENABLED } else { 0 },
                     ..Default::default()
                 };
                 let len = if n.version.0 <= NvspVersion::V4.0 {
@@ -913,6 +926,8 @@ mod tests {
         c.lsov2.ip6_encap = rndis::offload_encap::E802_3;
         c.lsov2.ip6_max_size = 62780;
         c.lsov2.ip6_opts = 0x5;
+        c.rsc.ip4 = 1;
+        c.rsc.ip6 = 1;
         c.as_bytes().to_vec()
     }
 
@@ -1089,6 +1104,7 @@ mod tests {
         assert_eq!(n.mac, [2, 0, 0, 0, 0, 9]);
         assert!(n.connected && n.csum_tcp4 && n.csum_udp6);
         assert_eq!(n.lso4, Some(62780));
+        assert!(n.rsc);
         assert_eq!((n.send_section_size, n.send_sections), (6144, 170));
         assert_eq!(n.packet_alignment, 8);
         assert_eq!(n.filter, Some(DEFAULT_FILTER));
@@ -1107,8 +1123,9 @@ mod tests {
             ]
         );
         let n = r.unwrap();
-        // Below NVSP 5: no link speed, no RSS, one channel.
+        // Below NVSP 5: no link speed, no RSS, one channel; below 6.1 no RSC.
         assert_eq!(n.channels, 1);
+        assert!(!n.rsc);
         assert_eq!(oids.last(), Some(&Oid::GEN_CURRENT_PACKET_FILTER));
         assert!(!oids.contains(&Oid::GEN_RECEIVE_SCALE_CAPABILITIES));
         let (_, _, r) = run(NvspVersion(0x1234), 1, 0);

@@ -7,7 +7,10 @@
 //! send-buffer sections (GPA-direct pages for those larger than a section), their offloads as
 //! per-packet info ([`netdev::TxOffload`]); frames the host writes in the receive buffer go to
 //! the TAP straight from it, their checksum state as the virtio-net header
-//! ([`netdev::RxOffload`]), and their ranges are completed back. Media connect and disconnect
+//! ([`netdev::RxOffload`]), and their ranges are completed back. With receive segment
+//! coalescing (RSC, NVSP 6.1) the host sends a TCP super-frame as fragments in the ranges of
+//! one transfer-page packet ([`wire::Coalescer`]); they go to the TAP as one GSO frame
+//! (segment size the first fragment's TCP payload), written from the receive buffer. Media connect and disconnect
 //! indications set the guest TAP's carrier.
 //!
 //! A supervisor thread keeps the NIC up: when the daemon goes away it reconnects (every
@@ -91,6 +94,8 @@ pub struct QueueStats {
     /// Frames dropped: from the TAP (an offload the host cannot take), or toward it (the TAP
     /// could not take them, or the host's message was malformed).
     pub dropped: AtomicU64,
+    /// Frames received coalesced (RSC, from several fragments), among `rx_frames`.
+    pub rsc_frames: AtomicU64,
 }
 
 /// Counters of a NIC.
@@ -137,10 +142,11 @@ impl NicStats {
             .enumerate()
             .map(|(i, q)| {
                 format!(
-                    "q{i} tx {} rx {} drop {}",
+                    "q{i} tx {} rx {} drop {} rsc {}",
                     q.tx_frames.load(Ordering::Relaxed),
                     q.rx_frames.load(Ordering::Relaxed),
-                    q.dropped.load(Ordering::Relaxed)
+                    q.dropped.load(Ordering::Relaxed),
+                    q.rsc_frames.load(Ordering::Relaxed)
                 )
             })
             .collect();
@@ -577,6 +583,8 @@ impl Supervisor {
                 held: None,
                 blocked: None,
                 buf: vec![0u8; MAX_FRAME],
+                coalescer: wire::Coalescer::default(),
+                rsc_buf: Vec::new(),
                 head: Vec::with_capacity(128),
                 header: Vec::new(),
                 stop: stop.clone(),
@@ -888,6 +896,10 @@ struct NetQueue {
     /// Ring bytes a write waits for.
     blocked: Option<u32>,
     buf: Vec<u8>,
+    /// The coalesced frame being received (RSC), and a buffer for one too scattered to be
+    /// written from the receive buffer (empty until needed).
+    coalescer: wire::Coalescer,
+    rsc_buf: Vec<u8>,
     head: Vec<u8>,
     header: Vec<u8>,
     stop: Arc<AtomicBool>,
@@ -917,8 +929,103 @@ impl NetQueue {
         &self.stats.queues[tap.min(self.stats.queues.len() - 1)]
     }
 
-    /// Delivers the message at `off` (`len` bytes) of the receive buffer.
-    fn deliver(&mut self, off: usize, len: usize) {
+    fn count_dropped(&self) {
+        self.qstats(self.taps[0])
+            .dropped
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Writes the coalesced frame whose fragments the coalescer holds to the TAP as one frame
+    /// (GSO for TCP).
+    fn deliver_coalesced(&mut self) {
+        let tap_i = self.taps[0];
+        let (fragments, total, offload) = self.coalescer.fragments();
+        let mut head = [0u8; netdev::offload::MAX_HEAD];
+        let hn = total.min(head.len());
+        // The head may span fragments.
+        let mut got = 0;
+        for &(at, len) in fragments {
+            if got == hn {
+                break;
+            }
+            let n = len.min(hn - got);
+            if self.recv.read(at, &mut head[got..got + n]).is_err() {
+                break;
+            }
+            got += n;
+        }
+        let first_len = fragments.first().map_or(0, |f| f.1);
+        let plan = (got == hn)
+            .then(|| wire::coalesced_offload(&head[..hn], total, first_len, &offload))
+            .flatten()
+            .and_then(|o| o.prepare_tx(total, &head[..hn]).ok());
+        let Some(plan) = plan else {
+            tracing::debug!(total, "netvsc: coalesced frame dropped (headers)");
+            self.coalescer.reset();
+            self.count_dropped();
+            return;
+        };
+        // The fragments after the planned head, straight from the receive buffer (copied
+        // when more than a write takes).
+        let mut pieces: Vec<IoPiece<'_>> = Vec::with_capacity(fragments.len() + 1);
+        pieces.push(IoPiece::Local(plan.head()));
+        let mut skip = plan.consumed;
+        for &(at, len) in fragments {
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            pieces.push(IoPiece::Shared(Shared::Mapped {
+                map: &self.recv,
+                offset: at + skip,
+                len: len - skip,
+            }));
+            skip = 0;
+        }
+        let written = if pieces.len() <= netdev::tap::MAX_PIECES {
+            self.tap.queues()[tap_i].write(&plan.hdr, &pieces)
+        } else {
+            if self.rsc_buf.is_empty() {
+                self.rsc_buf = vec![0; wire::MAX_COALESCED];
+            }
+            let mut n = 0;
+            let mut ok = true;
+            for p in &pieces[1..] {
+                if let IoPiece::Shared(s) = p {
+                    ok &= s.read(&mut self.rsc_buf[n..n + s.len()]).is_ok();
+                    n += s.len();
+                }
+            }
+            if ok {
+                self.tap.queues()[tap_i].write(
+                    &plan.hdr,
+                    &[
+                        IoPiece::Local(plan.head()),
+                        IoPiece::Local(&self.rsc_buf[..n]),
+                    ],
+                )
+            } else {
+                Ok(None)
+            }
+        };
+        drop(pieces);
+        self.coalescer.reset();
+        let s = self.qstats(tap_i);
+        match written {
+            Ok(Some(_)) => {
+                s.rx_frames.fetch_add(1, Ordering::Relaxed);
+                s.rx_bytes.fetch_add(total as u64, Ordering::Relaxed);
+                s.rsc_frames.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                s.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Delivers the message at `off` (`len` bytes) of the receive buffer, the last range of
+    /// its transfer-page packet if `last_range`.
+    fn deliver(&mut self, off: usize, len: usize, last_range: bool) {
         let tap_i = self.taps[0];
         let mut head = [0u8; wire::PACKET_HEADER + wire::MAX_RX_PPI];
         let n = len.min(head.len());
@@ -936,9 +1043,24 @@ impl NetQueue {
                 offset,
                 len: flen,
                 offload,
+                fragment,
             }) => {
-                tracing::trace!(len = flen, ?offload, "frame from the host");
+                tracing::trace!(len = flen, ?offload, ?fragment, "frame from the host");
                 let at = off + offset;
+                let abandoned = self.coalescer.abandoned;
+                let step = self.coalescer.push(fragment, last_range, at, flen, offload);
+                for _ in abandoned..self.coalescer.abandoned {
+                    self.count_dropped();
+                }
+                match step {
+                    Ok(wire::Coalesced::Whole) => {}
+                    Ok(wire::Coalesced::Pending) => return,
+                    Ok(wire::Coalesced::Complete) => return self.deliver_coalesced(),
+                    Err(e) => {
+                        tracing::debug!("netvsc: {e}");
+                        return self.count_dropped();
+                    }
+                }
                 // Checksums the host vouches for: the frame's head rewritten so that the TAP
                 // takes them as good (see `wire::rx_checksum`); else as it is.
                 let mut fhead = [0u8; netdev::offload::MAX_HEAD];
@@ -1286,8 +1408,13 @@ impl QueueWork for NetQueue {
                         } else {
                             Vec::new()
                         };
-                        for (off, len) in ranges {
-                            self.deliver(off, len);
+                        let n = ranges.len();
+                        for (i, (off, len)) in ranges.into_iter().enumerate() {
+                            self.deliver(off, len, i + 1 == n);
+                        }
+                        // A frame must end in its packet.
+                        if self.coalescer.reset() {
+                            self.count_dropped();
                         }
                         self.completions.push_back(tx);
                     }

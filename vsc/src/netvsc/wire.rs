@@ -4,9 +4,11 @@
 //! trusted, so every length and offset is checked against the message.
 
 use netdev::{ChecksumRequest, L4Protocol, RxOffload, TxOffload};
+use vmbus_proto::netvsp::RSC_MAX_FRAGMENTS;
 use vmbus_proto::rndis::{
-    IndicateStatus, NdisPkt8021qInfo, NdisTcpIpChecksumInfo, PerPacketInfo, PpiType,
-    RndisMessageHeader, RndisMessageType, RndisPacket, RndisStatus,
+    IndicateStatus, InternalPpiType, NdisPkt8021qInfo, NdisTcpIpChecksumInfo, PerPacketInfo,
+    PktInfoFlags, PktInfoId, PpiType, RndisMessageHeader, RndisMessageType, RndisPacket,
+    RndisStatus,
 };
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -75,6 +77,8 @@ pub enum Received {
         len: usize,
         /// Checksum, VLAN and hash the host reported.
         offload: RxOffload,
+        /// The packet-id flags of a fragment of a coalesced (RSC) frame (`SUBALLOC` set).
+        fragment: Option<PktInfoFlags>,
     },
     /// A status indication (media connect or disconnect, ...).
     Status(RndisStatus),
@@ -118,6 +122,7 @@ pub fn parse(head: &[u8], len: usize) -> Result<Received, Malformed> {
             let mut checksum = None;
             let mut vlan = None;
             let mut hash = None;
+            let mut fragment = None;
             let ppi_len = p.per_packet_info_length as usize;
             if ppi_len > 0 {
                 let at = base
@@ -140,13 +145,19 @@ pub fn parse(head: &[u8], len: usize) -> Result<Received, Malformed> {
                         .get(v_at..v_at + 4)
                         .filter(|_| v_at + 4 <= off + size)
                         .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
-                    if let (Some(v), false) = (value, e.internal()) {
-                        match e.ppi_type() {
+                    match (value, e.internal()) {
+                        (Some(v), false) => match e.ppi_type() {
                             PpiType::TCPIP_CHKSUM => checksum = Some(NdisTcpIpChecksumInfo(v)),
                             PpiType::IEEE_8021Q => vlan = Some(NdisPkt8021qInfo(v)),
                             PpiType::NBL_HASH_VALUE => hash = Some(v),
                             _ => {}
+                        },
+                        (Some(v), true) if e.ppi_type().0 == InternalPpiType::PKTINFO_ID.0 => {
+                            let id = PktInfoId::read_from_bytes(&v.to_le_bytes()).expect("4 bytes");
+                            fragment =
+                                Some(id.flags()).filter(|f| f.contains(PktInfoFlags::SUBALLOC));
                         }
+                        _ => {}
                     }
                     off += size;
                 }
@@ -155,6 +166,7 @@ pub fn parse(head: &[u8], len: usize) -> Result<Received, Malformed> {
                 offset: data,
                 len: p.data_length as usize,
                 offload: RxOffload::from_ppi(checksum, vlan, hash),
+                fragment,
             })
         }
         RndisMessageType::INDICATE_STATUS => {
@@ -163,6 +175,150 @@ pub fn parse(head: &[u8], len: usize) -> Result<Received, Malformed> {
         }
         t => Ok(Received::Control(t)),
     }
+}
+
+/// Largest frame put together from fragments: IP's 64 KiB, the Ethernet header and a tag.
+pub const MAX_COALESCED: usize = 65535 + 14 + 4;
+
+/// Why the fragments of a coalesced frame were dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RscError {
+    /// A middle or last fragment without a first.
+    #[error("RSC fragment without a first")]
+    NoFirst,
+    /// The transfer ended before a last fragment (or a plain packet came between).
+    #[error("RSC frame without a last fragment")]
+    NoLast,
+    /// More than [`RSC_MAX_FRAGMENTS`] fragments.
+    #[error("RSC frame of too many fragments")]
+    TooMany,
+    /// Longer than [`MAX_COALESCED`].
+    #[error("RSC frame too long")]
+    TooLong,
+}
+
+/// What a message did to the frame being coalesced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Coalesced {
+    /// Not a fragment: a frame of its own.
+    Whole,
+    /// A fragment, more to come.
+    Pending,
+    /// The last fragment: [`Coalescer::fragments`] hold the frame.
+    Complete,
+}
+
+/// Puts a coalesced (RSC) frame together from the fragments of one transfer-page packet, as
+/// Linux's hv_netvsc does: a fragment marked first starts a frame (dropping any unfinished
+/// one), one marked last ends it, and it must end within the packet; at most
+/// [`RSC_MAX_FRAGMENTS`] fragments and [`MAX_COALESCED`] bytes. Holds the fragments'
+/// places only (offset and length, in the receive buffer), bounded.
+#[derive(Debug, Default)]
+pub struct Coalescer {
+    fragments: Vec<(usize, usize)>,
+    total: usize,
+    offload: RxOffload,
+    /// Unfinished frames dropped because a first fragment or a plain packet came before
+    /// their last fragment.
+    pub abandoned: u64,
+}
+
+impl Coalescer {
+    /// Takes the message at `at` (`len` frame bytes, `offload`, its packet-id flags if a
+    /// fragment) of a transfer-page packet, `last_range` if it is the packet's last. An error
+    /// drops the frame being put together with this fragment.
+    pub fn push(
+        &mut self,
+        fragment: Option<PktInfoFlags>,
+        last_range: bool,
+        at: usize,
+        len: usize,
+        offload: RxOffload,
+    ) -> Result<Coalesced, RscError> {
+        let Some(flags) = fragment else {
+            if self.reset() {
+                self.abandoned += 1;
+            }
+            return Ok(Coalesced::Whole);
+        };
+        if flags.contains(PktInfoFlags::FIRST_FRAGMENT) {
+            if self.reset() {
+                self.abandoned += 1;
+            }
+            self.offload = offload;
+        } else if self.fragments.is_empty() {
+            return Err(RscError::NoFirst);
+        }
+        let more = !flags.contains(PktInfoFlags::LAST_FRAGMENT);
+        let error = if more && last_range {
+            Some(RscError::NoLast)
+        } else if self.fragments.len() >= RSC_MAX_FRAGMENTS {
+            Some(RscError::TooMany)
+        } else if self.total + len > MAX_COALESCED {
+            Some(RscError::TooLong)
+        } else {
+            None
+        };
+        if let Some(e) = error {
+            self.reset();
+            return Err(e);
+        }
+        self.fragments.push((at, len));
+        self.total += len;
+        Ok(if more {
+            Coalesced::Pending
+        } else {
+            Coalesced::Complete
+        })
+    }
+
+    /// The fragments of the frame completed (offset and length of each), its length, and
+    /// the first fragment's offloads.
+    pub fn fragments(&self) -> (&[(usize, usize)], usize, RxOffload) {
+        (&self.fragments, self.total, self.offload)
+    }
+
+    /// Forgets the frame; true if one was unfinished.
+    pub fn reset(&mut self) -> bool {
+        let unfinished = !self.fragments.is_empty();
+        self.fragments.clear();
+        self.total = 0;
+        unfinished
+    }
+}
+
+/// How to write a coalesced frame of `total` bytes whose first fragment is `first_len` bytes
+/// and whose first bytes are `head` to the guest TAP: as a TCP GSO frame whose segment size
+/// is the first fragment's TCP payload (the host cuts fragments at segment boundaries), its
+/// IP lengths and pseudo-header checksum rebuilt for the whole; a frame that is not TCP, or
+/// one segment, as a frame with a partial checksum. `None` if the host did not vouch for the
+/// checksums, or the headers do not hold together.
+pub fn coalesced_offload(
+    head: &[u8],
+    total: usize,
+    first_len: usize,
+    offload: &RxOffload,
+) -> Option<TxOffload> {
+    if !offload.checksum_ok {
+        return None;
+    }
+    let mut o = rx_checksum(head)?;
+    let c = o.checksum?;
+    if c.l4 == Some(L4Protocol::Tcp) {
+        let l4 = usize::from(c.l4_offset);
+        let thl = usize::from(*head.get(l4 + 12)? >> 4) * 4;
+        let mss = first_len.checked_sub(l4 + thl).filter(|&m| m > 0)?;
+        if thl < 20 || mss > usize::from(u16::MAX) || first_len > total {
+            return None;
+        }
+        o.lso = Some(netdev::Lso {
+            mss: mss as u32,
+            l4_offset: c.l4_offset,
+            ipv6: c.ipv6,
+        });
+        o.checksum = None;
+    }
+    Some(o)
 }
 
 /// For a frame the host says has good checksums: the checksum request that makes the guest
@@ -370,5 +526,179 @@ mod tests {
             parse(&m, m.len()),
             Ok(Received::Control(RndisMessageType::QUERY_COMPLETE))
         );
+    }
+
+    /// A packet of `frame_len` bytes whose per-packet info is the packet-id entry with
+    /// `flags` and a "checksums succeeded" entry.
+    fn fragment_message(flags: PktInfoFlags, frame_len: usize) -> Vec<u8> {
+        let mut ppi = PerPacketInfo::new(PpiType(InternalPpiType::PKTINFO_ID.0), true, 4)
+            .as_bytes()
+            .to_vec();
+        ppi.extend_from_slice(PktInfoId::new(flags).as_bytes());
+        ppi.extend_from_slice(PerPacketInfo::new(PpiType::TCPIP_CHKSUM, false, 4).as_bytes());
+        ppi.extend_from_slice(&0x38u32.to_le_bytes());
+        let total = PACKET_HEADER + ppi.len() + frame_len;
+        let mut m = RndisMessageHeader {
+            message_type: RndisMessageType::PACKET,
+            message_length: total as u32,
+        }
+        .as_bytes()
+        .to_vec();
+        m.extend_from_slice(
+            RndisPacket {
+                data_offset: (36 + ppi.len()) as u32,
+                data_length: frame_len as u32,
+                per_packet_info_offset: 36,
+                per_packet_info_length: ppi.len() as u32,
+                ..Default::default()
+            }
+            .as_bytes(),
+        );
+        m.extend_from_slice(&ppi);
+        m.resize(total, 0x11);
+        m
+    }
+
+    #[test]
+    fn fragments_are_recognised_by_their_packet_id() {
+        use PktInfoFlags as F;
+        for (flags, want) in [
+            (
+                F::SUBALLOC | F::FIRST_FRAGMENT,
+                Some(F::SUBALLOC | F::FIRST_FRAGMENT),
+            ),
+            (F::SUBALLOC, Some(F::SUBALLOC)),
+            (
+                F::SUBALLOC | F::LAST_FRAGMENT,
+                Some(F::SUBALLOC | F::LAST_FRAGMENT),
+            ),
+            // Without SUBALLOC the flags mean nothing (Linux ignores them).
+            (F::FIRST_FRAGMENT, None),
+        ] {
+            let m = fragment_message(flags, 100);
+            match parse(&m, m.len()).unwrap() {
+                Received::Frame {
+                    fragment, offload, ..
+                } => {
+                    assert_eq!(fragment, want);
+                    assert!(offload.checksum_ok);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn coalescing_follows_linux_and_refuses_hostile_sequences() {
+        use PktInfoFlags as F;
+        let ok = RxOffload {
+            checksum_ok: true,
+            ..Default::default()
+        };
+        let first = Some(F::SUBALLOC | F::FIRST_FRAGMENT);
+        let mid = Some(F::SUBALLOC);
+        let last = Some(F::SUBALLOC | F::LAST_FRAGMENT);
+        let mut c = Coalescer::default();
+        // First, middle, last: complete, with the first's offloads.
+        assert_eq!(c.push(first, false, 0, 100, ok), Ok(Coalesced::Pending));
+        assert_eq!(
+            c.push(mid, false, 200, 50, RxOffload::default()),
+            Ok(Coalesced::Pending)
+        );
+        assert_eq!(
+            c.push(last, true, 400, 10, RxOffload::default()),
+            Ok(Coalesced::Complete)
+        );
+        let (f, total, o) = c.fragments();
+        assert_eq!(
+            (f, total, o),
+            (&[(0, 100), (200, 50), (400, 10)][..], 160, ok)
+        );
+        c.reset();
+        // A plain packet is whole.
+        assert_eq!(c.push(None, true, 0, 60, ok), Ok(Coalesced::Whole));
+        // Middle or last without a first.
+        assert_eq!(c.push(mid, false, 0, 10, ok), Err(RscError::NoFirst));
+        assert_eq!(c.push(last, true, 0, 10, ok), Err(RscError::NoFirst));
+        // No last fragment before the packet's end.
+        assert_eq!(c.push(first, false, 0, 10, ok), Ok(Coalesced::Pending));
+        assert_eq!(c.push(mid, true, 0, 10, ok), Err(RscError::NoLast));
+        assert!(!c.reset());
+        assert_eq!(c.push(first, true, 0, 10, ok), Err(RscError::NoLast));
+        // A first and last at once is a frame of one fragment.
+        assert_eq!(
+            c.push(
+                Some(F::SUBALLOC | F::FIRST_FRAGMENT | F::LAST_FRAGMENT),
+                true,
+                0,
+                10,
+                ok
+            ),
+            Ok(Coalesced::Complete)
+        );
+        c.reset();
+        // An unfinished frame is abandoned (counted) for a new first, or a plain packet.
+        assert_eq!(c.push(first, false, 0, 10, ok), Ok(Coalesced::Pending));
+        assert_eq!(c.push(first, false, 0, 10, ok), Ok(Coalesced::Pending));
+        assert_eq!(c.abandoned, 1);
+        assert_eq!(c.push(None, false, 0, 10, ok), Ok(Coalesced::Whole));
+        assert_eq!(c.abandoned, 2);
+        assert!(!c.reset());
+        // Too many fragments: the one past the limit drops the frame.
+        assert_eq!(c.push(first, false, 0, 1, ok), Ok(Coalesced::Pending));
+        for _ in 1..RSC_MAX_FRAGMENTS {
+            assert_eq!(c.push(mid, false, 0, 1, ok), Ok(Coalesced::Pending));
+        }
+        assert_eq!(c.push(last, true, 0, 1, ok), Err(RscError::TooMany));
+        assert!(!c.reset());
+        // Too long.
+        assert_eq!(c.push(first, false, 0, 60_000, ok), Ok(Coalesced::Pending));
+        assert_eq!(c.push(last, true, 0, 6_000, ok), Err(RscError::TooLong));
+        assert!(!c.reset());
+        assert_eq!(c.fragments().0.len(), 0);
+    }
+
+    /// Ethernet, IPv4 (IHL 5) and TCP (20 bytes) headers of a frame of `total` bytes.
+    fn tcp_head(total: usize) -> Vec<u8> {
+        let mut f = vec![0u8; 54];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        f[14] = 0x45;
+        f[16..18].copy_from_slice(&((total - 14) as u16).to_be_bytes());
+        f[22] = 64;
+        f[23] = 6;
+        f[46] = 5 << 4;
+        f
+    }
+
+    #[test]
+    fn a_coalesced_tcp_frame_becomes_gso_with_the_first_fragments_segment_size() {
+        let ok = RxOffload {
+            checksum_ok: true,
+            ..Default::default()
+        };
+        let head = tcp_head(54 + 4 * 1448);
+        let o = coalesced_offload(&head, 54 + 4 * 1448, 54 + 1448, &ok).unwrap();
+        let l = o.lso.unwrap();
+        assert_eq!((l.mss, l.l4_offset, l.ipv6), (1448, 34, false));
+        assert!(o.checksum.is_none());
+        let mut full = head.clone();
+        full.resize(54 + 4 * 1448, 0);
+        let plan = o.prepare_tx(full.len(), &full).unwrap();
+        assert_eq!(plan.hdr.gso_type, netdev::vnet::gso::TCPV4);
+        assert_eq!(plan.hdr.gso_size.get(), 1448);
+        assert_eq!(plan.hdr.hdr_len.get(), 54);
+        assert!(plan.hdr.flags().contains(netdev::VnetFlags::NEEDS_CSUM));
+        // Unvouched checksums, a first fragment of headers only, a non-IP frame: refused.
+        assert!(coalesced_offload(&head, 6000, 1502, &RxOffload::default()).is_none());
+        assert!(coalesced_offload(&head, 6000, 54, &ok).is_none());
+        assert!(coalesced_offload(&head, 6000, 30, &ok).is_none());
+        let mut arp = head.clone();
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert!(coalesced_offload(&arp, 6000, 1502, &ok).is_none());
+        // UDP keeps a partial checksum, no GSO.
+        let mut udp = head.clone();
+        udp[23] = 17;
+        let o = coalesced_offload(&udp, 3000, 1500, &ok).unwrap();
+        assert!(o.lso.is_none() && o.checksum.is_some());
     }
 }

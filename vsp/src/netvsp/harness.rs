@@ -34,6 +34,8 @@ pub struct StandInFrames {
     pub to_host: Vec<(VirtioNetHdr, Vec<u8>)>,
     /// Frames waiting for the device to read (to the guest).
     pub to_guest: VecDeque<(VirtioNetHdr, Vec<u8>)>,
+    /// The offloads the device last set ([`netdev::TunOffload`] bits).
+    pub offload: u32,
 }
 
 /// A TAP stand-in: a queue in memory.
@@ -124,6 +126,11 @@ impl NetQueue for StandIn {
     }
 
     fn set_attached(&mut self, _attached: bool) -> Result<(), netdev::Error> {
+        Ok(())
+    }
+
+    fn set_offload(&mut self, offload: netdev::TunOffload) -> Result<(), netdev::Error> {
+        self.frames().offload = offload.bits();
         Ok(())
     }
 }
@@ -657,7 +664,8 @@ pub mod guest {
                         mtu: 1500 + 14,
                         reserved: 0,
                         capabilities: vmbus_proto::netvsp::NvspCapabilities::default()
-                            .with_ieee8021q(true),
+                            .with_ieee8021q(true)
+                            .with_rsc(version.0 >= NvspVersion::V61.0),
                     },
                 ),
                 Sent::InBand,
@@ -761,6 +769,12 @@ pub mod guest {
         {
             return Ok(None);
         }
+        // Linux offers LRO (and then enables RSC) only when the host does RSC both ways.
+        let rsc = if caps.len() >= 146 && caps[144] == 1 && caps[145] == 1 {
+            vmbus_proto::rndis::offload_param::RSC_ENABLED
+        } else {
+            0
+        };
         let params = vmbus_proto::rndis::NdisOffloadParams {
             header: vmbus_proto::rndis::NdisObjectHeader {
                 object_type: 0x80,
@@ -776,6 +790,8 @@ pub mod guest {
             tcp_ip_v6_csum: 4,
             lso_v2_ipv4: 2,
             lso_v2_ipv6: 2,
+            rsc_ip_v4: rsc,
+            rsc_ip_v6: rsc,
             ..Default::default()
         };
         let size = usize::from(params.header.size);

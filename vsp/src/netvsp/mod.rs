@@ -8,7 +8,12 @@
 //! frame's headers where offloads need it, then the frame straight from guest memory), and the
 //! TAP queue's frames are read with one `readv` straight into a free section of the guest's
 //! receive buffer, announced with a transfer-page packet, and the section comes back with the
-//! guest's completion. A channel's receive sections are its own slice of the buffer, so no lock
+//! guest's completion. When the guest negotiated receive segment coalescing (RSC, NVSP 6.1)
+//! and enabled it, the TAP is given checksum and TCP segmentation offloads: it then hands over
+//! the host's TCP super-frames (up to 64 KiB) whole, each read into a per-channel buffer and
+//! delivered as one transfer-page packet of several sections, one per TCP segment, each an
+//! RNDIS packet marked as a fragment (first, middle, last) of one coalesced frame; small
+//! frames then go the same way, one section each. A channel's receive sections are its own slice of the buffer, so no lock
 //! is taken per frame and a guest that never returns sections stalls only its own queue (the
 //! TAP keeps, then drops, what it cannot hand over; memory stays bounded).
 //!
@@ -28,7 +33,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use netdev::offload::Vlan;
-use netdev::{IoPiece, IoPieceMut, RxOffload, Shared, TapQueue, VirtioNetHdr};
+use netdev::vnet::gso;
+use netdev::{
+    IoPiece, IoPieceMut, RxOffload, Shared, TapQueue, TunOffload, VirtioNetHdr, VnetFlags,
+};
 use ringbuf::guestmem::GuestMemory;
 use ringbuf::packet::{transfer_page_header, OutgoingPacket, PacketKind};
 use ringbuf::{OutgoingRing, Packet};
@@ -38,10 +46,10 @@ use vmbus_proto::netvsp::{
     SendNdisConfig, SendReceiveBuffer, SendReceiveBufferComplete, SendRndisPacket,
     SendRndisPacketComplete, SendSendBuffer, SendSendBufferComplete, SubchannelComplete,
     SubchannelRequest, CHANNEL_TYPE_CONTROL, CHANNEL_TYPE_DATA, INVALID_PROTOCOL_VERSION,
-    INVALID_SECTION_INDEX, SEND_INDIRECTION_TABLE_SIZE,
+    INVALID_SECTION_INDEX, RSC_MAX_FRAGMENTS, SEND_INDIRECTION_TABLE_SIZE,
 };
 use vmbus_proto::ring::{PacketType, TransferPageRange, PACKET_FLAG_COMPLETION_REQUESTED};
-use vmbus_proto::rndis::{PacketFilter, RndisMessageHeader, RndisMessageType};
+use vmbus_proto::rndis::{PacketFilter, PktInfoFlags, RndisMessageHeader, RndisMessageType};
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::channel::Device;
@@ -71,6 +79,15 @@ const LINK_POLL: Duration = Duration::from_secs(1);
 const MAX_LSO_FRAME: u32 = 65535 + 18;
 /// Most RNDIS messages handled from one send-buffer section or GPA-direct packet.
 const MAX_MESSAGES_PER_PACKET: usize = 64;
+/// Largest frame the TAP hands over with segmentation offloads on: IP's 64 KiB, the Ethernet
+/// header and a VLAN tag.
+const MAX_GSO_FRAME: usize = 65535 + 14 + 4;
+/// Least receive sections per channel for RSC: a 64 KiB frame of 1 KiB segments, twice (a
+/// smaller share leaves the TAP without offloads, so that no frame waits for more sections
+/// than its channel has).
+const RSC_MIN_SECTIONS: u32 = 2 * 64;
+/// "No next section" in a chain of sections announced together.
+const NO_NEXT: u32 = u32::MAX;
 /// Size of a receive section for frames of `mtu` bytes: header room, the frame, and a VLAN
 /// tag read while it is stripped, rounded up to 64.
 pub fn receive_section_size(mtu: u32) -> u32 {
@@ -95,6 +112,9 @@ pub trait NetQueue: Send + std::fmt::Debug {
     fn fd(&self) -> Option<BorrowedFd<'_>>;
     /// Whether the kernel should steer frames to this queue (see [`TapQueue::set_attached`]).
     fn set_attached(&mut self, attached: bool) -> Result<(), netdev::Error>;
+    /// Which offloads the backend may leave in the frames it hands over (see
+    /// [`TapQueue::set_offload`]; for the whole device, not just this queue).
+    fn set_offload(&mut self, offload: TunOffload) -> Result<(), netdev::Error>;
 }
 
 impl NetQueue for TapQueue {
@@ -118,6 +138,9 @@ impl NetQueue for TapQueue {
     fn set_attached(&mut self, attached: bool) -> Result<(), netdev::Error> {
         TapQueue::set_attached(self, attached)
     }
+    fn set_offload(&mut self, offload: TunOffload) -> Result<(), netdev::Error> {
+        TapQueue::set_offload(self, offload)
+    }
 }
 
 /// Counters of a NIC, always on (tests and diagnostics read them).
@@ -133,8 +156,13 @@ pub struct NicStats {
     pub tx_over_mtu: AtomicU64,
     /// Guest frames the host TAP did not take.
     pub tx_backend_dropped: AtomicU64,
-    /// Host frames dropped: not for the guest's filter, not on our VLAN, too long, GSO.
+    /// Host frames dropped: not for the guest's filter, not on our VLAN, too long, GSO
+    /// without RSC (or not deliverable as RSC).
     pub rx_dropped: AtomicU64,
+    /// Host frames delivered coalesced (RSC: several sections in one transfer-page packet).
+    pub rx_rsc_frames: AtomicU64,
+    /// Sections (fragments) those frames took.
+    pub rx_rsc_fragments: AtomicU64,
     /// Times a queue found frames waiting but no free receive section.
     pub rx_no_section: AtomicU64,
     /// NVSP messages refused (out of order, malformed, unknown) or completions for unknown
@@ -159,6 +187,8 @@ impl Default for NicStats {
             tx_over_mtu: AtomicU64::new(0),
             tx_backend_dropped: AtomicU64::new(0),
             rx_dropped: AtomicU64::new(0),
+            rx_rsc_frames: AtomicU64::new(0),
+            rx_rsc_fragments: AtomicU64::new(0),
             rx_no_section: AtomicU64::new(0),
             bad_nvsp: AtomicU64::new(0),
             bad_rndis: AtomicU64::new(0),
@@ -215,7 +245,7 @@ pub struct NicSettings {
 impl Nic {
     /// Opens (or creates) the TAP with one queue per possible channel, sets its MTU, brings it
     /// up, and detaches every queue but the first until its channel opens. The TAP takes no
-    /// offloads from us (see below).
+    /// offloads from us (see below) until a guest enables RSC.
     pub fn open_tap(s: &NicSettings) -> Result<Arc<Self>, Error> {
         let tap = netdev::Tap::open(&s.tap, usize::from(s.queues)).map_err(Error::Net)?;
         let (link, queues) = tap.into_parts();
@@ -321,6 +351,9 @@ pub struct Group {
     mac: Mutex<[u8; 6]>,
     /// Channels the guest has (1 + granted subchannels).
     channels: AtomicU32,
+    /// The TAP's offloads ([`TunOffload`] bits): not empty while the guest has RSC on, when
+    /// the channels deliver super-frames coalesced.
+    rsc_offload: AtomicU32,
 }
 
 impl Group {
@@ -335,6 +368,7 @@ impl Group {
             filter: AtomicU32::new(0),
             mac: Mutex::new(mac),
             channels: AtomicU32::new(1),
+            rsc_offload: AtomicU32::new(0),
         })
     }
 
@@ -473,7 +507,20 @@ pub struct Netvsp {
     first: u32,
     count: u32,
     free: Vec<u32>,
+    /// Sections announced as the first (the transaction) of a transfer-page packet.
     outstanding: Vec<bool>,
+    /// Per section, the next one announced in the same packet ([`NO_NEXT`] for none).
+    next: Vec<u32>,
+    /// The guest's NDIS config said it takes RSC (primary).
+    ndis_rsc: bool,
+    /// A host frame read (into `rx_frame`) and not yet delivered: it waits for sections or
+    /// ring room.
+    rx_held: Option<HeldFrame>,
+    /// The frame buffer with RSC on (empty until then).
+    rx_frame: Vec<u8>,
+    rx_sections: Vec<u32>,
+    rx_lens: Vec<u32>,
+    rx_ranges: Vec<TransferPageRange>,
     /// Control answers and indications waiting for a section.
     pending_control: VecDeque<Vec<u8>>,
     /// NVSP answers the ring had no room for.
@@ -488,6 +535,73 @@ pub struct Netvsp {
     tap_armed: bool,
     scratch: Vec<u8>,
     xfer_header: Vec<u8>,
+}
+
+/// A host frame in `Netvsp::rx_frame`: its length (its VLAN tag removed) and virtio-net header.
+#[derive(Clone, Copy, Debug)]
+struct HeldFrame {
+    len: usize,
+    hdr: VirtioNetHdr,
+}
+
+/// How a host frame goes to the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RxLayout {
+    /// One section, a plain RNDIS packet.
+    Single,
+    /// Coalesced: a first fragment of `first` bytes (the headers and one segment), then
+    /// `segment`-byte fragments, in `fragments` sections.
+    Rsc {
+        first: usize,
+        segment: usize,
+        fragments: usize,
+    },
+}
+
+/// What became of a held frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Delivery {
+    /// Announced.
+    Done,
+    /// Dropped (counted).
+    Dropped,
+    /// Not yet: no sections or ring room.
+    Wait,
+}
+
+/// How a frame of `len` bytes with virtio-net header `hdr` is delivered in sections of
+/// `capacity` frame bytes, or `None` if it cannot be: longer than a section and not a TCP GSO
+/// frame whose headers and segments fit sections, or of more than `max_fragments` of them.
+fn rx_layout(
+    frame: &[u8],
+    hdr: &VirtioNetHdr,
+    capacity: usize,
+    max_fragments: usize,
+) -> Option<RxLayout> {
+    let len = frame.len();
+    let kind = hdr.gso_type & !gso::ECN;
+    if kind == gso::NONE || len <= capacity {
+        return (len <= capacity).then_some(RxLayout::Single);
+    }
+    if !(kind == gso::TCPV4 || kind == gso::TCPV6) || !hdr.flags().contains(VnetFlags::NEEDS_CSUM) {
+        return None;
+    }
+    // The TCP header is where the checksum starts (the header's `hdr_len` is only what the
+    // kernel kept linear, not the headers' length).
+    let l4 = usize::from(hdr.csum_start.get());
+    let thl = usize::from(*frame.get(l4 + 12)? >> 4) * 4;
+    let headers = l4 + thl;
+    let segment = usize::from(hdr.gso_size.get());
+    if thl < 20 || headers >= len || segment == 0 || headers + segment > capacity {
+        return None;
+    }
+    let first = headers + segment;
+    let fragments = 1 + (len - first).div_ceil(segment);
+    (fragments <= max_fragments.min(RSC_MAX_FRAGMENTS)).then_some(RxLayout::Rsc {
+        first,
+        segment,
+        fragments,
+    })
 }
 
 impl std::fmt::Debug for Netvsp {
@@ -536,6 +650,13 @@ impl Netvsp {
             count: 0,
             free: Vec::new(),
             outstanding: Vec::new(),
+            next: Vec::new(),
+            ndis_rsc: false,
+            rx_held: None,
+            rx_frame: Vec::new(),
+            rx_sections: Vec::new(),
+            rx_lens: Vec::new(),
+            rx_ranges: Vec::new(),
             pending_control: VecDeque::new(),
             pending_answers: VecDeque::new(),
             blocked: None,
@@ -623,6 +744,7 @@ impl Netvsp {
         self.rx = rx;
         self.free.clear();
         self.outstanding.clear();
+        self.next.clear();
         self.pending_control.retain(|_| false);
         if let Some(rx) = &self.rx {
             let queues = u32::from(self.nic().queue_count().max(1));
@@ -631,6 +753,7 @@ impl Netvsp {
             self.count = per;
             self.free = (0..per).rev().collect();
             self.outstanding = vec![false; per as usize];
+            self.next = vec![NO_NEXT; per as usize];
         } else {
             self.count = 0;
         }
@@ -799,6 +922,7 @@ impl Netvsp {
                 match protocol::negotiate(init.min_protocol_version, init.max_protocol_version) {
                     Some(v) => {
                         self.state = NvspState::Ready(v);
+                        self.ndis_rsc = false;
                         self.reply(
                             out,
                             packet,
@@ -819,7 +943,8 @@ impl Netvsp {
                 if v.0 >= NvspVersion::V2.0 =>
             {
                 // The guest's MTU (plus the Ethernet header): ours bounds what we take anyway.
-                let _cfg: SendNdisConfig = m.body();
+                let cfg: SendNdisConfig = m.body();
+                self.ndis_rsc = v.0 >= NvspVersion::V61.0 && cfg.capabilities.rsc();
                 Ok(())
             }
             (NvspMessageType::SEND_RECEIVE_BUFFER, _) => {
@@ -1009,7 +1134,17 @@ impl Netvsp {
         match (ok, local) {
             (true, Some(l)) if self.outstanding[l as usize] => {
                 self.outstanding[l as usize] = false;
-                self.free.push(l as u32);
+                // The packet's sections, in the order announced (a chain built here, at most
+                // `count` long).
+                let mut at = l as u32;
+                for _ in 0..self.count {
+                    self.free.push(at);
+                    let n = std::mem::replace(&mut self.next[at as usize], NO_NEXT);
+                    if n == NO_NEXT {
+                        break;
+                    }
+                    at = n;
+                }
             }
             _ => count(&self.nic().stats.bad_nvsp),
         }
@@ -1292,30 +1427,53 @@ impl Netvsp {
         len: u32,
         control: bool,
     ) -> Result<bool, Error> {
+        self.announce_sections(out, &[l], &[len], control)
+    }
+
+    /// Sends one transfer-page packet of local `sections` (not empty), message `lens[i]` bytes
+    /// long in `sections[i]`; its transaction is the first section's, and the others are
+    /// chained to it, to be freed with it.
+    fn announce_sections(
+        &mut self,
+        out: &mut OutgoingRing,
+        sections: &[u32],
+        lens: &[u32],
+        control: bool,
+    ) -> Result<bool, Error> {
         let Some(rx) = &self.rx else {
             return Ok(false);
         };
-        let global = self.first + l;
-        transfer_page_header(
-            &mut self.xfer_header,
-            rx.id,
-            &[TransferPageRange {
-                byte_count: len,
-                byte_offset: global * rx.section_size,
-            }],
+        let Some(&head) = sections.first() else {
+            return Ok(false);
+        };
+        let mut ranges = std::mem::take(&mut self.rx_ranges);
+        ranges.clear();
+        ranges.extend(
+            sections
+                .iter()
+                .zip(lens)
+                .map(|(&l, &len)| TransferPageRange {
+                    byte_count: len,
+                    byte_offset: (self.first + l) * rx.section_size,
+                }),
         );
+        transfer_page_header(&mut self.xfer_header, rx.id, &ranges);
+        self.rx_ranges = ranges;
         let m = protocol::send_rndis_message(control, None);
         let parts = [m.as_bytes()];
         let p = OutgoingPacket {
             packet_type: PacketType::DATA_USING_XFER_PAGES,
             flags: PACKET_FLAG_COMPLETION_REQUESTED,
-            transaction_id: 1 + u64::from(global),
+            transaction_id: 1 + u64::from(self.first + head),
             header: &self.xfer_header,
             payload: &parts,
         };
         match out.write(&p) {
             Ok(()) => {
-                self.outstanding[l as usize] = true;
+                self.outstanding[head as usize] = true;
+                for w in sections.windows(2) {
+                    self.next[w[0] as usize] = w[1];
+                }
                 Ok(true)
             }
             Err(ringbuf::Error::Full { needed, .. }) => {
@@ -1326,8 +1484,14 @@ impl Netvsp {
         }
     }
 
-    /// Room an announcement needs in the ring.
-    const ANNOUNCE_BYTES: u32 = 16 + 16 + 40 + 8 + 8;
+    /// Room an announcement of `n` sections needs in the ring: descriptor, transfer-page
+    /// header and ranges, the NVSP message, padding and the trailer.
+    const fn announce_bytes(n: usize) -> u32 {
+        (16 + 8 + 8 * n + 40 + 8 + 8) as u32
+    }
+
+    /// Room an announcement of one section needs.
+    const ANNOUNCE_BYTES: u32 = Self::announce_bytes(1);
 
     /// Delivers waiting control answers, then frames from the TAP queue, while sections and
     /// ring room last.
@@ -1368,6 +1532,10 @@ impl Netvsp {
             return Ok(moved);
         }
         let mac = *self.group.mac.lock().unwrap_or_else(|e| e.into_inner());
+        // Relaxed: see `update_rsc`.
+        if self.group.rsc_offload.load(Ordering::Relaxed) != 0 || self.rx_held.is_some() {
+            return Ok(self.receive_coalesced(out, &rx, filter, &mac)? || moved);
+        }
         let vlan = self.nic().settings.vlan;
         let capacity = rx.section_size - RX_DATA_OFFSET;
         for _ in 0..RX_BATCH {
@@ -1446,7 +1614,7 @@ impl Netvsp {
                 count(&self.nic().stats.rx_dropped);
                 continue;
             }
-            let (header, msg_len) = protocol::rx_header(frame_len, &offload);
+            let (header, msg_len) = protocol::rx_header(frame_len, &offload, None);
             if rx.buffer.write(base, &header).is_err() {
                 count(&self.nic().stats.rx_dropped);
                 continue;
@@ -1461,6 +1629,205 @@ impl Netvsp {
             count(&self.nic().stats.rx_queue[usize::from(self.index)]);
         }
         Ok(moved)
+    }
+
+    /// The TAP offloads the guest's state calls for (primary channel): checksums and TCP
+    /// segmentation over the IP versions it enabled RSC for, when it negotiated NVSP 6.1 with
+    /// the RSC capability, has RNDIS initialized and enough receive sections per channel;
+    /// else none. Set on the TAP only when that changes.
+    fn update_rsc(&mut self) {
+        if self.index != 0 {
+            return;
+        }
+        self.refresh();
+        let rsc = self.rndis.rsc;
+        let eligible = self.version().is_some_and(|v| v.0 >= NvspVersion::V61.0)
+            && self.ndis_rsc
+            && self.rndis.initialized
+            && rsc.any()
+            && self.count >= RSC_MIN_SECTIONS;
+        let mut want = TunOffload::empty();
+        if eligible {
+            want = TunOffload::CSUM;
+            want.set(TunOffload::TSO4, rsc.ipv4);
+            want.set(TunOffload::TSO6, rsc.ipv6);
+        }
+        // Relaxed: written by this (primary) thread only; the other channels read it per
+        // frame, and one racing the change may see either (a stale frame is dropped).
+        let now = self.group.rsc_offload.load(Ordering::Relaxed);
+        if want.bits() == now {
+            return;
+        }
+        if let Some(q) = self.queue.as_mut() {
+            if let Err(e) = q.set_offload(want) {
+                tracing::warn!(nic = %self.group.nic.settings.tap, "TAP offloads {want:?}: {e}");
+            }
+        }
+        tracing::debug!(nic = %self.group.nic.settings.tap, "TAP offloads now {want:?}");
+        self.group.rsc_offload.store(want.bits(), Ordering::Relaxed);
+    }
+
+    /// With RSC on: reads frames into the frame buffer and delivers each in as many sections
+    /// as it needs; a frame that waits for sections or ring room stays held (the TAP keeps,
+    /// then drops, the ones behind it).
+    fn receive_coalesced(
+        &mut self,
+        out: &mut OutgoingRing,
+        rx: &LentBuffer,
+        filter: PacketFilter,
+        mac: &[u8; 6],
+    ) -> Result<bool, Error> {
+        let mut moved = false;
+        if self.rx_frame.is_empty() {
+            self.rx_frame = vec![0; MAX_GSO_FRAME];
+        }
+        let vlan = self.nic().settings.vlan;
+        for _ in 0..RX_BATCH {
+            if self.rx_held.is_none() {
+                if self.free.is_empty() {
+                    count(&self.nic().stats.rx_no_section);
+                    break;
+                }
+                let mut hdr = VirtioNetHdr::default();
+                let Some(q) = self.queue.as_mut() else { break };
+                let n = match q.read(&mut hdr, &mut [IoPieceMut::Local(&mut self.rx_frame)]) {
+                    Ok(Some(n)) => n,
+                    Ok(None) => break,
+                    Err(e) => return Err(Error::Net(e)),
+                };
+                moved = true;
+                let mut len = n;
+                if let Some(id) = vlan {
+                    let csum_start = hdr.csum_start.get();
+                    let partial = hdr.flags().contains(VnetFlags::NEEDS_CSUM);
+                    if n < 18
+                        || n > self.rx_frame.len()
+                        || Vlan::of_frame(&self.rx_frame[..16]).map(|v| v.id) != Some(id)
+                        || (partial && csum_start < 18)
+                    {
+                        count(&self.nic().stats.rx_dropped);
+                        continue;
+                    }
+                    self.rx_frame.copy_within(16..n, 12);
+                    len = n - 4;
+                    if partial {
+                        hdr.csum_start = (csum_start - 4).into();
+                    }
+                }
+                if !(14..=self.rx_frame.len()).contains(&len) {
+                    count(&self.nic().stats.rx_dropped);
+                    continue;
+                }
+                let dst: [u8; 6] = self.rx_frame[..6].try_into().expect("6 bytes");
+                if !filter_passes(filter, &dst, mac) {
+                    count(&self.nic().stats.rx_dropped);
+                    continue;
+                }
+                self.rx_held = Some(HeldFrame { len, hdr });
+            }
+            let Some(held) = self.rx_held else { break };
+            match self.deliver_held(out, rx, held)? {
+                Delivery::Done | Delivery::Dropped => self.rx_held = None,
+                Delivery::Wait => break,
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Writes the held frame into sections and announces them in one transfer-page packet.
+    fn deliver_held(
+        &mut self,
+        out: &mut OutgoingRing,
+        rx: &LentBuffer,
+        held: HeldFrame,
+    ) -> Result<Delivery, Error> {
+        let capacity = (rx.section_size - RX_DATA_OFFSET) as usize;
+        let frame = &self.rx_frame[..held.len];
+        let Some(layout) = rx_layout(frame, &held.hdr, capacity, self.count as usize) else {
+            count(&self.nic().stats.rx_dropped);
+            return Ok(Delivery::Dropped);
+        };
+        let Ok(offload) = RxOffload::from_vnet(&VirtioNetHdr {
+            gso_type: gso::NONE,
+            ..held.hdr
+        }) else {
+            count(&self.nic().stats.rx_dropped);
+            return Ok(Delivery::Dropped);
+        };
+        let (fragments, first, segment) = match layout {
+            RxLayout::Single => (1, held.len, held.len),
+            RxLayout::Rsc {
+                first,
+                segment,
+                fragments,
+            } => (fragments, first, segment),
+        };
+        if self.free.len() < fragments {
+            count(&self.nic().stats.rx_no_section);
+            return Ok(Delivery::Wait);
+        }
+        let need = Self::announce_bytes(fragments);
+        if !out.fits(need)? {
+            self.blocked = Some(need);
+            return Ok(Delivery::Wait);
+        }
+        let mut sections = std::mem::take(&mut self.rx_sections);
+        let mut lens = std::mem::take(&mut self.rx_lens);
+        sections.clear();
+        lens.clear();
+        let mut at = 0;
+        let mut written = true;
+        for i in 0..fragments {
+            let flen = if i == 0 {
+                first
+            } else {
+                segment.min(held.len - at)
+            };
+            let flags = match layout {
+                RxLayout::Single => None,
+                RxLayout::Rsc { .. } if i == 0 => Some(PktInfoFlags::FIRST_FRAGMENT),
+                RxLayout::Rsc { .. } if i + 1 == fragments => Some(PktInfoFlags::LAST_FRAGMENT),
+                RxLayout::Rsc { .. } => Some(PktInfoFlags::empty()),
+            };
+            let l = self.free[self.free.len() - 1 - i];
+            let base = (self.first + l) * rx.section_size;
+            let (header, msg_len) = protocol::rx_header(flen as u32, &offload, flags);
+            written &= rx.buffer.write(base, &header).is_ok()
+                && rx
+                    .buffer
+                    .write(base + RX_DATA_OFFSET, &self.rx_frame[at..at + flen])
+                    .is_ok();
+            sections.push(l);
+            lens.push(msg_len);
+            at += flen;
+        }
+        let result = if written {
+            self.announce_sections(out, &sections, &lens, false)
+        } else {
+            Ok(false)
+        };
+        self.rx_sections = sections;
+        self.rx_lens = lens;
+        if !written {
+            count(&self.nic().stats.rx_dropped);
+            return Ok(Delivery::Dropped);
+        }
+        if !result? {
+            // The ring filled after `fits`: try again later.
+            return Ok(Delivery::Wait);
+        }
+        self.free.truncate(self.free.len() - fragments);
+        let stats = &self.group.nic.stats;
+        count(&stats.rx_frames);
+        count(&stats.rx_queue[usize::from(self.index)]);
+        if fragments > 1 {
+            count(&stats.rx_rsc_frames);
+            // Relaxed: statistics.
+            stats
+                .rx_rsc_fragments
+                .fetch_add(fragments as u64, Ordering::Relaxed);
+        }
+        Ok(Delivery::Done)
     }
 
     /// The primary channel tells the guest of host link changes, at most one per 2 s.
@@ -1506,8 +1873,11 @@ impl Netvsp {
 
     /// Arms the TAP queue in the wake set only while a frame could be taken.
     fn arm(&mut self) {
+        // A held frame waits for sections or ring room (the guest's completions or reads wake
+        // us), not for the TAP.
         let want = self.rx.is_some()
             && !self.free.is_empty()
+            && self.rx_held.is_none()
             && self.group.filter.load(Ordering::Relaxed) != 0
             && self.blocked.is_none();
         if want == self.tap_armed {
@@ -1561,7 +1931,9 @@ fn filter_passes(filter: PacketFilter, dst: &[u8; 6], mac: &[u8; 6]) -> bool {
 
 impl Device for Netvsp {
     fn handle(&mut self, packet: &Packet<'_>, out: &mut OutgoingRing) -> Result<(), Error> {
-        self.handle_nvsp(packet, out)
+        let r = self.handle_nvsp(packet, out);
+        self.update_rsc();
+        r
     }
 
     fn poll(&mut self, out: &mut OutgoingRing) -> Result<bool, Error> {
@@ -1586,6 +1958,12 @@ impl Device for Netvsp {
 
 impl Drop for Netvsp {
     fn drop(&mut self) {
+        // The guest is gone: the TAP segments and checksums again for whoever comes next.
+        if self.index == 0 && self.group.rsc_offload.swap(0, Ordering::Relaxed) != 0 {
+            if let Some(q) = self.queue.as_mut() {
+                let _ = q.set_offload(TunOffload::empty());
+            }
+        }
         if let Some(q) = self.queue.take() {
             self.group.nic.give_back(self.index, q);
         }

@@ -9,14 +9,15 @@ use netdev::{RxOffload, TxOffload};
 use vmbus_proto::netvsp::NvspVersion;
 use vmbus_proto::rndis::PacketFilter;
 use vmbus_proto::rndis::{
-    object_type, IndicateStatus, InitializeComplete, InitializeRequest, KeepaliveComplete,
-    KeepaliveRequest, NdisCsumOffload, NdisLsoV2Offload, NdisObjectHeader, NdisOffload,
-    NdisOffloadParams, NdisPkt8021qInfo, NdisRecvScaleCap, NdisRecvScaleParam,
-    NdisTcpIpChecksumInfo, NdisTcpLsoInfo, Oid, PerPacketInfo, PpiType, QueryComplete,
-    QueryRequest, ResetComplete, RndisMessageHeader, RndisMessageType, RndisPacket, RndisStatus,
-    SetComplete, SetRequest, DF_CONNECTIONLESS, MEDIA_STATE_CONNECTED, MEDIA_STATE_DISCONNECTED,
-    MEDIUM_802_3, NDIS_OFFLOAD_SIZE_6_0, NDIS_OFFLOAD_SIZE_6_1, RNDIS_MAJOR_VERSION,
-    RNDIS_MINOR_VERSION, RSS_HASH_KEY_SIZE, RSS_INDIRECTION_TABLE_ENTRIES, RSS_REVISION_2,
+    object_type, IndicateStatus, InitializeComplete, InitializeRequest, InternalPpiType,
+    KeepaliveComplete, KeepaliveRequest, NdisCsumOffload, NdisLsoV2Offload, NdisObjectHeader,
+    NdisOffload, NdisOffloadParams, NdisPkt8021qInfo, NdisRecvScaleCap, NdisRecvScaleParam,
+    NdisRscOffload, NdisTcpIpChecksumInfo, NdisTcpLsoInfo, Oid, PerPacketInfo, PktInfoFlags,
+    PktInfoId, PpiType, QueryComplete, QueryRequest, ResetComplete, RndisMessageHeader,
+    RndisMessageType, RndisPacket, RndisStatus, SetComplete, SetRequest, DF_CONNECTIONLESS,
+    MEDIA_STATE_CONNECTED, MEDIA_STATE_DISCONNECTED, MEDIUM_802_3, NDIS_OFFLOAD_SIZE_6_0,
+    NDIS_OFFLOAD_SIZE_6_1, RNDIS_MAJOR_VERSION, RNDIS_MINOR_VERSION, RSS_HASH_KEY_SIZE,
+    RSS_INDIRECTION_TABLE_ENTRIES, RSS_REVISION_2,
 };
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
@@ -72,10 +73,11 @@ pub const DATA_HEAD_BYTES: usize = RNDIS_HEADER + size_of::<RndisPacket>() + MAX
 /// Bytes of the RNDIS message header.
 pub const RNDIS_HEADER: usize = size_of::<RndisMessageHeader>();
 /// Where a frame toward the guest starts in its receive section: after the RNDIS header,
-/// the packet message and room for three per-packet info entries.
-pub const RX_DATA_OFFSET: u32 = 96;
+/// the packet message and room for four per-packet info entries (checksum, VLAN, hash and the
+/// RSC fragment's packet id), rounded up to 16.
+pub const RX_DATA_OFFSET: u32 = 112;
 
-const _: () = assert!(RNDIS_HEADER + size_of::<RndisPacket>() + 3 * 16 <= RX_DATA_OFFSET as usize);
+const _: () = assert!(RNDIS_HEADER + size_of::<RndisPacket>() + 4 * 16 <= RX_DATA_OFFSET as usize);
 
 /// What the NIC is, as the RNDIS answers describe it.
 #[derive(Clone, Debug)]
@@ -120,6 +122,25 @@ pub struct RndisControl {
     pub offload: Option<NdisOffloadParams>,
     /// RSS settings (None: RSS off).
     pub rss: Option<RssSettings>,
+    /// Receive segment coalescing the guest enabled over IPv4 and IPv6 (offload parameters'
+    /// `rsc_ip_v4`, `rsc_ip_v6`; a parameter of "no change" keeps the last value).
+    pub rsc: RscEnabled,
+}
+
+/// Whether receive segment coalescing is on, per IP version.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RscEnabled {
+    /// Over IPv4.
+    pub ipv4: bool,
+    /// Over IPv6.
+    pub ipv6: bool,
+}
+
+impl RscEnabled {
+    /// Either is on.
+    pub fn any(&self) -> bool {
+        self.ipv4 || self.ipv6
+    }
 }
 
 /// The outcome of one control message.
@@ -188,6 +209,7 @@ impl RndisControl {
                 };
                 self.initialized = true;
                 self.filter = PacketFilter::empty();
+                self.rsc = RscEnabled::default();
                 let status = if r.major_version == RNDIS_MAJOR_VERSION {
                     RndisStatus::SUCCESS
                 } else {
@@ -215,6 +237,7 @@ impl RndisControl {
             RndisMessageType::HALT => {
                 self.initialized = false;
                 self.filter = PacketFilter::empty();
+                self.rsc = RscEnabled::default();
                 None
             }
             RndisMessageType::RESET => {
@@ -378,6 +401,18 @@ impl RndisControl {
                 if p.header.object_type != object_type::DEFAULT {
                     return RndisStatus::INVALID_DATA;
                 }
+                // The RSC bytes follow the first 22 (NDIS 6.30's parameters); shorter
+                // parameters leave RSC as it was, and so does a "no change" (0).
+                if info.len() > core::mem::offset_of!(NdisOffloadParams, rsc_ip_v6) {
+                    use vmbus_proto::rndis::offload_param::{RSC_DISABLED, RSC_ENABLED};
+                    let apply = |now: bool, v: u8| match v {
+                        RSC_ENABLED => true,
+                        RSC_DISABLED => false,
+                        _ => now,
+                    };
+                    self.rsc.ipv4 = apply(self.rsc.ipv4, p.rsc_ip_v4);
+                    self.rsc.ipv6 = apply(self.rsc.ipv6, p.rsc_ip_v6);
+                }
                 self.offload = Some(p);
                 RndisStatus::SUCCESS
             }
@@ -467,7 +502,8 @@ pub fn parse_rss(info: &[u8], channels: u32) -> Result<Option<RssSettings>, Rndi
 
 /// The offload capabilities answered to `OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES`, sized and
 /// revised for the NVSP version as Linux asks: checksums (TCP and UDP, IPv4 and IPv6, both
-/// ways) and LSO v2 over 802.3; no RSC, no IPsec.
+/// ways) and LSO v2 over 802.3; from NVSP 6.1 receive segment coalescing (IPv4 and IPv6:
+/// Linux offers LRO only when both are there); no IPsec.
 pub fn hardware_offloads(version: NvspVersion) -> Vec<u8> {
     use vmbus_proto::rndis::{
         csum_cap as cs, offload_encap as enc, OFFLOAD_PARAMETERS_REVISION_1,
@@ -505,6 +541,11 @@ pub fn hardware_offloads(version: NvspVersion) -> Vec<u8> {
             ip6_max_size: MAX_LSO_SIZE,
             ip6_min_segments: 2,
             ip6_opts: cs::IP_OPTIONS | cs::TCP_OPTIONS,
+        },
+        rsc: if version.0 >= NvspVersion::V61.0 {
+            NdisRscOffload { ip4: 1, ip6: 1 }
+        } else {
+            NdisRscOffload::default()
         },
         ..Default::default()
     };
@@ -601,24 +642,40 @@ pub fn parse_data(head: &[u8], msg_len: u32) -> Result<DataPacket, PacketError> 
 
 /// The RNDIS header (message, packet, per-packet info) of a `frame_len`-byte frame toward the
 /// guest, whose frame starts [`RX_DATA_OFFSET`] bytes into its section; returns the bytes to
-/// write at the section's start and the message's length.
-pub fn rx_header(frame_len: u32, rx: &RxOffload) -> ([u8; RX_DATA_OFFSET as usize], u32) {
-    let mut ppi = [0u8; 48];
+/// write at the section's start and the message's length. A fragment of a coalesced (RSC)
+/// frame carries its packet-id entry with `fragment`'s flags (`SUBALLOC` added); the offloads
+/// are only read from the first fragment, so the others carry none.
+pub fn rx_header(
+    frame_len: u32,
+    rx: &RxOffload,
+    fragment: Option<PktInfoFlags>,
+) -> ([u8; RX_DATA_OFFSET as usize], u32) {
+    let mut ppi = [0u8; 64];
     let mut n = 0;
-    let mut add = |t: PpiType, v: u32| {
-        let e = PerPacketInfo::new(t, false, 4);
+    let mut add = |t: PpiType, internal: bool, v: u32| {
+        let e = PerPacketInfo::new(t, internal, 4);
         ppi[n..n + 12].copy_from_slice(e.as_bytes());
         ppi[n + 12..n + 16].copy_from_slice(&v.to_le_bytes());
         n += 16;
     };
+    let first = fragment.is_none_or(|f| f.contains(PktInfoFlags::FIRST_FRAGMENT));
+    let rx = if first { *rx } else { RxOffload::default() };
+    if let Some(f) = fragment {
+        let id = PktInfoId::new(f | PktInfoFlags::SUBALLOC);
+        add(
+            PpiType(InternalPpiType::PKTINFO_ID.0),
+            true,
+            u32::from_le_bytes(id.as_bytes().try_into().expect("4 bytes")),
+        );
+    }
     if let Some(c) = rx.checksum_ppi() {
-        add(PpiType::TCPIP_CHKSUM, c.0);
+        add(PpiType::TCPIP_CHKSUM, false, c.0);
     }
     if let Some(v) = rx.vlan {
-        add(PpiType::IEEE_8021Q, v.to_ppi().0);
+        add(PpiType::IEEE_8021Q, false, v.to_ppi().0);
     }
     if let Some(h) = rx.hash {
-        add(PpiType::NBL_HASH_VALUE, h);
+        add(PpiType::NBL_HASH_VALUE, false, h);
     }
     let msg_len = RX_DATA_OFFSET + frame_len;
     let mut out = [0u8; RX_DATA_OFFSET as usize];
@@ -639,6 +696,7 @@ pub fn rx_header(frame_len: u32, rx: &RxOffload) -> ([u8; RX_DATA_OFFSET as usiz
     };
     out[..8].copy_from_slice(hdr.as_bytes());
     out[8..44].copy_from_slice(pkt.as_bytes());
+    const _: () = assert!(44 + 64 <= RX_DATA_OFFSET as usize);
     out[44..44 + n].copy_from_slice(&ppi[..n]);
     (out, msg_len)
 }

@@ -881,3 +881,216 @@ mod tap_tests {
         );
     }
 }
+
+/// A TCP/IPv4 GSO frame to `dst` as a TAP with segmentation offloads hands it over: `payload`
+/// bytes in `mss`-byte segments, the checksum partial.
+fn gso_frame(dst: [u8; 6], payload: usize, mss: u16) -> (VirtioNetHdr, Vec<u8>) {
+    let mut f = tcp_frame(payload);
+    f[..6].copy_from_slice(&dst);
+    for (i, b) in f[54..].iter_mut().enumerate() {
+        *b = (i % 251) as u8;
+    }
+    let hdr = VirtioNetHdr {
+        flags: netdev::VnetFlags::NEEDS_CSUM.bits(),
+        gso_type: netdev::vnet::gso::TCPV4,
+        hdr_len: 128.into(),
+        gso_size: mss.into(),
+        csum_start: 34.into(),
+        csum_offset: 16.into(),
+        num_buffers: 0.into(),
+    };
+    (hdr, f)
+}
+
+/// The packet-id flags of a received message's per-packet info, if it has that entry.
+fn fragment_flags(ppi: &[u8]) -> Option<vmbus_proto::rndis::PktInfoFlags> {
+    let mut at = 0;
+    while at + 16 <= ppi.len() {
+        let size = u32::from_le_bytes(ppi[at..at + 4].try_into().unwrap()) as usize;
+        let kind = u32::from_le_bytes(ppi[at + 4..at + 8].try_into().unwrap());
+        if kind == 0x8000_0001 {
+            assert_eq!(ppi[at + 12], vmbus_proto::rndis::PKTINFO_ID_V1);
+            return Some(vmbus_proto::rndis::PktInfoFlags::from_bits_retain(
+                ppi[at + 13],
+            ));
+        }
+        at += size.max(16);
+    }
+    None
+}
+
+#[test]
+fn a_large_host_frame_reaches_an_rsc_guest_in_fragments_of_one_transfer() {
+    use vmbus_proto::rndis::PktInfoFlags as F;
+    let (nic, qs) = standin_nic(1);
+    let mut h = harness(&nic);
+    let hs = handshake(&mut h, NvspVersion::V61, 0).unwrap().unwrap();
+    // The guest enabled RSC: the TAP hands over TCP super-frames with partial checksums.
+    let tso = netdev::TunOffload::CSUM | netdev::TunOffload::TSO4 | netdev::TunOffload::TSO6;
+    assert_eq!(qs[0].0.lock().unwrap().offload, tso.bits());
+    let (hdr, big) = gso_frame(hs.mac, 60_000, 1448);
+    qs[0].push_to_guest(hdr, big.clone());
+    qs[0].push_to_guest(VirtioNetHdr::default(), frame(hs.mac, 200));
+    h.run().unwrap();
+    let transfers: Vec<(u64, usize)> = h
+        .received
+        .iter()
+        .filter_map(|r| match r {
+            Received::Transfer { tx, ranges, .. } => Some((*tx, ranges.len())),
+            _ => None,
+        })
+        .collect();
+    // One packet for the super-frame (headers and a segment first, then a segment each),
+    // one for the small frame.
+    let fragments = 1 + (60_000 - 1448usize).div_ceil(1448);
+    assert_eq!(
+        transfers.iter().map(|t| t.1).collect::<Vec<_>>(),
+        [fragments, 1]
+    );
+    let msgs = take_received(&mut h, false).unwrap();
+    let got = frames_of(&msgs);
+    assert_eq!(got.len(), fragments + 1);
+    let mut whole = Vec::new();
+    for (i, (_, ppi, data)) in got[..fragments].iter().enumerate() {
+        let flags = fragment_flags(ppi).expect("a packet-id entry");
+        let want = match i {
+            0 => F::SUBALLOC | F::FIRST_FRAGMENT,
+            _ if i + 1 == fragments => F::SUBALLOC | F::LAST_FRAGMENT,
+            _ => F::SUBALLOC,
+        };
+        assert_eq!(flags, want, "fragment {i}");
+        // The checksum entry (TCP, UDP, IP succeeded) on the first only.
+        let csum = ppi
+            .chunks_exact(16)
+            .find(|e| e[4..8] == [0, 0, 0, 0])
+            .map(|e| u32::from_le_bytes(e[12..16].try_into().unwrap()));
+        assert_eq!(csum.map(|c| c & 0x38), (i == 0).then_some(0x38), "{i}");
+        assert_eq!(
+            data.len(),
+            if i == 0 {
+                54 + 1448
+            } else {
+                1448.min(big.len() - whole.len())
+            }
+        );
+        whole.extend_from_slice(data);
+    }
+    assert_eq!(whole, big);
+    assert_eq!(fragment_flags(&got[fragments].1), None);
+    assert_eq!(got[fragments].2, frame(hs.mac, 200));
+    assert_eq!(nic.stats.rx_rsc_frames.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        nic.stats.rx_rsc_fragments.load(Ordering::Relaxed),
+        fragments as u64
+    );
+    assert_eq!(nic.stats.rx_frames.load(Ordering::Relaxed), 2);
+    // The completions gave every section back: as many super-frames as the channel's share
+    // holds all go through, again and again.
+    let sections = hs.recv.sections[0].num_sub_allocs as usize;
+    for _ in 0..3 {
+        for _ in 0..sections / fragments {
+            qs[0].push_to_guest(hdr, big.clone());
+        }
+        h.run().unwrap();
+        assert_eq!(
+            frames_of(&take_received(&mut h, false).unwrap()).len(),
+            sections / fragments * fragments
+        );
+    }
+    assert_eq!(nic.stats.rx_dropped.load(Ordering::Relaxed), 0);
+    assert_eq!(nic.stats.bad_nvsp.load(Ordering::Relaxed), 0);
+    // Held back without sections: nothing is lost, it goes once they come back.
+    let fit = sections / fragments;
+    for _ in 0..fit + 1 {
+        qs[0].push_to_guest(hdr, big.clone());
+    }
+    h.run().unwrap();
+    let pending = |h: &Harness| -> Vec<(u64, Vec<vmbus_proto::ring::TransferPageRange>)> {
+        h.received
+            .iter()
+            .filter_map(|r| match r {
+                Received::Transfer { tx, ranges, .. } => Some((*tx, ranges.clone())),
+                _ => None,
+            })
+            .collect()
+    };
+    let waiting = pending(&h);
+    assert_eq!(waiting.len(), fit);
+    assert!(nic.stats.rx_no_section.load(Ordering::Relaxed) > 0);
+    // A completion naming a section that is not a packet's first frees nothing.
+    let before = nic.stats.bad_nvsp.load(Ordering::Relaxed);
+    let done = nvsp(
+        NvspMessageType::SEND_RNDIS_PACKET_COMPLETE,
+        &SendRndisPacketComplete {
+            status: NvspStatus::SUCCESS,
+        },
+    );
+    let size = hs.recv.sections[0].sub_alloc_size;
+    let forged = 1 + u64::from(waiting[0].1[1].byte_offset / size);
+    h.send(forged, &done, Sent::Completion).unwrap();
+    h.run().unwrap();
+    assert_eq!(nic.stats.bad_nvsp.load(Ordering::Relaxed), before + 1);
+    assert_eq!(pending(&h).len(), fit);
+    assert_eq!(
+        frames_of(&take_received(&mut h, false).unwrap()).len(),
+        fit * fragments
+    );
+    h.run().unwrap();
+    assert_eq!(
+        frames_of(&take_received(&mut h, false).unwrap()).len(),
+        fragments
+    );
+    // Frames it cannot deliver coalesced are dropped and counted: a segment too large for a
+    // section, a GSO kind it did not ask for, a frame over the MTU without GSO.
+    let (mut bad, f) = gso_frame(hs.mac, 20_000, 1600);
+    qs[0].push_to_guest(bad, f.clone());
+    bad.gso_size = 1448.into();
+    bad.gso_type = netdev::vnet::gso::UDP_L4;
+    qs[0].push_to_guest(bad, f.clone());
+    qs[0].push_to_guest(VirtioNetHdr::default(), f);
+    h.run().unwrap();
+    assert!(take_received(&mut h, false).unwrap().is_empty());
+    assert_eq!(nic.stats.rx_dropped.load(Ordering::Relaxed), 3);
+    // The guest goes away: the TAP gets no offloads again.
+    drop(h);
+    assert_eq!(qs[0].0.lock().unwrap().offload, 0);
+}
+
+#[test]
+fn without_rsc_the_tap_keeps_no_offloads_and_gso_frames_are_dropped() {
+    for version in [NvspVersion::V6, NvspVersion::V5, NvspVersion::V4] {
+        let (nic, qs) = standin_nic(1);
+        let mut h = harness(&nic);
+        let hs = handshake(&mut h, version, 0).unwrap().unwrap();
+        assert_eq!(qs[0].0.lock().unwrap().offload, 0, "{version:?}");
+        let (hdr, big) = gso_frame(hs.mac, 10_000, 1448);
+        qs[0].push_to_guest(hdr, big);
+        qs[0].push_to_guest(VirtioNetHdr::default(), frame(hs.mac, 1514));
+        h.run().unwrap();
+        let got = frames_of(&take_received(&mut h, false).unwrap());
+        assert_eq!(got.len(), 1, "{version:?}");
+        assert_eq!(got[0].2, frame(hs.mac, 1514));
+        assert_eq!(nic.stats.rx_dropped.load(Ordering::Relaxed), 1);
+    }
+    // A 6.1 guest that turns RSC off again (LRO off): the offloads go with it.
+    let (nic, qs) = standin_nic(1);
+    let mut h = harness(&nic);
+    handshake(&mut h, NvspVersion::V61, 0).unwrap().unwrap();
+    assert_ne!(qs[0].0.lock().unwrap().offload, 0);
+    let off = vmbus_proto::rndis::NdisOffloadParams {
+        header: NdisObjectHeader {
+            object_type: 0x80,
+            revision: 3,
+            size: 28,
+        },
+        rsc_ip_v4: vmbus_proto::rndis::offload_param::RSC_DISABLED,
+        rsc_ip_v6: vmbus_proto::rndis::offload_param::RSC_DISABLED,
+        ..Default::default()
+    };
+    assert_eq!(
+        set_status(&mut h, 900, Oid::TCP_OFFLOAD_PARAMETERS, off.as_bytes()).unwrap(),
+        0
+    );
+    assert_eq!(qs[0].0.lock().unwrap().offload, 0);
+    let _ = nic;
+}
