@@ -70,11 +70,6 @@ pub type BatchHook = Arc<dyn Fn() + Send + Sync>;
 /// system call).
 const SOURCE_POLL_EVERY: u32 = 32;
 
-/// Busy passes between two looks at sources that were dry (their last poll read nothing and
-/// they wait only for their descriptors): at QD32 a look right after every batch of
-/// completions mostly finds the client still reading its replies, a failed read per batch.
-const SOURCE_DRY_PASSES: u32 = 4;
-
 /// How long a queue thread sleeps at most while a source waits for something other than its
 /// descriptor.
 pub const SOURCE_RETRY: Duration = Duration::from_millis(1);
@@ -630,27 +625,15 @@ impl EventLoop {
     /// sleep protocol of the ring and of the doorbell.
     pub fn run(&mut self, work: &mut impl QueueWork) -> Result<(), Error> {
         let (mut last_moved, mut idle_spins) = (true, 0u32);
-        // Busy passes since the sources were last found dry (`SOURCE_DRY_PASSES`: not dry).
-        let mut dry_for = SOURCE_DRY_PASSES;
         loop {
             if work.stopped() {
                 return Ok(());
             }
             let mut moved = false;
-            // Sources: after work (every few passes while they are dry and wait only for their
-            // descriptors), and every few idle spins.
+            // Sources: after work, and every few idle spins.
             idle_spins = if last_moved { 0 } else { idle_spins + 1 };
-            let due = if last_moved {
-                dry_for >= SOURCE_DRY_PASSES || self.retry_soon()
-            } else {
-                idle_spins.is_multiple_of(SOURCE_POLL_EVERY)
-            };
-            if due && self.has_sources() {
-                let got = self.poll_sources();
-                moved |= got;
-                dry_for = if got { SOURCE_DRY_PASSES } else { 0 };
-            } else if last_moved {
-                dry_for += 1;
+            if (last_moved || idle_spins.is_multiple_of(SOURCE_POLL_EVERY)) && self.has_sources() {
+                moved |= self.poll_sources();
             }
             // Registered descriptors: every few idle spins.
             if !last_moved && self.registered > 0 && idle_spins.is_multiple_of(SOURCE_POLL_EVERY) {
