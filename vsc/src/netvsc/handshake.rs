@@ -1162,7 +1162,8 @@ mod tests {
             h.buffer_ready(Buffer::Receive, 1).unwrap();
             h
         };
-        let recv = |f: &dyn Fn(&mut SendReceiveBufferComplete)| {
+        // A good completion, changed by `f`.
+        let completion = |f: &dyn Fn(&mut SendReceiveBufferComplete)| {
             let mut c = SendReceiveBufferComplete {
                 status: NvspStatus::SUCCESS,
                 num_sections: 1,
@@ -1171,11 +1172,9 @@ mod tests {
             c.sections[0].sub_alloc_size = 1728;
             c.sections[0].num_sub_allocs = 100;
             f(&mut c);
-            start().on_nvsp(&NvspMessage::new(
-                NvspMessageType::SEND_RECEIVE_BUFFER_COMPLETE,
-                &c,
-            ))
+            NvspMessage::new(NvspMessageType::SEND_RECEIVE_BUFFER_COMPLETE, &c)
         };
+        let recv = |f: &dyn Fn(&mut SendReceiveBufferComplete)| start().on_nvsp(&completion(f));
         assert!(recv(&|_| {}).is_ok());
         assert!(recv(&|c| c.status = NvspStatus::FAIL).is_err());
         assert!(recv(&|c| c.num_sections = 2).is_err());
@@ -1183,18 +1182,7 @@ mod tests {
         assert!(recv(&|c| c.sections[0].sub_alloc_size = 67).is_err());
         assert!(recv(&|c| c.sections[0].num_sub_allocs = u32::MAX).is_err());
         let mut h = start();
-        let mut c = SendReceiveBufferComplete {
-            status: NvspStatus::SUCCESS,
-            num_sections: 1,
-            ..Default::default()
-        };
-        c.sections[0].sub_alloc_size = 1728;
-        c.sections[0].num_sub_allocs = 100;
-        h.on_nvsp(&NvspMessage::new(
-            NvspMessageType::SEND_RECEIVE_BUFFER_COMPLETE,
-            &c,
-        ))
-        .unwrap();
+        h.on_nvsp(&completion(&|_| {})).unwrap();
         h.buffer_ready(Buffer::Send, 2).unwrap();
         let mut small = h.clone();
         assert!(small

@@ -357,6 +357,13 @@ pub struct Group {
 }
 
 impl Group {
+    /// The receive and send buffers the guest lent, as they are now.
+    fn buffers(&self) -> (Option<LentBuffer>, Option<LentBuffer>) {
+        let lent =
+            |m: &Mutex<Option<LentBuffer>>| m.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        (lent(&self.rx), lent(&self.tx))
+    }
+
     /// A new group for a primary channel of `nic`.
     pub fn new(nic: Arc<Nic>) -> Arc<Self> {
         let mac = nic.settings.mac;
@@ -721,18 +728,8 @@ impl Netvsp {
             return;
         }
         self.generation = g;
-        let rx = self
-            .group
-            .rx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        self.tx = self
-            .group
-            .tx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let (rx, tx) = self.group.buffers();
+        self.tx = tx;
         let same = match (&rx, &self.rx) {
             (Some(a), Some(b)) => a.gpadl == b.gpadl && a.sections == b.sections,
             (None, None) => true,
@@ -1067,18 +1064,7 @@ impl Netvsp {
         if g.relid != self.relid {
             return None;
         }
-        let rx = self
-            .group
-            .rx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let tx = self
-            .group
-            .tx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let (rx, tx) = self.group.buffers();
         let mine = if receive { &rx } else { &tx };
         if mine.is_some()
             || rx.as_ref().is_some_and(|b| b.gpadl == gpadl)
