@@ -1094,3 +1094,32 @@ fn without_rsc_the_tap_keeps_no_offloads_and_gso_frames_are_dropped() {
     assert_eq!(qs[0].0.lock().unwrap().offload, 0);
     let _ = nic;
 }
+
+/// A polling worker looks at an empty TAP less and less often (a failed `readv` on every turn
+/// was most of a core), and a frame that arrives meanwhile still waits at most
+/// `TAP_BACKOFF_MAX`.
+#[test]
+fn an_empty_tap_is_looked_at_less_often_and_a_frame_still_comes_soon() {
+    let (nic, qs) = standin_nic(1);
+    let mut h = harness(&nic);
+    let hs = handshake(&mut h, NvspVersion::V61, 0).unwrap().unwrap();
+    let reads = |q: &StandIn| q.0.lock().unwrap().reads;
+    let before = reads(&qs[0]);
+    let start = Instant::now();
+    let mut turns = 0u64;
+    while start.elapsed() < Duration::from_millis(2) {
+        assert!(!h.turn().unwrap());
+        turns += 1;
+    }
+    let looked = reads(&qs[0]) - before;
+    assert!(
+        looked > 0 && looked * 2 < turns,
+        "{looked} looks at the TAP in {turns} turns"
+    );
+    assert_eq!(h.device.tap_backoff, TAP_BACKOFF_MAX);
+    qs[0].push_to_guest(VirtioNetHdr::default(), frame(hs.mac, 64));
+    std::thread::sleep(TAP_BACKOFF_MAX);
+    assert!(h.turn().unwrap());
+    assert!(h.device.tap_backoff.is_zero());
+    assert_eq!(frames_of(&take_received(&mut h, false).unwrap()).len(), 1);
+}
