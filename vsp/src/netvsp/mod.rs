@@ -89,9 +89,10 @@ const RSC_MIN_SECTIONS: u32 = 2 * 64;
 /// While polling, a look at the TAP that finds nothing costs a `readv` (about a microsecond
 /// here): done on every turn of a busy worker it was 9 failed reads per frame sent, most of a
 /// core. After an empty look the TAP is left alone for 2 us, doubling up to this while it stays
-/// empty; a frame read, sections coming back or a control message to send end the wait, and a
-/// sleeping worker is woken by the TAP's readiness as before. The cost: a frame that arrives
-/// while the worker polls waits at most this long.
+/// empty; a frame read or written (its answer may be queued already), sections coming back or
+/// a control message to send end the wait, and a sleeping worker is woken by the TAP's
+/// readiness as before. The cost: a frame that arrives while the worker polls, with no traffic
+/// the other way, waits at most this long.
 const TAP_BACKOFF_MAX: Duration = Duration::from_micros(16);
 /// See [`TAP_BACKOFF_MAX`].
 const TAP_BACKOFF_MIN: Duration = Duration::from_micros(2);
@@ -1417,6 +1418,9 @@ impl Netvsp {
             Ok(Some(_)) => {
                 count(&nic.stats.tx_frames);
                 count(&nic.stats.tx_queue[usize::from(self.index)]);
+                // An answer (an ACK, an echo reply) is often queued by the time the write
+                // returns: look on this turn.
+                self.tap_backoff = Duration::ZERO;
             }
             _ => count(&nic.stats.tx_backend_dropped),
         }
