@@ -23,6 +23,7 @@
 pub mod buffer;
 pub mod harness;
 pub mod protocol;
+pub mod rss;
 #[cfg(test)]
 mod tests;
 
@@ -364,6 +365,9 @@ pub struct Group {
     /// The TAP's offloads ([`TunOffload`] bits): not empty while the guest has RSC on, when
     /// the channels deliver super-frames coalesced.
     rsc_offload: AtomicU32,
+    /// The receive hash the guest set up (RSS on, a key, types we hash); channels reload it
+    /// when `generation` moves.
+    rss: Mutex<Option<Arc<rss::RssHash>>>,
 }
 
 impl Group {
@@ -386,6 +390,7 @@ impl Group {
             mac: Mutex::new(mac),
             channels: AtomicU32::new(1),
             rsc_offload: AtomicU32::new(0),
+            rss: Mutex::new(None),
         })
     }
 
@@ -550,6 +555,8 @@ pub struct Netvsp {
     epoll: OwnedFd,
     timer: Option<OwnedFd>,
     tap_armed: bool,
+    /// The group's receive hash, as of `generation`.
+    rss: Option<Arc<rss::RssHash>>,
     /// How long the TAP is left alone after a look that found nothing (zero: looked at on
     /// every turn); see [`TAP_BACKOFF_MAX`].
     tap_backoff: Duration,
@@ -687,6 +694,7 @@ impl Netvsp {
             epoll: ep,
             timer: None,
             tap_armed: false,
+            rss: None,
             tap_backoff: Duration::ZERO,
             tap_next: Instant::now(),
             scratch: vec![0; MAX_LSO_FRAME as usize],
@@ -745,6 +753,12 @@ impl Netvsp {
             return;
         }
         self.generation = g;
+        self.rss = self
+            .group
+            .rss
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let (rx, tx) = self.group.buffers();
         self.tx = tx;
         let same = match (&rx, &self.rx) {
@@ -1302,6 +1316,22 @@ impl Netvsp {
                 *self.group.mac.lock().unwrap_or_else(|e| e.into_inner()) = mac;
             }
         }
+        let rss = self
+            .rndis
+            .rss
+            .as_ref()
+            .and_then(|r| rss::RssHash::new(&r.key, r.hash_info));
+        let changed = {
+            let mut shared = self.group.rss.lock().unwrap_or_else(|e| e.into_inner());
+            let changed = shared.as_deref() != rss.as_ref();
+            if changed {
+                *shared = rss.map(Arc::new);
+            }
+            changed
+        };
+        if changed {
+            self.group.bump();
+        }
         if RndisMessageHeader::read_from_prefix(&msg)
             .is_ok_and(|(h, _)| h.message_type == RndisMessageType::QUERY)
         {
@@ -1614,13 +1644,20 @@ impl Netvsp {
             let passes =
                 rx.buffer.read(frame_at, &mut dst).is_ok() && filter_passes(filter, &dst, &mac);
             let offload = RxOffload::from_vnet(&hdr);
-            let Ok(offload) = offload else {
+            let Ok(mut offload) = offload else {
                 count(&self.nic().stats.rx_dropped);
                 continue;
             };
             if !passes {
                 count(&self.nic().stats.rx_dropped);
                 continue;
+            }
+            if let Some(h) = &self.rss {
+                let mut head = [0u8; rss::HEADER_BYTES];
+                let n = (frame_len as usize).min(head.len());
+                if rx.buffer.read(frame_at, &mut head[..n]).is_ok() {
+                    offload.hash = h.of_frame(&head[..n]);
+                }
             }
             let (header, msg_len) = protocol::rx_header(frame_len, &offload, None);
             if rx.buffer.write(base, &header).is_err() {
@@ -1755,13 +1792,14 @@ impl Netvsp {
             count(&self.nic().stats.rx_dropped);
             return Ok(Delivery::Dropped);
         };
-        let Ok(offload) = RxOffload::from_vnet(&VirtioNetHdr {
+        let Ok(mut offload) = RxOffload::from_vnet(&VirtioNetHdr {
             gso_type: gso::NONE,
             ..held.hdr
         }) else {
             count(&self.nic().stats.rx_dropped);
             return Ok(Delivery::Dropped);
         };
+        offload.hash = self.rss.as_ref().and_then(|h| h.of_frame(frame));
         let (fragments, first, segment) = match layout {
             RxLayout::Single => (1, held.len, held.len),
             RxLayout::Rsc {
