@@ -941,7 +941,14 @@ impl QueueWork for Queue {
         // Completions.
         self.st.ch.inc.mask();
         let mut completed = false;
-        for _ in 0..COMPLETE_BATCH {
+        // The host asleep: every publication of requests would cost it a signal and a wakeup;
+        // completing (and so resubmitting) all at once sends them with one.
+        let batch = if self.st.ch.out.reader_waiting() {
+            MAX_IN_FLIGHT
+        } else {
+            COMPLETE_BATCH
+        };
+        for _ in 0..batch {
             match self.complete_one()? {
                 Some(n) => completed |= n,
                 None => break,
@@ -995,7 +1002,8 @@ impl QueueWork for Queue {
 
     fn woke(&mut self, woke: Woke) -> Result<(), Error> {
         if woke.interrupt {
-            self.st.ch.take_interrupt()?;
+            // The loop watches the line edge-triggered: no need to reset it.
+            self.st.ch.count_interrupt();
         }
         if !self.st.ch.host_alive() {
             // The daemon is gone: nothing will complete; fail what is pending.
