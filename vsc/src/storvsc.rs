@@ -1451,12 +1451,13 @@ impl Queue {
             Err(e) => Err(e),
             Ok(_) if slot.data_in == 0 => Ok(given_back),
             Ok(n) => {
-                let mut data = vec![0u8; n];
+                // Filled from the bounce pages without zeroing it first (`n` is at most the
+                // length asked, checked by `completion_outcome`).
+                let mut data = Vec::with_capacity(n);
                 let mem = self.front.memory();
-                let copied = data
-                    .chunks_mut(4096)
-                    .enumerate()
-                    .try_for_each(|(i, chunk)| mem.read(slot.pages[i] * 4096, chunk));
+                let copied = (0..n).step_by(4096).enumerate().try_for_each(|(i, at)| {
+                    mem.append_to(slot.pages[i] * 4096, (n - at).min(4096), &mut data)
+                });
                 if let Err(e) = copied {
                     self.free_pages.append(&mut slot.pages);
                     self.free_slots.push(slot_no);

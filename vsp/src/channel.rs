@@ -258,10 +258,11 @@ struct Worker {
 const HANDLE_BATCH: usize = 8;
 
 /// The same while the guest sleeps (its interrupt unmasked, everything published read): every
-/// publication would then cost an interrupt and a wakeup (two system calls on each side), so
-/// the worker handles what the ring holds, up to this, submits the I/O with one system call and
-/// publishes the answers with one interrupt.
-const SLEEPER_BATCH: usize = 256;
+/// publication would then cost an interrupt and a wakeup (system calls on both sides), so the
+/// worker handles what the ring holds, up to this, submits the I/O with one system call and
+/// publishes the answers with one interrupt. Bounded so that slow I/O done inline (buffered
+/// writes) still reaches the guest in batches: a deeper queue gets an interrupt per 32.
+const SLEEPER_BATCH: usize = 32;
 
 impl Worker {
     fn run(mut self) {
