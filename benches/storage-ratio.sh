@@ -16,6 +16,8 @@
 # Usage: benches/storage-ratio.sh [ROUNDS] [criterion options...]
 #   e.g. ROUNDS=3 POLL_US=0 benches/storage-ratio.sh --measurement-time 2
 #        VMBUS_BENCH_STORAGE_DIRECT=1 benches/storage-ratio.sh     (O_DIRECT on both sides)
+#        CASES="randread_qd32" benches/storage-ratio.sh 5          (only that case: the bench runs
+#                                                                   no other, cost runs included)
 # Builds the release binaries first (the bench runs target/release/vspd).
 # Criterion's own report goes to stderr (HTML under <target>/criterion); stdout has the figures.
 set -euo pipefail
@@ -28,7 +30,7 @@ rounds_arg "$@"
 shift "$shift_args"
 read -r -a polls <<<"${POLL_US:-1000 0}"
 
-cases=(randread_qd1 randread_qd32 randwrite_qd1 randwrite_qd32)
+read -r -a cases <<<"${CASES:-randread_qd1 randread_qd32 randwrite_qd1 randwrite_qd32}"
 declare -A ratio delta cpu_ratio sys_stack sys_uring
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
@@ -44,7 +46,7 @@ echo "storage: library path (vspd + loopback storvsc Disk) vs raw io_uring, 4 Ki
     "polling ${polls[*]} us; $(uptime)"
 for ((i = 1; i <= rounds; i++)); do
     for poll in "${polls[@]}"; do
-        (cd "$root" && VMBUS_BENCH_POLL_US=$poll "$exe" --bench "$@") 2>&1 | tee "$log" >&2
+        (cd "$root" && VMBUS_BENCH_POLL_US=$poll VMBUS_BENCH_STORAGE_CASES="${cases[*]}" "$exe" --bench "$@") 2>&1 | tee "$log" >&2
         if grep -q '^storage bench skipped' "$log"; then
             grep '^storage bench skipped' "$log"
             exit 1

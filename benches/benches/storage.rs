@@ -70,6 +70,10 @@ const POLL_ENV: &str = "VMBUS_BENCH_POLL_US";
 const GUEST_MEMORY: u64 = 64 << 20;
 /// Requests of the wake-up and cost counts after each QD32 function (a tenth of it at QD1).
 const COST_REQUESTS: u64 = 200_000;
+/// Environment variable: the cases to run (`randread_qd32 randwrite_qd1`...: `<op>_qd<depth>`,
+/// separated by spaces or commas); unset: all four. Both contestants of a case run, and its
+/// cost and wake-up counts.
+const CASES_ENV: &str = "VMBUS_BENCH_STORAGE_CASES";
 
 /// The `vspd` binary: `$VMBUS_BENCH_VSPD`, else `vspd` beside the bench's profile directory
 /// (`target/<profile>/vspd`), else `target/release/vspd`. `None` if none exists.
@@ -588,8 +592,17 @@ fn storage(c: &mut Criterion) {
     };
     let mut group = c.benchmark_group("storage");
     group.throughput(Throughput::Elements(1));
+    let cases = std::env::var(CASES_ENV).ok();
+    let wanted = |case: &str| {
+        cases
+            .as_deref()
+            .is_none_or(|l| l.split([' ', ',']).any(|c| c == case))
+    };
     for (op, write) in [("randread", false), ("randwrite", true)] {
         for qd in [1u64, 32] {
+            if !wanted(&format!("{op}_qd{qd}")) {
+                continue;
+            }
             let mut uring = Uring::new(&setup, qd as usize).expect("io_uring on the image");
             let mut next = 0u64;
             group.bench_function(format!("uring_{op}_qd{qd}"), |b| {

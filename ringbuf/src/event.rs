@@ -14,7 +14,8 @@ use crate::Error;
 /// non-blocking (`EFD_NONBLOCK`), and a saturated counter (`EAGAIN`) means a signal is pending
 /// anyway: the signal is dropped, which loses nothing. An eventfd received from a peer
 /// ([`from_untrusted_fd`](Self::from_untrusted_fd)) shares its file status flags with that peer,
-/// which could clear `O_NONBLOCK` again at any time: `O_NONBLOCK` is set anew before each write.
+/// which could clear `O_NONBLOCK` again at any time: `O_NONBLOCK` is set anew before each write,
+/// and reads ask not to wait (`RWF_NOWAIT`) whatever the flag says.
 #[derive(Debug)]
 pub struct Event {
     fd: OwnedFd,
@@ -35,7 +36,8 @@ impl Event {
 
     /// A new eventfd that will be handed to a peer (a channel's signal, which the front end
     /// writes): the peer's duplicate shares the file's `O_NONBLOCK` flag and may clear it, so,
-    /// as for [`Event::from_untrusted_fd`], the flag is set again before every write and read.
+    /// as for [`Event::from_untrusted_fd`], the flag is set again before every write, and every
+    /// read asks not to wait (`RWF_NOWAIT`).
     /// A signal then never blocks on a counter the peer saturated, and a read never blocks on
     /// one the peer drained first.
     pub fn new_shared() -> Result<Self, Error> {
@@ -95,22 +97,15 @@ impl Event {
     /// Sleeps until the event is signalled and resets it. Returns the number of signals.
     pub fn wait(&self) -> Result<u64, Error> {
         use rustix::event::{poll, PollFd, PollFlags};
-        let mut buf = [0u8; 8];
         loop {
-            if self.untrusted {
-                set_nonblocking(&self.fd)?;
+            // 0: not signalled (a successful read of an eventfd is never 0): sleep until it is.
+            let n = self.reset()?;
+            if n != 0 {
+                return Ok(n);
             }
-            match rustix::io::read(&self.fd, &mut buf) {
-                Ok(_) => return Ok(u64::from_ne_bytes(buf)),
-                Err(rustix::io::Errno::INTR) => continue,
-                // Non-blocking and not signalled: sleep until it is.
-                Err(rustix::io::Errno::AGAIN) => {
-                    let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
-                    match poll(&mut fds, None) {
-                        Ok(_) | Err(rustix::io::Errno::INTR) => continue,
-                        Err(e) => return Err(Error::Event(e)),
-                    }
-                }
+            let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
+            match poll(&mut fds, None) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
                 Err(e) => return Err(Error::Event(e)),
             }
         }
@@ -135,15 +130,52 @@ impl Event {
         match rustix::event::poll(&mut fds, Some(&rustix::event::Timespec::default())) {
             Ok(0) | Err(rustix::io::Errno::INTR) => Ok(0),
             Ok(_) => {
-                set_nonblocking(&self.fd)?;
                 let mut buf = [0u8; 8];
-                match rustix::io::read(&self.fd, &mut buf) {
+                match self.read_nowait(&mut buf) {
                     Ok(_) => Ok(u64::from_ne_bytes(buf)),
                     Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => Ok(0),
                     Err(e) => Err(Error::Event(e)),
                 }
             }
             Err(e) => Err(Error::Event(e)),
+        }
+    }
+
+    /// Resets the event without sleeping (one system call; call it after a poll said the
+    /// event is readable): the number of signals, 0 if none (another reader took them first).
+    /// An event made with [`from_fd`](Self::from_fd) that is blocking waits for a signal.
+    pub fn reset(&self) -> Result<u64, Error> {
+        let mut buf = [0u8; 8];
+        loop {
+            match self.read_nowait(&mut buf) {
+                Ok(_) => return Ok(u64::from_ne_bytes(buf)),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(rustix::io::Errno::AGAIN) => return Ok(0),
+                Err(e) => return Err(Error::Event(e)),
+            }
+        }
+    }
+
+    /// Reads (resets) the counter without ever blocking, whatever a peer did to the shared
+    /// `O_NONBLOCK`: with `RWF_NOWAIT` (`preadv2`, which an eventfd honours since Linux 5.12:
+    /// one system call instead of an `fcntl` and a read), else after setting the flag again.
+    fn read_nowait(&self, buf: &mut [u8; 8]) -> Result<usize, rustix::io::Errno> {
+        use rustix::io::{Errno, ReadWriteFlags};
+        if !self.untrusted {
+            return rustix::io::read(&self.fd, buf);
+        }
+        // u64::MAX: the current position (an eventfd has none; any other offset is ESPIPE).
+        match rustix::io::preadv2(
+            &self.fd,
+            &mut [std::io::IoSliceMut::new(buf)],
+            u64::MAX,
+            ReadWriteFlags::NOWAIT,
+        ) {
+            Err(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) => {
+                rustix::fs::fcntl_setfl(&self.fd, rustix::fs::OFlags::NONBLOCK)?;
+                rustix::io::read(&self.fd, buf)
+            }
+            r => r,
         }
     }
 

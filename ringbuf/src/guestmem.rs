@@ -144,6 +144,13 @@ impl GuestMemory {
         r.map.read(off, dst)
     }
 
+    /// Appends the `len` bytes of guest memory at `gpa` to `dst` (no zeroing of the new part
+    /// first). The range must lie in one region.
+    pub fn append_to(&self, gpa: u64, len: usize, dst: &mut Vec<u8>) -> Result<(), Error> {
+        let (r, off) = self.locate(gpa, len as u64)?;
+        r.map.append_to(off, len, dst)
+    }
+
     /// Copies `src` into guest memory at `gpa`. The range must lie in one region.
     pub fn write(&self, gpa: u64, src: &[u8]) -> Result<(), Error> {
         let (r, off) = self.locate(gpa, src.len() as u64)?;

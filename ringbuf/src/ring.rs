@@ -354,6 +354,18 @@ impl OutgoingRing {
         signal::publish_write(&self.ring, old, self.write)
     }
 
+    /// Whether the reader looks asleep: it has unmasked its interrupt and consumed everything
+    /// published, so the next [`commit`](Self::commit) will have to signal it. A hint for
+    /// batching (a writer whose reader sleeps gains by publishing a larger batch with one
+    /// signal rather than streaming small ones that each cost a wakeup), read without a
+    /// fence: it may be stale, and [`commit`](Self::commit) still decides the signal.
+    #[inline]
+    pub fn reader_waiting(&self) -> bool {
+        // Relaxed: a hint only (see above); nothing is read on the strength of it.
+        self.ring.load(Word::InterruptMask, Ordering::Relaxed) == 0
+            && self.ring.load(Word::ReadIndex, Ordering::Relaxed) == self.committed
+    }
+
     /// Drops every packet written since the last commit.
     pub fn rollback(&mut self) {
         self.write = self.committed;

@@ -209,6 +209,29 @@ impl Mapping {
         Ok(())
     }
 
+    /// Appends the `len` bytes at `offset` to `dst`, copied straight into its spare capacity
+    /// (a buffer filled from the mapping need not be zeroed first). As with
+    /// [`read`](Self::read), the peer may change the bytes meanwhile.
+    #[inline]
+    pub fn append_to(&self, offset: usize, len: usize, dst: &mut Vec<u8>) -> Result<(), Error> {
+        self.check(offset, len)?;
+        dst.reserve(len);
+        // SAFETY: `check` proved `offset .. offset + len` lies inside the live mapping (the
+        // struct invariant); `reserve` made `len` bytes of spare capacity after `dst.len()`, in
+        // `dst`'s own allocation, distinct from the mapping. The copy initialises exactly those
+        // bytes before `set_len` exposes them (u8 has no invalid values). No reference to the
+        // shared bytes is created (see `read`).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(offset),
+                dst.as_mut_ptr().add(dst.len()),
+                len,
+            );
+            dst.set_len(dst.len() + len);
+        }
+        Ok(())
+    }
+
     /// Copies `src` into the mapping at `offset`.
     #[inline]
     pub fn write(&self, offset: usize, src: &[u8]) -> Result<(), Error> {
@@ -534,6 +557,14 @@ mod tests {
         ));
         assert!(m.write(4096, &[]).is_ok());
         assert!(m.write(4096, &[1]).is_err());
+        // Appending: in bounds it adds exactly the bytes; out of bounds it adds nothing.
+        m.fill(4090, 6, 7).unwrap();
+        let mut v = vec![1u8];
+        m.append_to(4090, 6, &mut v).unwrap();
+        assert_eq!(v, [1, 7, 7, 7, 7, 7, 7]);
+        assert!(m.append_to(4091, 6, &mut v).is_err());
+        assert!(m.append_to(usize::MAX, 1, &mut v).is_err());
+        assert_eq!(v.len(), 7);
         assert!(matches!(m.atomic_u32(2), Err(Error::Misaligned { .. })));
         assert!(m.atomic_u32(4096).is_err());
     }

@@ -197,6 +197,17 @@ impl GuestChannel {
         Ok(true)
     }
 
+    /// Counts an interrupt that an edge-triggered watch of the line reported (a queue thread's
+    /// event loop), without resetting the line: each signal is an edge whatever the counter
+    /// holds, so the read [`take_interrupt`](Self::take_interrupt) makes would only cost a
+    /// system call per wakeup. (The counter cannot saturate in practice: 2^64 - 2 signals; and
+    /// a saturated one only drops the host's signals, one being pending.)
+    pub fn count_interrupt(&self) {
+        self.stats
+            .interrupts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Commits what was written and signals the host if the rules say so.
     pub fn commit_out(&mut self) -> Result<(), Error> {
         if self.out.commit() {

@@ -941,7 +941,14 @@ impl QueueWork for Queue {
         // Completions.
         self.st.ch.inc.mask();
         let mut completed = false;
-        for _ in 0..COMPLETE_BATCH {
+        // The host asleep: every publication of requests would cost it a signal and a wakeup;
+        // completing (and so resubmitting) all at once sends them with one.
+        let batch = if self.st.ch.out.reader_waiting() {
+            MAX_IN_FLIGHT
+        } else {
+            COMPLETE_BATCH
+        };
+        for _ in 0..batch {
             match self.complete_one()? {
                 Some(n) => completed |= n,
                 None => break,
@@ -995,7 +1002,8 @@ impl QueueWork for Queue {
 
     fn woke(&mut self, woke: Woke) -> Result<(), Error> {
         if woke.interrupt {
-            self.st.ch.take_interrupt()?;
+            // The loop watches the line edge-triggered: no need to reset it.
+            self.st.ch.count_interrupt();
         }
         if !self.st.ch.host_alive() {
             // The daemon is gone: nothing will complete; fail what is pending.
@@ -1443,12 +1451,13 @@ impl Queue {
             Err(e) => Err(e),
             Ok(_) if slot.data_in == 0 => Ok(given_back),
             Ok(n) => {
-                let mut data = vec![0u8; n];
+                // Filled from the bounce pages without zeroing it first (`n` is at most the
+                // length asked, checked by `completion_outcome`).
+                let mut data = Vec::with_capacity(n);
                 let mem = self.front.memory();
-                let copied = data
-                    .chunks_mut(4096)
-                    .enumerate()
-                    .try_for_each(|(i, chunk)| mem.read(slot.pages[i] * 4096, chunk));
+                let copied = (0..n).step_by(4096).enumerate().try_for_each(|(i, at)| {
+                    mem.append_to(slot.pages[i] * 4096, (n - at).min(4096), &mut data)
+                });
                 if let Err(e) = copied {
                     self.free_pages.append(&mut slot.pages);
                     self.free_slots.push(slot_no);

@@ -253,9 +253,16 @@ struct Worker {
 }
 
 /// Packets a worker handles before it lets the device move (submit and reap I/O) and
-/// publishes the answers: small enough that the guest works on the first answers while the
-/// worker handles the next packets, large enough to batch syscalls and signals.
+/// publishes the answers, while the guest polls its ring: small enough that the guest works on
+/// the first answers while the worker handles the next packets, large enough to batch syscalls.
 const HANDLE_BATCH: usize = 8;
+
+/// The same while the guest sleeps (its interrupt unmasked, everything published read): every
+/// publication would then cost an interrupt and a wakeup (system calls on both sides), so the
+/// worker handles what the ring holds, up to this, submits the I/O with one system call and
+/// publishes the answers with one interrupt. Bounded so that slow I/O done inline (buffered
+/// writes) still reaches the guest in batches: a deeper queue gets an interrupt per 32.
+const SLEEPER_BATCH: usize = 32;
 
 impl Worker {
     fn run(mut self) {
@@ -284,7 +291,12 @@ impl Worker {
             self.incoming.mask();
             let mut moved = false;
             let mut handled = 0;
-            while handled < HANDLE_BATCH && !self.device.busy() {
+            let batch = if self.outgoing.reader_waiting() {
+                SLEEPER_BATCH
+            } else {
+                HANDLE_BATCH
+            };
+            while handled < batch && !self.device.busy() {
                 let Some(p) = self.incoming.read()? else {
                     break;
                 };
@@ -345,20 +357,27 @@ impl Worker {
         } else {
             self.device.idle_wake_fd()
         };
-        let Some(dev) = device_fd else {
-            self.wake.wait()?;
-            return Ok(());
+        // Poll first, then reset the event only if it fired: two system calls per sleep (a
+        // read first would find nothing and cost a third).
+        let wake = PollFd::new(self.wake.as_ref(), PollFlags::IN);
+        let mut both;
+        let mut one;
+        let fds: &mut [PollFd<'_>] = match &device_fd {
+            Some(dev) => {
+                both = [wake, PollFd::new(dev, PollFlags::IN)];
+                &mut both
+            }
+            None => {
+                one = [wake];
+                &mut one
+            }
         };
-        let mut fds = [
-            PollFd::new(self.wake.as_ref(), PollFlags::IN),
-            PollFd::new(&dev, PollFlags::IN),
-        ];
-        match poll(&mut fds, None) {
+        match poll(fds, None) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(Error::Socket(e)),
         }
         if !fds[0].revents().is_empty() {
-            self.wake.wait()?;
+            self.wake.reset()?;
         }
         Ok(())
     }

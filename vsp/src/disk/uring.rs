@@ -956,6 +956,24 @@ fn build_entry(slot: &mut Slot, disk: &DiskFile) -> squeue::Entry {
             let fd = types::Fd(disk.fd(direct).as_raw_fd());
             let flags = rw.flags.bits() as i32;
             let (ptr, n) = (iov.as_ptr().cast(), iov.len() as u32);
+            // One segment (a 4 KiB request, say): a plain read or write, which spares the
+            // kernel copying and importing an iovec array.
+            if let [one] = iov {
+                if let Ok(len) = u32::try_from(one.len) {
+                    let buf = one.base as *mut u8;
+                    return if rw.write {
+                        opcode::Write::new(fd, buf.cast_const(), len)
+                            .offset(rw.offset)
+                            .rw_flags(flags)
+                            .build()
+                    } else {
+                        opcode::Read::new(fd, buf, len)
+                            .offset(rw.offset)
+                            .rw_flags(flags)
+                            .build()
+                    };
+                }
+            }
             if rw.write {
                 opcode::Writev::new(fd, ptr, n)
                     .offset(rw.offset)
