@@ -1032,11 +1032,17 @@ impl NetQueue {
     fn deliver(&mut self, off: usize, len: usize, last_range: bool) {
         let tap_i = self.taps[0];
         let mut head = [0u8; wire::PACKET_HEADER + wire::MAX_RX_PPI];
-        let n = len.min(head.len());
+        let first = len.min(wire::PACKET_HEADER);
+        let mut n = first;
         let ok = off
             .checked_add(len)
             .is_some_and(|end| end <= self.recv.len())
-            && self.recv.read(off, &mut head[..n]).is_ok();
+            && self.recv.read(off, &mut head[..first]).is_ok()
+            && {
+                // Then the per-packet info, not the frame's bytes.
+                n = wire::head_len(&head[..first], len);
+                self.recv.read(off + first, &mut head[first..n]).is_ok()
+            };
         let parsed = if ok {
             wire::parse(&head[..n], len).map_err(|e| e.to_string())
         } else {

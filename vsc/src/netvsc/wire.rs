@@ -97,6 +97,28 @@ pub enum Malformed {
     Bounds,
 }
 
+/// How many of a message's first bytes [`parse`] needs, given its first [`PACKET_HEADER`]
+/// bytes (fewer if the message is shorter) and its length `len`: a PACKET's headers and
+/// per-packet info (at most [`MAX_RX_PPI`] of it), other messages' first bytes. A frame's
+/// bytes are not read this way, so a fragment of a coalesced frame costs its 36 bytes of
+/// headers and the few of its per-packet info, not a fixed 292.
+pub fn head_len(first: &[u8], len: usize) -> usize {
+    let cap = len.min(PACKET_HEADER + MAX_RX_PPI);
+    let Ok((h, body)) = RndisMessageHeader::read_from_prefix(first) else {
+        return first.len();
+    };
+    let Ok((p, _)) = RndisPacket::read_from_prefix(body) else {
+        return first.len();
+    };
+    if h.message_type != RndisMessageType::PACKET || p.per_packet_info_length == 0 {
+        return first.len();
+    }
+    let ppi_end = size_of::<RndisMessageHeader>()
+        .saturating_add(p.per_packet_info_offset as usize)
+        .saturating_add(p.per_packet_info_length as usize);
+    ppi_end.clamp(first.len(), cap.max(first.len()))
+}
+
 /// Reads the message whose first bytes are `head` (at least [`PACKET_HEADER`] of them if the
 /// message is that long, and its per-packet info if it lies within them) and whose whole
 /// length is `len` (the transfer range's length).
@@ -426,6 +448,27 @@ mod tests {
         assert_eq!(p.per_packet_info_length, 32);
         let (e, _) = PerPacketInfo::read_from_prefix(&head[8 + 36..]).unwrap();
         assert_eq!(e.ppi_type(), PpiType::TCP_LARGESEND);
+    }
+
+    #[test]
+    fn the_head_read_covers_the_per_packet_info_only() {
+        let m = fragment_message(PktInfoFlags::SUBALLOC, 1000);
+        let n = head_len(&m[..PACKET_HEADER], m.len());
+        // The packet-id and checksum entries (16 bytes each) after the headers.
+        assert_eq!(n, PACKET_HEADER + 32);
+        assert_eq!(parse(&m[..n], m.len()), parse(&m, m.len()));
+        // No per-packet info, a short message, info claimed past the cap: bounded.
+        let mut plain = Vec::new();
+        packet_head(&mut plain, 64, &TxOffload::default());
+        assert_eq!(head_len(&plain, 100), PACKET_HEADER);
+        assert_eq!(head_len(&m[..10], 10), 10);
+        let mut huge = m.clone();
+        huge[32..36].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(
+            head_len(&huge[..PACKET_HEADER], huge.len()),
+            PACKET_HEADER + MAX_RX_PPI
+        );
+        assert_eq!(head_len(&huge[..PACKET_HEADER], 60), 60);
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub struct StandInFrames {
     pub to_guest: VecDeque<(VirtioNetHdr, Vec<u8>)>,
     /// The offloads the device last set ([`netdev::TunOffload`] bits).
     pub offload: u32,
+    /// Reads the device tried, frames or not.
+    pub reads: u64,
 }
 
 /// A TAP stand-in: a queue in memory.
@@ -85,9 +87,12 @@ impl NetQueue for StandIn {
         hdr: &mut VirtioNetHdr,
         pieces: &mut [IoPieceMut<'_>],
     ) -> Result<Option<usize>, netdev::Error> {
-        let Some((h, frame)) = self.frames().to_guest.pop_front() else {
+        let mut frames = self.frames();
+        frames.reads += 1;
+        let Some((h, frame)) = frames.to_guest.pop_front() else {
             return Ok(None);
         };
+        drop(frames);
         *hdr = h;
         let mut at = 0;
         for p in pieces.iter_mut() {
@@ -292,32 +297,40 @@ impl Harness {
         Ok(true)
     }
 
-    /// Lets the device take every packet and move until it is idle; reads what it sent.
+    /// Lets the device take every packet and move until it is idle; reads what it sent. The
+    /// TAP is looked at on the first turn (a worker does within `TAP_BACKOFF_MAX`).
     pub fn run(&mut self) -> Result<(), Error> {
+        self.device.tap_backoff = std::time::Duration::ZERO;
         for _ in 0..1000 {
-            let mut moved = false;
-            loop {
-                match self.host_in.read() {
-                    Ok(Some(p)) => {
-                        moved = true;
-                        self.device.handle(&p, &mut self.host_out)?
-                    }
-                    Ok(None) => break,
-                    Err(_) => {
-                        self.host_in.rollback();
-                        break;
-                    }
-                }
-            }
-            self.host_in.commit();
-            moved |= self.device.poll(&mut self.host_out)?;
-            self.host_out.commit();
-            self.drain();
-            if !moved {
+            if !self.turn()? {
                 return Ok(());
             }
         }
         Ok(())
+    }
+
+    /// One turn of a worker's loop: the device takes every packet and moves; reads what it
+    /// sent. Whether anything moved.
+    pub fn turn(&mut self) -> Result<bool, Error> {
+        let mut moved = false;
+        loop {
+            match self.host_in.read() {
+                Ok(Some(p)) => {
+                    moved = true;
+                    self.device.handle(&p, &mut self.host_out)?
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    self.host_in.rollback();
+                    break;
+                }
+            }
+        }
+        self.host_in.commit();
+        moved |= self.device.poll(&mut self.host_out)?;
+        self.host_out.commit();
+        self.drain();
+        Ok(moved)
     }
 
     fn drain(&mut self) {

@@ -105,6 +105,9 @@ pub struct RssSettings {
     pub table: Vec<u32>,
     /// The Toeplitz key.
     pub key: Vec<u8>,
+    /// The hash information (`NDIS_HASH_*`: function and types; 0 from [`parse_rss`]: left
+    /// unchanged).
+    pub hash_info: u32,
 }
 
 /// The RNDIS device state the guest's control messages change.
@@ -428,6 +431,11 @@ impl RndisControl {
                                 r.table
                             },
                             key: if r.key.is_empty() { old.key } else { r.key },
+                            hash_info: if r.hash_info == 0 {
+                                old.hash_info
+                            } else {
+                                r.hash_info
+                            },
                         });
                     } else {
                         self.rss = None;
@@ -492,10 +500,11 @@ pub fn parse_rss(info: &[u8], channels: u32) -> Result<Option<RssSettings>, Rndi
             .ok_or(RndisStatus::INVALID_LENGTH)?;
         out.key = k.to_vec();
     }
-    if !flags.contains(F::HASH_INFO_UNCHANGED)
-        && p.hash_info & 0xff != vmbus_proto::rndis::rss_hash::FUNC_TOEPLITZ
-    {
-        return Err(RndisStatus::NOT_SUPPORTED);
+    if !flags.contains(F::HASH_INFO_UNCHANGED) {
+        if p.hash_info & 0xff != vmbus_proto::rndis::rss_hash::FUNC_TOEPLITZ {
+            return Err(RndisStatus::NOT_SUPPORTED);
+        }
+        out.hash_info = p.hash_info;
     }
     Ok(Some(out))
 }

@@ -57,6 +57,36 @@ fn frame(dst: [u8; 6], len: usize) -> Vec<u8> {
     f
 }
 
+/// OID_GEN_RECEIVE_SCALE_PARAMETERS' body: `flags`, `hash_info`, a 128-entry indirection
+/// table (`entry(i)`) and a 40-byte key.
+fn rss_parameters(
+    flags: u16,
+    hash_info: u32,
+    entry: impl Fn(u32) -> u32,
+    key: &[u8; 40],
+) -> Vec<u8> {
+    let p = NdisRecvScaleParam {
+        header: NdisObjectHeader {
+            object_type: 0x89,
+            revision: 2,
+            size: 40,
+        },
+        flags,
+        hash_info,
+        indirection_table_size: 128 * 4,
+        indirection_table_offset: 40,
+        hash_key_size: 40,
+        hash_key_offset: 40 + 512,
+        ..Default::default()
+    };
+    let mut v = p.as_bytes().to_vec();
+    for i in 0..128u32 {
+        v.extend_from_slice(&entry(i).to_le_bytes());
+    }
+    v.extend_from_slice(key);
+    v
+}
+
 fn status_of(h: &mut Harness, tx: u64) -> NvspStatus {
     completion(h, tx)
         .map(|m| m.body::<SendRndisPacketComplete>().status)
@@ -431,25 +461,12 @@ fn rndis_control_is_answered_as_linux_expects() {
     // RSS: a table naming channel 1 while only the primary exists is refused; within range
     // it is taken.
     let rss = |entry: u32| {
-        let p = NdisRecvScaleParam {
-            header: NdisObjectHeader {
-                object_type: 0x89,
-                revision: 2,
-                size: 40,
-            },
-            hash_info: 1 | 0x200,
-            indirection_table_size: 128 * 4,
-            indirection_table_offset: 40,
-            hash_key_size: 40,
-            hash_key_offset: 40 + 512,
-            ..Default::default()
-        };
-        let mut v = p.as_bytes().to_vec();
-        for i in 0..128u32 {
-            v.extend_from_slice(&(if i == 5 { entry } else { 0 }).to_le_bytes());
-        }
-        v.extend_from_slice(&[0x6d; 40]);
-        v
+        rss_parameters(
+            0,
+            1 | 0x200,
+            |i| if i == 5 { entry } else { 0 },
+            &[0x6d; 40],
+        )
     };
     assert_eq!(
         set_status(&mut h, 42, Oid::GEN_RECEIVE_SCALE_PARAMETERS, &rss(1)).unwrap(),
@@ -1229,4 +1246,93 @@ fn a_vlan_nic_strips_the_tag_of_rsc_frames_without_a_copy() {
     qs[0].push_to_guest(VirtioNetHdr::default(), tag(&frame(hs.mac, 100), 100));
     h.run().unwrap();
     assert_eq!(rsc_transfer(&mut h), [(None, frame(hs.mac, 100))]);
+}
+
+/// A polling worker looks at an empty TAP less and less often (a failed `readv` on every turn
+/// was most of a core), and a frame that arrives meanwhile still waits at most
+/// `TAP_BACKOFF_MAX`.
+#[test]
+fn an_empty_tap_is_looked_at_less_often_and_a_frame_still_comes_soon() {
+    let (nic, qs) = standin_nic(1);
+    let mut h = harness(&nic);
+    let hs = handshake(&mut h, NvspVersion::V61, 0).unwrap().unwrap();
+    let reads = |q: &StandIn| q.0.lock().unwrap().reads;
+    let before = reads(&qs[0]);
+    let start = Instant::now();
+    let mut turns = 0u64;
+    while start.elapsed() < Duration::from_millis(2) {
+        assert!(!h.turn().unwrap());
+        turns += 1;
+    }
+    let looked = reads(&qs[0]) - before;
+    assert!(
+        looked > 0 && looked * 2 < turns,
+        "{looked} looks at the TAP in {turns} turns"
+    );
+    assert_eq!(h.device.tap_backoff, TAP_BACKOFF_MAX);
+    qs[0].push_to_guest(VirtioNetHdr::default(), frame(hs.mac, 64));
+    std::thread::sleep(TAP_BACKOFF_MAX);
+    assert!(h.turn().unwrap());
+    assert!(h.device.tap_backoff.is_zero());
+    assert_eq!(frames_of(&take_received(&mut h, false).unwrap()).len(), 1);
+}
+
+/// The hash value of frames toward the guest: the Toeplitz hash under the guest's key and
+/// types (here the verification suite's key and first TCP/IPv4 flow), on the plain path (NVSP
+/// 5) and the coalescing one (6.1); none for a frame no type covers, none once RSS is off.
+#[test]
+fn frames_toward_the_guest_carry_the_rss_hash_the_guest_set_up() {
+    const KEY: [u8; 40] = [
+        0x6d, 0x5a, 0x56, 0xda, 0x25, 0x5b, 0x0e, 0xc2, 0x41, 0x67, 0x25, 0x3d, 0x43, 0xa3, 0x8f,
+        0xb0, 0xd0, 0xca, 0x2b, 0xcb, 0xae, 0x7b, 0x30, 0xb4, 0x77, 0xcb, 0x2d, 0xa3, 0x80, 0x30,
+        0xf2, 0x0c, 0x6a, 0x42, 0xb7, 0x3b, 0xbe, 0xac, 0x01, 0xfa,
+    ];
+    // Toeplitz over IPv4 and TCP/IPv4 (what Linux sets, with the IPv6 types).
+    let rss = |flags: u16| rss_parameters(flags, 1 | 0x100 | 0x200, |_| 0, &KEY);
+    // The hash-value entry among a packet's per-packet info, if any.
+    let hash_of = |ppi: &[u8]| {
+        let mut at = 0;
+        while let Some(e) = ppi.get(at..at + 12) {
+            let word = |i: usize| u32::from_le_bytes(e[i..i + 4].try_into().unwrap());
+            if word(4) == PpiType::NBL_HASH_VALUE.0 {
+                let v = at + word(8) as usize;
+                return Some(u32::from_le_bytes(ppi[v..v + 4].try_into().unwrap()));
+            }
+            at += (word(0) as usize).max(12);
+        }
+        None
+    };
+    for version in [NvspVersion::V5, NvspVersion::V61] {
+        let (nic, qs) = standin_nic(1);
+        let mut h = harness(&nic);
+        let hs = handshake(&mut h, version, 0).unwrap().unwrap();
+        // 66.9.149.187:2794 -> 161.142.100.80:1766.
+        let mut tcp = frame(hs.mac, 60);
+        tcp[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        tcp[14..34].copy_from_slice(&[
+            0x45, 0, 0, 46, 0, 0, 0x40, 0, 64, 6, 0, 0, 66, 9, 149, 187, 161, 142, 100, 80,
+        ]);
+        tcp[34..38].copy_from_slice(&[0x0a, 0xea, 0x06, 0xe6]);
+        let send = |h: &mut Harness| {
+            qs[0].push_to_guest(VirtioNetHdr::default(), tcp.clone());
+            qs[0].push_to_guest(VirtioNetHdr::default(), frame(hs.mac, 60));
+            h.run().unwrap();
+            frames_of(&take_received(h, false).unwrap())
+                .iter()
+                .map(|(_, ppi, _)| hash_of(ppi))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(send(&mut h), [None, None], "{version:?}: before RSS");
+        assert_eq!(
+            set_status(&mut h, 50, Oid::GEN_RECEIVE_SCALE_PARAMETERS, &rss(0)).unwrap(),
+            0
+        );
+        assert_eq!(send(&mut h), [Some(0x51cc_c178), None], "{version:?}");
+        let disable = vmbus_proto::rndis::rss_param_flag::DISABLE_RSS;
+        assert_eq!(
+            set_status(&mut h, 51, Oid::GEN_RECEIVE_SCALE_PARAMETERS, &rss(disable)).unwrap(),
+            0
+        );
+        assert_eq!(send(&mut h), [None, None], "{version:?}: RSS off");
+    }
 }
