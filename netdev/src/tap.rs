@@ -14,6 +14,7 @@
 #![allow(unsafe_code)]
 
 use std::ffi::c_void;
+use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use ringbuf::guestmem::GuestMemory;
@@ -25,8 +26,9 @@ use crate::Error;
 
 /// Most queues a TAP may have (the kernel's `MAX_TAP_QUEUES`).
 pub const MAX_TAP_QUEUES: usize = 256;
-/// Most pieces one frame may be read into or written from (beyond the header).
-pub const MAX_PIECES: usize = 64;
+/// Most pieces one frame may be read into or written from (beyond the header): with it, the
+/// kernel's limit of iovecs per call (`UIO_MAXIOV`, 1024).
+pub const MAX_PIECES: usize = 1023;
 /// Longest interface name (`IFNAMSIZ` minus the terminating NUL).
 pub const MAX_NAME_LEN: usize = 15;
 
@@ -468,25 +470,21 @@ impl TapQueue {
         hdr: &VirtioNetHdr,
         pieces: &[IoPiece<'_>],
     ) -> Result<Option<usize>, Error> {
-        let mut iov = IovArray::new(pieces.len())?;
-        iov.0[0] = libc::iovec {
-            iov_base: hdr as *const VirtioNetHdr as *mut c_void,
-            iov_len: VNET_HDR_SIZE,
-        };
-        for (slot, p) in iov.0[1..].iter_mut().zip(pieces) {
-            *slot = match *p {
+        let mut iov = IovArray::new(pieces.len(), hdr as *const VirtioNetHdr as *mut c_void)?;
+        for p in pieces {
+            iov.push(match *p {
                 IoPiece::Local(b) => libc::iovec {
                     iov_base: b.as_ptr() as *mut c_void,
                     iov_len: b.len(),
                 },
                 IoPiece::Shared(m) => m.iovec()?,
-            };
+            });
         }
-        // SAFETY: each of the first `n` iovecs points to memory that stays valid for the call:
-        // `hdr` and `Local` slices are borrowed; `Shared` pointers were bounds-checked by
-        // `host_ptr`/`host_iovec` against mappings borrowed for the call. The kernel only
-        // reads them (writev).
-        let r = unsafe { libc::writev(self.fd.as_raw_fd(), iov.0.as_ptr(), iov.1) };
+        // SAFETY: each of the `iov.count()` iovecs pushed points to memory that stays valid
+        // for the call: `hdr` and `Local` slices are borrowed; `Shared` pointers were
+        // bounds-checked by `host_ptr`/`host_iovec` against mappings borrowed for the call.
+        // The kernel only reads them (writev) and reads no entry past the count.
+        let r = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), iov.count()) };
         frame_len(r)
     }
 
@@ -498,42 +496,99 @@ impl TapQueue {
         hdr: &mut VirtioNetHdr,
         pieces: &mut [IoPieceMut<'_>],
     ) -> Result<Option<usize>, Error> {
-        let mut iov = IovArray::new(pieces.len())?;
-        iov.0[0] = libc::iovec {
-            iov_base: hdr as *mut VirtioNetHdr as *mut c_void,
-            iov_len: VNET_HDR_SIZE,
-        };
-        for (slot, p) in iov.0[1..].iter_mut().zip(pieces.iter_mut()) {
-            *slot = match p {
+        let mut iov = IovArray::new(pieces.len(), hdr as *mut VirtioNetHdr as *mut c_void)?;
+        for p in pieces.iter_mut() {
+            iov.push(match p {
                 IoPieceMut::Local(b) => libc::iovec {
                     iov_base: b.as_mut_ptr() as *mut c_void,
                     iov_len: b.len(),
                 },
                 IoPieceMut::Shared(m) => m.iovec()?,
-            };
+            });
         }
-        // SAFETY: each of the first `n` iovecs points to writable memory valid for the call:
-        // `hdr` and `Local` slices are exclusively borrowed (any byte pattern is valid for
-        // them: `VirtioNetHdr` is `FromBytes`); `Shared` pointers were bounds-checked against
-        // writable shared mappings borrowed for the call, never referenced as Rust memory.
-        let r = unsafe { libc::readv(self.fd.as_raw_fd(), iov.0.as_ptr(), iov.1) };
+        // SAFETY: each of the `iov.count()` iovecs pushed points to writable memory valid for
+        // the call: `hdr` and `Local` slices are exclusively borrowed (any byte pattern is
+        // valid for them: `VirtioNetHdr` is `FromBytes`); `Shared` pointers were
+        // bounds-checked against writable shared mappings borrowed for the call, never
+        // referenced as Rust memory. The kernel reads no entry past the count.
+        let r = unsafe { libc::readv(self.fd.as_raw_fd(), iov.as_ptr(), iov.count()) };
+        frame_len(r)
+    }
+
+    /// Reads one frame straight into guest memory: its header into `hdr`, its first bytes
+    /// into `lead`, the rest into the guest-physical ranges `runs` (address, length), in
+    /// order, each within one region of `mem`. Returns as [`TapQueue::read`]. Builds the
+    /// iovecs on the stack: no allocation per frame.
+    pub fn read_guest(
+        &self,
+        hdr: &mut VirtioNetHdr,
+        lead: &mut [u8],
+        mem: &GuestMemory,
+        runs: &[(u64, usize)],
+    ) -> Result<Option<usize>, Error> {
+        let mut iov = IovArray::new(runs.len() + 1, hdr as *mut VirtioNetHdr as *mut c_void)?;
+        iov.push(libc::iovec {
+            iov_base: lead.as_mut_ptr() as *mut c_void,
+            iov_len: lead.len(),
+        });
+        for &(gpa, len) in runs {
+            let (p, n) = mem
+                .host_iovec(gpa, len as u64)
+                .map_err(|_| Error::PieceOutOfBounds)?;
+            iov.push(libc::iovec {
+                iov_base: p.as_ptr() as *mut c_void,
+                iov_len: n,
+            });
+        }
+        // SAFETY: the iovecs point to writable memory valid for the call: `hdr` and `lead`
+        // are exclusively borrowed (any byte pattern is valid for both); each run was
+        // bounds-checked by `host_iovec` against a region of `mem`, borrowed for the call, and
+        // is never referenced as Rust memory. The kernel reads no entry past the count.
+        let r = unsafe { libc::readv(self.fd.as_raw_fd(), iov.as_ptr(), iov.count()) };
         frame_len(r)
     }
 }
 
-/// The iovecs of one frame (header first) and how many are used.
-struct IovArray([libc::iovec; MAX_PIECES + 1], i32);
+/// The iovecs of one frame, the virtio-net header's first. Only the entries pushed are
+/// initialized, so a call fills what it uses, not the whole array (16 KiB at the limit).
+struct IovArray {
+    iov: [MaybeUninit<libc::iovec>; MAX_PIECES + 1],
+    len: usize,
+}
 
 impl IovArray {
-    fn new(pieces: usize) -> Result<Self, Error> {
+    /// Room for `pieces` pieces after the header at `hdr` (refused over [`MAX_PIECES`]).
+    fn new(pieces: usize, hdr: *mut c_void) -> Result<Self, Error> {
         if pieces > MAX_PIECES {
             return Err(Error::TooManyPieces(pieces));
         }
-        let empty = libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
+        let mut a = Self {
+            iov: [MaybeUninit::uninit(); MAX_PIECES + 1],
+            len: 0,
         };
-        Ok(Self([empty; MAX_PIECES + 1], pieces as i32 + 1))
+        a.push(libc::iovec {
+            iov_base: hdr,
+            iov_len: VNET_HDR_SIZE,
+        });
+        Ok(a)
+    }
+
+    /// Appends one iovec (callers push at most the pieces they asked room for; any more are
+    /// dropped and the call then fails with a short frame rather than reading past the array).
+    fn push(&mut self, v: libc::iovec) {
+        if let Some(slot) = self.iov.get_mut(self.len) {
+            slot.write(v);
+            self.len += 1;
+        }
+    }
+
+    fn as_ptr(&self) -> *const libc::iovec {
+        self.iov.as_ptr().cast()
+    }
+
+    /// Entries pushed (the array holds at most 1 + [`MAX_PIECES`] = `UIO_MAXIOV`).
+    fn count(&self) -> i32 {
+        self.len as i32
     }
 }
 

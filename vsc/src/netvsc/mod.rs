@@ -9,8 +9,9 @@
 //! the TAP straight from it, their checksum state as the virtio-net header
 //! ([`netdev::RxOffload`]), and their ranges are completed back. With receive segment
 //! coalescing (RSC, NVSP 6.1) the host sends a TCP super-frame as fragments in the ranges of
-//! one transfer-page packet ([`wire::Coalescer`]); they go to the TAP as one GSO frame
-//! (segment size the first fragment's TCP payload), written from the receive buffer. Media connect and disconnect
+//! one transfer-page packet ([`wire::Coalescer`]), cut anywhere (Linux joins them byte for
+//! byte); they go to the TAP as one GSO frame written from the receive buffer, its segment
+//! size what the guest TAP's MTU leaves after the frame's IP and TCP headers. Media connect and disconnect
 //! indications set the guest TAP's carrier.
 //!
 //! A supervisor thread keeps the NIC up: when the daemon goes away it reconnects (every
@@ -587,6 +588,7 @@ impl Supervisor {
                 rsc_buf: Vec::new(),
                 head: Vec::with_capacity(128),
                 header: Vec::new(),
+                mtu,
                 stop: stop.clone(),
                 stats: self.stats.clone(),
                 primary: j == 0,
@@ -902,6 +904,9 @@ struct NetQueue {
     rsc_buf: Vec<u8>,
     head: Vec<u8>,
     header: Vec<u8>,
+    /// The guest TAP's MTU (the queues restart when it changes): a coalesced TCP frame's
+    /// segment size follows from it.
+    mtu: u32,
     stop: Arc<AtomicBool>,
     stats: Arc<NicStats>,
     primary: bool,
@@ -954,9 +959,8 @@ impl NetQueue {
             }
             got += n;
         }
-        let first_len = fragments.first().map_or(0, |f| f.1);
         let plan = (got == hn)
-            .then(|| wire::coalesced_offload(&head[..hn], total, first_len, &offload))
+            .then(|| wire::coalesced_offload(&head[..hn], total, self.mtu, &offload))
             .flatten()
             .and_then(|o| o.prepare_tx(total, &head[..hn]).ok());
         let Some(plan) = plan else {
@@ -1028,11 +1032,17 @@ impl NetQueue {
     fn deliver(&mut self, off: usize, len: usize, last_range: bool) {
         let tap_i = self.taps[0];
         let mut head = [0u8; wire::PACKET_HEADER + wire::MAX_RX_PPI];
-        let n = len.min(head.len());
+        let first = len.min(wire::PACKET_HEADER);
+        let mut n = first;
         let ok = off
             .checked_add(len)
             .is_some_and(|end| end <= self.recv.len())
-            && self.recv.read(off, &mut head[..n]).is_ok();
+            && self.recv.read(off, &mut head[..first]).is_ok()
+            && {
+                // Then the per-packet info, not the frame's bytes.
+                n = wire::head_len(&head[..first], len);
+                self.recv.read(off + first, &mut head[first..n]).is_ok()
+            };
         let parsed = if ok {
             wire::parse(&head[..n], len).map_err(|e| e.to_string())
         } else {

@@ -97,6 +97,28 @@ pub enum Malformed {
     Bounds,
 }
 
+/// How many of a message's first bytes [`parse`] needs, given its first [`PACKET_HEADER`]
+/// bytes (fewer if the message is shorter) and its length `len`: a PACKET's headers and
+/// per-packet info (at most [`MAX_RX_PPI`] of it), other messages' first bytes. A frame's
+/// bytes are not read this way, so a fragment of a coalesced frame costs its 36 bytes of
+/// headers and the few of its per-packet info, not a fixed 292.
+pub fn head_len(first: &[u8], len: usize) -> usize {
+    let cap = len.min(PACKET_HEADER + MAX_RX_PPI);
+    let Ok((h, body)) = RndisMessageHeader::read_from_prefix(first) else {
+        return first.len();
+    };
+    let Ok((p, _)) = RndisPacket::read_from_prefix(body) else {
+        return first.len();
+    };
+    if h.message_type != RndisMessageType::PACKET || p.per_packet_info_length == 0 {
+        return first.len();
+    }
+    let ppi_end = size_of::<RndisMessageHeader>()
+        .saturating_add(p.per_packet_info_offset as usize)
+        .saturating_add(p.per_packet_info_length as usize);
+    ppi_end.clamp(first.len(), cap.max(first.len()))
+}
+
 /// Reads the message whose first bytes are `head` (at least [`PACKET_HEADER`] of them if the
 /// message is that long, and its per-packet info if it lies within them) and whose whole
 /// length is `len` (the transfer range's length).
@@ -287,16 +309,18 @@ impl Coalescer {
     }
 }
 
-/// How to write a coalesced frame of `total` bytes whose first fragment is `first_len` bytes
-/// and whose first bytes are `head` to the guest TAP: as a TCP GSO frame whose segment size
-/// is the first fragment's TCP payload (the host cuts fragments at segment boundaries), its
-/// IP lengths and pseudo-header checksum rebuilt for the whole; a frame that is not TCP, or
-/// one segment, as a frame with a partial checksum. `None` if the host did not vouch for the
-/// checksums, or the headers do not hold together.
+/// How to write a coalesced frame of `total` bytes whose first bytes are `head` to a guest
+/// TAP of MTU `mtu`: as a TCP GSO frame whose segment size is what the MTU leaves after the
+/// frame's IP and TCP headers (the host may cut fragments anywhere, so they say nothing of
+/// the segments; segments of that size are the largest the guest could have received one
+/// by one, so the guest kernel, should it forward the frame, segments it within its MTU), its IP
+/// lengths and pseudo-header checksum rebuilt for the whole; a frame that is not TCP as a
+/// frame with a partial checksum. `None` if the host did not vouch for the checksums, or the
+/// headers do not hold together (or leave no room for a segment).
 pub fn coalesced_offload(
     head: &[u8],
     total: usize,
-    first_len: usize,
+    mtu: u32,
     offload: &RxOffload,
 ) -> Option<TxOffload> {
     if !offload.checksum_ok {
@@ -305,10 +329,17 @@ pub fn coalesced_offload(
     let mut o = rx_checksum(head)?;
     let c = o.checksum?;
     if c.l4 == Some(L4Protocol::Tcp) {
+        let l3 = if head.get(12..14)? == [0x81, 0x00] {
+            18
+        } else {
+            14
+        };
         let l4 = usize::from(c.l4_offset);
         let thl = usize::from(*head.get(l4 + 12)? >> 4) * 4;
-        let mss = first_len.checked_sub(l4 + thl).filter(|&m| m > 0)?;
-        if thl < 20 || mss > usize::from(u16::MAX) || first_len > total {
+        let mss = (mtu as usize)
+            .checked_sub(l4 - l3 + thl)
+            .filter(|&m| m > 0)?;
+        if thl < 20 || mss > usize::from(u16::MAX) || l4 + thl > total {
             return None;
         }
         o.lso = Some(netdev::Lso {
@@ -417,6 +448,27 @@ mod tests {
         assert_eq!(p.per_packet_info_length, 32);
         let (e, _) = PerPacketInfo::read_from_prefix(&head[8 + 36..]).unwrap();
         assert_eq!(e.ppi_type(), PpiType::TCP_LARGESEND);
+    }
+
+    #[test]
+    fn the_head_read_covers_the_per_packet_info_only() {
+        let m = fragment_message(PktInfoFlags::SUBALLOC, 1000);
+        let n = head_len(&m[..PACKET_HEADER], m.len());
+        // The packet-id and checksum entries (16 bytes each) after the headers.
+        assert_eq!(n, PACKET_HEADER + 32);
+        assert_eq!(parse(&m[..n], m.len()), parse(&m, m.len()));
+        // No per-packet info, a short message, info claimed past the cap: bounded.
+        let mut plain = Vec::new();
+        packet_head(&mut plain, 64, &TxOffload::default());
+        assert_eq!(head_len(&plain, 100), PACKET_HEADER);
+        assert_eq!(head_len(&m[..10], 10), 10);
+        let mut huge = m.clone();
+        huge[32..36].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(
+            head_len(&huge[..PACKET_HEADER], huge.len()),
+            PACKET_HEADER + MAX_RX_PPI
+        );
+        assert_eq!(head_len(&huge[..PACKET_HEADER], 60), 60);
     }
 
     #[test]
@@ -671,30 +723,54 @@ mod tests {
     }
 
     #[test]
-    fn a_coalesced_tcp_frame_becomes_gso_with_the_first_fragments_segment_size() {
+    fn a_coalesced_tcp_frame_becomes_gso_with_the_segment_size_of_the_mtu() {
         let ok = RxOffload {
             checksum_ok: true,
             ..Default::default()
         };
         let head = tcp_head(54 + 4 * 1448);
-        let o = coalesced_offload(&head, 54 + 4 * 1448, 54 + 1448, &ok).unwrap();
+        let o = coalesced_offload(&head, 54 + 4 * 1448, 1500, &ok).unwrap();
         let l = o.lso.unwrap();
-        assert_eq!((l.mss, l.l4_offset, l.ipv6), (1448, 34, false));
+        // 1500 less 20 bytes of IP and 20 of TCP.
+        assert_eq!((l.mss, l.l4_offset, l.ipv6), (1460, 34, false));
         assert!(o.checksum.is_none());
         let mut full = head.clone();
         full.resize(54 + 4 * 1448, 0);
         let plan = o.prepare_tx(full.len(), &full).unwrap();
         assert_eq!(plan.hdr.gso_type, netdev::vnet::gso::TCPV4);
-        assert_eq!(plan.hdr.gso_size.get(), 1448);
+        assert_eq!(plan.hdr.gso_size.get(), 1460);
         assert_eq!(plan.hdr.hdr_len.get(), 54);
         assert!(plan.hdr.flags().contains(netdev::VnetFlags::NEEDS_CSUM));
-        // Unvouched checksums, a first fragment of headers only, a non-IP frame: refused.
-        assert!(coalesced_offload(&head, 6000, 1502, &RxOffload::default()).is_none());
-        assert!(coalesced_offload(&head, 6000, 54, &ok).is_none());
-        assert!(coalesced_offload(&head, 6000, 30, &ok).is_none());
+        // TCP options (timestamps) and IPv4 options shorten the segments.
+        let mut opts = tcp_head(6000);
+        opts[46] = 8 << 4;
+        opts.resize(66, 0);
+        let o = coalesced_offload(&opts, 6000, 1500, &ok).unwrap();
+        assert_eq!(o.lso.unwrap().mss, 1448);
+        let mut ipopt = vec![0u8; 58];
+        ipopt[..34].copy_from_slice(&head[..34]);
+        ipopt[14] = 0x46;
+        ipopt[50] = 5 << 4;
+        let o = coalesced_offload(&ipopt, 6000, 9000, &ok).unwrap();
+        assert_eq!((o.lso.unwrap().mss, o.lso.unwrap().l4_offset), (8956, 38));
+        // IPv6 behind a VLAN tag: 40 bytes of IP.
+        let mut v6 = vec![0u8; 18 + 40 + 20];
+        v6[12..14].copy_from_slice(&[0x81, 0x00]);
+        v6[16..18].copy_from_slice(&[0x86, 0xdd]);
+        v6[18 + 6] = 6;
+        v6[58 + 12] = 5 << 4;
+        let o = coalesced_offload(&v6, 6000, 1500, &ok).unwrap();
+        let l = o.lso.unwrap();
+        assert_eq!((l.mss, l.l4_offset, l.ipv6), (1440, 58, true));
+        // Unvouched checksums, an MTU that leaves no segment, headers past the frame's end,
+        // a non-IP frame: refused.
+        assert!(coalesced_offload(&head, 6000, 1500, &RxOffload::default()).is_none());
+        assert!(coalesced_offload(&head, 6000, 40, &ok).is_none());
+        assert!(coalesced_offload(&head, 50, 1500, &ok).is_none());
+        assert!(coalesced_offload(&head[..40], 6000, 1500, &ok).is_none());
         let mut arp = head.clone();
         arp[12..14].copy_from_slice(&[0x08, 0x06]);
-        assert!(coalesced_offload(&arp, 6000, 1502, &ok).is_none());
+        assert!(coalesced_offload(&arp, 6000, 1500, &ok).is_none());
         // UDP keeps a partial checksum, no GSO.
         let mut udp = head.clone();
         udp[23] = 17;

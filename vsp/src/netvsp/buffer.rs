@@ -114,6 +114,29 @@ impl GuestBuffer {
         })
     }
 
+    /// The guest's memory the buffer lies in.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    /// Appends to `out` the guest-physical runs (address, length) of `off .. off + len`, at
+    /// most [`MAX_RANGE_PIECES`] of them (on an error some may have been appended).
+    pub fn gpa_runs(
+        &self,
+        off: u32,
+        len: usize,
+        out: &mut Vec<(u64, usize)>,
+    ) -> Result<(), OutOfBuffer> {
+        let start = out.len();
+        self.runs(off, len, |gpa, n| {
+            if out.len() - start >= MAX_RANGE_PIECES {
+                return Err(OutOfBuffer);
+            }
+            out.push((gpa, n));
+            Ok(())
+        })
+    }
+
     /// Appends to `out` the guest-memory pieces of `off .. off + len`.
     pub fn pieces<'a>(
         &'a self,

@@ -83,10 +83,11 @@ const MAX_MESSAGES_PER_PACKET: usize = 64;
 /// Largest frame the TAP hands over with segmentation offloads on: IP's 64 KiB, the Ethernet
 /// header and a VLAN tag.
 const MAX_GSO_FRAME: usize = 65535 + 14 + 4;
-/// Least receive sections per channel for RSC: a 64 KiB frame of 1 KiB segments, twice (a
-/// smaller share leaves the TAP without offloads, so that no frame waits for more sections
-/// than its channel has).
-const RSC_MIN_SECTIONS: u32 = 2 * 64;
+/// Bytes of a host frame read into a local buffer before the receive sections: its headers,
+/// checked and filtered on without the guest changing them meanwhile, then copied into the
+/// first section (less the VLAN tag, when one is stripped).
+const RX_LEAD: usize = 128;
+const _: () = assert!(RX_LEAD as u32 <= receive_section_size(MIN_MTU) - RX_DATA_OFFSET);
 /// While polling, a look at the TAP that finds nothing costs a `readv` (about a microsecond
 /// here): done on every turn of a busy worker it was 9 failed reads per frame sent, most of a
 /// core. After an empty look the TAP is left alone for 2 us, doubling up to this while it stays
@@ -101,7 +102,7 @@ const TAP_BACKOFF_MIN: Duration = Duration::from_micros(2);
 const NO_NEXT: u32 = u32::MAX;
 /// Size of a receive section for frames of `mtu` bytes: header room, the frame, and a VLAN
 /// tag read while it is stripped, rounded up to 64.
-pub fn receive_section_size(mtu: u32) -> u32 {
+pub const fn receive_section_size(mtu: u32) -> u32 {
     (RX_DATA_OFFSET + mtu + 14 + 4).next_multiple_of(64)
 }
 
@@ -119,6 +120,23 @@ pub trait NetQueue: Send + std::fmt::Debug {
         hdr: &mut VirtioNetHdr,
         pieces: &mut [IoPieceMut<'_>],
     ) -> Result<Option<usize>, netdev::Error>;
+    /// Reads one frame into `lead`, then into the guest-memory ranges `runs` (see
+    /// [`TapQueue::read_guest`]); by default through [`NetQueue::read`].
+    fn read_guest(
+        &mut self,
+        hdr: &mut VirtioNetHdr,
+        lead: &mut [u8],
+        mem: &GuestMemory,
+        runs: &[(u64, usize)],
+    ) -> Result<Option<usize>, netdev::Error> {
+        let mut pieces = Vec::with_capacity(runs.len() + 1);
+        pieces.push(IoPieceMut::Local(lead));
+        pieces.extend(
+            runs.iter()
+                .map(|&(gpa, len)| IoPieceMut::Shared(Shared::Guest { mem, gpa, len })),
+        );
+        self.read(hdr, &mut pieces)
+    }
     /// A descriptor readable when a frame waits, if the queue has one.
     fn fd(&self) -> Option<BorrowedFd<'_>>;
     /// Whether the kernel should steer frames to this queue (see [`TapQueue::set_attached`]).
@@ -142,6 +160,15 @@ impl NetQueue for TapQueue {
         pieces: &mut [IoPieceMut<'_>],
     ) -> Result<Option<usize>, netdev::Error> {
         TapQueue::read(self, hdr, pieces)
+    }
+    fn read_guest(
+        &mut self,
+        hdr: &mut VirtioNetHdr,
+        lead: &mut [u8],
+        mem: &GuestMemory,
+        runs: &[(u64, usize)],
+    ) -> Result<Option<usize>, netdev::Error> {
+        TapQueue::read_guest(self, hdr, lead, mem, runs)
     }
     fn fd(&self) -> Option<BorrowedFd<'_>> {
         Some(self.as_fd())
@@ -535,11 +562,14 @@ pub struct Netvsp {
     next: Vec<u32>,
     /// The guest's NDIS config said it takes RSC (primary).
     ndis_rsc: bool,
-    /// A host frame read (into `rx_frame`) and not yet delivered: it waits for sections or
-    /// ring room.
-    rx_held: Option<HeldFrame>,
-    /// The frame buffer with RSC on (empty until then).
-    rx_frame: Vec<u8>,
+    /// Free sections a read needs now (1, or as many as the largest frame takes with RSC):
+    /// the TAP is armed only while that many are free.
+    rx_need: usize,
+    /// The guest-memory ranges the next frame is read into, and the sections they cover
+    /// (kept while the same sections are on top of the free list: a read that finds no frame
+    /// costs no rebuilding).
+    rx_runs: Vec<(u64, usize)>,
+    rx_runs_for: Vec<u32>,
     rx_sections: Vec<u32>,
     rx_lens: Vec<u32>,
     rx_ranges: Vec<TransferPageRange>,
@@ -566,48 +596,27 @@ pub struct Netvsp {
     xfer_header: Vec<u8>,
 }
 
-/// A host frame in `Netvsp::rx_frame`: its length (its VLAN tag removed) and virtio-net header.
-#[derive(Clone, Copy, Debug)]
-struct HeldFrame {
-    len: usize,
-    hdr: VirtioNetHdr,
-}
-
 /// How a host frame goes to the guest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum RxLayout {
     /// One section, a plain RNDIS packet.
     Single,
-    /// Coalesced: a first fragment of `first` bytes (the headers and one segment), then
-    /// `segment`-byte fragments, in `fragments` sections.
-    Rsc {
-        first: usize,
-        segment: usize,
-        fragments: usize,
-    },
+    /// Coalesced (RSC): the frame cut at every `capacity` bytes, one fragment per section, in
+    /// `fragments` sections (the guest joins them byte for byte, as Linux's hv_netvsc does).
+    Rsc { fragments: usize },
 }
 
-/// What became of a held frame.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Delivery {
-    /// Announced.
-    Done,
-    /// Dropped (counted).
-    Dropped,
-    /// Not yet: no sections or ring room.
-    Wait,
-}
-
-/// How a frame of `len` bytes with virtio-net header `hdr` is delivered in sections of
-/// `capacity` frame bytes, or `None` if it cannot be: longer than a section and not a TCP GSO
-/// frame whose headers and segments fit sections, or of more than `max_fragments` of them.
+/// How a frame of `len` bytes whose first bytes are `head` and whose virtio-net header is
+/// `hdr` is delivered in sections of `capacity` frame bytes, or `None` if it cannot be: longer
+/// than a section and not a TCP GSO frame whose headers and segments each fit a section (the
+/// guest's MTU), or of more than `max_fragments` sections.
 fn rx_layout(
-    frame: &[u8],
+    head: &[u8],
+    len: usize,
     hdr: &VirtioNetHdr,
     capacity: usize,
     max_fragments: usize,
 ) -> Option<RxLayout> {
-    let len = frame.len();
     let kind = hdr.gso_type & !gso::ECN;
     if kind == gso::NONE || len <= capacity {
         return (len <= capacity).then_some(RxLayout::Single);
@@ -618,19 +627,19 @@ fn rx_layout(
     // The TCP header is where the checksum starts (the header's `hdr_len` is only what the
     // kernel kept linear, not the headers' length).
     let l4 = usize::from(hdr.csum_start.get());
-    let thl = usize::from(*frame.get(l4 + 12)? >> 4) * 4;
+    let thl = usize::from(*head.get(l4 + 12)? >> 4) * 4;
     let headers = l4 + thl;
     let segment = usize::from(hdr.gso_size.get());
     if thl < 20 || headers >= len || segment == 0 || headers + segment > capacity {
         return None;
     }
-    let first = headers + segment;
-    let fragments = 1 + (len - first).div_ceil(segment);
-    (fragments <= max_fragments.min(RSC_MAX_FRAGMENTS)).then_some(RxLayout::Rsc {
-        first,
-        segment,
-        fragments,
-    })
+    let fragments = len.div_ceil(capacity);
+    (fragments <= max_fragments.min(RSC_MAX_FRAGMENTS)).then_some(RxLayout::Rsc { fragments })
+}
+
+/// Sections a frame of up to [`MAX_GSO_FRAME`] bytes takes at `capacity` bytes each.
+fn gso_frame_sections(capacity: u32) -> usize {
+    MAX_GSO_FRAME.div_ceil(capacity.max(1) as usize)
 }
 
 impl std::fmt::Debug for Netvsp {
@@ -681,8 +690,9 @@ impl Netvsp {
             outstanding: Vec::new(),
             next: Vec::new(),
             ndis_rsc: false,
-            rx_held: None,
-            rx_frame: Vec::new(),
+            rx_need: 1,
+            rx_runs: Vec::new(),
+            rx_runs_for: Vec::new(),
             rx_sections: Vec::new(),
             rx_lens: Vec::new(),
             rx_ranges: Vec::new(),
@@ -770,6 +780,7 @@ impl Netvsp {
             return;
         }
         self.rx = rx;
+        self.rx_runs_for.clear();
         self.free.clear();
         self.outstanding.clear();
         self.next.clear();
@@ -1570,110 +1581,202 @@ impl Netvsp {
             return Ok(moved);
         }
         let mac = *self.group.mac.lock().unwrap_or_else(|e| e.into_inner());
-        // Relaxed: see `update_rsc`.
-        if self.group.rsc_offload.load(Ordering::Relaxed) != 0 || self.rx_held.is_some() {
-            return Ok(self.receive_coalesced(out, &rx, filter, &mac)? || moved);
-        }
-        let vlan = self.nic().settings.vlan;
+        self.receive_frames(out, &rx, filter, &mac)
+            .map(|m| m || moved)
+    }
+
+    /// Reads frames from the TAP queue straight into free receive sections and announces
+    /// them. Without RSC a frame goes in one section; with RSC (see [`Netvsp::update_rsc`])
+    /// the TAP hands over TCP super-frames of up to 64 KiB, so each read offers the data areas
+    /// of as many free sections as the largest frame takes (the first bytes go to a local
+    /// buffer, checked there, then copied to the first section, less any VLAN tag), and the
+    /// frame takes the first of them: cut at each section's end, each piece an RNDIS packet
+    /// marked as a fragment (first, middle, last) of one coalesced frame, all announced in one
+    /// transfer-page packet. With fewer sections free, or too little ring room for the
+    /// announcement, nothing is read: the TAP keeps (then drops) the frames.
+    fn receive_frames(
+        &mut self,
+        out: &mut OutgoingRing,
+        rx: &LentBuffer,
+        filter: PacketFilter,
+        mac: &[u8; 6],
+    ) -> Result<bool, Error> {
         let capacity = rx.section_size - RX_DATA_OFFSET;
+        // Relaxed: see `update_rsc`.
+        let rsc = self.group.rsc_offload.load(Ordering::Relaxed) != 0;
+        let max_fragments = (self.count as usize).min(RSC_MAX_FRAGMENTS);
+        let need = if rsc {
+            gso_frame_sections(capacity).min(max_fragments).max(1)
+        } else {
+            1
+        };
+        self.rx_need = need;
+        let vlan = self.nic().settings.vlan;
+        let strip = if vlan.is_some() { 4 } else { 0 };
+        let mut moved = false;
         for _ in 0..RX_BATCH {
-            let Some(&l) = self.free.last() else {
+            if self.free.len() < need {
                 count(&self.nic().stats.rx_no_section);
                 break;
-            };
-            if !out.fits(Self::ANNOUNCE_BYTES)? {
-                self.blocked = Some(Self::ANNOUNCE_BYTES);
+            }
+            let announce = Self::announce_bytes(need);
+            if !out.fits(announce)? {
+                self.blocked = Some(announce);
                 break;
             }
-            let base = (self.first + l) * rx.section_size;
-            let frame_at = base + RX_DATA_OFFSET;
+            let top = self.free.len() - need;
+            if self.rx_runs_for.len() != need
+                || self.rx_runs_for.iter().rev().ne(self.free[top..].iter())
+            {
+                self.rx_runs.clear();
+                self.rx_runs_for.clear();
+                for j in 0..need {
+                    let l = self.free[self.free.len() - 1 - j];
+                    let area = (self.first + l) * rx.section_size + RX_DATA_OFFSET;
+                    // The lead holds the frame's first bytes (less the tag), the first
+                    // section the rest of its data area.
+                    let skip = if j == 0 { (RX_LEAD - strip) as u32 } else { 0 };
+                    if rx
+                        .buffer
+                        .gpa_runs(area + skip, (capacity - skip) as usize, &mut self.rx_runs)
+                        .is_err()
+                    {
+                        self.rx_runs.clear();
+                        return Err(Error::Config(
+                            "receive buffer shorter than its sections".into(),
+                        ));
+                    }
+                    self.rx_runs_for.push(l);
+                }
+            }
             let mut hdr = VirtioNetHdr::default();
-            let mut lead = [0u8; 16];
-            let mut shared = Vec::with_capacity(4);
-            let read = {
-                let (skip, room) = if vlan.is_some() {
-                    (12, capacity - 12)
-                } else {
-                    (0, capacity)
-                };
-                if rx
-                    .buffer
-                    .pieces(frame_at + skip, room as usize, &mut shared)
-                    .is_err()
-                {
-                    return Err(Error::Config(
-                        "receive buffer shorter than its sections".into(),
-                    ));
-                }
-                let mut pieces: Vec<IoPieceMut<'_>> = Vec::with_capacity(shared.len() + 1);
-                if vlan.is_some() {
-                    pieces.push(IoPieceMut::Local(&mut lead));
-                }
-                pieces.extend(shared.iter().map(|s| IoPieceMut::Shared(*s)));
-                let Some(q) = self.queue.as_mut() else { break };
-                q.read(&mut hdr, &mut pieces)
-            };
-            let n = match read {
-                Ok(Some(n)) => n as u32,
+            let mut lead = [0u8; RX_LEAD];
+            let Some(q) = self.queue.as_mut() else { break };
+            let n = match q.read_guest(&mut hdr, &mut lead, rx.buffer.memory(), &self.rx_runs) {
+                Ok(Some(n)) => n,
                 Ok(None) => break,
                 Err(e) => return Err(Error::Net(e)),
             };
             moved = true;
-            let frame_len = match vlan {
-                Some(id) => {
-                    if n < 18 || n - 4 > capacity || Vlan::of_frame(&lead).map(|v| v.id) != Some(id)
-                    {
-                        count(&self.nic().stats.rx_dropped);
-                        continue;
-                    }
-                    if rx.buffer.write(frame_at, &lead[..12]).is_err() {
-                        count(&self.nic().stats.rx_dropped);
-                        continue;
-                    }
-                    n - 4
+            // The frame's sections are now the ones read into: build them again next time.
+            self.rx_runs_for.clear();
+            match self.deliver_read(out, rx, n, hdr, &lead, strip, filter, mac)? {
+                Some(fragments) => {
+                    self.free.truncate(self.free.len() - fragments);
                 }
-                None => {
-                    if n > capacity || n < 14 {
-                        count(&self.nic().stats.rx_dropped);
-                        continue;
-                    }
-                    n
-                }
-            };
-            let mut dst = [0u8; 6];
-            let passes =
-                rx.buffer.read(frame_at, &mut dst).is_ok() && filter_passes(filter, &dst, &mac);
-            let offload = RxOffload::from_vnet(&hdr);
-            let Ok(mut offload) = offload else {
-                count(&self.nic().stats.rx_dropped);
-                continue;
-            };
-            if !passes {
-                count(&self.nic().stats.rx_dropped);
-                continue;
+                None => count(&self.nic().stats.rx_dropped),
             }
-            if let Some(h) = &self.rss {
-                let mut head = [0u8; rss::HEADER_BYTES];
-                let n = (frame_len as usize).min(head.len());
-                if rx.buffer.read(frame_at, &mut head[..n]).is_ok() {
-                    offload.hash = h.of_frame(&head[..n]);
-                }
-            }
-            let (header, msg_len) = protocol::rx_header(frame_len, &offload, None);
-            if rx.buffer.write(base, &header).is_err() {
-                count(&self.nic().stats.rx_dropped);
-                continue;
-            }
-            if !self.announce(out, l, msg_len, false)? {
-                // The ring filled after `fits`: the frame is lost, the section kept.
-                count(&self.nic().stats.rx_dropped);
-                break;
-            }
-            self.free.pop();
-            count(&self.nic().stats.rx_frames);
-            count(&self.nic().stats.rx_queue[usize::from(self.index)]);
         }
         Ok(moved)
+    }
+
+    /// Delivers a frame just read: `n` bytes (with a VLAN tag of `strip` bytes to remove),
+    /// the first in `lead`, the rest in the data areas of the top sections of the free list
+    /// from `RX_LEAD - strip` on. Returns the sections it took, or `None` if it was dropped
+    /// (too long, not on our VLAN, not for the guest's filter, not deliverable).
+    #[allow(clippy::too_many_arguments)]
+    fn deliver_read(
+        &mut self,
+        out: &mut OutgoingRing,
+        rx: &LentBuffer,
+        n: usize,
+        mut hdr: VirtioNetHdr,
+        lead: &[u8; RX_LEAD],
+        strip: usize,
+        filter: PacketFilter,
+        mac: &[u8; 6],
+    ) -> Result<Option<usize>, Error> {
+        let capacity = (rx.section_size - RX_DATA_OFFSET) as usize;
+        let need = self.rx_need;
+        // Longer than the room offered (truncated), or shorter than its Ethernet header.
+        if n > need * capacity + strip || n < 14 + strip {
+            return Ok(None);
+        }
+        let mut head = [0u8; RX_LEAD];
+        let read = n.min(RX_LEAD);
+        if let Some(id) = self.nic().settings.vlan {
+            let csum_start = hdr.csum_start.get();
+            let partial = hdr.flags().contains(VnetFlags::NEEDS_CSUM);
+            if Vlan::of_frame(&lead[..16]).map(|v| v.id) != Some(id) || (partial && csum_start < 18)
+            {
+                return Ok(None);
+            }
+            if partial {
+                hdr.csum_start = (csum_start - 4).into();
+            }
+            head[..12].copy_from_slice(&lead[..12]);
+            head[12..read - 4].copy_from_slice(&lead[16..read]);
+        } else {
+            head[..read].copy_from_slice(&lead[..read]);
+        }
+        let len = n - strip;
+        let head = &head[..read - strip];
+        let dst: [u8; 6] = head[..6].try_into().expect("6 bytes");
+        if !filter_passes(filter, &dst, mac) {
+            return Ok(None);
+        }
+        // Without RSC the room offered is one section.
+        let Some(layout) = rx_layout(head, len, &hdr, capacity, need) else {
+            return Ok(None);
+        };
+        let Ok(mut offload) = RxOffload::from_vnet(&VirtioNetHdr {
+            gso_type: gso::NONE,
+            ..hdr
+        }) else {
+            return Ok(None);
+        };
+        const _: () = assert!(rss::HEADER_BYTES <= RX_LEAD - 4);
+        offload.hash = self.rss.as_ref().and_then(|h| h.of_frame(head));
+        let fragments = match layout {
+            RxLayout::Single => 1,
+            RxLayout::Rsc { fragments } => fragments,
+        };
+        let mut sections = std::mem::take(&mut self.rx_sections);
+        let mut lens = std::mem::take(&mut self.rx_lens);
+        sections.clear();
+        lens.clear();
+        let mut written = true;
+        for i in 0..fragments {
+            let flen = capacity.min(len - i * capacity);
+            let flags = match layout {
+                RxLayout::Single => None,
+                RxLayout::Rsc { .. } if i == 0 => Some(PktInfoFlags::FIRST_FRAGMENT),
+                RxLayout::Rsc { .. } if i + 1 == fragments => Some(PktInfoFlags::LAST_FRAGMENT),
+                RxLayout::Rsc { .. } => Some(PktInfoFlags::empty()),
+            };
+            let l = self.free[self.free.len() - 1 - i];
+            let base = (self.first + l) * rx.section_size;
+            let (header, msg_len) = protocol::rx_header(flen as u32, &offload, flags);
+            written &= rx.buffer.write(base, &header).is_ok();
+            if i == 0 {
+                written &= rx.buffer.write(base + RX_DATA_OFFSET, head).is_ok();
+            }
+            sections.push(l);
+            lens.push(msg_len);
+        }
+        let announced = if written {
+            self.announce_sections(out, &sections, &lens, false)
+        } else {
+            Ok(false)
+        };
+        self.rx_sections = sections;
+        self.rx_lens = lens;
+        // Not written, or the ring filled after `fits` (it cannot: only this channel writes
+        // it): the frame is lost, its sections stay free.
+        if !announced? {
+            return Ok(None);
+        }
+        let stats = &self.group.nic.stats;
+        count(&stats.rx_frames);
+        count(&stats.rx_queue[usize::from(self.index)]);
+        if fragments > 1 {
+            count(&stats.rx_rsc_frames);
+            // Relaxed: statistics.
+            stats
+                .rx_rsc_fragments
+                .fetch_add(fragments as u64, Ordering::Relaxed);
+        }
+        Ok(Some(fragments))
     }
 
     /// The TAP offloads the guest's state calls for (primary channel): checksums and TCP
@@ -1690,7 +1793,12 @@ impl Netvsp {
             && self.ndis_rsc
             && self.rndis.initialized
             && rsc.any()
-            && self.count >= RSC_MIN_SECTIONS;
+            && self.rx.as_ref().is_some_and(|rx| {
+                // Twice the sections the largest frame takes, so that one can be read while
+                // the guest still holds the previous one.
+                let need = gso_frame_sections(rx.section_size - RX_DATA_OFFSET);
+                need <= RSC_MAX_FRAGMENTS && self.count as usize >= 2 * need
+            });
         let mut want = TunOffload::empty();
         if eligible {
             want = TunOffload::CSUM;
@@ -1710,170 +1818,6 @@ impl Netvsp {
         }
         tracing::debug!(nic = %self.group.nic.settings.tap, "TAP offloads now {want:?}");
         self.group.rsc_offload.store(want.bits(), Ordering::Relaxed);
-    }
-
-    /// With RSC on: reads frames into the frame buffer and delivers each in as many sections
-    /// as it needs; a frame that waits for sections or ring room stays held (the TAP keeps,
-    /// then drops, the ones behind it).
-    fn receive_coalesced(
-        &mut self,
-        out: &mut OutgoingRing,
-        rx: &LentBuffer,
-        filter: PacketFilter,
-        mac: &[u8; 6],
-    ) -> Result<bool, Error> {
-        let mut moved = false;
-        if self.rx_frame.is_empty() {
-            self.rx_frame = vec![0; MAX_GSO_FRAME];
-        }
-        let vlan = self.nic().settings.vlan;
-        for _ in 0..RX_BATCH {
-            if self.rx_held.is_none() {
-                if self.free.is_empty() {
-                    count(&self.nic().stats.rx_no_section);
-                    break;
-                }
-                let mut hdr = VirtioNetHdr::default();
-                let Some(q) = self.queue.as_mut() else { break };
-                let n = match q.read(&mut hdr, &mut [IoPieceMut::Local(&mut self.rx_frame)]) {
-                    Ok(Some(n)) => n,
-                    Ok(None) => break,
-                    Err(e) => return Err(Error::Net(e)),
-                };
-                moved = true;
-                let mut len = n;
-                if let Some(id) = vlan {
-                    let csum_start = hdr.csum_start.get();
-                    let partial = hdr.flags().contains(VnetFlags::NEEDS_CSUM);
-                    if n < 18
-                        || n > self.rx_frame.len()
-                        || Vlan::of_frame(&self.rx_frame[..16]).map(|v| v.id) != Some(id)
-                        || (partial && csum_start < 18)
-                    {
-                        count(&self.nic().stats.rx_dropped);
-                        continue;
-                    }
-                    self.rx_frame.copy_within(16..n, 12);
-                    len = n - 4;
-                    if partial {
-                        hdr.csum_start = (csum_start - 4).into();
-                    }
-                }
-                if !(14..=self.rx_frame.len()).contains(&len) {
-                    count(&self.nic().stats.rx_dropped);
-                    continue;
-                }
-                let dst: [u8; 6] = self.rx_frame[..6].try_into().expect("6 bytes");
-                if !filter_passes(filter, &dst, mac) {
-                    count(&self.nic().stats.rx_dropped);
-                    continue;
-                }
-                self.rx_held = Some(HeldFrame { len, hdr });
-            }
-            let Some(held) = self.rx_held else { break };
-            match self.deliver_held(out, rx, held)? {
-                Delivery::Done | Delivery::Dropped => self.rx_held = None,
-                Delivery::Wait => break,
-            }
-        }
-        Ok(moved)
-    }
-
-    /// Writes the held frame into sections and announces them in one transfer-page packet.
-    fn deliver_held(
-        &mut self,
-        out: &mut OutgoingRing,
-        rx: &LentBuffer,
-        held: HeldFrame,
-    ) -> Result<Delivery, Error> {
-        let capacity = (rx.section_size - RX_DATA_OFFSET) as usize;
-        let frame = &self.rx_frame[..held.len];
-        let Some(layout) = rx_layout(frame, &held.hdr, capacity, self.count as usize) else {
-            count(&self.nic().stats.rx_dropped);
-            return Ok(Delivery::Dropped);
-        };
-        let Ok(mut offload) = RxOffload::from_vnet(&VirtioNetHdr {
-            gso_type: gso::NONE,
-            ..held.hdr
-        }) else {
-            count(&self.nic().stats.rx_dropped);
-            return Ok(Delivery::Dropped);
-        };
-        offload.hash = self.rss.as_ref().and_then(|h| h.of_frame(frame));
-        let (fragments, first, segment) = match layout {
-            RxLayout::Single => (1, held.len, held.len),
-            RxLayout::Rsc {
-                first,
-                segment,
-                fragments,
-            } => (fragments, first, segment),
-        };
-        if self.free.len() < fragments {
-            count(&self.nic().stats.rx_no_section);
-            return Ok(Delivery::Wait);
-        }
-        let need = Self::announce_bytes(fragments);
-        if !out.fits(need)? {
-            self.blocked = Some(need);
-            return Ok(Delivery::Wait);
-        }
-        let mut sections = std::mem::take(&mut self.rx_sections);
-        let mut lens = std::mem::take(&mut self.rx_lens);
-        sections.clear();
-        lens.clear();
-        let mut at = 0;
-        let mut written = true;
-        for i in 0..fragments {
-            let flen = if i == 0 {
-                first
-            } else {
-                segment.min(held.len - at)
-            };
-            let flags = match layout {
-                RxLayout::Single => None,
-                RxLayout::Rsc { .. } if i == 0 => Some(PktInfoFlags::FIRST_FRAGMENT),
-                RxLayout::Rsc { .. } if i + 1 == fragments => Some(PktInfoFlags::LAST_FRAGMENT),
-                RxLayout::Rsc { .. } => Some(PktInfoFlags::empty()),
-            };
-            let l = self.free[self.free.len() - 1 - i];
-            let base = (self.first + l) * rx.section_size;
-            let (header, msg_len) = protocol::rx_header(flen as u32, &offload, flags);
-            written &= rx.buffer.write(base, &header).is_ok()
-                && rx
-                    .buffer
-                    .write(base + RX_DATA_OFFSET, &self.rx_frame[at..at + flen])
-                    .is_ok();
-            sections.push(l);
-            lens.push(msg_len);
-            at += flen;
-        }
-        let result = if written {
-            self.announce_sections(out, &sections, &lens, false)
-        } else {
-            Ok(false)
-        };
-        self.rx_sections = sections;
-        self.rx_lens = lens;
-        if !written {
-            count(&self.nic().stats.rx_dropped);
-            return Ok(Delivery::Dropped);
-        }
-        if !result? {
-            // The ring filled after `fits`: try again later.
-            return Ok(Delivery::Wait);
-        }
-        self.free.truncate(self.free.len() - fragments);
-        let stats = &self.group.nic.stats;
-        count(&stats.rx_frames);
-        count(&stats.rx_queue[usize::from(self.index)]);
-        if fragments > 1 {
-            count(&stats.rx_rsc_frames);
-            // Relaxed: statistics.
-            stats
-                .rx_rsc_fragments
-                .fetch_add(fragments as u64, Ordering::Relaxed);
-        }
-        Ok(Delivery::Done)
     }
 
     /// The primary channel tells the guest of host link changes, at most one per 2 s.
@@ -1919,11 +1863,10 @@ impl Netvsp {
 
     /// Arms the TAP queue in the wake set only while a frame could be taken.
     fn arm(&mut self) {
-        // A held frame waits for sections or ring room (the guest's completions or reads wake
-        // us), not for the TAP.
+        // Without the sections a read needs, or ring room, the channel waits for the guest
+        // (its completions or reads wake us), not for the TAP.
         let want = self.rx.is_some()
-            && !self.free.is_empty()
-            && self.rx_held.is_none()
+            && self.free.len() >= self.rx_need
             && self.group.filter.load(Ordering::Relaxed) != 0
             && self.blocked.is_none();
         if want == self.tap_armed {

@@ -587,13 +587,20 @@ fn a_guest_that_keeps_its_receive_sections_stalls_only_itself() {
         h.run().unwrap();
         take_received(&mut h, true).unwrap();
     }
+    // With RSC on a read needs room for the largest frame: the last one goes with that many
+    // sections free.
+    let need = gso_frame_sections(hs.recv.sections[0].sub_alloc_size - RX_DATA_OFFSET);
+    let delivered = sections - need + 1;
     assert_eq!(
         nic.stats.rx_frames.load(Ordering::Relaxed) as usize,
-        sections
+        delivered
     );
     assert!(nic.stats.rx_no_section.load(Ordering::Relaxed) > 0);
     // The rest wait in the backend (the TAP's queue, bounded by the kernel).
-    assert_eq!(qs[0].0.lock().unwrap().to_guest.len(), 100);
+    assert_eq!(
+        qs[0].0.lock().unwrap().to_guest.len(),
+        sections + 100 - delivered
+    );
     // Sending still works.
     send_direct(&mut h, 70, &data(&frame([2; 6], 64), &[]), DATA_GPA).unwrap();
     assert_eq!(status_of(&mut h, 70), NvspStatus::SUCCESS);
@@ -957,9 +964,12 @@ fn a_large_host_frame_reaches_an_rsc_guest_in_fragments_of_one_transfer() {
             _ => None,
         })
         .collect();
-    // One packet for the super-frame (headers and a segment first, then a segment each),
-    // one for the small frame.
-    let fragments = 1 + (60_000 - 1448usize).div_ceil(1448);
+    // One packet for the super-frame (cut at each section's end, wherever the segments
+    // end), one for the small frame.
+    let size = hs.recv.sections[0].sub_alloc_size;
+    let capacity = (size - RX_DATA_OFFSET) as usize;
+    let fragments = big.len().div_ceil(capacity);
+    assert!(fragments > 30);
     assert_eq!(
         transfers.iter().map(|t| t.1).collect::<Vec<_>>(),
         [fragments, 1]
@@ -982,14 +992,7 @@ fn a_large_host_frame_reaches_an_rsc_guest_in_fragments_of_one_transfer() {
             .find(|e| e[4..8] == [0, 0, 0, 0])
             .map(|e| u32::from_le_bytes(e[12..16].try_into().unwrap()));
         assert_eq!(csum.map(|c| c & 0x38), (i == 0).then_some(0x38), "{i}");
-        assert_eq!(
-            data.len(),
-            if i == 0 {
-                54 + 1448
-            } else {
-                1448.min(big.len() - whole.len())
-            }
-        );
+        assert_eq!(data.len(), capacity.min(big.len() - whole.len()));
         whole.extend_from_slice(data);
     }
     assert_eq!(whole, big);
@@ -1002,26 +1005,30 @@ fn a_large_host_frame_reaches_an_rsc_guest_in_fragments_of_one_transfer() {
     );
     assert_eq!(nic.stats.rx_frames.load(Ordering::Relaxed), 2);
     // The completions gave every section back: as many super-frames as the channel's share
-    // holds all go through, again and again.
+    // holds all go through, again and again. A read needs room for the largest frame: the
+    // last one goes while that many sections are free.
     let sections = hs.recv.sections[0].num_sub_allocs as usize;
+    let need = gso_frame_sections(size - RX_DATA_OFFSET);
+    let fit = (sections - need) / fragments + 1;
     for _ in 0..3 {
-        for _ in 0..sections / fragments {
+        for _ in 0..fit {
             qs[0].push_to_guest(hdr, big.clone());
         }
         h.run().unwrap();
         assert_eq!(
             frames_of(&take_received(&mut h, false).unwrap()).len(),
-            sections / fragments * fragments
+            fit * fragments
         );
     }
     assert_eq!(nic.stats.rx_dropped.load(Ordering::Relaxed), 0);
     assert_eq!(nic.stats.bad_nvsp.load(Ordering::Relaxed), 0);
-    // Held back without sections: nothing is lost, it goes once they come back.
-    let fit = sections / fragments;
+    // Held back without sections: nothing is lost, the frame stays in the TAP until they
+    // come back.
     for _ in 0..fit + 1 {
         qs[0].push_to_guest(hdr, big.clone());
     }
     h.run().unwrap();
+    assert_eq!(qs[0].0.lock().unwrap().to_guest.len(), 1);
     let pending = |h: &Harness| -> Vec<(u64, Vec<vmbus_proto::ring::TransferPageRange>)> {
         h.received
             .iter()
@@ -1042,7 +1049,6 @@ fn a_large_host_frame_reaches_an_rsc_guest_in_fragments_of_one_transfer() {
             status: NvspStatus::SUCCESS,
         },
     );
-    let size = hs.recv.sections[0].sub_alloc_size;
     let forged = 1 + u64::from(waiting[0].1[1].byte_offset / size);
     h.send(forged, &done, Sent::Completion).unwrap();
     h.run().unwrap();
@@ -1057,8 +1063,10 @@ fn a_large_host_frame_reaches_an_rsc_guest_in_fragments_of_one_transfer() {
         frames_of(&take_received(&mut h, false).unwrap()).len(),
         fragments
     );
+    assert!(qs[0].0.lock().unwrap().to_guest.is_empty());
     // Frames it cannot deliver coalesced are dropped and counted: a segment too large for a
-    // section, a GSO kind it did not ask for, a frame over the MTU without GSO.
+    // section (the guest's MTU), a GSO kind it did not ask for, a frame over the MTU without
+    // GSO.
     let (mut bad, f) = gso_frame(hs.mac, 20_000, 1600);
     qs[0].push_to_guest(bad, f.clone());
     bad.gso_size = 1448.into();
@@ -1110,6 +1118,134 @@ fn without_rsc_the_tap_keeps_no_offloads_and_gso_frames_are_dropped() {
     );
     assert_eq!(qs[0].0.lock().unwrap().offload, 0);
     let _ = nic;
+}
+
+/// The frames of one RSC transfer (after `h.run()`): each fragment's packet-id flags and
+/// bytes, the guest's completion sent.
+fn rsc_transfer(h: &mut Harness) -> Vec<(Option<vmbus_proto::rndis::PktInfoFlags>, Vec<u8>)> {
+    frames_of(&take_received(h, false).unwrap())
+        .into_iter()
+        .map(|(_, ppi, data)| (fragment_flags(&ppi), data))
+        .collect()
+}
+
+#[test]
+fn rsc_frames_are_cut_at_section_ends_whatever_their_length() {
+    use vmbus_proto::rndis::PktInfoFlags as F;
+    let (nic, qs) = standin_nic(1);
+    let mut h = harness(&nic);
+    let hs = handshake(&mut h, NvspVersion::V61, 0).unwrap().unwrap();
+    let capacity = (hs.recv.sections[0].sub_alloc_size - RX_DATA_OFFSET) as usize;
+    // Odd lengths across sections, exactly one and exactly two sections, one byte more.
+    for len in [
+        3 * capacity + 7,
+        capacity,
+        2 * capacity,
+        capacity + 1,
+        MAX_GSO_FRAME - 4,
+    ] {
+        let (hdr, f) = gso_frame(hs.mac, len - 54, 1448);
+        assert_eq!(f.len(), len);
+        qs[0].push_to_guest(hdr, f.clone());
+        h.run().unwrap();
+        let got = rsc_transfer(&mut h);
+        let n = len.div_ceil(capacity);
+        assert_eq!(got.len(), n, "{len}");
+        if n == 1 {
+            // One section: a plain packet, no fragment.
+            assert_eq!(got[0], (None, f), "{len}");
+            continue;
+        }
+        for (i, (flags, data)) in got.iter().enumerate() {
+            let want = match i {
+                0 => F::SUBALLOC | F::FIRST_FRAGMENT,
+                _ if i + 1 == n => F::SUBALLOC | F::LAST_FRAGMENT,
+                _ => F::SUBALLOC,
+            };
+            assert_eq!(*flags, Some(want), "{len} fragment {i}");
+            let end = ((i + 1) * capacity).min(len);
+            assert_eq!(data[..], f[i * capacity..end], "{len} fragment {i}");
+        }
+    }
+    assert_eq!(nic.stats.rx_dropped.load(Ordering::Relaxed), 0);
+    // Longer than the largest frame: the read is cut short, and the frame dropped.
+    let (hdr, f) = gso_frame(hs.mac, MAX_GSO_FRAME + 2000, 1448);
+    qs[0].push_to_guest(hdr, f);
+    h.run().unwrap();
+    assert!(rsc_transfer(&mut h).is_empty());
+    assert_eq!(nic.stats.rx_dropped.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn rsc_reads_wait_for_room_for_the_largest_frame() {
+    let (nic, qs) = standin_nic(1);
+    let mut h = harness(&nic);
+    let hs = handshake(&mut h, NvspVersion::V61, 0).unwrap().unwrap();
+    let size = hs.recv.sections[0].sub_alloc_size;
+    let sections = hs.recv.sections[0].num_sub_allocs as usize;
+    let need = gso_frame_sections(size - RX_DATA_OFFSET);
+    // Small frames, one section each, kept by the guest until fewer than `need` are free.
+    let small = sections - need + 1;
+    for _ in 0..small + 3 {
+        qs[0].push_to_guest(VirtioNetHdr::default(), frame(hs.mac, 60));
+    }
+    h.run().unwrap();
+    let kept = take_received(&mut h, true).unwrap();
+    assert_eq!(kept.len(), small);
+    // The rest wait in the TAP: nothing dropped, no copy held.
+    assert_eq!(qs[0].0.lock().unwrap().to_guest.len(), 3);
+    assert_eq!(nic.stats.rx_dropped.load(Ordering::Relaxed), 0);
+    assert!(nic.stats.rx_no_section.load(Ordering::Relaxed) > 0);
+    // The guest returns one (section 0, the first announced): room for one more read.
+    let done = nvsp(
+        NvspMessageType::SEND_RNDIS_PACKET_COMPLETE,
+        &SendRndisPacketComplete {
+            status: NvspStatus::SUCCESS,
+        },
+    );
+    h.send(1, &done, Sent::Completion).unwrap();
+    h.run().unwrap();
+    assert_eq!(qs[0].0.lock().unwrap().to_guest.len(), 2);
+    assert_eq!(frames_of(&take_received(&mut h, false).unwrap()).len(), 1);
+}
+
+#[test]
+fn a_vlan_nic_strips_the_tag_of_rsc_frames_without_a_copy() {
+    use vmbus_proto::rndis::PktInfoFlags as F;
+    let qs = [StandIn::default()];
+    let mut s = settings(1);
+    s.vlan = Some(100);
+    let nic = Nic::with_queues(&s, vec![Box::new(qs[0].clone())], None);
+    let mut h = harness(&nic);
+    let hs = handshake(&mut h, NvspVersion::V61, 0).unwrap().unwrap();
+    let capacity = (hs.recv.sections[0].sub_alloc_size - RX_DATA_OFFSET) as usize;
+    let tag = |f: &[u8], id: u16| {
+        let t = netdev::offload::Vlan { id, priority: 0 }.tag_bytes();
+        [&f[..12], &t[..], &f[12..]].concat()
+    };
+    let (mut hdr, f) = gso_frame(hs.mac, 5 * capacity, 1448);
+    hdr.csum_start = (34 + 4).into();
+    qs[0].push_to_guest(hdr, tag(&f, 100));
+    // Another VLAN's, and a partial checksum starting inside the tag: dropped.
+    qs[0].push_to_guest(hdr, tag(&f, 101));
+    let mut bad = hdr;
+    bad.csum_start = 16.into();
+    qs[0].push_to_guest(bad, tag(&f, 100));
+    h.run().unwrap();
+    let got = rsc_transfer(&mut h);
+    assert_eq!(got.len(), f.len().div_ceil(capacity));
+    assert_eq!(got[0].0, Some(F::SUBALLOC | F::FIRST_FRAGMENT));
+    assert_eq!(
+        got.iter()
+            .flat_map(|g| g.1.iter().copied())
+            .collect::<Vec<u8>>(),
+        f
+    );
+    assert_eq!(nic.stats.rx_dropped.load(Ordering::Relaxed), 2);
+    // A small tagged frame: one section, untagged.
+    qs[0].push_to_guest(VirtioNetHdr::default(), tag(&frame(hs.mac, 100), 100));
+    h.run().unwrap();
+    assert_eq!(rsc_transfer(&mut h), [(None, frame(hs.mac, 100))]);
 }
 
 /// A polling worker looks at an empty TAP less and less often (a failed `readv` on every turn
