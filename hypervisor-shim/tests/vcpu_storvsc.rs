@@ -87,9 +87,15 @@ fn storvsc_through_a_vcpu_writes_and_reads_a_vspd_disk() {
         n(&out.exits.hypercall) as f64 / ios as f64,
         n(&out.exits.signal_exits),
     );
-    assert_eq!(
+    // The channel's eventfd is bound with KVM_IOEVENTFD by the VMM's link thread when vspd's
+    // message reaches it, which races the guest's first requests on the new channel: a signal
+    // made before the binding exits to the VMM, which forwards it (correct, only slower).
+    // Seen here: 0 in most runs, 2 of 22 in about one run in six. Almost every signal must
+    // still go through KVM_IOEVENTFD (all of them exiting is the regression this catches).
+    assert!(
+        n(&out.exits.signal_exits) * 4 <= stats.signals.max(4),
+        "HvSignalEvents of the open channel exited to the VMM instead of KVM_IOEVENTFD: {} of {}",
         n(&out.exits.signal_exits),
-        0,
-        "every HvSignalEvent of the open channel went through KVM_IOEVENTFD"
+        stats.signals
     );
 }
