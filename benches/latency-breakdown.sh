@@ -17,7 +17,8 @@
 # The transport (ring, polling or wakeups, both ways) is the round trip minus vspd's hops; the
 # rest of fio's p50 is the NBD client and the socket into vscd.
 #
-# Usage: [ROUNDS=5] [RUNTIME=4] [POLL_US=1000] benches/latency-breakdown.sh
+# Usage: [ROUNDS=5] [RUNTIME=4] [POLL_US=1000] [CASES=...] benches/latency-breakdown.sh
+#   CASES: a comma-separated subset, e.g. CASES="direct randread,direct randwrite".
 # Needs fio and jq (scripts/install-deps.sh); builds the release binaries.
 set -euo pipefail
 
@@ -80,8 +81,13 @@ p50() {
 
 echo "QD1 p50: ours (vspd + vscd --nbd, --poll-us $poll_us) against fio io_uring on the file," \
     "$rounds rounds of ${runtime} s; $(uptime)"
-for case in "buffered randread" "direct randread" "direct randwrite"; do
+IFS=, read -r -a cases <<<"${CASES:-buffered randread,direct randread,direct randwrite}"
+for case in "${cases[@]}"; do
     read -r mode rw <<<"$case"
+    [[ $mode =~ ^(buffered|direct)$ && $rw =~ ^rand(read|write)$ ]] || {
+        echo "latency-breakdown: unknown case '$case' (MODE RW: buffered|direct randread|randwrite)" >&2
+        exit 1
+    }
     disk="path=$img"
     [[ $mode == direct ]] && disk+=",direct=on"
     rm -f "$logs"/*.sock

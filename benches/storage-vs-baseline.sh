@@ -31,8 +31,12 @@
 # `clat` alone is ~0 for the file's buffered io_uring requests, which complete inline in the
 # submitting system call.
 #
+# The QD1 summary also gives nbdkit's p50 above the file's: what the NBD transport alone (the
+# socket, libnbd's send/poll/receive in fio) costs a peer server, the floor under ours.
+#
 # Usage: benches/storage-vs-baseline.sh     (RUNTIME=seconds per run, default 6; ROUNDS=N)
 #   e.g. ROUNDS=3 RUNTIME=3 TARGETS="file nbdkit ours" benches/storage-vs-baseline.sh
+#   a subset of the cases: MODES="buffered direct", RWS="randread randwrite", QDS="1 32".
 # Installs its tools only through scripts/install-deps.sh (fio, nbdkit); builds the release
 # binaries. Servers it starts are stopped on exit. fio's JSON is kept in <target>/storage-fio/.
 set -euo pipefail
@@ -198,9 +202,9 @@ run_fio() { # mode rw qd target round
         "$mode" "$rw" "$qd" "$tgt" "$round" "${a[@]:0:5}" "${a[5]}"
 }
 
-modes=(buffered direct)
-rws=(randread randwrite)
-qds=(1 32)
+read -r -a modes <<<"${MODES:-buffered direct}"
+read -r -a rws <<<"${RWS:-randread randwrite}"
+read -r -a qds <<<"${QDS:-1 32}"
 start=$SECONDS
 echo "fio 4 KiB random I/O, ${runtime} s per run, $rounds rounds, 1 GiB image on $(findmnt -no FSTYPE -T "$img" 2>/dev/null || echo '?');" \
     "$(uptime)"
@@ -241,9 +245,9 @@ for mode in "${modes[@]}"; do
     for rw in "${rws[@]}"; do
         for qd in "${qds[@]}"; do
             c="$mode $rw $qd"
-            for ours in ours ours0; do
+            for ours in nbdkit ours ours0; do
                 [[ " ${tgts[*]} " == *" $ours "* ]] || continue
-                if [[ " ${tgts[*]} " == *" nbdkit "* ]]; then
+                if [[ $ours != nbdkit && " ${tgts[*]} " == *" nbdkit "* ]]; then
                     # shellcheck disable=SC2046 # one value per round
                     summary "$(printf '%-8s %-9s QD%-2s %-5s/nbdkit IOPS' $c $ours)" $(paste -d' ' \
                         <(printf '%s\n' ${iops[$c $ours]}) <(printf '%s\n' ${iops[$c nbdkit]}) |
