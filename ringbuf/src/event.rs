@@ -1,6 +1,7 @@
 //! Signals between the two sides of a ring: an eventfd each way.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::event::{eventfd, EventfdFlags};
 
@@ -13,14 +14,20 @@ use crate::Error;
 /// `u64::MAX - 1`, and a peer that shares the eventfd can put it there; so events are
 /// non-blocking (`EFD_NONBLOCK`), and a saturated counter (`EAGAIN`) means a signal is pending
 /// anyway: the signal is dropped, which loses nothing. An eventfd received from a peer
-/// ([`from_untrusted_fd`](Self::from_untrusted_fd)) shares its file status flags with that peer,
-/// which could clear `O_NONBLOCK` again at any time: `O_NONBLOCK` is set anew before each write,
-/// and reads ask not to wait (`RWF_NOWAIT`) whatever the flag says.
+/// ([`from_untrusted_fd`](Self::from_untrusted_fd)) or handed to one
+/// ([`new_shared`](Self::new_shared)) shares its file status flags with that peer, which can
+/// clear `O_NONBLOCK` at any time and saturate the counter: no flag set before a write closes
+/// that window. Reads ask not to wait (`RWF_NOWAIT`) whatever the flag says; writes, which
+/// cannot ask that of an eventfd, run under [`crate::kick::guarded`]: one the peer made block
+/// is interrupted after at most about two watchdog ticks (40 ms), and the event is then
+/// disabled: later signals are dropped at once (the peer's own wakeups stop, nobody else's).
 #[derive(Debug)]
 pub struct Event {
     fd: OwnedFd,
     /// The peer shares the open file description (and its `O_NONBLOCK`).
     untrusted: bool,
+    /// A write blocked and was interrupted: the peer is hostile, signals are dropped.
+    stalled: AtomicBool,
 }
 
 impl Event {
@@ -30,16 +37,16 @@ impl Event {
             .map(|fd| Self {
                 fd,
                 untrusted: false,
+                stalled: AtomicBool::new(false),
             })
             .map_err(Error::Event)
     }
 
     /// A new eventfd that will be handed to a peer (a channel's signal, which the front end
     /// writes): the peer's duplicate shares the file's `O_NONBLOCK` flag and may clear it, so,
-    /// as for [`Event::from_untrusted_fd`], the flag is set again before every write, and every
-    /// read asks not to wait (`RWF_NOWAIT`).
-    /// A signal then never blocks on a counter the peer saturated, and a read never blocks on
-    /// one the peer drained first.
+    /// as for [`Event::from_untrusted_fd`], every read asks not to wait (`RWF_NOWAIT`) and every
+    /// write is bounded (see [`Event`]). A read then never blocks on a counter the peer drained
+    /// first, and a signal blocks at most briefly, once, on one the peer saturated.
     pub fn new_shared() -> Result<Self, Error> {
         let mut e = Self::new()?;
         e.untrusted = true;
@@ -53,13 +60,15 @@ impl Event {
         Self {
             fd,
             untrusted: false,
+            stalled: AtomicBool::new(false),
         }
     }
 
     /// Wraps a descriptor a peer sent as an eventfd: refuses anything that is not an eventfd
-    /// (a pipe, socket or file could block a write, or be something else entirely), and makes
-    /// every [`signal`](Self::signal) non-blocking whatever the peer does to the descriptor's
-    /// flags. Fails with `Error::Event(EINVAL)` if `fd` is not an eventfd.
+    /// (a pipe, socket or file could block a write, or be something else entirely), sets
+    /// `O_NONBLOCK`, and bounds every [`signal`](Self::signal) whatever the peer does to the
+    /// descriptor's flags (see [`Event`]). Fails with `Error::Event(EINVAL)` if `fd` is not an
+    /// eventfd.
     pub fn from_untrusted_fd(fd: OwnedFd) -> Result<Self, Error> {
         if !is_eventfd(&fd) {
             return Err(Error::Event(rustix::io::Errno::INVAL));
@@ -68,6 +77,7 @@ impl Event {
         Ok(Self {
             fd,
             untrusted: true,
+            stalled: AtomicBool::new(false),
         })
     }
 
@@ -81,8 +91,7 @@ impl Event {
     /// saturated, the signal dropped).
     pub fn try_signal(&self) -> Result<bool, Error> {
         if self.untrusted {
-            // The peer may have cleared O_NONBLOCK on the shared description since.
-            set_nonblocking(&self.fd)?;
+            return self.try_signal_shared();
         }
         loop {
             match rustix::io::write(&self.fd, &1u64.to_ne_bytes()) {
@@ -92,6 +101,34 @@ impl Event {
                 Err(e) => return Err(Error::Event(e)),
             }
         }
+    }
+
+    /// [`try_signal`](Self::try_signal) on a description a peer shares: the write may block
+    /// (the peer cleared `O_NONBLOCK` and saturated the counter); if it is interrupted for
+    /// that, the event is disabled.
+    fn try_signal_shared(&self) -> Result<bool, Error> {
+        // Relaxed: a plain flag; a signal racing with the stall is dropped either way.
+        if self.stalled.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        match crate::kick::guarded(|| rustix::io::write(&self.fd, &1u64.to_ne_bytes())) {
+            Ok(_) => Ok(true),
+            Err(rustix::io::Errno::AGAIN) => Ok(false),
+            Err(rustix::io::Errno::INTR) => {
+                self.stalled.store(true, Ordering::Relaxed);
+                tracing::warn!(
+                    "a peer made its eventfd block a signal (cleared O_NONBLOCK and saturated \
+                     it): no more signals to it"
+                );
+                Ok(false)
+            }
+            Err(e) => Err(Error::Event(e)),
+        }
+    }
+
+    /// Whether a signal was made to block and the event is disabled (see [`Event`]).
+    pub fn is_stalled(&self) -> bool {
+        self.stalled.load(Ordering::Relaxed)
     }
 
     /// Sleeps until the event is signalled and resets it. Returns the number of signals.
@@ -226,23 +263,35 @@ mod tests {
     }
 
     #[test]
-    fn a_shared_event_survives_its_peer_clearing_o_nonblock() {
+    fn a_peer_that_makes_a_signal_block_gets_it_interrupted_and_no_more() {
         let ev = Event::new_shared().unwrap();
         let peer = ev.as_fd().try_clone_to_owned().unwrap();
         rustix::io::write(&peer, &0xffff_ffff_ffff_fffeu64.to_ne_bytes()).unwrap();
         rustix::fs::fcntl_setfl(&peer, rustix::fs::OFlags::empty()).unwrap();
-        assert!(!ev.try_signal().unwrap(), "saturated: dropped, not blocked");
+        // The write blocks; the watchdog interrupts it.
+        assert!(!ev.try_signal().unwrap(), "interrupted: dropped");
+        assert!(ev.is_stalled());
+        // Disabled: no write at all now, even once the counter has room.
         assert_eq!(ev.wait().unwrap(), 0xffff_ffff_ffff_fffe);
-        // The peer drains and clears the flag again; a read of nothing waits for a signal
-        // instead of blocking in read(2) past it.
+        assert!(!ev.try_signal().unwrap());
+        assert!(!ev.is_signalled());
+    }
+
+    #[test]
+    fn a_shared_event_reads_never_block_on_a_peer_that_cleared_o_nonblock() {
+        let ev = Event::new_shared().unwrap();
+        let peer = ev.as_fd().try_clone_to_owned().unwrap();
         rustix::fs::fcntl_setfl(&peer, rustix::fs::OFlags::empty()).unwrap();
+        // A read of nothing waits for a signal instead of blocking in read(2) past it.
         assert_eq!(ev.try_wait().unwrap(), 0);
         let ev = std::sync::Arc::new(ev);
         let e2 = ev.clone();
         let t = std::thread::spawn(move || e2.wait().unwrap());
         std::thread::sleep(std::time::Duration::from_millis(20));
-        ev.signal().unwrap();
+        // A blocking but unsaturated eventfd takes the write at once.
+        assert!(ev.try_signal().unwrap());
         assert_eq!(t.join().unwrap(), 1);
+        assert!(!ev.is_stalled());
     }
 
     #[test]
@@ -250,19 +299,24 @@ mod tests {
         let fd = saturated_blocking();
         let peer = fd.try_clone().unwrap();
         let ev = Event::from_untrusted_fd(fd).unwrap();
+        // Made non-blocking when taken: saturated means dropped (an interrupt is pending).
         assert!(
             !ev.try_signal().unwrap(),
             "dropped: an interrupt is pending"
         );
-        // The peer clears O_NONBLOCK on the shared description: still no block.
-        rustix::fs::fcntl_setfl(&peer, rustix::fs::OFlags::empty()).unwrap();
-        assert!(!ev.try_signal().unwrap());
+        assert!(!ev.is_stalled());
         assert_eq!(ev.wait().unwrap(), 0xffff_ffff_ffff_fffe);
         assert!(ev.try_signal().unwrap());
         assert!(ev.is_signalled() && ev.is_signalled());
         assert_eq!(ev.try_wait().unwrap(), 1);
         assert!(!ev.is_signalled());
         assert_eq!(ev.try_wait().unwrap(), 0);
+        // The peer clears O_NONBLOCK on the shared description and saturates it: the write
+        // that blocks is interrupted, and the event is disabled.
+        rustix::fs::fcntl_setfl(&peer, rustix::fs::OFlags::empty()).unwrap();
+        rustix::io::write(&peer, &0xffff_ffff_ffff_fffeu64.to_ne_bytes()).unwrap();
+        assert!(!ev.try_signal().unwrap());
+        assert!(ev.is_stalled());
     }
 
     #[test]

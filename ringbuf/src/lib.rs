@@ -22,6 +22,7 @@
 
 pub mod event;
 pub mod guestmem;
+pub mod kick;
 pub mod latency;
 pub mod packet;
 pub mod pair;

@@ -97,9 +97,10 @@ struct Vp {
 
 /// The SynIC of a partition, host side.
 ///
-/// Every irqfd write is non-blocking (see [`Event::from_untrusted_fd`]): a front end that
-/// leaves its irqfd's counter saturated gets no more interrupts (one is pending anyway), and
-/// the per-VP lock is never held across a write that could block.
+/// Every irqfd write is bounded (see [`Event`]): a front end that leaves its irqfd's counter
+/// saturated gets no more interrupts (one is pending anyway); one that also clears the shared
+/// `O_NONBLOCK` makes one write block until the watchdog interrupts it (about 40 ms, the per-VP
+/// lock held meanwhile), after which its irqfd is disabled.
 #[derive(Debug)]
 pub struct Synic {
     vps: Vec<Mutex<Vp>>,
@@ -288,10 +289,16 @@ mod tests {
     use super::*;
     use ringbuf::shmem::create_memfd;
 
-    fn setup() -> (GuestMemory, Synic, Event) {
+    /// 1 MiB of guest memory.
+    fn memory() -> GuestMemory {
         let mut mem = GuestMemory::new();
         mem.add_region(0, 1 << 20, create_memfd("g", 1 << 20).unwrap(), 0)
             .unwrap();
+        mem
+    }
+
+    fn setup() -> (GuestMemory, Synic, Event) {
+        let mem = memory();
         let syn = Synic::new(2);
         let irq = Event::new().unwrap();
         let dup = Event::from_fd(std::os::fd::AsFd::as_fd(&irq).try_clone_to_owned().unwrap());
@@ -347,9 +354,7 @@ mod tests {
 
     #[test]
     fn a_guest_that_never_eoms_queues_a_bounded_number() {
-        let mut mem = GuestMemory::new();
-        mem.add_region(0, 1 << 20, create_memfd("g", 1 << 20).unwrap(), 0)
-            .unwrap();
+        let mem = memory();
         let syn = Synic::with_queue_limit(1, 8);
         assert!(syn.set_vp(&mem, 0, Some(0x1000), None, false, None));
         for i in 0..1000u32 {
@@ -362,9 +367,7 @@ mod tests {
 
     #[test]
     fn a_saturated_irqfd_drops_interrupts_without_blocking() {
-        let mut mem = GuestMemory::new();
-        mem.add_region(0, 1 << 20, create_memfd("g", 1 << 20).unwrap(), 0)
-            .unwrap();
+        let mem = memory();
         let syn = Synic::new(1);
         // A blocking eventfd one below its maximum count: a blocking write of 1 would hang.
         let fd = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
@@ -374,6 +377,27 @@ mod tests {
         syn.post(&mem, 0, b"hello");
         assert!(syn.signal_channel(&mem, 0, 3));
         assert_eq!(syn.dropped_interrupts(), 2);
+    }
+
+    #[test]
+    fn an_irqfd_its_peer_makes_blocking_and_saturates_stalls_a_signal_once() {
+        let mem = memory();
+        let syn = Synic::new(1);
+        let fd = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
+        let peer = fd.try_clone().unwrap();
+        let irq = Event::from_untrusted_fd(fd).unwrap();
+        assert!(syn.set_vp(&mem, 0, Some(0x1000), Some(0x2000), false, Some(irq)));
+        // After the handshake the front end clears O_NONBLOCK on the description it shares
+        // and saturates the counter: the next interrupt's write blocks, and is interrupted.
+        rustix::fs::fcntl_setfl(&peer, rustix::fs::OFlags::empty()).unwrap();
+        rustix::io::write(&peer, &0xffff_ffff_ffff_fffeu64.to_ne_bytes()).unwrap();
+        assert!(syn.signal_channel(&mem, 0, 3));
+        syn.post(&mem, 0, b"hello");
+        for relid in 0..100 {
+            assert!(syn.signal_channel(&mem, 0, relid));
+        }
+        assert_eq!(syn.dropped_interrupts(), 102);
+        assert_eq!(syn.queued(0), 0, "the message was delivered");
     }
 
     #[test]
