@@ -47,6 +47,13 @@ pub fn check_block(buf: &[u8], block: u64) -> bool {
     buf.len() == BLOCK && buf[..8] == block.to_le_bytes()
 }
 
+/// Whether data of `len` bytes whose first 8 are `head` is a whole block that belongs to block
+/// `block` (for data read in place: only those bytes are copied out).
+#[inline]
+pub fn check_block_head(len: usize, head: [u8; 8], block: u64) -> bool {
+    len == BLOCK && head == block.to_le_bytes()
+}
+
 /// Makes `path` an image of `bytes` bytes with every block stamped (version 0), unless it
 /// already is one (same size, first and last blocks stamped: kept from an earlier run), then
 /// reads it whole once so that it sits in the page cache.

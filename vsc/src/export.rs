@@ -1,7 +1,7 @@
 //! The storvsc disks as NBD exports: [`crate::nbd::BlockDevice`] over [`Disk`].
 
-use crate::nbd::{BatchFlush, BlockDevice, IoError as NbdError, ReadDone, WriteDone};
-use crate::storvsc::{Disk, DiskOp, IoError};
+use crate::nbd::{BatchFlush, BlockDevice, IoError as NbdError, ReadData, ReadDone, WriteDone};
+use crate::storvsc::{Disk, DiskOp, IoError, ReadView};
 
 /// How a SCSI failure reads to an NBD client.
 fn nbd_error(e: IoError) -> NbdError {
@@ -16,6 +16,15 @@ fn nbd_error(e: IoError) -> NbdError {
         // ILLEGAL REQUEST.
         IoError::Sense { key: 0x05, .. } | IoError::Invalid => NbdError::Invalid,
         _ => NbdError::Io,
+    }
+}
+
+impl ReadData for ReadView<'_> {
+    fn len(&self) -> usize {
+        ReadView::len(self)
+    }
+    fn append_to(&self, dst: &mut Vec<u8>) -> Result<(), NbdError> {
+        ReadView::append_to(self, dst).map_err(nbd_error)
     }
 }
 
@@ -45,10 +54,11 @@ impl BlockDevice for Disk {
     }
 
     fn read_async(&self, offset: u64, len: u32, done: ReadDone) {
-        self.submit(
-            DiskOp::Read { offset, len },
-            Box::new(move |r| done(r.map_err(nbd_error))),
-        );
+        // The reply copies the data from the bounce pages into the bytes it sends.
+        self.submit_read(offset, len, move |r| match r {
+            Ok(view) => done(Ok(&view)),
+            Err(e) => done(Err(nbd_error(e))),
+        });
     }
 
     fn write_async(&self, offset: u64, data: Vec<u8>, fua: bool, done: WriteDone) {

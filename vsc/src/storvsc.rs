@@ -25,6 +25,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::SegQueue;
+use ringbuf::guestmem::{GuestMemory, PAGE_SIZE};
 use ringbuf::latency::{self, Hop};
 use ringbuf::packet::{gpa_direct_header, OutgoingPacket, PacketKind};
 use vmbus_proto::ring::PacketType;
@@ -307,6 +308,133 @@ pub type IoResult = Result<Vec<u8>, IoError>;
 /// A completion callback.
 pub type Callback = Box<dyn FnOnce(IoResult) + Send>;
 
+/// The completion callback of a read submitted with [`Disk::submit_read`]: it sees the data in
+/// place, in the queue's bounce pages, for as long as it runs.
+pub type ReadCallback = Box<dyn for<'a> FnOnce(Result<ReadView<'a>, IoError>) + Send>;
+
+/// The data a read brought back, still in the queue's bounce pages (guest memory the host
+/// filled): valid only while the completion callback that was handed it runs; the request's
+/// slot and pages are freed once it returns. Nothing is copied unless asked for, and then only
+/// the bytes asked for, through guest memory's checked accessors (never a `&[u8]` over memory
+/// the host shares).
+///
+/// Its length is the bytes the host transferred: at most the length asked, less if the host
+/// says it moved less (a short read).
+pub struct ReadView<'a> {
+    mem: &'a GuestMemory,
+    /// Bounce page frame numbers, in order; each checked to be guest memory.
+    pages: &'a [u64],
+    len: usize,
+}
+
+impl std::fmt::Debug for ReadView<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadView").field("len", &self.len).finish()
+    }
+}
+
+impl<'a> ReadView<'a> {
+    /// The first `len` bytes of `pages` (consecutive `PAGE_SIZE` pieces). Every page the view
+    /// covers must be guest memory: the error names the first that is not. The copies below
+    /// then cannot fail (regions are never removed while `mem` is borrowed), but they keep the
+    /// checked accessors and answer [`IoError::Disconnected`] rather than trust that.
+    fn new(mem: &'a GuestMemory, pages: &'a [u64], len: usize) -> Result<Self, ringbuf::Error> {
+        let used = len.div_ceil(PAGE_SIZE as usize);
+        let Some(pages) = pages.get(..used) else {
+            return Err(ringbuf::Error::OutOfBounds { offset: 0, len });
+        };
+        if let Some(&bad) = pages.iter().find(|&&p| !mem.contains_page(p)) {
+            return Err(ringbuf::Error::GuestAddress {
+                gpa: bad.saturating_mul(PAGE_SIZE),
+                len: PAGE_SIZE,
+            });
+        }
+        Ok(Self { mem, pages, len })
+    }
+
+    /// Bytes of data.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there is no data (a read of nothing, or the host transferred nothing).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The pieces (guest-physical address, bytes) of `offset .. offset + len`, which must lie
+    /// in the view.
+    fn pieces(
+        &self,
+        offset: usize,
+        len: usize,
+    ) -> Result<impl Iterator<Item = (u64, usize)> + '_, IoError> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(IoError::Invalid);
+        }
+        let page = PAGE_SIZE as usize;
+        let mut at = offset;
+        let end = offset + len;
+        Ok(std::iter::from_fn(move || {
+            (at < end).then(|| {
+                let in_page = at % page;
+                let n = (page - in_page).min(end - at);
+                let gpa = self.pages[at / page] * PAGE_SIZE + in_page as u64;
+                at += n;
+                (gpa, n)
+            })
+        }))
+    }
+
+    /// Copies `dst.len()` bytes at `offset` into `dst`; [`IoError::Invalid`] if they are not
+    /// all in the view.
+    pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> Result<(), IoError> {
+        let mut done = 0;
+        for (gpa, n) in self.pieces(offset, dst.len())? {
+            self.mem
+                .read(gpa, &mut dst[done..done + n])
+                .map_err(|_| IoError::Disconnected)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Appends all the data to `dst` (a buffer the caller reuses: nothing is zeroed first).
+    pub fn append_to(&self, dst: &mut Vec<u8>) -> Result<(), IoError> {
+        dst.reserve(self.len);
+        for (gpa, n) in self.pieces(0, self.len)? {
+            self.mem
+                .append_to(gpa, n, dst)
+                .map_err(|_| IoError::Disconnected)?;
+        }
+        Ok(())
+    }
+
+    /// All the data in a new `Vec`.
+    pub fn to_vec(&self) -> Result<Vec<u8>, IoError> {
+        let mut v = Vec::with_capacity(self.len);
+        self.append_to(&mut v)?;
+        Ok(v)
+    }
+}
+
+/// What runs when a request completes: a callback that takes the data as a `Vec`
+/// ([`Disk::submit`]), or one that reads it in place ([`Disk::submit_read`]).
+enum Done {
+    Owned(Callback),
+    View(ReadCallback),
+}
+
+impl Done {
+    /// Runs the callback with an error.
+    fn fail(self, e: IoError) {
+        match self {
+            Done::Owned(f) => f(Err(e)),
+            Done::View(f) => f(Err(e)),
+        }
+    }
+}
+
 thread_local! {
     /// The queue whose thread this is (null elsewhere): requests submitted here stay on it.
     static ON_QUEUE: std::cell::Cell<*const Shared> = const { std::cell::Cell::new(std::ptr::null()) };
@@ -314,7 +442,7 @@ thread_local! {
 
 struct Request {
     op: DiskOp,
-    done: Callback,
+    done: Done,
     /// The LUN it goes to.
     lun: u8,
     /// That LUN's block size (the CDB counts blocks).
@@ -555,7 +683,7 @@ impl Controller {
         left
     }
 
-    fn submit(&self, lun: u8, block_size: u32, op: DiskOp, done: Callback) {
+    fn submit(&self, lun: u8, block_size: u32, op: DiskOp, done: Done) {
         // On one of this controller's queue threads (a source's request): that queue.
         let here = ON_QUEUE.with(|c| c.get());
         let i = match self
@@ -582,9 +710,9 @@ impl Controller {
             lun,
             block_size,
             op,
-            Box::new(move |r| {
+            Done::Owned(Box::new(move |r| {
                 let _ = tx.send(r);
-            }),
+            })),
         );
         rx.recv().unwrap_or(Err(IoError::Disconnected))
     }
@@ -724,7 +852,22 @@ impl Disk {
     /// Submits a request; `done` runs on the queue thread when it completes.
     pub fn submit(&self, op: DiskOp, done: Callback) {
         self.ctl
-            .submit(self.lun, self.geometry.block_size, op, done)
+            .submit(self.lun, self.geometry.block_size, op, Done::Owned(done))
+    }
+
+    /// Submits a read of `len` bytes at `offset` whose callback, on the queue thread, sees the
+    /// data where the host put it ([`ReadView`]) instead of a `Vec`: it copies what it needs,
+    /// where it needs it, before it returns.
+    pub fn submit_read<F>(&self, offset: u64, len: u32, done: F)
+    where
+        F: for<'a> FnOnce(Result<ReadView<'a>, IoError>) + Send + 'static,
+    {
+        self.ctl.submit(
+            self.lun,
+            self.geometry.block_size,
+            DiskOp::Read { offset, len },
+            Done::View(Box::new(done)),
+        )
     }
 
     /// Submits and waits.
@@ -818,7 +961,7 @@ struct InFlight {
     /// Its transaction id (slot index in the low 8 bits, a sequence number above).
     tx: u64,
     /// `None` while the slot is free.
-    done: Option<Callback>,
+    done: Option<Done>,
     /// Bounce pages (guest page numbers); the Vec stays with the slot between requests.
     pages: Vec<u64>,
     /// Bytes to copy back (reads and data-in commands).
@@ -860,7 +1003,7 @@ impl Shared {
     fn fail_queued(&self) {
         let mut failed = false;
         while let Some(r) = self.requests.pop() {
-            (r.done)(Err(IoError::Disconnected));
+            r.done.fail(IoError::Disconnected);
             failed = true;
         }
         if failed {
@@ -1057,11 +1200,11 @@ impl Queue {
         self.resend.clear();
         for s in &mut self.slots {
             if let Some(done) = s.done.take() {
-                done(Err(IoError::Disconnected));
+                done.fail(IoError::Disconnected);
             }
         }
         for r in self.waiting.drain(..) {
-            (r.done)(Err(IoError::Disconnected));
+            r.done.fail(IoError::Disconnected);
         }
         // The callbacks above may have left results for the hooks to deliver.
         self.shared.bell.hooks().run_all();
@@ -1182,9 +1325,9 @@ impl Queue {
 
     /// Fails a request that did not reach the host: its callback now, the batch hooks after
     /// (the loop runs them when `callbacks_ran` is set).
-    fn fail(&mut self, done: Callback, e: IoError) {
+    fn fail(&mut self, done: Done, e: IoError) {
         self.callbacks_ran = true;
-        done(Err(e));
+        done.fail(e);
     }
 
     /// Writes one request into the ring. `Ok(Err(..))` gives it back when there is no room
@@ -1394,7 +1537,7 @@ impl Queue {
                 self.free_slots.push(i as u8);
                 s.given_back = Vec::new();
                 self.callbacks_ran = true;
-                done(Err(IoError::Disconnected));
+                done.fail(IoError::Disconnected);
             }
         }
         self.resend.clear();
@@ -1447,30 +1590,33 @@ impl Queue {
         let outcome = completion_outcome(pkt.payload, slot.data_in)?;
         let done = slot.done.take().expect("checked above");
         let given_back = std::mem::take(&mut slot.given_back);
-        let result = match outcome {
-            Err(e) => Err(e),
-            Ok(_) if slot.data_in == 0 => Ok(given_back),
-            Ok(n) => {
-                // Filled from the bounce pages without zeroing it first (`n` is at most the
-                // length asked, checked by `completion_outcome`).
-                let mut data = Vec::with_capacity(n);
-                let mem = self.front.memory();
-                let copied = (0..n).step_by(4096).enumerate().try_for_each(|(i, at)| {
-                    mem.append_to(slot.pages[i] * 4096, (n - at).min(4096), &mut data)
-                });
-                if let Err(e) = copied {
-                    self.free_pages.append(&mut slot.pages);
-                    self.free_slots.push(slot_no);
-                    done(Err(IoError::Disconnected));
-                    return Err(e.into());
+        // The data (`n` is at most the length asked, checked by `completion_outcome`, and 0
+        // when nothing was to come back) stays in the bounce pages: a view callback reads it
+        // there, a `Vec` callback gets a copy. Pages that are not guest memory break the channel.
+        let mut broken = None;
+        let view = outcome.and_then(
+            |n| match ReadView::new(self.front.memory(), &slot.pages, n) {
+                Ok(v) => Ok(v),
+                Err(e) => {
+                    broken = Some(e);
+                    Err(IoError::Disconnected)
                 }
-                Ok(data)
-            }
-        };
+            },
+        );
+        match done {
+            Done::View(f) => f(view),
+            Done::Owned(f) => f(match view {
+                Ok(_) if slot.data_in == 0 => Ok(given_back),
+                Ok(v) => v.to_vec(),
+                Err(e) => Err(e),
+            }),
+        }
         self.free_pages.append(&mut slot.pages);
         self.free_slots.push(slot_no);
+        if let Some(e) = broken {
+            return Err(e.into());
+        }
         self.completed.fetch_add(1, Ordering::Relaxed);
-        done(result);
         Ok(Some(true))
     }
 }
@@ -1667,7 +1813,7 @@ mod tests {
     fn slot(tx: u64, busy: bool) -> InFlight {
         InFlight {
             tx,
-            done: busy.then(|| Box::new(|_| {}) as Callback),
+            done: busy.then(|| Done::Owned(Box::new(|_| {}))),
             pages: Vec::new(),
             data_in: 0,
             given_back: Vec::new(),
@@ -1691,6 +1837,93 @@ mod tests {
         // A slot beyond the table, and a control request's id.
         assert_eq!(slot_of(&slots, 0x2ff), None);
         assert_eq!(slot_of(&slots, CONTROL_TX | 1), None);
+    }
+
+    /// Guest memory of 16 pages, page `p` filled with bytes `p * 16 + i % 16`.
+    fn stamped_memory() -> GuestMemory {
+        let mut mem = GuestMemory::new();
+        let fd = ringbuf::shmem::create_memfd("view", 16 * PAGE_SIZE).unwrap();
+        mem.add_region(0, 16 * PAGE_SIZE, fd, 0).unwrap();
+        for p in 0..16u64 {
+            let page: Vec<u8> = (0..PAGE_SIZE).map(|i| (p * 16 + i % 16) as u8).collect();
+            mem.write(p * PAGE_SIZE, &page).unwrap();
+        }
+        mem
+    }
+
+    /// What the bounce pages `pages` hold, first `len` bytes, as `stamped_memory` made them.
+    fn stamped(pages: &[u64], len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|at| (pages[at / 4096] * 16 + at as u64 % 16) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn a_read_view_copies_the_bytes_of_its_pages_in_order() {
+        let mem = stamped_memory();
+        // Scattered, out of order, one page twice; a length that is not a page multiple.
+        let pages = [7u64, 2, 11, 2, 5];
+        let len = 3 * 4096 + 1536;
+        let view = ReadView::new(&mem, &pages, len).unwrap();
+        assert_eq!((view.len(), view.is_empty()), (len, false));
+        let want = stamped(&pages, len);
+        assert_eq!(view.to_vec().unwrap(), want);
+        // Appended after what a reused buffer holds.
+        let mut buf = b"header".to_vec();
+        view.append_to(&mut buf).unwrap();
+        assert_eq!((&buf[..6], &buf[6..]), (&b"header"[..], &want[..]));
+        // Ranges within a page, across page ends, at the very end.
+        for (at, n) in [
+            (0, 8),
+            (4090, 12),
+            (4096, 4096),
+            (100, 3 * 4096),
+            (len - 5, 5),
+        ] {
+            let mut dst = vec![0u8; n];
+            view.read_at(at, &mut dst).unwrap();
+            assert_eq!(dst, want[at..at + n], "{n} bytes at {at}");
+        }
+        view.read_at(len, &mut []).unwrap();
+        // Beyond the data (the fifth page is not part of it), or overflowing.
+        assert_eq!(view.read_at(len - 4, &mut [0; 5]), Err(IoError::Invalid));
+        assert_eq!(view.read_at(usize::MAX, &mut [0; 2]), Err(IoError::Invalid));
+    }
+
+    #[test]
+    fn a_short_completion_gives_a_view_of_the_bytes_the_host_moved() {
+        let mem = stamped_memory();
+        let pages = [3u64, 9, 4];
+        let mut vp = VstorPacket::new(VstorOperation::COMPLETE_IO, 0, 0);
+        let mut srb = ScsiRequest::new_zeroed();
+        srb.srb_status = srb_status::SUCCESS;
+        srb.data_transfer_length = 4096 + 1000;
+        vp.set_body(&srb);
+        let n = completion_outcome(vp.as_bytes(), 3 * 4096)
+            .unwrap()
+            .unwrap();
+        let view = ReadView::new(&mem, &pages, n).unwrap();
+        assert_eq!(view.len(), 5096);
+        assert_eq!(view.to_vec().unwrap(), stamped(&pages, 5096));
+        assert_eq!(view.read_at(5000, &mut [0; 200]), Err(IoError::Invalid));
+        // Nothing moved: an empty view.
+        let view = ReadView::new(&mem, &pages, 0).unwrap();
+        assert!(view.is_empty() && view.to_vec().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_view_over_pages_that_are_not_guest_memory_is_refused() {
+        let mem = stamped_memory();
+        // The bytes asked for reach a page beyond memory: refused, whatever the others.
+        assert!(matches!(
+            ReadView::new(&mem, &[1, 16], 4097),
+            Err(ringbuf::Error::GuestAddress { gpa: 65536, .. })
+        ));
+        assert!(ReadView::new(&mem, &[u64::MAX], 1).is_err());
+        // More bytes than the pages hold.
+        assert!(ReadView::new(&mem, &[1, 2], 2 * 4096 + 1).is_err());
+        // A page beyond memory that the data does not reach is not read, so not refused.
+        assert_eq!(ReadView::new(&mem, &[1, 16], 4096).unwrap().len(), 4096);
     }
 
     #[test]

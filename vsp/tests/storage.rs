@@ -10,7 +10,7 @@ use vmbus_proto::channel::Guid;
 use vsc::channel::GuestChannel;
 use vsc::client::{Client, SUPPORTED_VERSIONS};
 use vsc::loopback::Loopback;
-use vsc::storvsc::{Disk, DiskOp, Storvsc};
+use vsc::storvsc::{Disk, DiskOp, IoError, Storvsc};
 
 mod common;
 
@@ -151,6 +151,67 @@ fn many_requests_in_flight_complete_correctly() {
         let (i, r) = rx.recv_timeout(Duration::from_secs(30)).unwrap();
         assert_eq!(r.unwrap(), pattern(i + 7, 4096), "read {i}");
     }
+}
+
+#[test]
+fn reads_completed_in_place_see_what_was_written() {
+    let d = Vspd::start("view", &[("a.img", 16 << 20, "")]);
+    let g = guest(&d.socket);
+    let disk = g.disks[0].clone();
+    let blocks = disk.geometry().blocks;
+    // Several pages and a length that is not a multiple of the page size, at an offset that
+    // is not page aligned; many in flight at once.
+    let len = 3 * 4096 + 1536;
+    let at = |i: u64| i * 20480 + 512;
+    for i in 0..64u64 {
+        disk.write(at(i), &pattern(i + 11, len), false).unwrap();
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    for i in 0..64u64 {
+        let tx = tx.clone();
+        disk.submit_read(at(i), len as u32, move |r| {
+            // Inside the callback the data is still in the bounce pages: copy out pieces.
+            let r = r.and_then(|view| {
+                let mut head = [0u8; 8];
+                view.read_at(0, &mut head)?;
+                let mut across = vec![0u8; 100];
+                view.read_at(4096 - 50, &mut across)?;
+                let mut reused = b"reply header".to_vec();
+                view.append_to(&mut reused)?;
+                let beyond = view.read_at(view.len() - 1, &mut [0; 2]);
+                Ok((view.len(), head, across, reused, view.to_vec()?, beyond))
+            });
+            tx.send((i, r)).unwrap();
+        });
+    }
+    for _ in 0..64 {
+        let (i, r) = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        let (n, head, across, reused, all, beyond) = r.unwrap();
+        let want = pattern(i + 11, len);
+        assert_eq!(n, len, "read {i}");
+        assert_eq!(head, want[..8], "read {i}");
+        assert_eq!(across, want[4096 - 50..4096 + 50], "read {i}");
+        assert_eq!(reused[..12], b"reply header"[..]);
+        assert_eq!(reused[12..], want[..], "read {i}");
+        assert_eq!(all, want, "read {i}");
+        assert_eq!(beyond, Err(IoError::Invalid));
+    }
+    // Errors reach the callback: beyond the disk (ILLEGAL REQUEST / LBA OUT OF RANGE), and a
+    // read the client refuses itself (not block aligned).
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (offset, len) in [(blocks * 512, 512), (100, 512)] {
+        let tx = tx.clone();
+        disk.submit_read(offset, len, move |r| tx.send(r.map(|v| v.len())).unwrap());
+        let r = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        match offset {
+            100 => assert_eq!(r, Err(IoError::Invalid)),
+            _ => assert_eq!(sense(r.unwrap_err()), (0x05, 0x21)),
+        }
+    }
+    // The slots and pages went back: the disk still reads (and through the `Vec` path too).
+    let mut back = vec![0u8; len];
+    disk.read(at(5), &mut back).unwrap();
+    assert_eq!(back, pattern(16, len));
 }
 
 #[test]

@@ -94,8 +94,32 @@ impl From<std::io::Error> for IoError {
     }
 }
 
-/// Completion of [`BlockDevice::read_async`]: the data, or the error.
-pub type ReadDone = Box<dyn FnOnce(Result<Vec<u8>, IoError>) + Send>;
+/// The data of a read that completed, where the device holds it: the reply copies it out
+/// once, straight into the bytes it writes to the socket.
+pub trait ReadData {
+    /// Bytes of data.
+    fn len(&self) -> usize;
+    /// Whether there is no data.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Appends all the data to `dst`.
+    fn append_to(&self, dst: &mut Vec<u8>) -> Result<(), IoError>;
+}
+
+impl ReadData for Vec<u8> {
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+    fn append_to(&self, dst: &mut Vec<u8>) -> Result<(), IoError> {
+        dst.extend_from_slice(self);
+        Ok(())
+    }
+}
+
+/// Completion of [`BlockDevice::read_async`]: the data (valid only while it runs), or the
+/// error.
+pub type ReadDone = Box<dyn for<'a> FnOnce(Result<&'a dyn ReadData, IoError>) + Send>;
 /// Completion of [`BlockDevice::write_async`].
 /// The write's data buffer comes back with the result, for reuse (or empty if the device kept it).
 pub type WriteDone = Box<dyn FnOnce(Result<(), IoError>, Vec<u8>) + Send>;
@@ -133,8 +157,10 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Only called for requests of at most [`async_limit`](Self::async_limit) bytes.
     fn read_async(&self, offset: u64, len: u32, done: ReadDone) {
         let mut buf = vec![0u8; len as usize];
-        let r = self.read(offset, &mut buf).map(|()| buf);
-        done(r)
+        match self.read(offset, &mut buf) {
+            Ok(()) => done(Ok(&buf)),
+            Err(e) => done(Err(e)),
+        }
     }
     /// Starts a write; `done` runs when it completes, on any thread. Only called for requests
     /// of at most [`async_limit`](Self::async_limit) bytes.

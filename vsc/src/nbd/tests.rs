@@ -29,6 +29,8 @@ struct MemDevice {
     hooks: Arc<Mutex<Vec<(usize, BatchFlush)>>>,
     /// Sources attached (event mode).
     sources: AtomicUsize,
+    /// An offset whose asynchronous read completes with data that fails to be copied out.
+    uncopyable: Option<u64>,
 }
 
 /// Unregisters a [`MemDevice`] batch hook.
@@ -85,6 +87,7 @@ impl MemDevice {
             event: false,
             hooks: Arc::default(),
             sources: AtomicUsize::new(0),
+            uncopyable: None,
         }
     }
 
@@ -142,6 +145,27 @@ impl BlockDevice for MemDevice {
             MAX_REQUEST
         } else {
             0
+        }
+    }
+    fn read_async(&self, offset: u64, len: u32, done: ReadDone) {
+        /// Data that copies a few bytes, then fails.
+        struct Uncopyable(usize);
+        impl ReadData for Uncopyable {
+            fn len(&self) -> usize {
+                self.0
+            }
+            fn append_to(&self, dst: &mut Vec<u8>) -> Result<(), IoError> {
+                dst.extend_from_slice(b"partial");
+                Err(IoError::Io)
+            }
+        }
+        if self.uncopyable == Some(offset) {
+            return done(Ok(&Uncopyable(len as usize)));
+        }
+        let mut buf = vec![0u8; len as usize];
+        match self.read(offset, &mut buf) {
+            Ok(()) => done(Ok(&buf)),
+            Err(e) => done(Err(e)),
         }
     }
     fn batch_hook(&self, flush: BatchFlush) -> Option<Box<dyn std::any::Any + Send>> {
@@ -967,6 +991,36 @@ fn an_event_loop_connection_waits_for_budget_and_keeps_every_write() {
     request(&mut s, CMD_FLUSH, 0, 2000, 0, 0);
     assert_eq!(reply(&mut s), (0, 2000));
     request(&mut s, CMD_DISC, 0, 2001, 0, 0);
+    assert!(closed(&mut s));
+    t.join().unwrap().unwrap();
+}
+
+#[test]
+fn an_async_read_whose_data_cannot_be_copied_is_answered_eio_alone() {
+    let mut dev = MemDevice::new(1 << 20).evented(true);
+    dev.uncopyable = Some(8192);
+    let (mut s, t) = connect(vec![export("a", dev)]);
+    go(&mut s, "a");
+    // Pipelined: a good read, the one whose data cannot be copied, a good read.
+    for (cookie, offset) in [(1, 4096), (2, 8192), (3, 12288)] {
+        request(&mut s, CMD_READ, 0, cookie, offset, 4096);
+    }
+    let mut answered = Vec::new();
+    for _ in 0..3 {
+        let (error, cookie) = reply(&mut s);
+        if error == 0 {
+            let mut back = vec![0; 4096];
+            s.read_exact(&mut back).unwrap();
+            let offset = cookie as usize * 4096;
+            let want: Vec<u8> = (offset..offset + 4096).map(|i| (i % 251) as u8).collect();
+            assert_eq!(back, want, "read {cookie}");
+        }
+        answered.push((cookie, error));
+    }
+    answered.sort_unstable();
+    // The failed copy left no partial data in the stream: the next reply parsed.
+    assert_eq!(answered, [(1, 0), (2, EIO), (3, 0)]);
+    request(&mut s, CMD_DISC, 0, 4, 0, 0);
     assert!(closed(&mut s));
     t.join().unwrap().unwrap();
 }

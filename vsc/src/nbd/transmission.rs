@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use crossbeam_queue::ArrayQueue;
 
 use super::proto::*;
-use super::{BlockDevice, Export, IoError, Limits};
+use super::{BlockDevice, Export, IoError, Limits, ReadData};
 use crate::queue::{QueueSource, SourcePoll};
 
 /// Locks, ignoring poisoning (every critical section here leaves its data consistent).
@@ -311,23 +311,53 @@ impl Replies {
     /// hook when batched, else sent now.
     fn reply_async(&self, parts: &[&[u8]], permits: (Permit, Permit)) {
         if self.batched.load(Ordering::Relaxed) {
-            {
-                let mut p = lock(&self.pending);
-                if p.bytes.is_empty() {
-                    p.since = ringbuf::latency::now();
-                }
+            self.pend(permits, |bytes| {
                 for part in parts {
-                    p.bytes.extend_from_slice(part);
+                    bytes.extend_from_slice(part);
                 }
-                p.permits.push(permits);
-            }
-            self.has_pending.store(true, Ordering::SeqCst);
+            });
         } else {
             let mut slices: Vec<io::IoSlice<'_>> =
                 parts.iter().map(|p| io::IoSlice::new(p)).collect();
             let _ = self.send_parts(&mut slices);
             drop(permits);
         }
+    }
+
+    /// The reply of a successful asynchronous read, as [`reply_async`](Self::reply_async): the
+    /// data is copied from where the device holds it straight into the pending replies (or
+    /// the one buffer sent). If it cannot be copied, the reply is an error.
+    fn reply_read_async(&self, cookie: u64, data: &dyn ReadData, permits: (Permit, Permit)) {
+        let reply = |bytes: &mut Vec<u8>| {
+            let start = bytes.len();
+            bytes.resize(start + REPLY_LEN, 0);
+            encode_simple_reply(&mut bytes[start..], 0, cookie);
+            if let Err(e) = data.append_to(bytes) {
+                bytes.truncate(start);
+                bytes.extend_from_slice(&error_reply(e, cookie));
+            }
+        };
+        if self.batched.load(Ordering::Relaxed) {
+            self.pend(permits, reply);
+        } else {
+            let mut bytes = Vec::with_capacity(REPLY_LEN + data.len());
+            reply(&mut bytes);
+            let _ = self.send(&bytes);
+            drop(permits);
+        }
+    }
+
+    /// Appends a reply (written by `put`) to the pending ones, for the batch hook to send.
+    fn pend(&self, permits: (Permit, Permit), put: impl FnOnce(&mut Vec<u8>)) {
+        {
+            let mut p = lock(&self.pending);
+            if p.bytes.is_empty() {
+                p.since = ringbuf::latency::now();
+            }
+            put(&mut p.bytes);
+            p.permits.push(permits);
+        }
+        self.has_pending.store(true, Ordering::SeqCst);
     }
 
     /// A buffer of `len` bytes for a write's payload (a reused one where there is one).
@@ -587,9 +617,7 @@ impl Conn {
                 Box::new(move |r| {
                     match r {
                         Ok(data) if data.len() == len as usize => {
-                            let mut header = [0u8; REPLY_LEN];
-                            encode_simple_reply(&mut header, 0, cookie);
-                            replies.reply_async(&[&header, &data], _permits);
+                            replies.reply_read_async(cookie, data, _permits);
                         }
                         Ok(_) => {
                             replies.reply_async(&[&error_reply(IoError::Io, cookie)], _permits)
