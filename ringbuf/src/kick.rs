@@ -12,8 +12,8 @@
 //! thread that has been inside one for two ticks or more. The caller then treats the eventfd as
 //! hostile.
 //!
-//! The cost on the normal path is an uncontended lock, two stores and an unlock on each side of
-//! the write; the watchdog starts with the first guarded write.
+//! The cost on the normal path is an uncontended lock, a store and an unlock on each side of the
+//! write; the watchdog starts with the first guarded write, or with [`start`].
 
 // Signals need `sigaction` and `pthread_kill`, which only libc offers. Every `unsafe` block
 // below says which invariant makes it sound.
@@ -69,7 +69,9 @@ fn kick_signal() -> libc::c_int {
 
 extern "C" fn on_kick(_: libc::c_int) {}
 
-fn start() {
+/// Starts the watchdog now rather than with the first guarded write (a daemon does it at
+/// startup, so that its thread count does not change later). Idempotent.
+pub fn start() {
     START.call_once(|| {
         // SAFETY: a zeroed sigaction is a valid value (empty mask, no flags); the handler is
         // an extern "C" function that does nothing (async-signal-safe), and no SA_RESTART, so

@@ -125,6 +125,9 @@ fn load(args: &Args) -> Result<Config, vsp::Error> {
 
 fn run(args: Args) -> Result<(), vsp::Error> {
     ringbuf::poller::set_default_limit(std::time::Duration::from_micros(args.poll_us));
+    // The thread that bounds writes into the front ends' eventfds (see ringbuf::kick): started
+    // now, so that sessions come and go without changing the daemon's thread count.
+    ringbuf::kick::start();
     let config = load(&args)?;
     if args.latency_breakdown {
         ringbuf::latency::enable();
