@@ -48,6 +48,9 @@ impl Event {
     /// write is bounded (see [`Event`]). A read then never blocks on a counter the peer drained
     /// first, and a signal blocks at most briefly, once, on one the peer saturated.
     pub fn new_shared() -> Result<Self, Error> {
+        // The watchdog that bounds its writes, running before the first one (starting it costs
+        // a thread spawn: not something to add to a signal's latency).
+        crate::kick::start();
         let mut e = Self::new()?;
         e.untrusted = true;
         Ok(e)
@@ -74,6 +77,8 @@ impl Event {
             return Err(Error::Event(rustix::io::Errno::INVAL));
         }
         set_nonblocking(&fd)?;
+        // As in `new_shared`: the watchdog runs before the first write.
+        crate::kick::start();
         Ok(Self {
             fd,
             untrusted: true,

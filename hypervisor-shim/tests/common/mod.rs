@@ -4,6 +4,11 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+/// How long the tests wait for the guest or vspd to do something (a liveness bound, not a
+/// timing): the guest's CPL-0 code is emulated, and a workspace test run that starts many
+/// processes at once on two cores has made 10 s too short.
+pub const LIVENESS: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Whether KVM can be used here; prints why a test skips when not.
 pub fn kvm_or_skip(test: &str) -> bool {
     match std::fs::OpenOptions::new()
@@ -412,7 +417,7 @@ pub mod mailbox {
                 self.dead.store(true, Ordering::SeqCst);
                 return 0;
             }
-            let deadline = Instant::now() + Duration::from_secs(10);
+            let deadline = Instant::now() + super::LIVENESS;
             let mut b = [0u8; 8];
             loop {
                 self.ram.read(MAILBOX, &mut b).unwrap();
@@ -643,6 +648,8 @@ pub mod client_vm {
                 &[vmbus_proto::channel::VmbusVersion::WIN10_V5],
             )
             .expect("VMBus negotiated through the vCPU");
+            let mut client = client;
+            client.set_timeout(super::LIVENESS);
             ClientVm {
                 link,
                 ram,
@@ -667,7 +674,7 @@ pub mod client_vm {
             self.client
                 .open(offer.relid, gpadl, (RING_PAGES / 2) as u32, 0, &[])
                 .expect("channel open");
-            let deadline = Instant::now() + Duration::from_secs(10);
+            let deadline = Instant::now() + super::LIVENESS;
             while !self.link.knows_channel(offer.connection_id) {
                 assert!(
                     Instant::now() < deadline,
