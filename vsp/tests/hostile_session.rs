@@ -249,7 +249,8 @@ fn a_saturated_irqfd_does_not_wedge_the_session_or_shutdown() {
         VMBUS_POST_MESSAGE_TYPE,
         "the message is there"
     );
-    // The front end clears O_NONBLOCK on the shared description: still no block.
+    // The front end clears O_NONBLOCK on the shared description: the next interrupt's write
+    // blocks until the daemon's watchdog interrupts it (ringbuf::kick); the session answers.
     rustix::fs::fcntl_setfl(&keep, rustix::fs::OFlags::empty()).unwrap();
     raw.post_message(
         MESSAGE_CONNECTION_ID,
