@@ -182,6 +182,7 @@ impl ChannelWorker {
             target_vp: target_vp.clone(),
             mem,
             synic,
+            reset_pending: false,
         };
         let thread = std::thread::Builder::new()
             .name(format!("vmbus-chan-{}", spec.relid))
@@ -250,6 +251,8 @@ struct Worker {
     target_vp: Arc<AtomicU32>,
     mem: Arc<GuestMemory>,
     synic: Arc<Synic>,
+    /// The wake event fired during the last sleep and is reset after the next pass.
+    reset_pending: bool,
 }
 
 /// Packets a worker handles before it lets the device move (submit and reap I/O) and
@@ -311,6 +314,14 @@ impl Worker {
             if self.incoming.commit() {
                 self.interrupt_guest();
             }
+            // The wake event fired for the sleep that just ended: reset it only now, after this
+            // pass's work and answers (one system call less between a woken request and its
+            // answer). A signal the reset swallows announced packets the ring still holds: the
+            // next pass reads them, or the re-check after unmasking before any sleep, both
+            // after this point.
+            if std::mem::take(&mut self.reset_pending) {
+                self.wake.reset()?;
+            }
             if moved {
                 poller.busy();
                 continue;
@@ -357,8 +368,9 @@ impl Worker {
         } else {
             self.device.idle_wake_fd()
         };
-        // Poll first, then reset the event only if it fired: two system calls per sleep (a
-        // read first would find nothing and cost a third).
+        // Poll first, then reset the event only if it fired (after the pass that follows, see
+        // `serve`): two system calls per sleep (a read first would find nothing and cost a
+        // third).
         let wake = PollFd::new(self.wake.as_ref(), PollFlags::IN);
         let mut both;
         let mut one;
@@ -376,9 +388,7 @@ impl Worker {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(Error::Socket(e)),
         }
-        if !fds[0].revents().is_empty() {
-            self.wake.reset()?;
-        }
+        self.reset_pending = !fds[0].revents().is_empty();
         Ok(())
     }
 }
