@@ -44,7 +44,8 @@ pub fn stamp_block(buf: &mut [u8], block: u64, version: u64) {
 /// Whether `buf` is a whole block that belongs to block `block`.
 #[inline]
 pub fn check_block(buf: &[u8], block: u64) -> bool {
-    buf.len() == BLOCK && buf[..8] == block.to_le_bytes()
+    buf.first_chunk::<8>()
+        .is_some_and(|head| check_block_head(buf.len(), *head, block))
 }
 
 /// Whether data of `len` bytes whose first 8 are `head` is a whole block that belongs to block
