@@ -641,14 +641,13 @@ pub mod client_vm {
             let pumping_done = Arc::new(AtomicBool::new(false));
             let host = VcpuHost::new(Arc::clone(&mailbox));
             let (rx, pump) = mailbox::pump(&host, pages.memory_arc(), &pumping_done);
-            let client = vsc::client::Client::connect(
+            let mut client = vsc::client::Client::connect(
                 host.clone(),
                 rx,
                 0,
                 &[vmbus_proto::channel::VmbusVersion::WIN10_V5],
             )
             .expect("VMBus negotiated through the vCPU");
-            let mut client = client;
             client.set_timeout(super::LIVENESS);
             ClientVm {
                 link,
