@@ -223,6 +223,13 @@ fn roundtrip(direct: bool, options: QueueOptions) {
     } else {
         assert_eq!(st.direct, 0);
     }
+    // Every SQE named the disk by its registered index, or none did.
+    if options.register_files {
+        assert_eq!(st.fixed_file, st.direct + st.buffered);
+        assert!(st.fixed_file > 0);
+    } else {
+        assert_eq!(st.fixed_file, 0);
+    }
     // Buffered writes (all of them, or the unaligned ones on a direct disk) are done inline
     // when the option says so, else through io_uring.
     assert_eq!(st.inline_writes > 0, options.inline_buffered_writes);
@@ -242,8 +249,19 @@ fn write_then_read_back_with_writes_through_io_uring() {
         false,
         QueueOptions {
             inline_buffered_writes: false,
+            ..QueueOptions::default()
         },
     );
+}
+
+#[test]
+fn write_then_read_back_through_plain_descriptors() {
+    let plain = QueueOptions {
+        register_files: false,
+        ..QueueOptions::default()
+    };
+    roundtrip(false, plain);
+    roundtrip(true, plain);
 }
 
 #[test]
@@ -253,6 +271,7 @@ fn direct_aligned_and_unaligned_requests() {
         true,
         QueueOptions {
             inline_buffered_writes: false,
+            ..QueueOptions::default()
         },
     );
 }
@@ -296,6 +315,7 @@ fn random_qd256(direct: bool) {
     // Writes through io_uring, so that 256 of them are in flight at once.
     let through_uring = QueueOptions {
         inline_buffered_writes: false,
+        ..QueueOptions::default()
     };
     let mut q = DiskQueue::with_options(disk, mem.clone(), 256, through_uring).unwrap();
     assert_eq!(q.capacity(), 256);
@@ -713,6 +733,7 @@ fn dropping_a_queue_with_io_in_flight_is_safe() {
         // Writes through io_uring, so that they are in flight when the queue is dropped.
         let through_uring = QueueOptions {
             inline_buffered_writes: false,
+            ..QueueOptions::default()
         };
         let mut q = DiskQueue::with_options(disk.clone(), mem.clone(), 256, through_uring).unwrap();
         for i in 0..256u64 {
