@@ -34,6 +34,15 @@ pub trait Device: Send + 'static {
         Ok(false)
     }
 
+    /// How many packets the worker handles, while the guest is awake, before it lets the
+    /// device move (submit and reap I/O) and publishes the answers. Fewer: the guest gets its
+    /// first answers sooner and works on them while the worker handles the next packets; more:
+    /// fewer system calls and ring publications per packet. While the guest sleeps the worker
+    /// takes up to [`SLEEPER_BATCH`] whatever this says.
+    fn packet_batch(&self) -> usize {
+        HANDLE_BATCH
+    }
+
     /// Whether the device must not take more packets now (its queue is full, or it holds
     /// answers the ring had no room for).
     fn busy(&self) -> bool {
@@ -256,16 +265,17 @@ struct Worker {
 }
 
 /// Packets a worker handles before it lets the device move (submit and reap I/O) and
-/// publishes the answers, while the guest polls its ring: small enough that the guest works on
-/// the first answers while the worker handles the next packets, large enough to batch syscalls.
-const HANDLE_BATCH: usize = 8;
+/// publishes the answers, while the guest polls its ring, unless the device says otherwise
+/// ([`Device::packet_batch`]): small enough that the guest works on the first answers while
+/// the worker handles the next packets, large enough to batch syscalls.
+pub const HANDLE_BATCH: usize = 8;
 
 /// The same while the guest sleeps (its interrupt unmasked, everything published read): every
 /// publication would then cost an interrupt and a wakeup (system calls on both sides), so the
 /// worker handles what the ring holds, up to this, submits the I/O with one system call and
 /// publishes the answers with one interrupt. Bounded so that slow I/O done inline (buffered
 /// writes) still reaches the guest in batches: a deeper queue gets an interrupt per 32.
-const SLEEPER_BATCH: usize = 32;
+pub const SLEEPER_BATCH: usize = 32;
 
 impl Worker {
     fn run(mut self) {
@@ -297,7 +307,7 @@ impl Worker {
             let batch = if self.outgoing.reader_waiting() {
                 SLEEPER_BATCH
             } else {
-                HANDLE_BATCH
+                self.device.packet_batch()
             };
             while handled < batch && !self.device.busy() {
                 let Some(p) = self.incoming.read()? else {

@@ -863,6 +863,17 @@ impl Device for Storvsp {
         Ok(moved)
     }
 
+    /// Twice the worker's default: each batch costs an `io_uring_enter` and a ring
+    /// publication, and at QD32 the worker is the busier side (at 4 KiB page-cache reads it
+    /// copies every byte). 16 halves its system calls per request against 8 (QD32 page-cache
+    /// reads: 0.125 -> 0.063 polling, 0.17 -> 0.125 with `--poll-us 0`), with no change in
+    /// IOPS this machine's noise shows over 6 interleaved rounds. 32 cost a fifth of the IOPS
+    /// with `--poll-us 0` (the guest, asleep while it waits, gets its answers in fewer, later
+    /// bursts) and saved no more system calls.
+    fn packet_batch(&self) -> usize {
+        16
+    }
+
     fn busy(&self) -> bool {
         self.free.is_empty() || !self.answers.is_empty()
     }
