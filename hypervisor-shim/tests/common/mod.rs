@@ -125,6 +125,8 @@ pub mod vmbus {
     const SLOT: u64 = SIMP + 256 * MESSAGE_SINT as u64;
     /// Polling rounds before the guest gives up (about 4 emulated instructions each).
     const POLLS: u32 = 4_000_000;
+    /// Reads of the LAPIC's IRR (each an exit to KVM) while waiting for the SINT's vector.
+    const IRR_POLLS: u32 = 200_000;
 
     pub fn wrmsr(a: &mut CodeAssembler, msr: u32, value: u64) -> Result<(), IcedError> {
         a.mov(ecx, msr)?;
@@ -184,6 +186,20 @@ pub mod vmbus {
         a.jne(bad)?;
         a.cmp(byte_ptr(rdi + 16 + 24), 1u32)?;
         a.jne(bad)?;
+        // The SINT's interrupt follows the message (the irqfd is written after the slot): wait
+        // for its vector in the LAPIC's IRR (IF is clear, so it stays pending there) before
+        // exiting, so the test that checks it does not race the delivery. Bounded: a vector
+        // that never comes fails that test's check, not this guest.
+        a.mov(rax, 0xFEE0_0200u64 + 0x10 * u64::from(VECTOR / 32))?;
+        a.mov(r13d, IRR_POLLS)?;
+        let mut irr = a.create_label();
+        let mut pending = a.create_label();
+        a.set_label(&mut irr)?;
+        a.test(dword_ptr(rax), 1u32 << (VECTOR % 32))?;
+        a.jnz(pending)?;
+        a.dec(r13d)?;
+        a.jnz(irr)?;
+        a.set_label(&mut pending)?;
         guests::exit(&mut a, 0x600D)?;
         a.set_label(&mut bad)?;
         guests::exit(&mut a, 0xBAD)?;
