@@ -39,6 +39,28 @@ pub fn default_limit() -> Duration {
 /// dozen spin iterations).
 const CLOCK_EVERY: u32 = 32;
 
+/// The most clock reads between two yields of the core (see [`next_yield_every`]): about
+/// 15-25 us of polling here.
+const MAX_YIELD_EVERY: u32 = 16;
+
+/// A yield that took at least this long let another thread run.
+const YIELD_RAN_ANOTHER: Duration = Duration::from_micros(3);
+
+/// How many clock reads to wait before the next yield of the core, after one that took
+/// `took` with `every` between them. A poller yields so that a thread waiting for its core
+/// (maybe the one it waits for) gets it. A yield that comes back at once found no such
+/// thread: it was a system call for nothing (at QD32 with both sides polling on their own
+/// cores they came to 0.15-0.5 per request on the guest side), so the next comes twice as
+/// late, up to [`MAX_YIELD_EVERY`]. One that let another thread run starts over from every
+/// clock read.
+fn next_yield_every(every: u32, took: Duration) -> u32 {
+    if took >= YIELD_RAN_ANOTHER {
+        1
+    } else {
+        (every * 2).min(MAX_YIELD_EVERY)
+    }
+}
+
 /// The polling state of one consumer thread.
 #[derive(Debug, Clone)]
 pub struct Poller {
@@ -49,6 +71,9 @@ pub struct Poller {
     /// When the current idle stretch began (`None` while work moves).
     idle_since: Option<Instant>,
     spins: u32,
+    /// Clock reads between two yields ([`next_yield_every`]), and since the last one.
+    yield_every: u32,
+    reads_since_yield: u32,
     /// When the thread went to sleep (between [`Poller::sleeping`] and [`Poller::woke`]).
     slept_at: Option<Instant>,
 }
@@ -82,6 +107,8 @@ impl Poller {
             window: min,
             idle_since: None,
             spins: 0,
+            yield_every: 1,
+            reads_since_yield: 0,
             slept_at: None,
         }
     }
@@ -133,7 +160,12 @@ impl Poller {
         if now.duration_since(since) < window {
             // Let a runnable thread have the core: on a machine with fewer cores than busy
             // threads, the work this thread waits for may be queued behind it.
-            std::thread::yield_now();
+            self.reads_since_yield += 1;
+            if self.reads_since_yield >= self.yield_every {
+                self.reads_since_yield = 0;
+                std::thread::yield_now();
+                self.yield_every = next_yield_every(self.yield_every, now.elapsed());
+            }
             return true;
         }
         self.idle_since = None;
@@ -278,6 +310,20 @@ mod tests {
             p.retried();
         }
         assert_eq!(p.window(), Duration::from_micros(10));
+    }
+
+    #[test]
+    fn yields_back_off_while_nobody_else_runs_and_start_over_when_someone_does() {
+        let quick = Duration::from_nanos(300);
+        let mut every = 1;
+        let mut seen = vec![every];
+        for _ in 0..6 {
+            every = next_yield_every(every, quick);
+            seen.push(every);
+        }
+        assert_eq!(seen, [1, 2, 4, 8, 16, 16, 16]);
+        assert_eq!(next_yield_every(16, YIELD_RAN_ANOTHER), 1);
+        assert_eq!(next_yield_every(4, Duration::from_millis(1)), 1);
     }
 
     #[test]
