@@ -38,7 +38,7 @@ pub trait Device: Send + 'static {
     /// device move (submit and reap I/O) and publishes the answers. Fewer: the guest gets its
     /// first answers sooner and works on them while the worker handles the next packets; more:
     /// fewer system calls and ring publications per packet. While the guest sleeps the worker
-    /// takes up to [`SLEEPER_BATCH`] whatever this says.
+    /// takes up to 32 (`SLEEPER_BATCH`) whatever this says.
     fn packet_batch(&self) -> usize {
         HANDLE_BATCH
     }
@@ -268,14 +268,14 @@ struct Worker {
 /// publishes the answers, while the guest polls its ring, unless the device says otherwise
 /// ([`Device::packet_batch`]): small enough that the guest works on the first answers while
 /// the worker handles the next packets, large enough to batch syscalls.
-pub const HANDLE_BATCH: usize = 8;
+const HANDLE_BATCH: usize = 8;
 
 /// The same while the guest sleeps (its interrupt unmasked, everything published read): every
 /// publication would then cost an interrupt and a wakeup (system calls on both sides), so the
 /// worker handles what the ring holds, up to this, submits the I/O with one system call and
 /// publishes the answers with one interrupt. Bounded so that slow I/O done inline (buffered
 /// writes) still reaches the guest in batches: a deeper queue gets an interrupt per 32.
-pub const SLEEPER_BATCH: usize = 32;
+const SLEEPER_BATCH: usize = 32;
 
 impl Worker {
     fn run(mut self) {

@@ -236,7 +236,7 @@ pub(super) struct Stats {
     pub direct_refused: u64,
     pub inline_writes: u64,
     pub zero_fill: u64,
-    /// SQEs that named a registered file.
+    /// Read and write SQEs that named a registered file.
     pub fixed_file: u64,
 }
 
@@ -825,10 +825,10 @@ impl DiskQueue {
 impl DiskQueue {
     /// Counts the SQE just built for slot `idx`.
     fn count(&mut self, idx: usize) {
-        if self.fixed_files {
-            self.stats.fixed_file += 1;
-        }
         if let Op::Rw(rw) = self.slots[idx].op {
+            if self.fixed_files {
+                self.stats.fixed_file += 1;
+            }
             if rw.submitted_direct {
                 self.stats.direct += 1;
             } else {
@@ -989,10 +989,7 @@ fn build_entry(slot: &mut Slot, disk: &DiskFile, fixed: bool) -> squeue::Entry {
                 iovecs.push(RawIovec { base, len: n });
                 left -= n;
             }
-            let (ptr, n) = (iovecs.as_ptr().cast(), iovecs.len() as u32);
-            with_file!(buffered, |fd| opcode::Writev::new(fd, ptr, n)
-                .offset(*offset)
-                .build())
+            vectored(buffered, true, iovecs, *offset, 0)
         }
         Op::ZeroFill { offset, end, .. } => {
             let iovecs = &mut slot.iovecs;
@@ -1006,10 +1003,7 @@ fn build_entry(slot: &mut Slot, disk: &DiskFile, fixed: bool) -> squeue::Entry {
                 });
                 left -= n;
             }
-            let (ptr, n) = (iovecs.as_ptr().cast(), iovecs.len() as u32);
-            with_file!(buffered, |fd| opcode::Writev::new(fd, ptr, n)
-                .offset(*offset)
-                .build())
+            vectored(buffered, true, iovecs, *offset, 0)
         }
         Op::Rw(rw) => {
             let iov = &slot.iovecs[rw.first.min(slot.iovecs.len())..];
@@ -1018,7 +1012,6 @@ fn build_entry(slot: &mut Slot, disk: &DiskFile, fixed: bool) -> squeue::Entry {
             rw.submitted_direct = direct;
             let file = FileRef::of(disk, direct, fixed);
             let flags = rw.flags.bits() as i32;
-            let (ptr, n) = (iov.as_ptr().cast(), iov.len() as u32);
             // One segment (a 4 KiB request, say): a plain read or write, which spares the
             // kernel copying and importing an iovec array.
             if let [one] = iov {
@@ -1037,19 +1030,31 @@ fn build_entry(slot: &mut Slot, disk: &DiskFile, fixed: bool) -> squeue::Entry {
                     });
                 }
             }
-            with_file!(file, |fd| if rw.write {
-                opcode::Writev::new(fd, ptr, n)
-                    .offset(rw.offset)
-                    .rw_flags(flags)
-                    .build()
-            } else {
-                opcode::Readv::new(fd, ptr, n)
-                    .offset(rw.offset)
-                    .rw_flags(flags)
-                    .build()
-            })
+            vectored(file, rw.write, iov, rw.offset, flags)
         }
     }
+}
+
+/// A `writev` (or `readv`) SQE of `iov` at `offset` with `RWF_*` flags `flags` (0: none).
+fn vectored(
+    file: FileRef,
+    write: bool,
+    iov: &[RawIovec],
+    offset: u64,
+    flags: i32,
+) -> squeue::Entry {
+    let (ptr, n) = (iov.as_ptr().cast(), iov.len() as u32);
+    with_file!(file, |fd| if write {
+        opcode::Writev::new(fd, ptr, n)
+            .offset(offset)
+            .rw_flags(flags)
+            .build()
+    } else {
+        opcode::Readv::new(fd, ptr, n)
+            .offset(offset)
+            .rw_flags(flags)
+            .build()
+    })
 }
 
 #[cfg(test)]
