@@ -1,5 +1,8 @@
 //! `vmbus-vm`: runs a guest on KVM with the userspace Hyper-V interface of `hypervisor-shim`.
 
+// The option docs are `--help` text, where `[,key=value]` means optional, not a doc link.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 use clap::Parser;
 use hypervisor_shim::boot::{self, DEFAULT_CMDLINE};
 use hypervisor_shim::own_vspd::{find_vspd, OwnVspd};

@@ -280,7 +280,7 @@ impl Handshake {
     }
 
     /// An NVSP message the host sent (an answer to the handshake's request: the driver
-    /// matched its transaction id with [`waiting_for`](Self::waiting_for)).
+    /// matched its transaction id, [`CONTROL_TX`]).
     pub fn on_nvsp(&mut self, msg: &NvspMessage) -> Result<Vec<Action>, Error> {
         let t = msg.header.message_type;
         match self.phase {

@@ -6,6 +6,9 @@
 //! `--nic`. SIGTERM and SIGINT stop it cleanly;
 //! SIGHUP re-reads the configuration and hot adds or removes (rescinds) devices in every guest.
 
+// The option docs are `--help` text, where `[,key=value]` means optional, not a doc link.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -28,9 +28,9 @@ const _: () = assert!(MAX_INPUT + 4 <= RSS_HASH_KEY_SIZE);
 /// the longest IPv4 header) and the TCP ports.
 pub const HEADER_BYTES: usize = 14 + 60 + 4;
 
-/// The Toeplitz hash of `input` (at most [`MAX_INPUT`] bytes) under `key`: for every set bit
-/// of the input, counting from the most significant bit of its first byte, the 32 key bits
-/// that start at that bit's position are XORed into the result.
+/// The Toeplitz hash of `input` (at most 36 bytes: two IPv6 addresses and two ports) under
+/// `key`: for every set bit of the input, counting from the most significant bit of its first
+/// byte, the 32 key bits that start at that bit's position are XORed into the result.
 pub fn toeplitz(key: &[u8; RSS_HASH_KEY_SIZE], input: &[u8]) -> u32 {
     let mut result = 0u32;
     let mut window = u32::from_be_bytes([key[0], key[1], key[2], key[3]]);
