@@ -6,6 +6,10 @@
 #     storage/uring_<case>, measured one after the other in each run: A B A B over the rounds),
 #     from criterion's estimates.json (the slope, else the mean); at QD1 also the time added per
 #     request (us);
+#   - the two-thread io_uring baseline (storage/pipe_<case>: the same io_uring work split over
+#     two spinning threads that hand requests and completions over lock-free queues, the
+#     ceiling of any split design on this machine): its IOPS ÷ raw io_uring's, and the library
+#     path's IOPS ÷ its;
 #   - the CPU time per I/O of the stack (vspd + the guest side, this bench's process) and of raw
 #     io_uring, and their ratio; the system calls per I/O on each side (counted by perf, if it
 #     can here); from the bench's `cost` lines (a fixed run after each function);
@@ -31,7 +35,7 @@ shift "$shift_args"
 read -r -a polls <<<"${POLL_US:-1000 0}"
 
 read -r -a cases <<<"${CASES:-randread_qd1 randread_qd32 randwrite_qd1 randwrite_qd32}"
-declare -A ratio delta cpu_ratio sys_stack sys_uring
+declare -A ratio delta cpu_ratio sys_stack sys_uring pipe_ratio vs_pipe
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 (cd "$root" && cargo build -q --release --bins) >&2
@@ -53,7 +57,7 @@ for ((i = 1; i <= rounds; i++)); do
         fi
         echo "round $i, poll $poll us:"
         for c in "${cases[@]}"; do
-            v=$(ns "vmbus_$c") u=$(ns "uring_$c")
+            v=$(ns "vmbus_$c") u=$(ns "uring_$c") p=$(ns "pipe_$c")
             vl=$(cost_line "vmbus_$c") ul=$(cost_line "uring_$c")
             vc=$(field cpu_us_per_io <<<"$vl") uc=$(field cpu_us_per_io <<<"$ul")
             vs=$(field vspd <<<"$(sed 's/.*syscalls_per_io//' <<<"$vl")")
@@ -61,12 +65,15 @@ for ((i = 1; i <= rounds; i++)); do
             us=$(field syscalls_per_io <<<"$ul")
             k="$poll $c"
             ratio[$k]+="$(awk -v u="$u" -v v="$v" 'BEGIN { printf "%.3f", u / v }') "
+            pipe_ratio[$k]+="$(awk -v u="$u" -v p="$p" 'BEGIN { printf "%.3f", u / p }') "
+            vs_pipe[$k]+="$(awk -v p="$p" -v v="$v" 'BEGIN { printf "%.3f", p / v }') "
             delta[$k]+="$(awk -v u="$u" -v v="$v" 'BEGIN { printf "%.1f", (v - u) / 1e3 }') "
             cpu_ratio[$k]+="$(awk -v a="$vc" -v b="$uc" 'BEGIN { printf "%.2f", (b > 0) ? a / b : 0 }') "
             sys_stack[$k]+="$(awk -v a="$vs" -v b="$gs" 'BEGIN { printf "%.4f", (a > b) ? a : b }') "
             sys_uring[$k]+="$us "
-            awk -v c="$c" -v u="$u" -v v="$v" -v vc="$vc" -v uc="$uc" -v vs="$vs" -v gs="$gs" -v us="$us" 'BEGIN {
+            awk -v c="$c" -v u="$u" -v v="$v" -v p="$p" -v vc="$vc" -v uc="$uc" -v vs="$vs" -v gs="$gs" -v us="$us" 'BEGIN {
                 printf "  %-15s vmbus %7.0f IOPS  io_uring %7.0f IOPS  ratio %.3f", c, 1e9 / v, 1e9 / u, u / v
+                printf "  (two-thread io_uring %7.0f IOPS, %.3f of io_uring; vmbus/two-thread %.3f)", 1e9 / p, u / p, p / v
                 if (c ~ /qd1$/) printf " (+%.1f us/req)", (v - u) / 1e3
                 printf "  CPU us/IO: stack %s, io_uring %s", vc, uc
                 printf "  syscalls/IO: vspd %s, guest %s, io_uring %s\n", vs, gs, us }'
@@ -82,6 +89,8 @@ for poll in "${polls[@]}"; do
         # shellcheck disable=SC2086 # word splitting of the value lists is intended
         {
             summary "  poll $poll us $c IOPS ratio" ${ratio[$k]}
+            summary "  poll $poll us $c two-thread io_uring / io_uring (split-design ceiling)" ${pipe_ratio[$k]}
+            summary "  poll $poll us $c IOPS ratio against the two-thread io_uring" ${vs_pipe[$k]}
             if [[ $c == *qd1 ]]; then
                 summary "  poll $poll us $c added us per request" ${delta[$k]}
             fi

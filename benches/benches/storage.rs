@@ -3,7 +3,7 @@
 //! offsets, same queue depth. Criterion reports elements/s = IOPS; `benches/storage-ratio.sh`
 //! turns the estimates into the ratios library IOPS ÷ io_uring IOPS.
 //!
-//! Benchmark ids: `storage/{vmbus,uring}_{randread,randwrite}_qd{1,32}`.
+//! Benchmark ids: `storage/{vmbus,uring,pipe}_{randread,randwrite}_qd{1,32}`.
 //!
 //! - The library path (`vmbus_*`): a real `vspd` process (the release binary, see
 //!   [`find_vspd`]) serving the image, the loopback guest
@@ -18,6 +18,9 @@
 //! - The baseline (`uring_*`): one thread, one io_uring with `qd` entries, `read`/`write`
 //!   SQEs on the image file opened the same way `vspd` opens it (buffered, or `O_DIRECT` when
 //!   `VMBUS_BENCH_STORAGE_DIRECT=1`); it refills as completions arrive (`submit_and_wait(1)`).
+//! - The two-thread baseline (`pipe_*`, [`Pipe`]): the same io_uring work split over two
+//!   spinning threads that hand requests and completions to each other over lock-free queues:
+//!   what splitting the work between two cores costs here, with nothing else added.
 //! - Both: request `i` of a benchmark function touches block [`block_of`]`(i)`, `i` counting
 //!   from 0 for each function, so both contestants see the same offsets. Reads check that the
 //!   block starts with its own number; writes write the block's number and a new version.
@@ -135,6 +138,16 @@ struct Setup {
 }
 
 impl Setup {
+    /// The image, opened read-write as `vspd` opens it (`O_DIRECT` with `direct`).
+    fn open_image(&self) -> std::io::Result<File> {
+        let mut o = OpenOptions::new();
+        o.read(true).write(true);
+        if self.direct {
+            o.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
+        }
+        o.open(&self.image)
+    }
+
     fn start(test_mode: bool) -> Result<Self, String> {
         let vspd_bin = find_vspd().ok_or_else(|| {
             format!(
@@ -368,12 +381,7 @@ struct Uring {
 
 impl Uring {
     fn new(setup: &Setup, qd: usize) -> std::io::Result<Self> {
-        let mut o = OpenOptions::new();
-        o.read(true).write(true);
-        if setup.direct {
-            o.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
-        }
-        let file = o.open(&setup.image)?;
+        let file = setup.open_image()?;
         let arena = vec![0u8; (qd + 1) * BLOCK];
         let align = arena.as_ptr().align_offset(BLOCK);
         Ok(Self {
@@ -443,6 +451,194 @@ impl Uring {
                 free.push(slot);
                 done += 1;
             }
+        }
+    }
+}
+
+/// Block-sized, 4 KiB-aligned buffers, one per slot, that the two threads of [`Pipe`] hand to
+/// each other.
+struct Arena {
+    ptr: *mut u8,
+    slots: usize,
+    /// The allocation (`slots + 1` blocks, to align the first slot); only `ptr` is used.
+    _mem: Vec<u8>,
+}
+
+// SAFETY: `Arena` is plain memory; who may touch a slot is decided by the queues of `Pipe`: a
+// slot index is in exactly one place at a time (the client's free list, the request queue, the
+// I/O thread's in-flight set, or the completion queue), and the queues' push/pop order the
+// accesses (release on push, acquire on pop).
+unsafe impl Send for Arena {}
+// SAFETY: as for `Send`: shared references only hand out slot pointers, and each slot has one
+// user at a time.
+unsafe impl Sync for Arena {}
+
+impl Arena {
+    fn new(slots: usize) -> Self {
+        let mut mem = vec![0u8; (slots + 1) * BLOCK];
+        let align = mem.as_ptr().align_offset(BLOCK);
+        // SAFETY: `align < BLOCK`, so the pointer stays inside the allocation of
+        // `(slots + 1) * BLOCK` bytes and the `slots` blocks from it fit.
+        let ptr = unsafe { mem.as_mut_ptr().add(align) };
+        Self {
+            ptr,
+            slots,
+            _mem: mem,
+        }
+    }
+
+    /// The start of slot `slot`'s block.
+    fn slot(&self, slot: usize) -> *mut u8 {
+        assert!(slot < self.slots);
+        // SAFETY: in bounds: `slot < slots` and the arena holds `slots` blocks from `ptr`.
+        unsafe { self.ptr.add(slot * BLOCK) }
+    }
+}
+
+/// A request handed to [`Pipe`]'s I/O thread: its slot, block and whether it writes.
+#[derive(Clone, Copy)]
+struct PipeReq {
+    slot: usize,
+    block: u64,
+    write: bool,
+}
+
+/// The two-thread baseline: raw io_uring on the image as [`Uring`] does it, but split over two
+/// threads the way any VSP/VSC pair must split it. The calling thread (the client) stamps or
+/// checks the data and hands requests over a lock-free queue to an I/O thread that owns the
+/// io_uring, which hands completions back over another; both threads spin, so no wakeup is
+/// ever needed. Against the single-thread [`Uring`], it measures what moving each request and
+/// its data between two cores costs on this machine, with nothing else added: the ceiling of a
+/// split design here, and what `benches/storage-ratio.sh` compares the library path with too.
+struct Pipe {
+    arena: Arc<Arena>,
+    to_io: Arc<crossbeam_queue::ArrayQueue<PipeReq>>,
+    from_io: Arc<crossbeam_queue::ArrayQueue<(usize, i32)>>,
+    stop: Arc<AtomicBool>,
+    io: Option<std::thread::JoinHandle<()>>,
+    blocks: u64,
+    qd: usize,
+}
+
+impl Pipe {
+    fn new(setup: &Setup, qd: usize) -> std::io::Result<Self> {
+        let file = setup.open_image()?;
+        let mut ring = IoUring::new(qd.next_power_of_two() as u32)?;
+        let arena = Arc::new(Arena::new(qd));
+        let to_io = Arc::new(crossbeam_queue::ArrayQueue::<PipeReq>::new(qd));
+        let from_io = Arc::new(crossbeam_queue::ArrayQueue::<(usize, i32)>::new(qd));
+        let stop = Arc::new(AtomicBool::new(false));
+        let io = {
+            let (arena, to_io, from_io, stop) =
+                (arena.clone(), to_io.clone(), from_io.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("pipe-io".into())
+                .spawn(move || {
+                    let fd = types::Fd(file.as_raw_fd());
+                    let mut in_flight = 0usize;
+                    while !stop.load(Ordering::Relaxed) {
+                        let mut queued = 0;
+                        while let Some(r) = to_io.pop() {
+                            let ptr = arena.slot(r.slot);
+                            let offset = r.block * BLOCK as u64;
+                            let sqe = if r.write {
+                                opcode::Write::new(fd, ptr, BLOCK as u32)
+                                    .offset(offset)
+                                    .build()
+                            } else {
+                                opcode::Read::new(fd, ptr, BLOCK as u32)
+                                    .offset(offset)
+                                    .build()
+                            }
+                            .user_data(r.slot as u64);
+                            // SAFETY: the SQE points into slot `r.slot` of the arena, which
+                            // this thread owns from popping the request until it pushes the
+                            // completion, after the CQE is reaped; the arena (an `Arc` held
+                            // here) outlives the ring, which is dropped with this closure only
+                            // after every request in flight completed (see the end).
+                            unsafe { ring.submission().push(&sqe) }.expect("qd entries");
+                            queued += 1;
+                        }
+                        if queued > 0 {
+                            in_flight += queued;
+                            ring.submit().expect("io_uring_enter");
+                        }
+                        for c in ring.completion() {
+                            in_flight -= 1;
+                            // Never full: at most `qd` requests exist.
+                            let _ = from_io.push((c.user_data() as usize, c.result()));
+                        }
+                        if queued == 0 {
+                            std::hint::spin_loop();
+                        }
+                    }
+                    while in_flight > 0 {
+                        ring.submit_and_wait(1).expect("io_uring_enter");
+                        in_flight -= ring.completion().count();
+                    }
+                })?
+        };
+        Ok(Self {
+            arena,
+            to_io,
+            from_io,
+            stop,
+            io: Some(io),
+            blocks: setup.blocks,
+            qd,
+        })
+    }
+
+    /// Requests `first..first + n`, `qd` in flight. Panics on an error, a short transfer or
+    /// wrong data.
+    fn run(&mut self, write: bool, first: u64, n: u64) {
+        let mut free: Vec<usize> = (0..self.qd).collect();
+        let mut slot_req = vec![0u64; self.qd];
+        let (mut next, end, mut done) = (first, first + n, 0u64);
+        while done < n {
+            while next < end {
+                let Some(slot) = free.pop() else { break };
+                let block = block_of(next, self.blocks);
+                if write {
+                    // SAFETY: the slot is on the free list: no one else touches its block.
+                    let buf =
+                        unsafe { std::slice::from_raw_parts_mut(self.arena.slot(slot), BLOCK) };
+                    stamp_block(buf, block, next + 1);
+                }
+                slot_req[slot] = next;
+                // Never full: at most `qd` requests exist.
+                let _ = self.to_io.push(PipeReq { slot, block, write });
+                next += 1;
+            }
+            let Some((slot, res)) = self.from_io.pop() else {
+                std::hint::spin_loop();
+                continue;
+            };
+            let req = slot_req[slot];
+            let block = block_of(req, self.blocks);
+            assert_eq!(
+                res, BLOCK as i32,
+                "two-thread io_uring request {req} (block {block})"
+            );
+            if !write {
+                // SAFETY: the completion was popped: the I/O thread is done with the slot.
+                let buf = unsafe { std::slice::from_raw_parts(self.arena.slot(slot), BLOCK) };
+                assert!(
+                    check_block(buf, block),
+                    "two-thread io_uring request {req}: block {block} read back wrong data"
+                );
+            }
+            free.push(slot);
+            done += 1;
+        }
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(io) = self.io.take() {
+            let _ = io.join();
         }
     }
 }
@@ -637,6 +833,19 @@ fn storage(c: &mut Criterion) {
                 n,
             );
             drop(uring);
+            let mut pipe = Pipe::new(&setup, qd as usize).expect("two-thread io_uring");
+            let mut next = 0u64;
+            group.bench_function(format!("pipe_{op}_qd{qd}"), |b| {
+                b.iter_custom(|iters| {
+                    let start = Instant::now();
+                    pipe.run(write, next, iters);
+                    next += iters;
+                    start.elapsed()
+                })
+            });
+            // No cost line: its two threads spin even between runs, so CPU per request says
+            // nothing but "two cores".
+            drop(pipe);
             let mut next = 0u64;
             let id = format!("vmbus_{op}_qd{qd}");
             group.bench_function(&id, |b| {
