@@ -19,6 +19,8 @@
 #
 # Usage: [ROUNDS=5] [RUNTIME=4] [POLL_US=1000] [CASES=...] benches/latency-breakdown.sh
 #   CASES: a comma-separated subset, e.g. CASES="direct randread,direct randwrite".
+#   VSPD, VSCD: the daemons to run (default: the release build's), e.g. an older build's copy
+#   for an A/B: run the script alternately with each.
 # Needs fio and jq (scripts/install-deps.sh); builds the release binaries.
 set -euo pipefail
 
@@ -91,11 +93,11 @@ for case in "${cases[@]}"; do
     disk="path=$img"
     [[ $mode == direct ]] && disk+=",direct=on"
     rm -f "$logs"/*.sock
-    VSPD_LOG=warn "$bin/vspd" --latency-breakdown --poll-us "$poll_us" --socket "$logs/vspd.sock" \
+    VSPD_LOG=warn "${VSPD:-$bin/vspd}" --latency-breakdown --poll-us "$poll_us" --socket "$logs/vspd.sock" \
         --disk "$disk" </dev/null 2>"$logs/vspd.log" &
     vspd_pid=$!
     wait_socket "$logs/vspd.sock" $vspd_pid
-    "$bin/vscd" --latency-breakdown --poll-us "$poll_us" --connect "$logs/vspd.sock" \
+    "${VSCD:-$bin/vscd}" --latency-breakdown --poll-us "$poll_us" --connect "$logs/vspd.sock" \
         --nbd "$logs/nbd.sock" </dev/null 2>"$logs/vscd.log" &
     pids=($! $vspd_pid)
     wait_socket "$logs/nbd.sock" "${pids[0]}"

@@ -46,7 +46,7 @@ field() { awk -v k="$1" '{ gsub(/[()]/, ""); for (i = 1; i < NF; i++) if ($i == 
 cost_line() { grep "^cost storage/$1:" "$log" | tail -n1; }
 
 echo "storage: library path (vspd + loopback storvsc Disk) vs raw io_uring, 4 KiB random," \
-    "${VMBUS_BENCH_STORAGE_DIRECT:+O_DIRECT}${VMBUS_BENCH_STORAGE_DIRECT:-page cache}; $rounds rounds;" \
+    "$([[ ${VMBUS_BENCH_STORAGE_DIRECT:-} == 1 ]] && echo O_DIRECT || echo page cache); $rounds rounds;" \
     "polling ${polls[*]} us; $(uptime)"
 for ((i = 1; i <= rounds; i++)); do
     for poll in "${polls[@]}"; do

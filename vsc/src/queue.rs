@@ -67,8 +67,11 @@ pub type SourceWaker = Arc<dyn Fn() + Send + Sync>;
 pub type BatchHook = Arc<dyn Fn() + Send + Sync>;
 
 /// Idle iterations of the loop between two polls of its sources (each poll is usually a
-/// system call).
+/// system call) while requests are in flight.
 const SOURCE_POLL_EVERY: u32 = 32;
+/// The same with nothing in flight: only a source (or a submitter) can bring work then, and
+/// the time to notice a client's next request is the queue-depth-1 latency.
+const SOURCE_POLL_EVERY_IDLE: u32 = 4;
 
 /// How long a queue thread sleeps at most while a source waits for something other than its
 /// descriptor.
@@ -630,10 +633,18 @@ impl EventLoop {
                 return Ok(());
             }
             let mut moved = false;
-            // Sources: after work, and every few idle spins.
+            // Sources: after work, and every few idle spins (more often with nothing in
+            // flight).
             idle_spins = if last_moved { 0 } else { idle_spins + 1 };
-            if (last_moved || idle_spins.is_multiple_of(SOURCE_POLL_EVERY)) && self.has_sources() {
-                moved |= self.poll_sources();
+            if self.has_sources() {
+                let every = if work.in_flight() {
+                    SOURCE_POLL_EVERY
+                } else {
+                    SOURCE_POLL_EVERY_IDLE
+                };
+                if last_moved || idle_spins.is_multiple_of(every) {
+                    moved |= self.poll_sources();
+                }
             }
             // Registered descriptors: every few idle spins.
             if !last_moved && self.registered > 0 && idle_spins.is_multiple_of(SOURCE_POLL_EVERY) {
