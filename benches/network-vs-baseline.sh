@@ -9,7 +9,9 @@
 # than 25% of the median gets a warning: the machine is shared and noisy, compare ratios only.
 #
 # Usage: [ROUNDS=5] [SECONDS_PER_TEST=3] [QUEUES=1] [RAW=1] benches/network-vs-baseline.sh
-# Needs root, ip, iperf3 and ping (scripts/install-deps.sh). Builds the release binaries.
+# VSPD=, VSCD=: the daemons to run (default: the release build's), e.g. an older build's copy
+# for an A/B. Needs root, ip, iperf3 and ping (scripts/install-deps.sh). Builds the release
+# binaries.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -48,12 +50,12 @@ for n in $H $G $A $B; do
 done
 
 # Ours: vspd in H (host TAP htap), vscd in G (guest TAP gtap).
-ip netns exec "$H" "$bin/vspd" --socket "$dir/vspd.sock" --nic "tap=htap,queues=$queues" 2>"$dir/vspd.log" &
+ip netns exec "$H" "${VSPD:-$bin/vspd}" --socket "$dir/vspd.sock" --nic "tap=htap,queues=$queues" 2>"$dir/vspd.log" &
 pids+=($!)
 for _ in $(seq 100); do [ -S "$dir/vspd.sock" ] && break; sleep 0.1; done
 ip -n "$H" addr add 10.78.0.1/24 dev htap
 ip -n "$H" link set htap up
-ip netns exec "$G" "$bin/vscd" --connect "$dir/vspd.sock" --tap gtap --queues "$queues" 2>"$dir/vscd.log" &
+ip netns exec "$G" "${VSCD:-$bin/vscd}" --connect "$dir/vspd.sock" --tap gtap --queues "$queues" 2>"$dir/vscd.log" &
 vscd_pid=$!
 pids+=($vscd_pid)
 for _ in $(seq 100); do grep -q "network adapter behind" "$dir/vscd.log" && break; sleep 0.1; done

@@ -307,6 +307,13 @@ pub trait QueueWork {
     /// Whether requests are in flight: their completions are due soon, so the loop polls
     /// longer before it sleeps.
     fn in_flight(&self) -> bool;
+    /// Whether all the work is requests (a disk's): with none [`in_flight`](Self::in_flight),
+    /// the next comes from a submitter or a source, which may be waiting for this core, so
+    /// the loop yields it at every look while it polls
+    /// ([`ringbuf::poller::Poller::idle_for_peer`]).
+    fn serves_requests(&self) -> bool {
+        false
+    }
     /// Arms the wakeups a sleep needs (unmasks the ring's interrupt, asks for a signal when the
     /// outgoing ring has room): false if work turned up meanwhile, and then no sleep.
     fn prepare_sleep(&mut self) -> Result<bool, Error>;
@@ -658,7 +665,13 @@ impl EventLoop {
                 continue;
             }
             // Poll before sleeping: a wakeup costs more.
-            if self.poller.idle(work.in_flight()) {
+            let in_flight = work.in_flight();
+            let more = if !in_flight && work.serves_requests() {
+                self.poller.idle_for_peer()
+            } else {
+                self.poller.idle(in_flight)
+            };
+            if more {
                 continue;
             }
             if !work.prepare_sleep()? {

@@ -1115,6 +1115,10 @@ impl QueueWork for Queue {
         Queue::in_flight(self) > 0
     }
 
+    fn serves_requests(&self) -> bool {
+        true
+    }
+
     fn prepare_sleep(&mut self) -> Result<bool, Error> {
         let (empty, signal) = self.st.ch.inc.prepare_sleep();
         if signal {

@@ -61,6 +61,13 @@ pub trait Device: Send + 'static {
         false
     }
 
+    /// Whether all the device's work is guest requests, each answered (storage): with none
+    /// [`in_flight`](Self::in_flight), the next comes after the guest's turn, so the worker
+    /// yields its core at every look while it polls ([`ringbuf::poller::Poller::idle_for_peer`]).
+    fn serves_requests(&self) -> bool {
+        false
+    }
+
     /// A descriptor that becomes readable when [`poll`](Self::poll) has work (for example an
     /// io_uring completion eventfd).
     fn wake_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
@@ -337,7 +344,13 @@ impl Worker {
                 continue;
             }
             // Poll before sleeping (longer with I/O in flight: its completion is due soon).
-            if poller.idle(self.device.in_flight()) {
+            let in_flight = self.device.in_flight();
+            let more = if !in_flight && self.device.serves_requests() {
+                poller.idle_for_peer()
+            } else {
+                poller.idle(in_flight)
+            };
+            if more {
                 continue;
             }
             // Prepare to sleep: unmask and re-check the incoming ring; ask for a signal when

@@ -887,6 +887,10 @@ impl Device for Storvsp {
         self.free.len() < self.slots.len()
     }
 
+    fn serves_requests(&self) -> bool {
+        true
+    }
+
     fn wake_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         use std::os::fd::AsFd;
         Some(self.wake.as_fd())
