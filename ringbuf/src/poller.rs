@@ -75,6 +75,8 @@ pub struct Poller {
     /// Clock reads between two yields ([`next_yield_every`]), and since the last one.
     yield_every: u32,
     reads_since_yield: u32,
+    /// The thread serves requests ([`Poller::set_serves_requests`]).
+    serves_requests: bool,
     /// When the thread went to sleep (between [`Poller::sleeping`] and [`Poller::woke`]).
     slept_at: Option<Instant>,
 }
@@ -110,8 +112,21 @@ impl Poller {
             spins: 0,
             yield_every: 1,
             reads_since_yield: 0,
+            serves_requests: false,
             slept_at: None,
         }
+    }
+
+    /// Says whether the thread serves requests (a disk's: all its work is requests, each
+    /// answered). With none in flight, its next work is a peer's next request, and the peer
+    /// may be the thread waiting for this core (at queue depth 1, the client that its last
+    /// answer woke): [`idle`](Self::idle) then yields at every clock read, without the
+    /// backoff. Measured at QD1 with fio pinned to the vspd worker's core (the slower
+    /// placement): fio's p50 17.2 -> 15.2 us (medians of 12 alternated rounds). Not for
+    /// threads whose work may come from anywhere (a NIC's): there the yields cost throughput
+    /// (4 TCP streams host to guest lost about 15% in two paired runs).
+    pub fn set_serves_requests(&mut self, on: bool) {
+        self.serves_requests = on;
     }
 
     /// The smallest window.
@@ -145,23 +160,6 @@ impl Poller {
     /// `false` when the window is spent and the thread should prepare to sleep.
     #[inline]
     pub fn idle(&mut self, in_flight: bool) -> bool {
-        self.idle_with(in_flight, false)
-    }
-
-    /// [`idle`](Self::idle) for a thread that serves requests and has none in flight: its next
-    /// work is a peer's next request, and the peer may be the thread waiting for this core (at
-    /// queue depth 1, the client that its last answer woke). It yields at every clock read,
-    /// without the backoff. Measured at QD1 with fio pinned to the vspd worker's core (the
-    /// slower placement): fio's p50 17.2 -> 15.2 us (medians of 12 alternated rounds). Not
-    /// for threads whose work may come from anywhere (a NIC's): there the yields cost
-    /// throughput (4 TCP streams host to guest lost about 15% in two paired runs).
-    #[inline]
-    pub fn idle_for_peer(&mut self) -> bool {
-        self.idle_with(false, true)
-    }
-
-    #[inline]
-    fn idle_with(&mut self, in_flight: bool, eager: bool) -> bool {
         self.spins += 1;
         if self.spins < CLOCK_EVERY {
             std::hint::spin_loop();
@@ -178,6 +176,9 @@ impl Poller {
         if now.duration_since(since) < window {
             // Let a runnable thread have the core: on a machine with fewer cores than busy
             // threads, the work this thread waits for may be queued behind it.
+            // A thread that serves requests and has none in flight yields at every clock read
+            // (see `set_serves_requests`).
+            let eager = self.serves_requests && !in_flight;
             self.reads_since_yield += 1;
             let every = if eager { 1 } else { self.yield_every };
             if self.reads_since_yield >= every {
@@ -337,11 +338,12 @@ mod tests {
     fn a_poller_waiting_for_its_peer_yields_at_every_clock_read() {
         let long = Duration::from_secs(100);
         let mut p = Poller::new(long, long, long);
+        p.set_serves_requests(true);
         // As if backed off by quick yields with requests in flight.
         p.yield_every = MAX_YIELD_EVERY;
         for read in 1..=8 {
             for _ in 0..CLOCK_EVERY {
-                assert!(p.idle_for_peer());
+                assert!(p.idle(false));
             }
             // This clock read yielded: nothing is counted towards the next.
             assert_eq!(p.reads_since_yield, 0, "clock read {read}");

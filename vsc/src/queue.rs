@@ -310,7 +310,7 @@ pub trait QueueWork {
     /// Whether all the work is requests (a disk's): with none [`in_flight`](Self::in_flight),
     /// the next comes from a submitter or a source, which may be waiting for this core, so
     /// the loop yields it at every look while it polls
-    /// ([`ringbuf::poller::Poller::idle_for_peer`]).
+    /// ([`ringbuf::poller::Poller::set_serves_requests`]).
     fn serves_requests(&self) -> bool {
         false
     }
@@ -634,6 +634,7 @@ impl EventLoop {
     /// (adaptively, see [`ringbuf::poller::Poller`]) when it does not, then sleeping with the
     /// sleep protocol of the ring and of the doorbell.
     pub fn run(&mut self, work: &mut impl QueueWork) -> Result<(), Error> {
+        self.poller.set_serves_requests(work.serves_requests());
         let (mut last_moved, mut idle_spins) = (true, 0u32);
         loop {
             if work.stopped() {
@@ -665,13 +666,7 @@ impl EventLoop {
                 continue;
             }
             // Poll before sleeping: a wakeup costs more.
-            let in_flight = work.in_flight();
-            let more = if !in_flight && work.serves_requests() {
-                self.poller.idle_for_peer()
-            } else {
-                self.poller.idle(in_flight)
-            };
-            if more {
+            if self.poller.idle(work.in_flight()) {
                 continue;
             }
             if !work.prepare_sleep()? {

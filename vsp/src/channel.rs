@@ -63,7 +63,8 @@ pub trait Device: Send + 'static {
 
     /// Whether all the device's work is guest requests, each answered (storage): with none
     /// [`in_flight`](Self::in_flight), the next comes after the guest's turn, so the worker
-    /// yields its core at every look while it polls ([`ringbuf::poller::Poller::idle_for_peer`]).
+    /// yields its core at every look while it polls
+    /// ([`ringbuf::poller::Poller::set_serves_requests`]).
     fn serves_requests(&self) -> bool {
         false
     }
@@ -304,6 +305,7 @@ impl Worker {
 
     fn serve(&mut self) -> Result<(), Error> {
         let mut poller = Poller::default();
+        poller.set_serves_requests(self.device.serves_requests());
         loop {
             if self.stop.load(Ordering::Acquire) {
                 return Ok(());
@@ -344,13 +346,7 @@ impl Worker {
                 continue;
             }
             // Poll before sleeping (longer with I/O in flight: its completion is due soon).
-            let in_flight = self.device.in_flight();
-            let more = if !in_flight && self.device.serves_requests() {
-                poller.idle_for_peer()
-            } else {
-                poller.idle(in_flight)
-            };
-            if more {
+            if poller.idle(self.device.in_flight()) {
                 continue;
             }
             // Prepare to sleep: unmask and re-check the incoming ring; ask for a signal when
