@@ -54,7 +54,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use io_uring::{opcode, types, IoUring};
 use vmbus_benches::storage::{
     block_of, check_block, check_block_head, cpu_seconds, prepare_image, stamp_block,
@@ -783,6 +784,25 @@ fn measure_uring_cost(setup: &Setup, uring: &mut Uring, id: &str, write: bool, n
     cost.stop(id, n, start.elapsed(), &["io_uring"]);
 }
 
+/// Benchmarks `run(first, n)`, which carries requests `first..first + n`: each of criterion's
+/// runs takes the requests after the last one's, so every function numbers its requests from 0
+/// and all see the same offsets.
+fn bench_requests(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    id: &str,
+    mut run: impl FnMut(u64, u64),
+) {
+    let mut next = 0u64;
+    group.bench_function(id, |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            run(next, iters);
+            next += iters;
+            start.elapsed()
+        })
+    });
+}
+
 /// Whether criterion runs in test mode (`cargo test --benches`: no `--bench` argument).
 fn test_mode() -> bool {
     !std::env::args().any(|a| a == "--bench")
@@ -811,14 +831,8 @@ fn storage(c: &mut Criterion) {
                 continue;
             }
             let mut uring = Uring::new(&setup, qd as usize).expect("io_uring on the image");
-            let mut next = 0u64;
-            group.bench_function(format!("uring_{op}_qd{qd}"), |b| {
-                b.iter_custom(|iters| {
-                    let start = Instant::now();
-                    uring.run(write, next, iters);
-                    next += iters;
-                    start.elapsed()
-                })
+            bench_requests(&mut group, &format!("uring_{op}_qd{qd}"), |first, n| {
+                uring.run(write, first, n)
             });
             let n = match (test_mode, qd) {
                 (true, _) => 1000,
@@ -834,27 +848,15 @@ fn storage(c: &mut Criterion) {
             );
             drop(uring);
             let mut pipe = Pipe::new(&setup, qd as usize).expect("two-thread io_uring");
-            let mut next = 0u64;
-            group.bench_function(format!("pipe_{op}_qd{qd}"), |b| {
-                b.iter_custom(|iters| {
-                    let start = Instant::now();
-                    pipe.run(write, next, iters);
-                    next += iters;
-                    start.elapsed()
-                })
+            bench_requests(&mut group, &format!("pipe_{op}_qd{qd}"), |first, n| {
+                pipe.run(write, first, n)
             });
             // No cost line: its two threads spin even between runs, so CPU per request says
             // nothing but "two cores".
             drop(pipe);
-            let mut next = 0u64;
             let id = format!("vmbus_{op}_qd{qd}");
-            group.bench_function(&id, |b| {
-                b.iter_custom(|iters| {
-                    let start = Instant::now();
-                    run_vmbus(&setup, write, qd, next, iters);
-                    next += iters;
-                    start.elapsed()
-                })
+            bench_requests(&mut group, &id, |first, n| {
+                run_vmbus(&setup, write, qd, first, n)
             });
             measure_wakeups(&setup, &format!("storage/{id}"), write, qd, n);
         }
