@@ -16,6 +16,8 @@
 #
 # Usage: [CASES="randread_qd32 randwrite_qd32"] [VSPD=path] benches/storage-icount.sh
 #   VSPD: the vspd to count (default: the release build's), e.g. an older build's copy.
+#   KEEP=DIR keeps each case's callgrind output as DIR/callgrind.CASE.out, for
+#   `callgrind_annotate --auto=yes` (instructions per source line).
 # Criterion's results of these (slow) runs go to a temporary directory, not target/criterion.
 set -euo pipefail
 
@@ -61,6 +63,10 @@ for c in "${cases[@]}"; do
         echo "storage-icount: vspd left no callgrind output" >&2
         exit 1
     }
+    if [[ -n ${KEEP:-} ]]; then
+        mkdir -p "$KEEP"
+        cp "$work/callgrind.out" "$KEEP/callgrind.$c.out"
+    fi
     # The callees of the worker loop, with their inclusive counts and calls: lines like
     #   432,680,869 (57.71%)  >   /path/storvsp.rs:<vsp::storvsp::Storvsp as ...>::handle (386,669x)
     callgrind_annotate --inclusive=yes --tree=calling --auto=no "$work/callgrind.out" >"$work/tree.txt" 2>/dev/null

@@ -81,6 +81,7 @@ impl<'a> GpaRanges<'a> {
     }
 
     /// Iterates over the ranges.
+    #[inline]
     pub fn iter(&self) -> GpaRangeIter<'a> {
         GpaRangeIter {
             remaining: self.count,
@@ -128,6 +129,7 @@ pub struct GpaRangeIter<'a> {
 impl<'a> Iterator for GpaRangeIter<'a> {
     type Item = GpaRange<'a>;
 
+    #[inline]
     fn next(&mut self) -> Option<GpaRange<'a>> {
         if self.remaining == 0 {
             return None;

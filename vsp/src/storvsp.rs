@@ -20,13 +20,13 @@ use ringbuf::guestmem::GuestMemory;
 use ringbuf::latency::{self, Hop};
 use ringbuf::packet::{GpaRanges, OutgoingPacket, PacketKind};
 use ringbuf::{OutgoingRing, Packet};
-use vmbus_proto::storvsp::scsi::SenseData;
+use vmbus_proto::storvsp::scsi::{status as scsi_status, SenseData};
 use vmbus_proto::storvsp::{
     srb_status, status as vstor_status, ChannelProperties, ProtocolVersion, ScsiRequest,
     StorageVersion, SubchannelCount, VstorOperation, VstorPacket, CDB_SENSE_AREA_SIZE,
     CHANNEL_SUPPORTS_MULTI_CHANNEL, MAX_CDB_LEN,
 };
-use zerocopy::{FromZeros, IntoBytes};
+use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 use crate::channel::Device;
 use crate::disk::{Completion, DiskFile, DiskQueue, IoOp, IoQueue, Segment};
@@ -94,12 +94,19 @@ fn parse_packet<'a>(packet: &Packet<'a>) -> Result<Request<'a>, ParseError> {
     if matches!(packet.kind, PacketKind::Completion) {
         return Err(ParseError::Completion);
     }
-    let n = packet.payload.len().min(size_of::<VstorPacket>());
-    if n < VSTOR_HEADER_LEN {
-        return Err(ParseError::TooShort(n));
-    }
-    let mut p = VstorPacket::new_zeroed();
-    p.as_mut_bytes()[..n].copy_from_slice(&packet.payload[..n]);
+    let p = match VstorPacket::read_from_prefix(packet.payload) {
+        // A whole packet (every SRB from WIN8 on): one copy of constant size.
+        Ok((p, _)) => p,
+        Err(_) => {
+            let n = packet.payload.len();
+            if n < VSTOR_HEADER_LEN {
+                return Err(ParseError::TooShort(n));
+            }
+            let mut p = VstorPacket::new_zeroed();
+            p.as_mut_bytes()[..n].copy_from_slice(packet.payload);
+            p
+        }
+    };
     Ok(match p.operation {
         VstorOperation::BEGIN_INITIALIZATION => Request::BeginInitialization,
         VstorOperation::QUERY_PROTOCOL_VERSION => Request::QueryProtocolVersion(p.body()),
@@ -326,6 +333,7 @@ impl Storvsp {
     }
 
     /// Sends (or queues, when the ring is full) a completion packet.
+    #[inline]
     fn answer(
         &mut self,
         out: &mut OutgoingRing,
@@ -496,11 +504,10 @@ impl Storvsp {
             let s = fail(srb, srb_status::INVALID_REQUEST);
             return self.complete(out, tx, s);
         }
-        // A copy, since the SRB is changed and moved while the CDB is still in use.
-        let mut cdb_bytes = [0u8; MAX_CDB_LEN];
-        let cdb_len = srb.cdb().len();
-        cdb_bytes[..cdb_len].copy_from_slice(srb.cdb());
-        let cdb = &cdb_bytes[..cdb_len];
+        // A copy, since the SRB is changed and moved while the CDB is still in use (the whole
+        // area: a copy of constant size, then the CDB's part of it).
+        let cdb_bytes = srb.cdb_or_sense;
+        let cdb = &cdb_bytes[..srb.cdb().len()];
         let lun_no = srb.lun;
         let present = srb.path_id == 0
             && srb.target_id == 0
@@ -521,7 +528,11 @@ impl Storvsp {
         let want = lun.scsi.data_out_len(cdb).min(data_len as usize);
         // Only parameter lists and WRITE SAME's block: empty (no allocation) for reads and
         // writes, whose data stays in guest memory.
-        let mut data_out = vec![0u8; want];
+        let mut data_out = if want == 0 {
+            Vec::new()
+        } else {
+            vec![0u8; want]
+        };
         if want > 0 && copy_from_guest(&self.mem, segments, &mut data_out).is_err() {
             let s = fail(srb, srb_status::INVALID_REQUEST);
             return self.complete(out, tx, s);
@@ -668,12 +679,14 @@ impl Storvsp {
         self.complete(out, tx, srb)
     }
 
+    #[inline]
     fn complete(&mut self, out: &mut OutgoingRing, tx: u64, srb: ScsiRequest) -> Result<(), Error> {
         let mut p = VstorPacket::new(VstorOperation::COMPLETE_IO, 0, vstor_status::SUCCESS);
         p.set_body(&srb);
         self.answer(out, tx, p)
     }
 
+    #[inline]
     fn finish(&mut self, out: &mut OutgoingRing, c: Completion) -> Result<(), Error> {
         let idx = c.tag as usize;
         let Some(Some(slot)) = self.slots.get_mut(idx) else {
@@ -697,14 +710,17 @@ impl Storvsp {
         self.free.push(idx);
         let reaped = latency::now();
         HOP_IO.between(slot.submitted, reaped);
-        let result = match slot.error {
-            Some(e) => Err(e),
-            None => Ok(()),
-        };
-        let resp = ScsiDisk::io_done(slot.kind, result);
-        let moved = if result.is_ok() { slot.expected } else { 0 };
         let mut srb = slot.srb;
-        apply_response(&mut srb, &resp, moved);
+        match slot.error {
+            // GOOD, all of it moved: what `apply_response` writes for `Response::good()`,
+            // without building one (the path of nearly every request).
+            None => {
+                srb.scsi_status = scsi_status::GOOD;
+                srb.data_transfer_length = slot.expected;
+                srb.srb_status = srb_status::SUCCESS;
+            }
+            Some(e) => apply_response(&mut srb, &ScsiDisk::io_done(slot.kind, Err(e)), 0),
+        }
         let r = self.complete(out, slot.transaction_id, srb);
         HOP_ANSWER.since(reaped);
         r

@@ -467,9 +467,10 @@ impl DiskQueue {
             && self.inline_writes
             && match &op {
                 Op::Rw(rw) => {
-                    let direct = self.disk.direct.is_some()
-                        && direct_aligned(&self.disk, rw.offset, &self.slots[idx].iovecs);
-                    rw.write && rw.flags.is_empty() && !direct
+                    rw.write
+                        && rw.flags.is_empty()
+                        && !(self.disk.direct.is_some()
+                            && direct_aligned(&self.disk, rw.offset, &self.slots[idx].iovecs))
                 }
                 _ => false,
             };
@@ -496,6 +497,7 @@ impl DiskQueue {
 
     /// Checks a read or write and fills slot `idx`'s iovecs (merging segments that are
     /// contiguous in host memory).
+    #[inline]
     fn prepare_rw(
         &mut self,
         idx: usize,
@@ -772,6 +774,7 @@ impl DiskQueue {
 
     /// Completes slot `idx` with `result` and frees it. A failed flush or synchronous write
     /// records a writeback error on the disk.
+    #[inline]
     fn finish(&mut self, idx: usize, result: Result<u32, i32>) {
         if let Err(e) = result {
             if self.slots[idx].op.syncs() {
@@ -784,6 +787,7 @@ impl DiskQueue {
     }
 
     /// Frees slot `idx` (the kernel is done with it).
+    #[inline]
     fn release(&mut self, idx: usize) {
         let slot = &mut self.slots[idx];
         slot.op = Op::Free;
@@ -793,6 +797,7 @@ impl DiskQueue {
     }
 
     /// Pushes the SQE for the current state of slot `idx`.
+    #[inline]
     fn push(&mut self, idx: usize) -> Result<(), Errno> {
         let entry =
             build_entry(&mut self.slots[idx], &self.disk, self.fixed_files).user_data(idx as u64);
