@@ -19,8 +19,8 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use vmbus_proto::ring::{control, PacketDescriptor};
-use zerocopy::{FromBytes, IntoBytes};
+use vmbus_proto::ring::{control, PacketDescriptor, PacketType};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use crate::packet::{self, OutgoingPacket, Packet, DESCRIPTOR_SIZE};
 use crate::shmem::Mapping;
@@ -33,6 +33,9 @@ pub const CONTROL_SIZE: usize = control::SIZE;
 /// Largest data area of a ring: 2 GiB. Indices stay below it and a packet with its trailer is
 /// at most 512 KiB, so index arithmetic (`at + n`) never leaves `u32`.
 pub const MAX_DATA_LEN: usize = 1 << 31;
+
+/// The largest payload of [`OutgoingRing::write_small`].
+pub const SMALL_PAYLOAD: usize = 256;
 
 /// Bytes the reader copies in its first copy: the descriptor and the start of the body.
 const FIRST_COPY: usize = 128;
@@ -241,19 +244,7 @@ impl OutgoingRing {
     pub fn write(&mut self, p: &OutgoingPacket<'_>) -> Result<(), Error> {
         let len = p.ring_len()?;
         let total = len + packet::TRAILER as u32;
-        if total >= self.ring.data_len {
-            return Err(Error::TooLarge);
-        }
-        if total >= self.writable() {
-            self.cached_read = self.ring.peer_index(Word::ReadIndex)?;
-            let writable = self.writable();
-            if total >= writable {
-                return Err(Error::Full {
-                    needed: total,
-                    writable,
-                });
-            }
-        }
+        self.reserve(total)?;
         let start = self.write;
         self.prefetch(total);
         let trailer = (u64::from(start) << 32).to_le_bytes();
@@ -298,6 +289,78 @@ impl OutgoingRing {
             at = self.ring.copy_in(at, &[0u8; 8][..pad])?;
         }
         self.write = self.ring.copy_in(at, &trailer)?;
+        Ok(())
+    }
+
+    /// Checks that a packet of `total` bytes (ring length plus trailer) fits after the
+    /// uncommitted batch, re-reading the reader's index when the ring looks full.
+    #[inline]
+    fn reserve(&mut self, total: u32) -> Result<(), Error> {
+        if total >= self.ring.data_len {
+            return Err(Error::TooLarge);
+        }
+        if total >= self.writable() {
+            self.cached_read = self.ring.peer_index(Word::ReadIndex)?;
+            let writable = self.writable();
+            if total >= writable {
+                return Err(Error::Full {
+                    needed: total,
+                    writable,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a packet of `packet_type` with no header and `payload`, a value whose size is
+    /// known at compile time (at most [`SMALL_PAYLOAD`] bytes), as [`write`](Self::write)
+    /// would (the same bytes, the same errors), but with constant-size copies: no loop over
+    /// payload parts and no `memcpy` call. For the answer a device sends per request (a
+    /// storvsp completion carries 64 bytes): about a hundred instructions fewer per packet
+    /// (`benches/storage-icount.sh`). A packet that would wrap around the end of the data
+    /// area takes the general path.
+    #[inline]
+    pub fn write_small<T: IntoBytes + Immutable>(
+        &mut self,
+        packet_type: PacketType,
+        flags: u16,
+        transaction_id: u64,
+        payload: &T,
+    ) -> Result<(), Error> {
+        const { assert!(size_of::<T>() <= SMALL_PAYLOAD) };
+        let n = size_of::<T>();
+        let len = (DESCRIPTOR_SIZE + n).next_multiple_of(8);
+        let total = (len + packet::TRAILER) as u32;
+        let start = self.write;
+        // `start < data_len <= 2^31` and `total` is small: no overflow.
+        if start + total > self.ring.data_len {
+            return self.write(&OutgoingPacket {
+                packet_type,
+                flags,
+                transaction_id,
+                header: &[],
+                payload: &[payload.as_bytes()],
+            });
+        }
+        self.reserve(total)?;
+        self.prefetch(total);
+        let desc = PacketDescriptor {
+            packet_type,
+            data_offset8: (DESCRIPTOR_SIZE / 8) as u16,
+            length8: (len / 8) as u16,
+            flags,
+            transaction_id,
+        };
+        let trailer = (u64::from(start) << 32).to_le_bytes();
+        let mut c = self
+            .ring
+            .mem
+            .cursor(self.ring.data_offset(start), total as usize)?;
+        c.put(desc.as_bytes())?;
+        c.put(payload.as_bytes())?;
+        c.put(&[0u8; 8][..len - DESCRIPTOR_SIZE - n])?;
+        c.put(&trailer)?;
+        self.write = self.ring.advance(start, total);
         Ok(())
     }
 
@@ -647,6 +710,66 @@ mod tests {
         };
         assert_eq!((set_id, ranges), (0xcafe, &xr[..]));
         assert!(p.payload.is_empty());
+    }
+
+    #[test]
+    fn write_small_writes_what_write_writes() {
+        // The same packets through `write` on one ring and `write_small` on another, read
+        // back as they go, across many wraps; then both filled until full: the data areas,
+        // the indices and the errors must be identical.
+        fn check<T: IntoBytes + Immutable + Copy>(payload: T) {
+            let (mut a, mut ra, ring_a) = halves(4096);
+            let (mut b, mut rb, ring_b) = halves(4096);
+            let area = |r: &Ring| {
+                let mut v = vec![0u8; r.data_len() as usize];
+                r.copy_out(0, &mut v).unwrap();
+                v
+            };
+            for round in 0..300u64 {
+                let kind = if round % 2 == 0 {
+                    PacketType::COMP
+                } else {
+                    PacketType::DATA_INBAND
+                };
+                let flags = (round % 3 == 0) as u16;
+                let general = OutgoingPacket {
+                    packet_type: kind,
+                    flags,
+                    transaction_id: round,
+                    header: &[],
+                    payload: &[payload.as_bytes()],
+                };
+                a.write(&general).unwrap();
+                b.write_small(kind, flags, round, &payload).unwrap();
+                assert_eq!(a.commit(), b.commit());
+                let (pa, pb) = (ra.read().unwrap().unwrap(), rb.read().unwrap().unwrap());
+                assert_eq!(pa.transaction_id, pb.transaction_id);
+                assert_eq!(pa.payload, pb.payload);
+                ra.commit();
+                rb.commit();
+                assert_eq!(area(&ring_a), area(&ring_b), "round {round}");
+            }
+            loop {
+                let ea = a.write(&OutgoingPacket::completion(7, &[payload.as_bytes()]));
+                let eb = b.write_small(PacketType::COMP, 0, 7, &payload);
+                assert_eq!(format!("{ea:?}"), format!("{eb:?}"));
+                if ea.is_err() {
+                    break;
+                }
+            }
+            a.commit();
+            b.commit();
+            assert_eq!(area(&ring_a), area(&ring_b));
+            for w in [Word::WriteIndex, Word::ReadIndex] {
+                assert_eq!(
+                    ring_a.load(w, Ordering::Relaxed),
+                    ring_b.load(w, Ordering::Relaxed)
+                );
+            }
+        }
+        check([0xA5u8; 64]);
+        check([1u8, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+        check(0x0102_0304_0506_0708u64);
     }
 
     #[test]

@@ -18,8 +18,9 @@ use std::sync::Arc;
 
 use ringbuf::guestmem::GuestMemory;
 use ringbuf::latency::{self, Hop};
-use ringbuf::packet::{GpaRanges, OutgoingPacket, PacketKind};
+use ringbuf::packet::{GpaRanges, PacketKind};
 use ringbuf::{OutgoingRing, Packet};
+use vmbus_proto::ring::PacketType;
 use vmbus_proto::storvsp::scsi::{status as scsi_status, SenseData};
 use vmbus_proto::storvsp::{
     srb_status, status as vstor_status, ChannelProperties, ProtocolVersion, ScsiRequest,
@@ -341,7 +342,7 @@ impl Storvsp {
         p: VstorPacket,
     ) -> Result<(), Error> {
         if self.answers.is_empty() {
-            match out.write(&OutgoingPacket::completion(transaction_id, &[p.as_bytes()])) {
+            match out.write_small(PacketType::COMP, 0, transaction_id, &p) {
                 Ok(()) => return Ok(()),
                 Err(ringbuf::Error::Full { needed, .. }) => self.stalled = Some(needed),
                 Err(e) => return Err(e.into()),
@@ -354,7 +355,7 @@ impl Storvsp {
     fn flush_answers(&mut self, out: &mut OutgoingRing) -> Result<bool, Error> {
         let mut moved = false;
         while let Some((tx, p)) = self.answers.front() {
-            match out.write(&OutgoingPacket::completion(*tx, &[p.as_bytes()])) {
+            match out.write_small(PacketType::COMP, 0, *tx, p) {
                 Ok(()) => {
                     self.answers.pop_front();
                     moved = true;
