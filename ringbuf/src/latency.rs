@@ -31,6 +31,7 @@ pub fn enable() {
 }
 
 /// Whether the breakdown is on.
+#[inline]
 pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
