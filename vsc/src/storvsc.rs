@@ -438,6 +438,11 @@ impl Done {
 thread_local! {
     /// The queue whose thread this is (null elsewhere): requests submitted here stay on it.
     static ON_QUEUE: std::cell::Cell<*const Shared> = const { std::cell::Cell::new(std::ptr::null()) };
+    /// Requests submitted on a queue thread to its own queue (by completion callbacks and
+    /// sources, which that thread runs): its next pass takes them. No other thread touches
+    /// them, so they skip the `SegQueue` and its atomics (a push and a pop cost about 260
+    /// instructions per request, `benches/storage-icount.sh`'s way of counting).
+    static ON_QUEUE_REQUESTS: std::cell::RefCell<Vec<Request>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 struct Request {
@@ -686,22 +691,33 @@ impl Controller {
     fn submit(&self, lun: u8, block_size: u32, op: DiskOp, done: Done) {
         // On one of this controller's queue threads (a source's request): that queue.
         let here = ON_QUEUE.with(|c| c.get());
-        let i = match self
+        let (i, here_queue) = match self
             .queues
             .iter()
             .position(|q| Arc::as_ptr(&q.shared) == here)
         {
-            Some(i) => i,
-            None => self.next.fetch_add(1, Ordering::Relaxed) % self.queues.len(),
+            Some(i) => (i, true),
+            None => (
+                self.next.fetch_add(1, Ordering::Relaxed) % self.queues.len(),
+                false,
+            ),
         };
-        // A busy queue thread finds the request without a wakeup: no eventfd write per request.
-        self.queues[i].shared.submit(Request {
+        let r = Request {
             op,
             done,
             lun,
             block_size,
             born: latency::now(),
-        });
+        };
+        if here_queue {
+            // This thread is that queue's: it takes the request in the pass after the callback
+            // or source now running (see `Queue::take_new`).
+            ON_QUEUE_REQUESTS.with(|l| l.borrow_mut().push(r));
+        } else {
+            // A busy queue thread finds the request without a wakeup: no eventfd write per
+            // request.
+            self.queues[i].shared.submit(r);
+        }
     }
 
     fn call(&self, lun: u8, block_size: u32, op: DiskOp) -> IoResult {
@@ -1047,10 +1063,7 @@ impl QueueWork for Queue {
 
     fn pass(&mut self, _lp: &mut EventLoop) -> Result<bool, Error> {
         let mut moved = false;
-        // New requests.
-        while let Some(r) = self.shared.requests.pop() {
-            self.waiting.push_back(r);
-        }
+        self.take_new();
         // Issue what fits: requests to send again first, then new ones.
         self.blocked = None;
         while let Some(&slot_no) = self.resend.front() {
@@ -1136,7 +1149,7 @@ impl QueueWork for Queue {
     }
 
     fn handed_work(&self) -> bool {
-        !self.shared.requests.is_empty()
+        !self.shared.requests.is_empty() || ON_QUEUE_REQUESTS.with(|l| !l.borrow().is_empty())
     }
 
     fn before_sleep(&mut self) {
@@ -1201,6 +1214,10 @@ impl Queue {
                 r => break r,
             }
         };
+        // No longer this queue's thread: what the callbacks below submit goes through
+        // `shared` (failed there once the doorbell is closed), not to a list no pass takes.
+        ON_QUEUE.with(|c| c.set(std::ptr::null()));
+        self.take_new();
         self.resend.clear();
         for s in &mut self.slots {
             if let Some(done) = s.done.take() {
@@ -1224,6 +1241,15 @@ impl Queue {
 
     fn in_flight(&self) -> usize {
         MAX_IN_FLIGHT - self.free_slots.len()
+    }
+
+    /// Moves the requests submitted since the last pass into `waiting`: those other threads
+    /// handed over `shared`, then those this thread submitted to itself.
+    fn take_new(&mut self) {
+        while let Some(r) = self.shared.requests.pop() {
+            self.waiting.push_back(r);
+        }
+        ON_QUEUE_REQUESTS.with(|l| self.waiting.extend(l.borrow_mut().drain(..)));
     }
     fn srb_for(op: &DiskOp, bs: u32) -> Result<Srb<'_>, IoError> {
         use std::borrow::Cow;
@@ -1491,9 +1517,7 @@ impl Queue {
                 self.adopt(st, lp)?;
                 return Ok(true);
             }
-            while let Some(r) = self.shared.requests.pop() {
-                self.waiting.push_back(r);
-            }
+            self.take_new();
             // Read each time: the owner may shorten it (to stop).
             let deadline = since
                 .checked_add(hold())
