@@ -18,6 +18,12 @@
 #   VSPD: the vspd to count (default: the release build's), e.g. an older build's copy.
 #   KEEP=DIR keeps each case's callgrind output as DIR/callgrind.CASE.out, for
 #   `callgrind_annotate --auto=yes` (instructions per source line).
+#   GUEST=1 counts the guest side instead: the bench process (its storvsc queue thread) under
+#   callgrind against a native vspd. It prints per request the submit call (Disk::submit_read,
+#   or Disk::submit for writes, with the SegQueue or same-thread hand-over), the SRB packet's
+#   ring write, and per completion read `complete_one` (which runs the bench's callback, and
+#   so the next submit); and the queue thread's total per SRB, which also counts its idle
+#   polling (not repeatable: compare the per-call figures).
 # Criterion's results of these (slow) runs go to a temporary directory, not target/criterion.
 set -euo pipefail
 
@@ -45,6 +51,46 @@ cat >"$work/vspd" <<EOF
 exec valgrind --tool=callgrind --callgrind-out-file=$work/callgrind.out "$vspd" --no-seccomp "\$@"
 EOF
 chmod +x "$work/vspd"
+
+if [[ ${GUEST:-} == 1 ]]; then
+    echo "storage-icount: user-space instructions per request of the guest's storvsc queue thread"
+    for c in "${cases[@]}"; do
+        (cd "$root" && CRITERION_HOME="$work/criterion" VMBUS_BENCH_VSPD="$vspd" \
+            VMBUS_BENCH_STORAGE_CASES="$c" valgrind --tool=callgrind \
+            --callgrind-out-file="$work/guest.out" "$exe" --bench --warm-up-time 1 \
+            --measurement-time 1 "storage/vmbus_$c") >"$work/bench.log" 2>&1 || {
+            tail -n 20 "$work/bench.log" >&2
+            exit 1
+        }
+        [[ -n ${KEEP:-} ]] && mkdir -p "$KEEP" && cp "$work/guest.out" "$KEEP/callgrind.guest.$c.out"
+        callgrind_annotate --inclusive=yes --tree=calling --auto=no "$work/guest.out" \
+            >"$work/tree.txt" 2>/dev/null
+        # per_call NAME: "instructions calls" of the first callee line naming NAME.
+        per_call() {
+            awk -v name="$1" 'index($0, name " (") && / > / {
+                ir = $1; gsub(",", "", ir)
+                match($0, /\([0-9,]+x\)/); calls = substr($0, RSTART, RLENGTH)
+                gsub(/[(),x]/, "", calls)
+                print ir, calls; exit }' "$work/tree.txt"
+        }
+        submit="vsc::storvsc::Disk::submit_read"
+        [[ $c == randwrite* ]] && submit="vsc::storvsc::Disk::submit"
+        read -r s_ir s_n < <(per_call "$submit") || true
+        read -r w_ir w_n < <(per_call "ringbuf::ring::OutgoingRing::write") || true
+        read -r c_ir c_n < <(per_call "vsc::storvsc::Queue::complete_one") || true
+        total=$(awk '/\*.*vsc::queue::EventLoop::run \[/ { gsub(",", "", $1); print $1; exit }' \
+            "$work/tree.txt")
+        if [[ -z ${s_n:-} || -z ${w_n:-} || -z ${c_n:-} || -z $total ]]; then
+            echo "storage-icount: the guest profile lacks the functions it looks for" >&2
+            exit 1
+        fi
+        awk -v c="$c" -v si="$s_ir" -v sn="$s_n" -v wi="$w_ir" -v wn="$w_n" -v ci="$c_ir" \
+            -v cn="$c_n" -v t="$total" 'BEGIN {
+            printf "  %-15s %d SRBs: submit %.0f, SRB write %.0f, complete_one %.0f (callback included);" \
+                " queue thread %.0f per SRB (idle polling included)\n", c, wn, si / sn, wi / wn, ci / cn, t / wn }'
+    done
+    exit 0
+fi
 
 echo "storage-icount: user-space instructions per request of vspd's channel worker ($vspd)"
 for c in "${cases[@]}"; do
@@ -76,7 +122,8 @@ for c in "${cases[@]}"; do
             inside && !/>/ { inside = 0 }
             inside && index($0, name " (") {
                 ir = $1; gsub(",", "", ir)
-                calls = $NF; gsub(/[(),x]/, "", calls)
+                match($0, /\([0-9,]+x\)/); calls = substr($0, RSTART, RLENGTH)
+                gsub(/[(),x]/, "", calls)
                 print ir, calls; exit
             }' "$work/tree.txt"
     }
