@@ -331,26 +331,21 @@ impl OutgoingRing {
         let n = size_of::<T>();
         let len = (DESCRIPTOR_SIZE + n).next_multiple_of(8);
         let total = (len + packet::TRAILER) as u32;
+        let packet = OutgoingPacket {
+            packet_type,
+            flags,
+            transaction_id,
+            header: &[],
+            payload: &[payload.as_bytes()],
+        };
         let start = self.write;
         // `start < data_len <= 2^31` and `total` is small: no overflow.
         if start + total > self.ring.data_len {
-            return self.write(&OutgoingPacket {
-                packet_type,
-                flags,
-                transaction_id,
-                header: &[],
-                payload: &[payload.as_bytes()],
-            });
+            return self.write(&packet);
         }
         self.reserve(total)?;
         self.prefetch(total);
-        let desc = PacketDescriptor {
-            packet_type,
-            data_offset8: (DESCRIPTOR_SIZE / 8) as u16,
-            length8: (len / 8) as u16,
-            flags,
-            transaction_id,
-        };
+        let desc = packet.descriptor(len as u32);
         let trailer = (u64::from(start) << 32).to_le_bytes();
         let mut c = self
             .ring

@@ -691,17 +691,6 @@ impl Controller {
     fn submit(&self, lun: u8, block_size: u32, op: DiskOp, done: Done) {
         // On one of this controller's queue threads (a source's request): that queue.
         let here = ON_QUEUE.with(|c| c.get());
-        let (i, here_queue) = match self
-            .queues
-            .iter()
-            .position(|q| Arc::as_ptr(&q.shared) == here)
-        {
-            Some(i) => (i, true),
-            None => (
-                self.next.fetch_add(1, Ordering::Relaxed) % self.queues.len(),
-                false,
-            ),
-        };
         let r = Request {
             op,
             done,
@@ -709,13 +698,14 @@ impl Controller {
             block_size,
             born: latency::now(),
         };
-        if here_queue {
+        if self.queues.iter().any(|q| Arc::as_ptr(&q.shared) == here) {
             // This thread is that queue's: it takes the request in the pass after the callback
             // or source now running (see `Queue::take_new`).
             ON_QUEUE_REQUESTS.with(|l| l.borrow_mut().push(r));
         } else {
             // A busy queue thread finds the request without a wakeup: no eventfd write per
             // request.
+            let i = self.next.fetch_add(1, Ordering::Relaxed) % self.queues.len();
             self.queues[i].shared.submit(r);
         }
     }
