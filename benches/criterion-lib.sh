@@ -8,6 +8,22 @@
 # Spread (max - min) / median above which `summary` says not to trust a median; env TRUST_SPREAD.
 trust_spread=${TRUST_SPREAD:-0.25}
 
+# require_tools [--hint TEXT] TOOL...: exits, saying "<script>: TOOL is missing" (and TEXT, the
+# way to install it, if given), unless every TOOL is on the PATH.
+require_tools() {
+    local hint="" tool
+    if [[ ${1:-} == --hint ]]; then
+        hint=" ($2)"
+        shift 2
+    fi
+    for tool in "$@"; do
+        command -v "$tool" >/dev/null || {
+            echo "$(basename "$0" .sh): $tool is missing$hint" >&2
+            exit 1
+        }
+    done
+}
+
 # rounds_arg "$@": sets $rounds from a leading numeric argument, else $ROUNDS, else 5, and
 # $shift_args to 1 if the first argument was that number (the caller then does `shift`).
 rounds_arg() {

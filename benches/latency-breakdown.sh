@@ -33,12 +33,7 @@ source "$root/benches/criterion-lib.sh"
 rounds_arg "$@"
 
 "$root/scripts/install-deps.sh" >&2
-for tool in fio jq; do
-    command -v "$tool" >/dev/null || {
-        echo "latency-breakdown: $tool is missing" >&2
-        exit 1
-    }
-done
+require_tools fio jq
 (cd "$root" && cargo build -q --release --bins) >&2
 bin=$target/release
 

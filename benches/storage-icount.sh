@@ -31,12 +31,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 target=${CARGO_TARGET_DIR:-$root/target}
 # shellcheck source=benches/criterion-lib.sh
 source "$root/benches/criterion-lib.sh"
-for tool in valgrind callgrind_annotate jq; do
-    command -v "$tool" >/dev/null || {
-        echo "storage-icount: $tool is missing (apt-get install valgrind jq)" >&2
-        exit 1
-    }
-done
+require_tools --hint "apt-get install valgrind jq" valgrind callgrind_annotate jq
 (cd "$root" && cargo build -q --release --bins) >&2
 vspd=${VSPD:-$target/release/vspd}
 exe=$(bench_exe storage)

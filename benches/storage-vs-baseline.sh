@@ -50,12 +50,7 @@ rounds_arg
 read -r -a tgts <<<"${TARGETS:-file nbdkit ours ours0}"
 
 "$root/scripts/install-deps.sh" >&2
-for tool in fio nbdkit jq; do
-    command -v "$tool" >/dev/null || {
-        echo "storage-vs-baseline: $tool is missing" >&2
-        exit 1
-    }
-done
+require_tools fio nbdkit jq
 (cd "$root" && cargo build -q --release --bins) >&2
 vspd=$target/release/vspd
 vscd=$target/release/vscd
