@@ -382,7 +382,13 @@ impl EventLoop {
                 next_token: FIRST_SOURCE,
                 interrupt: None,
                 woke: Woke::default(),
-                poller: ringbuf::poller::Poller::default(),
+                poller: {
+                    // With no polling asked for, a queue thread sleeps as soon as it is idle:
+                    // the host's worker is the slower side, and its spins catch our requests.
+                    let mut p = ringbuf::poller::Poller::default();
+                    p.set_sleep_at_once(true);
+                    p
+                },
                 registered: 0,
             },
             doorbell,
