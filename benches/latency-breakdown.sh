@@ -16,6 +16,10 @@
 #   vspd storvsp: completion reaped -> answer in the ring
 # The transport (ring, polling or wakeups, both ways) is the round trip minus vspd's hops; the
 # rest of fio's p50 is the NBD client and the socket into vscd.
+# Each round also runs fio's nbd engine against `nbd-null` (the same NBD server code with a
+# device that answers at once: no VMBus hop, no disk), the floor under any NBD export here:
+# floor - file (buffered) is what the NBD client and the socket cost by themselves, ours -
+# floor what the VMBus path and the I/O add to it.
 #
 # Usage: [ROUNDS=5] [RUNTIME=4] [POLL_US=1000] [CASES=...] benches/latency-breakdown.sh
 #   CASES: a comma-separated subset, e.g. CASES="direct randread,direct randwrite".
@@ -58,7 +62,7 @@ uncache() {
     dd if="$img" iflag=nocache count=0 status=none
 }
 
-# p50 MODE RW TARGET: fio's p50 total latency in microseconds.
+# p50 MODE RW TARGET: fio's p50 total latency in microseconds; TARGET: file, ours or null.
 p50() {
     local mode=$1 rw=$2 tgt=$3 direct=0 dirn=read out=$logs/fio.json
     [[ $mode == direct ]] && direct=1
@@ -69,7 +73,7 @@ p50() {
     if [[ $tgt == file ]]; then
         args+=(--ioengine=io_uring --filename="$img" --size=1g --invalidate=0 --direct=$direct)
     else
-        args+=(--ioengine=nbd --uri="nbd+unix:///disk0?socket=$logs/nbd.sock")
+        args+=(--ioengine=nbd --uri="nbd+unix:///disk0?socket=$logs/$tgt.sock")
     fi
     [[ $mode == direct ]] && uncache
     fio "${args[@]}" >/dev/null
@@ -93,20 +97,31 @@ for case in "${cases[@]}"; do
     vspd_pid=$!
     wait_socket "$logs/vspd.sock" $vspd_pid
     "${VSCD:-$bin/vscd}" --latency-breakdown --poll-us "$poll_us" --connect "$logs/vspd.sock" \
-        --nbd "$logs/nbd.sock" </dev/null 2>"$logs/vscd.log" &
+        --nbd "$logs/ours.sock" </dev/null 2>"$logs/vscd.log" &
     pids=($! $vspd_pid)
-    wait_socket "$logs/nbd.sock" "${pids[0]}"
+    wait_socket "$logs/ours.sock" "${pids[0]}"
+    "$bin/nbd-null" "$logs/null.sock" 1024 </dev/null 2>"$logs/null.log" &
+    pids+=($!)
+    wait_socket "$logs/null.sock" "${pids[2]}"
     [[ $mode == buffered ]] && cat "$img" >/dev/null
-    diffs=()
+    diffs=() floors=() adds=()
     for ((r = 1; r <= rounds; r++)); do
         f=$(p50 "$mode" "$rw" file)
         o=$(p50 "$mode" "$rw" ours)
+        n=$(p50 "$mode" "$rw" null)
         d=$(awk -v o="$o" -v f="$f" 'BEGIN { print o - f }')
         diffs+=("$d")
-        printf '%-8s %-9s round %d: file p50 %6.1f us  ours p50 %6.1f us  ours - file %6.1f us\n' \
-            "$mode" "$rw" "$r" "$f" "$o" "$d"
+        floors+=("$(awk -v n="$n" -v f="$f" 'BEGIN { print n - f }')")
+        adds+=("$(awk -v o="$o" -v n="$n" 'BEGIN { print o - n }')")
+        printf '%-8s %-9s round %d: file p50 %6.1f us  ours p50 %6.1f us  ours - file %6.1f us  (floor: nbd-null p50 %6.1f us)\n' \
+            "$mode" "$rw" "$r" "$f" "$o" "$d" "$n"
     done
     stop_daemons
     summary "$mode $rw: ours p50 - file p50 (us, goal at most 10)" "${diffs[@]}"
+    # (With O_DIRECT the file's p50 holds the disk's time, which nbd-null does not have.)
+    if [[ $mode == buffered ]]; then
+        summary "$mode $rw: floor: nbd-null p50 - file p50 (us; the NBD client and socket alone)" "${floors[@]}"
+    fi
+    summary "$mode $rw: ours p50 - nbd-null p50 (us; what the VMBus path and the I/O add)" "${adds[@]}"
     sed -n '/latency breakdown/,$p' "$logs/vscd.log" "$logs/vspd.log" | sed 's/^/  /'
 done

@@ -788,7 +788,14 @@ impl<'a> Input<'a> {
             buf: vec![0u8; READ_BUFFER].into_boxed_slice(),
             start: 0,
             end: 0,
-            poller: ringbuf::poller::Poller::default(),
+            poller: {
+                // It serves requests: with none outstanding, it yields the core at every
+                // clock read, to the client its last reply woke if that one waits for it (as
+                // a queue thread serving a source does).
+                let mut p = ringbuf::poller::Poller::default();
+                p.set_serves_requests(true);
+                p
+            },
             outstanding,
         }
     }
