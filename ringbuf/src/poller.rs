@@ -133,7 +133,7 @@ impl Poller {
     }
 
     /// With a zero limit, makes [`idle`](Self::idle) say "sleep" at the first idle pass
-    /// instead of after [`CLOCK_EVERY`] spins. For a thread whose peer is the slower side:
+    /// instead of after a few dozen spins. For a thread whose peer is the slower side:
     /// its spins rarely find work, and it pays for each. Measured with the storage bench at
     /// QD32 on the page cache with `--poll-us 0` (6 alternated rounds): the guest's storvsc
     /// queue thread, whose host worker is the bottleneck, went from 0.73-0.98 to 0.51-0.69
