@@ -522,6 +522,7 @@ pub mod mailbox {
             let flags: Vec<&std::sync::atomic::AtomicU32> = (0..64)
                 .map(|w| memory.atomic_u32(SIEFP + 2 * 256 + 4 * w).unwrap())
                 .collect();
+            let slot_type = memory.atomic_u32(SLOT).unwrap();
             while !done.load(Ordering::SeqCst) {
                 let mut idle = true;
                 for (w, word) in flags.iter().enumerate() {
@@ -538,13 +539,22 @@ pub mod mailbox {
                         }
                     }
                 }
-                mailbox.ram.read(SLOT, &mut slot).unwrap();
-                if u32::from_le_bytes(slot[..4].try_into().unwrap()) != 0 {
+                // Acquire: pairs with the host's release store of the type after the payload.
+                if slot_type.load(Ordering::Acquire) != 0 {
                     idle = false;
+                    mailbox.ram.read(SLOT, &mut slot).unwrap();
                     let size = usize::from(slot[4]).min(240);
                     let _ = tx.send(slot[16..16 + size].to_vec());
-                    mailbox.ram.write(SLOT, &0u32.to_le_bytes()).unwrap();
-                    if slot[5] & 1 != 0 {
+                    // Free the slot, then look at message_pending: the host sets it and then
+                    // re-checks the type (SeqCst fences on both sides), so either it finds the
+                    // slot free and delivers at once, or we see the flag and send EOM. The
+                    // flag in the copy taken before the slot was freed may be stale: a message
+                    // that came in between would wait for an EOM nobody sends.
+                    slot_type.store(0, Ordering::Release);
+                    std::sync::atomic::fence(Ordering::SeqCst);
+                    let mut flags = [0u8; 1];
+                    mailbox.ram.read(SLOT + 5, &mut flags).unwrap();
+                    if flags[0] & 1 != 0 {
                         let s = mailbox.run(CMD_EOM, 0);
                         assert!(s == 0 || !mailbox.alive(), "EOM: {s}");
                     }
