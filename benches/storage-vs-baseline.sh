@@ -37,6 +37,8 @@
 # Usage: benches/storage-vs-baseline.sh     (RUNTIME=seconds per run, default 6; ROUNDS=N)
 #   e.g. ROUNDS=3 RUNTIME=3 TARGETS="file nbdkit ours" benches/storage-vs-baseline.sh
 #   a subset of the cases: MODES="buffered direct", RWS="randread randwrite", QDS="1 32".
+#   VSPD, VSCD: the daemons to run (default: the release build's), e.g. an older build's copy
+#   for an A/B: run the script alternately with each.
 # Installs its tools only through scripts/install-deps.sh (fio, nbdkit); builds the release
 # binaries. Servers it starts are stopped on exit. fio's JSON is kept in <target>/storage-fio/.
 set -euo pipefail
@@ -52,8 +54,8 @@ read -r -a tgts <<<"${TARGETS:-file nbdkit ours ours0}"
 "$root/scripts/install-deps.sh" >&2
 require_tools fio nbdkit jq
 (cd "$root" && cargo build -q --release --bins) >&2
-vspd=$target/release/vspd
-vscd=$target/release/vscd
+vspd=${VSPD:-$target/release/vspd}
+vscd=${VSCD:-$target/release/vscd}
 
 dir=$target/storage-fio
 img=$(bench_image "$dir")

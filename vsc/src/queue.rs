@@ -671,7 +671,9 @@ impl EventLoop {
                 last_moved = true;
                 continue;
             }
-            // Poll before sleeping: a wakeup costs more.
+            // Poll before sleeping: a wakeup costs more. A source's client (an NBD client) may
+            // be waiting for this core.
+            self.poller.set_clients_nearby(self.has_sources());
             if self.poller.idle(work.in_flight()) {
                 continue;
             }

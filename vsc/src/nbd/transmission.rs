@@ -794,6 +794,7 @@ impl<'a> Input<'a> {
                 // a queue thread serving a source does).
                 let mut p = ringbuf::poller::Poller::default();
                 p.set_serves_requests(true);
+                p.set_clients_nearby(true);
                 p
             },
             outstanding,
