@@ -224,9 +224,11 @@ struct Replies {
     outstanding: AtomicUsize,
     /// A reply could not be written: the connection is over.
     broken: AtomicBool,
-    /// Signalled when `outstanding` drops to zero.
+    /// Signalled when `outstanding` drops to zero, if `idle_waiters` says someone waits.
     idle: Condvar,
     idle_lock: Mutex<()>,
+    /// Threads in [`wait_idle`](Self::wait_idle) (only at a connection's end).
+    idle_waiters: AtomicUsize,
     /// Write buffers given back by completions, for the reader's next writes: a buffer freed
     /// on the completion's thread would take the allocator's lock against the reader's
     /// allocations.
@@ -515,7 +517,14 @@ impl Replies {
 
     /// One request answered.
     fn done(&self) {
-        if self.outstanding.fetch_sub(1, Ordering::SeqCst) == 1 {
+        // Waking is a system call (a futex wake even with nobody waiting), and at queue depth
+        // 1 every request ends here: only when someone waits. SeqCst: with the waiter's
+        // SeqCst increment and load of `outstanding` (see `wait_idle`), either this load sees
+        // the waiter (and notifies under the lock, which the waiter holds until it waits) or
+        // the waiter's load sees this decrement.
+        if self.outstanding.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.idle_waiters.load(Ordering::SeqCst) > 0
+        {
             let _g = lock(&self.idle_lock);
             self.idle.notify_all();
         }
@@ -525,10 +534,11 @@ impl Replies {
     fn wait_idle(&self, timeout: std::time::Duration) {
         let deadline = std::time::Instant::now() + timeout;
         let mut g = lock(&self.idle_lock);
+        self.idle_waiters.fetch_add(1, Ordering::SeqCst);
         while self.outstanding.load(Ordering::SeqCst) != 0 {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
-                return;
+                break;
             }
             g = self
                 .idle
@@ -536,6 +546,8 @@ impl Replies {
                 .map(|(g, _)| g)
                 .unwrap_or_else(|e| e.into_inner().0);
         }
+        self.idle_waiters.fetch_sub(1, Ordering::SeqCst);
+        drop(g);
     }
 }
 
@@ -889,6 +901,7 @@ pub(crate) fn serve(
         broken: AtomicBool::new(false),
         idle: Condvar::new(),
         idle_lock: Mutex::new(()),
+        idle_waiters: AtomicUsize::new(0),
         buffers: ArrayQueue::new(POOLED_BUFFERS),
         waker: std::sync::OnceLock::new(),
         reply_timeout: limits.reply_timeout,
