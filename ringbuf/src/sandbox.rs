@@ -1,7 +1,8 @@
 //! The seccomp filter the daemon (`vspd`) and the loopback guest (`vscd`) run under once they
 //! are set up: an allowlist of the system calls their serving threads make, with the arguments
 //! checked where a call could reach beyond them (`socket` only for Unix sockets, `ioctl` only
-//! for a few descriptor flags, `prctl` only for thread names). Everything else, `execve`,
+//! for a few descriptor flags, `prctl` only for thread names, `sched_setaffinity` only for the
+//! calling thread). Everything else, `execve`,
 //! `ptrace`, `process_vm_*`, network sockets, `mount`, `bpf` among them, fails with `EPERM`.
 //!
 //! Why `EPERM` and not killing the process: the daemon serves many guests; a call that a new
@@ -192,6 +193,11 @@ pub fn filter(mismatch: Mismatch) -> Result<BpfProgram, Error> {
             // `c_ulong` is not `u64` on every target.
             .map(|&r| eq(1, SeccompCmpArgLen::Dword, r as u64))
             .collect::<Result<_, _>>()?,
+    );
+    // A thread's own CPU affinity only (pid 0: `poller::share_cpu_when_sleeping`).
+    rules.insert(
+        libc::SYS_sched_setaffinity,
+        vec![eq(0, SeccompCmpArgLen::Dword, 0)?],
     );
     rules.insert(
         libc::SYS_prctl,

@@ -601,7 +601,11 @@ impl Controller {
             };
             let thread = std::thread::Builder::new()
                 .name(format!("storvsc-{relid}"))
-                .spawn(move || q.run(lp))
+                .spawn(move || {
+                    // With polling off, on the CPU vspd's worker of this channel picks.
+                    ringbuf::poller::share_cpu_when_sleeping(relid);
+                    q.run(lp)
+                })
                 .map_err(Error::Thread)?;
             queues.push(QueueHandle {
                 shared,

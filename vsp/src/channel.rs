@@ -304,6 +304,15 @@ impl Worker {
     }
 
     fn serve(&mut self) -> Result<(), Error> {
+        if self.device.serves_requests() {
+            if let Some(cpu) = ringbuf::poller::share_cpu_when_sleeping(self.relid) {
+                tracing::debug!(
+                    relid = self.relid,
+                    cpu,
+                    "polling off: the channel's worker runs on one CPU"
+                );
+            }
+        }
         let mut poller = Poller::default();
         poller.set_serves_requests(self.device.serves_requests());
         loop {

@@ -892,6 +892,52 @@ fn with_polling_off_every_request_is_still_served() {
         c.disconnect();
         written
     });
+    // And the channel's two threads, vspd's worker and this guest's queue thread, share one
+    // CPU (where at least two may be used).
+    let allowed = |pid: u32, prefix: &str| -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|t| {
+                let status = std::fs::read_to_string(t.ok()?.path().join("status")).ok()?;
+                let name = status
+                    .lines()
+                    .next()?
+                    .strip_prefix("Name:")?
+                    .trim()
+                    .to_owned();
+                let cpus = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?
+                    .trim()
+                    .to_owned();
+                name.starts_with(prefix).then_some(cpus)
+            })
+            .collect()
+    };
+    let ours = std::fs::read_to_string("/proc/self/status").unwrap();
+    let ours = ours
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim();
+    let (worker, queue) = (
+        allowed(vspd.pid().as_raw_nonzero().get() as u32, "vmbus-chan-"),
+        allowed(std::process::id(), "storvsc-"),
+    );
+    assert_eq!(
+        (worker.len(), queue.len()),
+        (1, 1),
+        "one channel: {worker:?} {queue:?}"
+    );
+    if ours.contains(['-', ',']) {
+        assert_eq!(
+            worker, queue,
+            "the channel's threads pin themselves to one CPU"
+        );
+        assert!(worker[0].parse::<usize>().is_ok(), "one CPU: {worker:?}");
+    } else {
+        eprintln!("with_polling_off: one CPU allowed ({ours}): no pinning to check");
+    }
     guest.stop();
     let img = std::fs::read(&image).unwrap();
     for (off, data) in written {
