@@ -304,7 +304,8 @@ impl Worker {
     }
 
     fn serve(&mut self) -> Result<(), Error> {
-        if self.device.serves_requests() {
+        let serves_requests = self.device.serves_requests();
+        if serves_requests {
             if let Some(cpu) = ringbuf::poller::share_cpu_when_sleeping(self.relid) {
                 tracing::debug!(
                     relid = self.relid,
@@ -314,7 +315,7 @@ impl Worker {
             }
         }
         let mut poller = Poller::default();
-        poller.set_serves_requests(self.device.serves_requests());
+        poller.set_serves_requests(serves_requests);
         loop {
             if self.stop.load(Ordering::Acquire) {
                 return Ok(());

@@ -894,34 +894,28 @@ fn with_polling_off_every_request_is_still_served() {
     });
     // And the channel's two threads, vspd's worker and this guest's queue thread, share one
     // CPU (where at least two may be used).
+    // `Key:` of a /proc status file.
+    fn field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .map(str::trim)
+    }
     let allowed = |pid: u32, prefix: &str| -> Vec<String> {
         std::fs::read_dir(format!("/proc/{pid}/task"))
             .unwrap()
             .filter_map(|t| {
                 let status = std::fs::read_to_string(t.ok()?.path().join("status")).ok()?;
-                let name = status
-                    .lines()
-                    .next()?
-                    .strip_prefix("Name:")?
-                    .trim()
-                    .to_owned();
-                let cpus = status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?
-                    .trim()
-                    .to_owned();
-                name.starts_with(prefix).then_some(cpus)
+                field(&status, "Name")?
+                    .starts_with(prefix)
+                    .then(|| field(&status, "Cpus_allowed_list").map(str::to_owned))?
             })
             .collect()
     };
-    let ours = std::fs::read_to_string("/proc/self/status").unwrap();
-    let ours = ours
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .unwrap()
-        .trim();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let ours = field(&status, "Cpus_allowed_list").unwrap();
     let (worker, queue) = (
-        allowed(vspd.pid().as_raw_nonzero().get() as u32, "vmbus-chan-"),
+        allowed(vspd.0.pid(), "vmbus-chan-"),
         allowed(std::process::id(), "storvsc-"),
     );
     assert_eq!(
