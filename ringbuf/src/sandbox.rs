@@ -2,8 +2,8 @@
 //! are set up: an allowlist of the system calls their serving threads make, with the arguments
 //! checked where a call could reach beyond them (`socket` only for Unix sockets, `ioctl` only
 //! for a few descriptor flags, `prctl` only for thread names, `sched_setaffinity` only for the
-//! calling thread). Everything else, `execve`,
-//! `ptrace`, `process_vm_*`, network sockets, `mount`, `bpf` among them, fails with `EPERM`.
+//! calling thread). Everything else, `execve`, `ptrace`, `process_vm_*`, network sockets,
+//! `mount`, `bpf` among them, fails with `EPERM`.
 //!
 //! Why `EPERM` and not killing the process: the daemon serves many guests; a call that a new
 //! code path makes and the list misses should fail that one operation (and show in the log as
